@@ -1,0 +1,260 @@
+"""The ``streamdet`` command line (typer).
+
+Exit codes: 0 success, 2 bad input (file, reference, parameter, configuration),
+1 internal error. Errors are one line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Streaming JWST MIRI Detector1 processing: uncal ramps to rate images.")
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+def _fail(exc: BaseException, debug: bool) -> "typer.Exit":
+    from .core.errors import BadInputError
+
+    if debug:
+        raise exc
+    code = EXIT_BAD_INPUT if isinstance(exc, BadInputError) else EXIT_INTERNAL
+    if isinstance(exc, BadInputError) or type(exc).__module__.startswith("streamdet"):
+        message = str(exc)
+    else:
+        message = f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"
+    typer.echo(f"streamdet: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _timings_table(timings: dict[str, float], title: str):
+    from rich.table import Table
+
+    table = Table(title=title, show_edge=False)
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    for name, seconds in timings.items():
+        table.add_row(name, f"{seconds:.3f}")
+    table.add_row("total", f"{sum(timings.values()):.3f}", style="bold")
+    return table
+
+
+@app.command()
+def process(
+    files: List[Path] = typer.Argument(..., help="Level 1B *_uncal.fits files"),
+    output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir", help="where products go (default: beside each input)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file"),
+    skip: List[str] = typer.Option([], "--skip", help="skip STEP (repeatable)"),
+    set_: List[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE (repeatable)"),
+    override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A (repeatable)"),
+    use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable)"),
+    save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="print only errors"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="print references and skip reasons"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+):
+    """Turn Level 1B exposures into _rate.fits and _rateints.fits."""
+    from rich.console import Console
+
+    from . import config as configmod
+    from .core.engine import process_file
+
+    console = Console(stderr=True, quiet=quiet)
+    try:
+        run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
+                             output_dir=output_dir, overwrite=overwrite)
+        run.save_ramp = save_ramp
+    except Exception as exc:
+        raise _fail(exc, debug)
+    failures = 0
+    for path in files:
+        try:
+            result = _process_one(path, run, console, quiet)
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
+        except Exception as exc:
+            err = _fail(exc, debug)
+            failures = max(failures, err.exit_code)
+            continue
+        if not quiet:
+            for kind, product in result.products.items():
+                typer.echo(f"{kind}: {product}")
+            if verbose:
+                for step in result.chain:
+                    state = "ran" if not step.skip else f"skipped ({step.skip_reason})"
+                    console.print(f"  {step.name:<13} {step.implementation:<10} {state}")
+                for reftype, res in result.references.items():
+                    console.print(f"  {reftype:<11} {res.path or 'N/A'} [{res.source}]")
+            console.print(_timings_table(result.timings, f"{path.name}: {result.seconds:.2f} s"))
+    if failures:
+        raise typer.Exit(failures)
+
+
+def _process_one(path: Path, run, console, quiet: bool):
+    from .core.engine import process_file
+
+    if quiet or not console.is_terminal:
+        return process_file(path, run)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(f"{path.name}: {stage}", total=total)
+            progress.update(tasks[stage], completed=done)
+
+        return process_file(path, run, on_progress=on_progress)
+
+
+@app.command()
+def steps(
+    use: List[str] = typer.Option([], "--use", help="STEP=IMPL, to show a choice"),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Show the chain: each step, its implementations, default skip and parameters."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import config as configmod
+    from .core.plugins import get_registry
+
+    try:
+        registry = get_registry()
+        chosen = configmod.load(use=use).use
+    except Exception as exc:
+        raise _fail(exc, debug)
+    table = Table(show_lines=False)
+    for col in ("step", "implementation", "package", "active", "skip", "reftypes", "parameters"):
+        table.add_column(col)
+    for name in registry.order:
+        try:
+            active = registry.implementation(name, chosen)
+        except Exception as exc:
+            active = None
+            typer.echo(f"streamdet: warning: {exc}", err=True)
+        for impl in registry.implementations[name]:
+            params = ", ".join(f"{k}={p.default!r}" for k, p in impl.params_spec.items())
+            table.add_row(name, impl.implementation, f"{impl.package} {impl.package_version}",
+                          "yes" if impl is active else "", str(impl.default_skip),
+                          ", ".join(impl.reftypes) or "-", params or "-")
+    Console().print(table)
+    for message in registry.broken:
+        typer.echo(f"streamdet: warning: {message}", err=True)
+
+
+@app.command()
+def plugins():
+    """List the installed plugin packages and the hooks they implement."""
+    from .core.plugins import get_registry
+
+    registry = get_registry()
+    for name, (package, version, hooks) in registry.plugins.items():
+        typer.echo(f"{package} {version}  {name.split(':', 1)[1]}: {', '.join(hooks)}")
+    for message in registry.broken:
+        typer.echo(f"broken: {message}")
+
+
+@app.command()
+def refs(
+    file: Path = typer.Argument(..., help="a Level 1B file"),
+    config: Optional[Path] = typer.Option(None, "--config"),
+    override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A"),
+    skip: List[str] = typer.Option([], "--skip"),
+    use: List[str] = typer.Option([], "--use"),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Print the reference resolved for each step and where it came from."""
+    from . import config as configmod
+    from .core import references as refmod
+    from .core.engine import build_chain
+    from .core.exposure import Exposure
+    from .core.plugins import get_registry
+
+    try:
+        run = configmod.load(config, skip=skip, overrides=override, use=use)
+        chain = build_chain(get_registry(), run)
+        with Exposure(file) as exposure:
+            for step in chain:
+                if step.skip:
+                    typer.echo(f"{step.name:<13} (skipped)")
+                    continue
+                if not step.reftypes:
+                    typer.echo(f"{step.name:<13} (no references)")
+                    continue
+                resolved = refmod.resolve(exposure.meta, list(step.reftypes), run.overrides)
+                for reftype, res in resolved.items():
+                    where = res.source if res.source == "override" else f"crds {res.context}"
+                    typer.echo(f"{step.name:<13} {reftype:<11} {res.path or 'N/A'}  [{where}]")
+    except Exception as exc:
+        raise _fail(exc, debug)
+
+
+@app.command()
+def simulate(
+    outdir: Path = typer.Argument(..., help="directory to write the exposure, references and CRDS cache"),
+    subarray: str = typer.Option("SUB64", "--subarray", help="FULL, BRIGHTSKY, SUB256, SUB128, SUB64, ..."),
+    ngroups: int = typer.Option(10, "--ngroups"),
+    nints: int = typer.Option(2, "--nints"),
+    seed: int = typer.Option(0, "--seed"),
+    readpatt: str = typer.Option("FASTR1", "--readpatt", help="FASTR1 or SLOWR1"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Simulate a MIRI exposure with matching references and a local CRDS cache."""
+    from .simulate import SimulationError, simulate as run_simulation
+
+    try:
+        result = run_simulation(outdir, subarray=subarray, ngroups=ngroups, nints=nints,
+                                seed=seed, readpatt=readpatt, overwrite=overwrite)
+    except SimulationError as exc:
+        typer.echo(f"streamdet: error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except Exception as exc:
+        raise _fail(exc, debug)
+    typer.echo(f"uncal: {result.uncal}")
+    typer.echo(f"truth: {result.truth_rate}")
+    typer.echo("export " + " ".join(f"{k}={v}" for k, v in result.env.items()))
+
+
+@app.command()
+def demo(
+    outdir: Path = typer.Argument(Path("streamdet-demo"), help="working directory for the demo"),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Simulate a small exposure, process it, and say where the products are."""
+    from .core.engine import RunConfig, process_file
+    from .quicklook import write_quicklook
+    from .simulate import simulate as run_simulation
+
+    try:
+        sim = run_simulation(outdir / "input", seed=1, overwrite=True)
+        os.environ.update(sim.env)
+        result = process_file(sim.uncal, RunConfig(output_dir=outdir / "products", overwrite=True))
+        png = write_quicklook(sim.uncal, result.products["rate"],
+                              outdir / "products" / f"{sim.uncal.name.replace('_uncal.fits', '')}_quicklook.png")
+    except Exception as exc:
+        raise _fail(exc, debug)
+    typer.echo(f"input:     {sim.uncal}")
+    for kind, path in result.products.items():
+        typer.echo(f"{kind + ':':<10} {path}")
+    typer.echo(f"quicklook: {png}")
+    typer.echo(f"processed in {result.seconds:.2f} s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Reading a Level 1B MIRI exposure lazily: the header becomes :class:`ExposureMeta`,
+SCI is read one integration (or one band of rows) at a time through a memory map.
+
+Level 1B SCI is stored as big-endian int16 with BZERO=32768; astropy will not memory-map
+scaled data, so the raw integers are mapped and the zero point applied while converting
+to float32, one slab at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from .errors import BadInputError
+
+#: MIRI full-frame size (rows, columns)
+FULL_SHAPE = (1024, 1032)
+
+_REQUIRED = ("NINTS", "NGROUPS", "NFRAMES", "TFRAME", "TGROUP", "READPATT")
+
+
+@dataclass
+class ExposureMeta:
+    """The header values the steps and products need."""
+
+    path: Path
+    header: fits.Header
+    nints: int            # integrations in this file
+    ngroups: int
+    ny: int
+    nx: int
+    nframes: int
+    groupgap: int
+    drop_frames1: int
+    frame_time: float
+    group_time: float
+    readpatt: str
+    subarray: str
+    substrt1: int         # 1-based first column of the subarray on the full frame
+    substrt2: int         # 1-based first row
+    instrument: str
+    detector: str
+    exp_type: str
+    intstart: int         # 1-based absolute number of this file's first integration
+    nints_total: int      # NINTS of the whole exposure (segmented files hold a part)
+    int_times: fits.BinTableHDU | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def int_index(self) -> np.ndarray:
+        """0-based absolute integration numbers of this file's integrations."""
+        return np.arange(self.nints) + (self.intstart - 1)
+
+    @property
+    def is_full_frame(self) -> bool:
+        return (self.ny, self.nx) == FULL_SHAPE
+
+    @property
+    def base_name(self) -> str:
+        """Product base name: the file name without ``_uncal.fits`` (or its suffix)."""
+        name = self.path.name
+        for suffix in ("_uncal.fits", "_ramp.fits", ".fits.gz", ".fits"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return self.path.stem
+
+
+def _bad(path, message: str) -> BadInputError:
+    return BadInputError(f"{path}: {message}")
+
+
+class Exposure:
+    """An open Level 1B file. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise _bad(self.path, "no such file")
+        if self.path.is_dir():
+            raise _bad(self.path, "is a directory, not a FITS file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._hdul = fits.open(self.path, memmap=True, do_not_scale_image_data=True,
+                                       lazy_load_hdus=False)
+        except (OSError, ValueError, TypeError, IndexError) as exc:
+            raise _bad(self.path, f"not a readable FITS file ({exc})") from None
+        try:
+            self.meta = self._read_meta()
+            self._sci = self._hdul["SCI"]
+            self._check_data_present()
+        except BadInputError:
+            self.close()
+            raise
+
+    # -- header ---------------------------------------------------------------------------
+    def _read_meta(self) -> ExposureMeta:
+        p = self.path
+        if "SCI" not in self._hdul:
+            raise _bad(p, "has no SCI extension (not a Level 1B exposure)")
+        hdr = self._hdul[0].header
+        sci = self._hdul["SCI"]
+        instrument = str(hdr.get("INSTRUME", "")).strip().upper()
+        if not instrument:
+            raise _bad(p, "missing keyword INSTRUME")
+        if instrument != "MIRI":
+            raise _bad(p, f"INSTRUME is {instrument!r}; streamdet processes MIRI exposures only")
+        missing = [k for k in _REQUIRED if k not in hdr]
+        if missing:
+            raise _bad(p, f"missing keyword{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        shape = sci.shape
+        if len(shape) != 4:
+            raise _bad(p, f"SCI has {len(shape)} dimensions {tuple(shape)}; expected 4 "
+                          "[nints, ngroups, ny, nx]")
+        bitpix = sci.header.get("BITPIX")
+        if bitpix != 16:
+            raise _bad(p, f"SCI has BITPIX={bitpix}; a Level 1B ramp is 16-bit unsigned integers")
+        nints, ngroups, ny, nx = shape
+        try:
+            ngroups_hdr = int(hdr["NGROUPS"])
+            nints_total = int(hdr["NINTS"])
+            nframes = int(hdr["NFRAMES"])
+            frame_time = float(hdr["TFRAME"])
+            group_time = float(hdr["TGROUP"])
+        except (TypeError, ValueError) as exc:
+            raise _bad(p, f"bad keyword value ({exc})") from None
+        if ngroups != ngroups_hdr:
+            raise _bad(p, f"SCI has {ngroups} groups but NGROUPS={ngroups_hdr}")
+        intstart = int(hdr.get("INTSTART", 1) or 1)
+        intend = int(hdr.get("INTEND", intstart + nints - 1) or intstart + nints - 1)
+        if intend - intstart + 1 != nints:
+            raise _bad(p, f"SCI has {nints} integrations but INTSTART..INTEND is "
+                          f"{intstart}..{intend}")
+        if nints_total < intend:
+            raise _bad(p, f"INTEND={intend} exceeds NINTS={nints_total}")
+        if ngroups < 1 or nints < 1:
+            raise _bad(p, "SCI is empty")
+        substrt1 = int(hdr.get("SUBSTRT1", 1))
+        substrt2 = int(hdr.get("SUBSTRT2", 1))
+        subsize1 = int(hdr.get("SUBSIZE1", nx))
+        subsize2 = int(hdr.get("SUBSIZE2", ny))
+        if (subsize2, subsize1) != (ny, nx):
+            raise _bad(p, f"SCI frame is {ny}x{nx} but SUBSIZE2xSUBSIZE1 is {subsize2}x{subsize1}")
+        int_times = self._hdul["INT_TIMES"] if "INT_TIMES" in self._hdul else None
+        return ExposureMeta(
+            path=p, header=hdr, nints=nints, ngroups=ngroups, ny=ny, nx=nx,
+            nframes=nframes, groupgap=int(hdr.get("GROUPGAP", 0) or 0),
+            drop_frames1=int(hdr.get("DRPFRMS1", 0) or 0),
+            frame_time=frame_time, group_time=group_time,
+            readpatt=str(hdr["READPATT"]).strip().upper(),
+            subarray=str(hdr.get("SUBARRAY", "FULL")).strip().upper(),
+            substrt1=substrt1, substrt2=substrt2,
+            instrument=instrument, detector=str(hdr.get("DETECTOR", "")).strip().upper(),
+            exp_type=str(hdr.get("EXP_TYPE", "")).strip().upper(),
+            intstart=intstart, nints_total=nints_total, int_times=int_times,
+            extra={"sci_header": sci.header},
+        )
+
+    def _check_data_present(self) -> None:
+        info = self._sci.fileinfo()
+        need = info["datLoc"] + self._sci.size * 2
+        have = os.path.getsize(self.path)
+        if have < need:
+            raise _bad(self.path, f"is truncated: SCI needs {need} bytes, the file has {have}")
+        try:
+            raw = self._sci.data
+        except Exception as exc:  # astropy raises various errors on damaged data
+            raise _bad(self.path, f"SCI data cannot be read ({exc})") from None
+        self._raw = raw
+        self._bzero = float(self._sci.header.get("BZERO", 0.0))
+        self._bscale = float(self._sci.header.get("BSCALE", 1.0))
+        self._groupdq = self._hdul["GROUPDQ"].data if "GROUPDQ" in self._hdul else None
+        if self._groupdq is not None and self._groupdq.shape != self._raw.shape:
+            raise _bad(self.path, f"GROUPDQ shape {self._groupdq.shape} differs from SCI {self._raw.shape}")
+        self._pixeldq = self._hdul["PIXELDQ"].data if "PIXELDQ" in self._hdul else None
+        if self._pixeldq is not None and self._pixeldq.shape != (self.meta.ny, self.meta.nx):
+            raise _bad(self.path, f"PIXELDQ shape {self._pixeldq.shape} differs from the frame")
+
+    # -- data -----------------------------------------------------------------------------
+    def _to_float(self, raw: np.ndarray) -> np.ndarray:
+        out = raw.astype(np.float32)
+        if self._bscale != 1.0:
+            out *= np.float32(self._bscale)
+        if self._bzero:
+            out += np.float32(self._bzero)
+        return out
+
+    def read(self, ints: slice, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Data (float32 DN) and groupdq (uint8) of integrations ``ints`` (file-local) and
+        rows ``rows``, each ``[nints, ngroups, nrows, nx]``."""
+        data = self._to_float(self._raw[ints, :, rows, :])
+        if self._groupdq is not None:
+            groupdq = np.array(self._groupdq[ints, :, rows, :], dtype=np.uint8)
+        else:
+            groupdq = np.zeros(data.shape, dtype=np.uint8)
+        return data, groupdq
+
+    def initial_pixeldq(self) -> np.ndarray:
+        if self._pixeldq is not None:
+            return np.array(self._pixeldq, dtype=np.uint32)
+        return np.zeros((self.meta.ny, self.meta.nx), dtype=np.uint32)
+
+    def close(self) -> None:
+        self._raw = None
+        self._groupdq = self._pixeldq = None
+        try:
+            self._hdul.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Exposure":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+SEGMENT_RE = re.compile(r"-seg(\d{3})")

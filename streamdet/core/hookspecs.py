@@ -1,0 +1,56 @@
+"""The hook specifications: the one contract shared by built-in and third-party steps.
+
+A plugin is any module (or object) registered under the entry-point group
+``streamdet.steps`` that implements some of these hooks, marked with
+``streamdet.hookimpl``. Built-in steps in ``streamdet.plugins`` use exactly the same
+hooks and the same entry-point group.
+
+Three kinds of plugin use them:
+
+* **replace** a step: return a :class:`~streamdet.core.step.Step` subclass whose
+  ``name`` is an existing step (``ramp_fit``) and whose ``implementation`` is a new
+  name (``likely``); the user selects it with ``--use ramp_fit=likely``.
+* **insert** a step: return a Step subclass with a new ``name`` and an ``after`` (or
+  ``before``) naming the step it is placed next to.
+* **observe**: implement only the event hooks below.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("streamdet")
+
+
+@hookspec
+def streamdet_steps():
+    """Return a list of :class:`~streamdet.core.step.Step` subclasses this plugin provides.
+
+    Each class declares its step ``name``, its ``implementation`` name, the reference
+    types it needs, its parameters, its granularity and, for a new step, where it goes
+    in the chain (``after``/``before``). Called once when the plugin manager is built.
+    """
+
+
+@hookspec
+def streamdet_exposure_started(exposure, chain):
+    """An exposure is about to be processed.
+
+    ``exposure`` is the :class:`~streamdet.core.exposure.Exposure` (``exposure.meta``
+    holds the header values); ``chain`` is the list of configured step instances in
+    order, skipped ones included (``step.skip`` tells).
+    """
+
+
+@hookspec
+def streamdet_step_finished(exposure, step, chunk, seconds):
+    """``step`` has finished on one ``chunk`` (integrations and rows it covered) in ``seconds``."""
+
+
+@hookspec
+def streamdet_exposure_finished(exposure, products, timings):
+    """The products are written.
+
+    ``products`` maps product kind (``"rate"``, ``"rateints"``, ``"ramp"``) to its path;
+    ``timings`` maps step name to total seconds spent in it.
+    """

@@ -1,0 +1,193 @@
+"""The plugin manager: loads every plugin under the entry-point group ``streamdet.steps``
+(the built-in steps included, the same way), collects their step implementations, and
+decides the chain: which steps, in which order, served by which implementation.
+
+For plugin authors: implement hooks from :mod:`streamdet.core.hookspecs` in a module,
+mark them with :data:`hookimpl` (also importable as ``streamdet.hookimpl``), and name
+the module in your ``pyproject.toml``::
+
+    [project.entry-points."streamdet.steps"]
+    my_jump = "my_package.my_jump"
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from dataclasses import dataclass, field
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .step import Step
+
+hookimpl = pluggy.HookimplMarker("streamdet")
+
+ENTRY_POINT_GROUP = "streamdet.steps"
+BUILTIN_PACKAGE = "streamdet"
+
+
+@dataclass
+class Registry:
+    """Everything the installed plugins provide."""
+
+    pm: pluggy.PluginManager
+    #: step name -> implementations in registration order (built-in first)
+    implementations: dict[str, list[type[Step]]] = field(default_factory=dict)
+    #: step names in chain order
+    order: list[str] = field(default_factory=list)
+    #: one message per plugin that could not be loaded or used
+    broken: list[str] = field(default_factory=list)
+    #: plugin name -> (package, version, hook names)
+    plugins: dict[str, tuple[str, str, list[str]]] = field(default_factory=dict)
+
+    def implementation(self, name: str, use: dict[str, str] | None = None) -> type[Step]:
+        """The implementation serving step ``name``: the one chosen with ``use``, else the
+        built-in one, else the only one; two candidates and no choice is an error."""
+        impls = self.implementations.get(name)
+        if not impls:
+            raise PluginError(f"no step named {name!r} (known: {', '.join(self.order)})")
+        wanted = (use or {}).get(name)
+        if wanted is not None:
+            for impl in impls:
+                if impl.implementation == wanted:
+                    return impl
+            have = ", ".join(f"{i.implementation} ({i.package})" for i in impls)
+            raise PluginError(f"step {name!r} has no implementation {wanted!r} (installed: {have})")
+        builtin = [i for i in impls if i.package == BUILTIN_PACKAGE]
+        if builtin:
+            return builtin[0]
+        if len(impls) == 1:
+            return impls[0]
+        names = " and ".join(f"{i.implementation!r} from {i.package}" for i in impls)
+        raise PluginError(
+            f"step {name!r} is provided by {names}; choose one with --use {name}=IMPL")
+
+    def chain(self, use: dict[str, str] | None = None) -> list[type[Step]]:
+        for step_name in (use or {}):
+            if step_name not in self.implementations:
+                raise PluginError(
+                    f"--use names unknown step {step_name!r} (known: {', '.join(self.order)})")
+        return [self.implementation(name, use) for name in self.order]
+
+
+def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return ep.module.split(".")[0], "?"
+    return dist.metadata["Name"], dist.version
+
+
+def _order(steps: list[type[Step]], broken: list[str]) -> list[str]:
+    """Chain order from ``after``/``before`` anchors: a step goes right next to its
+    anchor, after any step anchored there before it; unresolvable anchors are reported."""
+    order: list[str] = []
+    placed_after: dict[str, int] = {}
+    pending = list(steps)
+    while pending:
+        progress = False
+        for cls in list(pending):
+            if cls.name in order:
+                pending.remove(cls)
+                progress = True
+                continue
+            anchor = cls.after or cls.before
+            if anchor is None:
+                if order:
+                    if any(o.name == cls.name and (o.after or o.before) for o in pending):
+                        continue  # a replacement: wait for the implementation that has a place
+                    broken.append(f"plugin package {cls.package}: new step {cls.name!r} declares "
+                                  f"neither 'after' nor 'before'; it is not used")
+                    pending.remove(cls)
+                    continue
+                order.append(cls.name)
+            elif anchor in order:
+                pos = order.index(anchor)
+                if cls.after:
+                    pos += 1 + placed_after.get(anchor, 0)
+                    placed_after[anchor] = placed_after.get(anchor, 0) + 1
+                order.insert(pos, cls.name)
+            else:
+                continue
+            pending.remove(cls)
+            progress = True
+        if not progress:
+            for cls in pending:
+                anchor = cls.after or cls.before
+                broken.append(
+                    f"plugin package {cls.package}: step {cls.name!r} is declared to come "
+                    f"{'after' if cls.after else 'before'} unknown step {anchor!r}; it is not used")
+            break
+    return order
+
+
+@functools.lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    """Build the plugin manager and registry once per process."""
+    return build_registry()
+
+
+def build_registry(extra_plugins: tuple = ()) -> Registry:
+    """Load all entry points (built-ins first) plus ``extra_plugins`` (modules or objects
+    registered directly, as the test kit does) into a fresh registry."""
+    pm = pluggy.PluginManager("streamdet")
+    pm.add_hookspecs(hookspecs)
+    reg = Registry(pm)
+    eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    eps.sort(key=lambda ep: (_dist_of(ep)[0] != BUILTIN_PACKAGE,))
+    sources: list[tuple[object, str, str, str]] = []
+    seen_modules: set[str] = set()
+    for ep in eps:
+        package, version = _dist_of(ep)
+        if ep.value in seen_modules:  # one distribution installed twice (e.g. editable + wheel)
+            continue
+        seen_modules.add(ep.value)
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken plugin must not take the others down
+            reg.broken.append(f"plugin package {package}: entry point {ep.name!r} "
+                              f"({ep.value}) failed to import: {type(exc).__name__}: {exc}")
+            continue
+        sources.append((plugin, ep.name, package, version))
+    for i, plugin in enumerate(extra_plugins):
+        name = getattr(plugin, "__name__", f"extra-{i}")
+        sources.append((plugin, name, getattr(plugin, "__package__", None) or name, "local"))
+
+    steps: list[type[Step]] = []
+    for plugin, name, package, version in sources:
+        try:
+            pm.register(plugin, name=f"{package}:{name}")
+        except Exception as exc:
+            reg.broken.append(f"plugin package {package}: {name!r} could not be registered: {exc}")
+            continue
+        hooks = [h.name for h in pm.get_hookcallers(plugin) or []]
+        reg.plugins[f"{package}:{name}"] = (package, version, hooks)
+        impl = next((h for h in pm.hook.streamdet_steps.get_hookimpls() if h.plugin is plugin), None)
+        if impl is None:
+            continue
+        try:
+            provided = list(impl.function() or [])
+            for cls in provided:
+                if not (isinstance(cls, type) and issubclass(cls, Step)):
+                    raise PluginError(f"{cls!r} is not a streamdet Step subclass")
+                if not getattr(cls, "name", None):
+                    raise PluginError(f"{cls.__name__} declares no step name")
+                for pname, p in cls.params_spec.items():
+                    if not isinstance(p.default, p.type) and not (p.type is float and isinstance(p.default, int)):
+                        raise PluginError(f"{cls.__name__} parameter {pname!r}: default "
+                                          f"{p.default!r} is not a {p.type.__name__}")
+        except Exception as exc:
+            reg.broken.append(f"plugin package {package}: streamdet_steps() failed: {exc}")
+            pm.unregister(plugin)
+            reg.plugins.pop(f"{package}:{name}", None)
+            continue
+        for cls in provided:
+            cls.package, cls.package_version = package, version
+            reg.implementations.setdefault(cls.name, []).append(cls)
+            steps.append(cls)
+    reg.order = _order(steps, reg.broken)
+    for name in list(reg.implementations):
+        if name not in reg.order:
+            del reg.implementations[name]
+    return reg

@@ -1,0 +1,227 @@
+"""Reference resolution and reading: the one place that decides which reference file a
+step gets.
+
+Order: an explicit per-type override (CLI ``--override`` / config) -> CRDS through the
+real ``crds`` client (``CRDS_PATH`` cache, ``CRDS_CONTEXT``, serverless unless a
+``CRDS_SERVER_URL`` says otherwise) -> a clear error naming the type. ``N/A`` (from an
+override or from CRDS) means "not applicable": the step that needs it is skipped.
+
+Reference arrays are memory-mapped and cut to the exposure's subarray on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from . import dqflags
+from .errors import ReferenceError_
+from .exposure import ExposureMeta
+
+NA = "N/A"
+
+# Defaults that keep the crds client off the network and quick to fail; set only when the
+# user has not chosen otherwise, and before crds is first imported (it reads them then).
+_CRDS_DEFAULTS = {
+    "CRDS_OBSERVATORY": "jwst",
+    "CRDS_SERVER_URL": "https://jwst-serverless-mode.stsci.edu",
+    "CRDS_MODE": "local",
+    "CRDS_READONLY_CACHE": "1",
+    "CRDS_CLIENT_RETRY_COUNT": "1",
+    "CRDS_CLIENT_TIMEOUT_SECONDS": "5",
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    reftype: str
+    path: str | None          # None when not applicable
+    source: str               # "override" or "crds"
+    context: str | None = None
+
+    @property
+    def not_applicable(self) -> bool:
+        return self.path is None
+
+    @property
+    def header_value(self) -> str:
+        """What jwst writes in R_* keywords: crds://name for CRDS, the path for overrides."""
+        if self.path is None:
+            return NA
+        if self.source == "crds":
+            return f"crds://{Path(self.path).name}"
+        return str(self.path)
+
+
+_last_crds_path: str | None = None
+
+
+def _crds():
+    """Import crds configured for offline use; clear its per-process caches when the
+    cache directory changed since the last call (crds caches mappings by name)."""
+    global _last_crds_path
+    for key, value in _CRDS_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import crds  # noqa: PLC0415 - heavy, imported only when CRDS is really consulted
+
+    current = os.environ.get("CRDS_PATH")
+    if _last_crds_path is not None and current != _last_crds_path:
+        from crds.core import utils  # noqa: PLC0415
+
+        utils.clear_function_caches()
+    _last_crds_path = current
+    return crds
+
+
+def crds_context() -> str | None:
+    """The CRDS context in effect, or None when CRDS is not configured."""
+    if "CRDS_PATH" not in os.environ:
+        return None
+    try:
+        from crds.core import heavy_client  # noqa: PLC0415
+
+        _crds()
+        return heavy_client.get_context_name("jwst")
+    except (Exception, SystemExit):
+        return os.environ.get("CRDS_CONTEXT")
+
+
+def crds_version() -> str:
+    try:
+        return _crds().__version__
+    except Exception:
+        return "unknown"
+
+
+def resolve(meta: ExposureMeta, reftypes: list[str], overrides: dict[str, str]) -> dict[str, Resolved]:
+    """Resolve every type in ``reftypes`` for the exposure ``meta``."""
+    out: dict[str, Resolved] = {}
+    remaining: list[str] = []
+    for reftype in reftypes:
+        given = overrides.get(reftype)
+        if given is None:
+            remaining.append(reftype)
+        elif given.strip().upper() == NA:
+            out[reftype] = Resolved(reftype, None, "override")
+        else:
+            path = Path(given).expanduser().resolve()
+            if not path.is_file():
+                raise ReferenceError_(f"--override {reftype}={given}: no such file")
+            out[reftype] = Resolved(reftype, str(path), "override")
+    if remaining:
+        out.update(_from_crds(meta, remaining))
+    return {r: out[r] for r in reftypes}
+
+
+def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
+    where = meta.path
+    if "CRDS_PATH" not in os.environ:
+        raise ReferenceError_(
+            f"{where}: no reference for {', '.join(reftypes)}: set CRDS_PATH to a CRDS cache "
+            "(streamdet simulate makes one) or pass --override REFTYPE=PATH")
+    crds = _crds()
+    params = {k: v for k, v in meta.header.items()
+              if isinstance(v, (str, int, float, bool)) and k not in ("COMMENT", "HISTORY", "")}
+    try:
+        best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst")
+    except SystemExit:
+        raise ReferenceError_(
+            f"{where}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
+            "configuration (config/jwst/server_config) and no server is reachable") from None
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        bad = next((r for r in reftypes if r.upper() in message.upper()), None)
+        what = f"reference type {bad!r}" if bad else f"reference types {', '.join(reftypes)}"
+        raise ReferenceError_(f"{where}: CRDS found no {what}: {message}") from None
+    context = crds_context()
+    out = {}
+    for reftype in reftypes:
+        value = best.get(reftype, "NOT FOUND")
+        if value.upper().startswith("NOT FOUND"):
+            if NA in value.upper():
+                out[reftype] = Resolved(reftype, None, "crds", context)
+                continue
+            raise ReferenceError_(f"{where}: CRDS found no reference type {reftype!r}: {value}")
+        out[reftype] = Resolved(reftype, value, "crds", context)
+    return out
+
+
+class References:
+    """Lazy access to the resolved reference files of one exposure."""
+
+    def __init__(self, meta: ExposureMeta, resolved: dict[str, Resolved]):
+        self.meta = meta
+        self.resolved = resolved
+        self._open: dict[str, fits.HDUList] = {}
+
+    def path(self, reftype: str) -> str | None:
+        return self.resolved[reftype].path
+
+    def hdul(self, reftype: str) -> fits.HDUList:
+        if reftype not in self._open:
+            path = self.path(reftype)
+            if path is None:
+                raise ReferenceError_(f"{self.meta.path}: reference {reftype!r} is N/A")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._open[reftype] = fits.open(path, memmap=True)
+            except (OSError, ValueError) as exc:
+                raise ReferenceError_(f"{path}: {reftype} reference is not readable FITS ({exc})") from None
+        return self._open[reftype]
+
+    def header(self, reftype: str, ext: int | str = 0) -> fits.Header:
+        return self.hdul(reftype)[ext].header
+
+    def has(self, reftype: str, extname: str) -> bool:
+        return extname in self.hdul(reftype)
+
+    def raw(self, reftype: str, extname: str):
+        hdul = self.hdul(reftype)
+        if extname not in hdul:
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype} reference has no {extname} extension")
+        return hdul[extname].data
+
+    def window(self, reftype: str, shape: tuple[int, int]) -> tuple[slice, slice]:
+        """Rows and columns of a reference plane of ``shape`` that cover the exposure.
+
+        A reference of the exposure's shape is used as it is; a larger one (full frame,
+        or a subarray containing ours) is cut using both files' SUBSTRT keywords."""
+        m = self.meta
+        if tuple(shape) == (m.ny, m.nx):
+            return slice(None), slice(None)
+        hdr = self.header(reftype)
+        r_x0 = int(hdr.get("SUBSTRT1", 1))
+        r_y0 = int(hdr.get("SUBSTRT2", 1))
+        x0 = m.substrt1 - r_x0
+        y0 = m.substrt2 - r_y0
+        if x0 < 0 or y0 < 0 or y0 + m.ny > shape[0] or x0 + m.nx > shape[1]:
+            raise ReferenceError_(
+                f"{self.path(reftype)}: {reftype} reference of shape {tuple(shape)} does not "
+                f"cover the exposure's {m.subarray} subarray ({m.ny}x{m.nx} at "
+                f"row {m.substrt2}, column {m.substrt1})")
+        return slice(y0, y0 + m.ny), slice(x0, x0 + m.nx)
+
+    def array(self, reftype: str, extname: str, dtype=np.float32) -> np.ndarray:
+        """A reference array cut to the exposure (the last two axes are cut)."""
+        data = self.raw(reftype, extname)
+        if data is None or data.ndim < 2:
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is not an image")
+        rows, cols = self.window(reftype, data.shape[-2:])
+        return np.array(data[..., rows, cols], dtype=dtype)
+
+    def dq(self, reftype: str, extname: str = "DQ") -> np.ndarray:
+        """A reference DQ array decoded to JWST flag values and cut to the exposure."""
+        raw = self.array(reftype, extname, dtype=np.uint32)
+        dq_def = self.raw(reftype, "DQ_DEF") if self.has(reftype, "DQ_DEF") else None
+        return dqflags.decode_with_dq_def(raw, dq_def)
+
+    def close(self) -> None:
+        for hdul in self._open.values():
+            hdul.close()
+        self._open.clear()

@@ -1,0 +1,179 @@
+"""What a step is: its declaration (name, references, parameters, granularity) and the
+chunk of ramp it works on.
+
+A step implementation subclasses :class:`Step`. The engine makes one instance per
+exposure, calls :meth:`Step.prepare` once, :meth:`Step.process` once per chunk and
+:meth:`Step.finish` once; steps of granularity ``EXPOSURE`` may also define
+:meth:`Step.survey` to see every integration in the engine's first pass.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+
+from .errors import BadInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .exposure import ExposureMeta
+    from .references import References
+
+
+class Granularity(str, enum.Enum):
+    """How much of the exposure a step must see at once."""
+
+    #: pixel-local and integration-local: any chunk will do.
+    GROUP = "group"
+    #: all rows and groups of one integration at once (e.g. refpix's frame statistics).
+    INTEGRATION = "integration"
+    #: all integrations of a pixel at once (e.g. jump's median over every difference).
+    EXPOSURE = "exposure"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One step parameter: its type, default, and what values are allowed."""
+
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def coerce(self, step: str, name: str, value: Any) -> Any:
+        """Return ``value`` as this parameter's type, or raise a one-line BadInputError."""
+        where = f"parameter {step}.{name}"
+        try:
+            if self.type is bool:
+                if isinstance(value, bool):
+                    out = value
+                elif isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                    out = value.strip().lower() in _TRUE
+                elif isinstance(value, (int, np.integer)) and value in (0, 1):
+                    out = bool(value)
+                else:
+                    raise ValueError
+            elif self.type is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out = int(value)
+            elif self.type is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                out = float(value)
+            else:
+                out = self.type(value)
+        except (TypeError, ValueError):
+            raise BadInputError(
+                f"{where}: {value!r} is not a valid {self.type.__name__}") from None
+        if self.choices is not None and out not in self.choices:
+            raise BadInputError(f"{where}: {out!r} is not one of {list(self.choices)}")
+        if self.min is not None and out < self.min:
+            raise BadInputError(f"{where}: {out!r} is below the minimum {self.min}")
+        if self.max is not None and out > self.max:
+            raise BadInputError(f"{where}: {out!r} is above the maximum {self.max}")
+        return out
+
+
+@dataclass
+class Chunk:
+    """A slab of the exposure's ramp that steps modify in place.
+
+    ``data`` float32 and ``groupdq`` uint8 are ``[nints, ngroups, nrows, nx]``;
+    ``pixeldq`` uint32 ``[nrows, nx]`` is a view of the exposure-wide pixel flags.
+    ``int_index`` holds the absolute (INTSTART-aware, 0-based) integration number of each
+    plane of axis 0. ``rows`` are the exposure rows covered, ``core`` the part of the
+    chunk the step's results are kept for (the rest is halo: neighbours lent for context).
+    """
+
+    data: np.ndarray
+    groupdq: np.ndarray
+    pixeldq: np.ndarray
+    int_index: np.ndarray
+    rows: slice
+    core: slice = field(default_factory=lambda: slice(None))
+
+    @property
+    def nrows(self) -> int:
+        return self.data.shape[2]
+
+
+class Step:
+    """Base class of every step implementation, built-in or third-party.
+
+    Subclasses set the class attributes below and override :meth:`process` (and
+    usually :meth:`prepare`). Parameters arrive validated as ``self.params``.
+    """
+
+    #: the step name the chain knows (``"jump"``); several implementations may share it.
+    name: ClassVar[str]
+    #: this implementation's name, chosen with ``--use STEP=IMPL``.
+    implementation: ClassVar[str] = "builtin"
+    #: CRDS reference types the step reads (lower case, as CRDS names them).
+    reftypes: ClassVar[tuple[str, ...]] = ()
+    #: parameter declarations; every step also has ``skip``.
+    params_spec: ClassVar[dict[str, Param]] = {}
+    granularity: ClassVar[Granularity] = Granularity.GROUP
+    #: rows of neighbours needed above and below each chunk (band chunks only).
+    halo: ClassVar[int] = 0
+    default_skip: ClassVar[bool] = False
+    #: for a new step: the step it follows (or precedes) in the chain.
+    after: ClassVar[str | None] = None
+    before: ClassVar[str | None] = None
+    #: the primary-header keyword recording this step's status (``S_JUMP``).
+    status_keyword: ClassVar[str | None] = None
+    #: filled by the plugin manager: the distribution that provided the class.
+    package: ClassVar[str] = "?"
+    package_version: ClassVar[str] = "?"
+
+    def __init__(self, params: dict[str, Any] | None = None):
+        self.params = self.validate_params(params or {})
+        self.skip: bool = self.params.pop("skip")
+        #: why the step did not run (None when it ran).
+        self.skip_reason: str | None = "skipped by default" if self.skip else None
+
+    @classmethod
+    def all_params(cls) -> dict[str, Param]:
+        return {"skip": Param(bool, cls.default_skip, "do not run this step"), **cls.params_spec}
+
+    @classmethod
+    def validate_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        spec = cls.all_params()
+        unknown = sorted(set(given) - set(spec))
+        if unknown:
+            raise BadInputError(
+                f"step {cls.name!r} has no parameter {unknown[0]!r} "
+                f"(it has: {', '.join(sorted(spec))})")
+        return {name: (p.coerce(cls.name, name, given[name]) if name in given else p.default)
+                for name, p in spec.items()}
+
+    # -- called by the engine -------------------------------------------------------------
+    def prepare(self, meta: "ExposureMeta", refs: "References", pixeldq: np.ndarray) -> str | None:
+        """Read references (cut to the exposure), apply reference-only pixel flags to
+        the exposure-wide ``pixeldq``, and return a reason to skip, or None to run."""
+        return None
+
+    def survey(self, chunk: Chunk) -> None:
+        """EXPOSURE steps: see each integration as the first pass leaves it."""
+
+    def process(self, chunk: Chunk) -> Any:
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        """Primary-header keywords this step contributes (besides its status)."""
+        return {}
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.implementation}, {self.package} {self.package_version})"
+
+
+#: signature of a rate producer's result, see streamdet.plugins.ramp_fit
+RateSink = Callable[[slice, Any, Any], None]
