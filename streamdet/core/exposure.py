@@ -51,6 +51,9 @@ class ExposureMeta:
     nints_total: int      # NINTS of the whole exposure (segmented files hold a part)
     int_times: fits.BinTableHDU | None = None
     extra: dict = field(default_factory=dict)
+    #: exposure-level values one step leaves for later ones, as jwst keeps them on the
+    #: model (``average_dark_current`` from dark_current for ramp_fit, for instance)
+    state: dict = field(default_factory=dict)
 
     @property
     def int_index(self) -> np.ndarray:

@@ -33,6 +33,12 @@ _SCI_KEYS = ("MJD-BEG", "MJD-AVG", "MJD-END", "XPOSURE", "TELAPSE", "WCSAXES", "
              "VELOSYS")
 
 
+#: status keywords jwst's Detector1 writes for steps outside streamdet's built-in chain;
+#: recorded SKIPPED unless a plugin step that sets the keyword ran
+JWST_ONLY_STATUS = ("S_GRPSCL", "S_MIREMI", "S_IPC", "S_CHGMIG", "S_PCTFRM", "S_CLNFNS",
+                    "S_PERSIS", "S_GANSCL", "S_SUPERB")
+
+
 @dataclass
 class RateArrays:
     """Rate, its error and variances and DQ; 2-D for the exposure, 3-D per integration."""
@@ -82,6 +88,8 @@ def primary_header(meta: ExposureMeta, datamodel: str, filename: str,
                    "UTC date file created")
     hdr["FILENAME"] = (filename, "Name of the file")
     hdr["DATAMODL"] = (datamodel, "Type of data model")
+    for key in JWST_ONLY_STATUS:
+        hdr[key] = "SKIPPED"
     for key, value in keywords.items():
         hdr[key] = value
     for line in history:

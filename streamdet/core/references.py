@@ -207,17 +207,21 @@ class References:
                 f"row {m.substrt2}, column {m.substrt1})")
         return slice(y0, y0 + m.ny), slice(x0, x0 + m.nx)
 
-    def array(self, reftype: str, extname: str, dtype=np.float32) -> np.ndarray:
-        """A reference array cut to the exposure (the last two axes are cut)."""
+    def array(self, reftype: str, extname: str, dtype=np.float32, index: tuple = ()) -> np.ndarray:
+        """A reference array cut to the exposure (the last two axes are cut); ``index``
+        selects along the leading axes first, so that only those planes are read."""
         data = self.raw(reftype, extname)
         if data is None or data.ndim < 2:
             raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is not an image")
+        if len(index) > data.ndim - 2:
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} has only "
+                                  f"{data.ndim} dimensions")
         rows, cols = self.window(reftype, data.shape[-2:])
-        return np.array(data[..., rows, cols], dtype=dtype)
+        return np.array(data[(*index, Ellipsis, rows, cols)], dtype=dtype)
 
-    def dq(self, reftype: str, extname: str = "DQ") -> np.ndarray:
+    def dq(self, reftype: str, extname: str = "DQ", index: tuple = ()) -> np.ndarray:
         """A reference DQ array decoded to JWST flag values and cut to the exposure."""
-        raw = self.array(reftype, extname, dtype=np.uint32)
+        raw = self.array(reftype, extname, dtype=np.uint32, index=index)
         dq_def = self.raw(reftype, "DQ_DEF") if self.has(reftype, "DQ_DEF") else None
         return dqflags.decode_with_dq_def(raw, dq_def)
 
