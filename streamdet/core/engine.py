@@ -220,13 +220,14 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         halo = max((s.halo for s in pass2), default=0)
         row_bytes = meta.nints * meta.ngroups * meta.nx * 5
         band = max(1, int(config.band_bytes // row_bytes) - 2 * halo)
-        nbands = -(-meta.ny // band)
-        for b, y0 in enumerate(range(0, meta.ny, band)):
-            y1 = min(meta.ny, y0 + band)
-            r0, r1 = max(0, y0 - halo), min(meta.ny, y1 + halo)
+        bands = [slice(y0, min(meta.ny, y0 + band)) for y0 in range(0, meta.ny, band)]
+
+        def run_band(core: slice) -> None:
+            r0, r1 = max(0, core.start - halo), min(meta.ny, core.stop + halo)
             data, groupdq = scratch.read(slice(r0, r1))
             chunk = Chunk(data, groupdq, pixeldq[r0:r1], int_index, slice(r0, r1),
-                          core=slice(y0 - r0, y1 - r0))
+                          core=slice(core.start - r0, core.stop - r0))
+            result = None
             for step in pass2:
                 t0 = time.perf_counter()
                 result = step.process(chunk)
@@ -234,10 +235,16 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
                 timings[step.name] += dt
                 hook.streamdet_step_finished(exposure=exposure, step=step, chunk=chunk, seconds=dt)
             band_rate, band_rateints = result
-            rate.put(np.s_[y0:y1], band_rate)
-            rateints.put(np.s_[:, y0:y1], band_rateints)
+            rate.put(np.s_[core], band_rate)
+            rateints.put(np.s_[:, core], band_rateints)
+
+        for b, core in enumerate(bands):
+            run_band(core)
             if on_progress:
-                on_progress("bands", b + 1, nbands)
+                on_progress("bands", b + 1, len(bands))
+        redo = {(s.start, s.stop) for step in pass2 for s in step.rerun_rows()}
+        for start, stop in sorted(redo):
+            run_band(slice(start, stop))
         return rate, rateints, spill_dir
     finally:
         scratch.close()

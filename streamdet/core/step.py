@@ -167,6 +167,13 @@ class Step:
     def process(self, chunk: Chunk) -> Any:
         raise NotImplementedError
 
+    def rerun_rows(self) -> list[slice]:
+        """EXPOSURE steps: after the band pass, the bands (by their core rows) whose
+        results must be recomputed because a frame-wide statistic the step only knows
+        at the end disagrees with what the band saw; the engine re-runs the band pass
+        on them. Called once."""
+        return []
+
     def finish(self) -> dict[str, Any]:
         """Primary-header keywords this step contributes (besides its status)."""
         return {}

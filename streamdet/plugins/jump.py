@@ -1,0 +1,645 @@
+"""Cosmic-ray jump detection on MIRI ramps (two-point differences).
+
+Reproduces what jwst 3.0's ``JumpStep`` gets from stcal 1.20
+(``stcal.jump.jump.detect_jumps_data`` and ``twopoint_difference.find_crs``) with one
+process (``maximum_cores='1'``), for JWST read patterns (equal group spacing, NFRAMES
+frames per group).  Only the JUMP_DET bit of ``groupdq`` and, for pixels without a usable
+gain, NO_GAIN_VALUE | DO_NOT_USE in ``pixeldq`` are changed; the ramp itself is left alone.
+
+How a band of rows is searched
+------------------------------
+1. Everything is done in electrons: ramp and CDS read noise are multiplied by the gain
+   (float32, as stcal does), a group flagged SATURATED or DO_NOT_USE becomes NaN, and the
+   first differences of consecutive groups are taken (float32).  A difference touching a
+   NaN is unusable.
+2. Per pixel, the median of all usable differences of *all integrations* is the expected
+   step, and ``sigma = sqrt(|median| + rn_e**2 / nframes)`` its noise (rn is CDS noise,
+   hence the missing factor 2).  A zero sigma counts as unknown.  ``|diff - median| /
+   sigma`` is the significance of a difference.
+3. One of three searches, chosen once for the whole exposure from the groups that are
+   DO_NOT_USE in every pixel (a frame-wide statistic, see ``all_dnu_groups``):
+
+   * sigma clipping, when the integrations are many (``nints >= minimum_sigclip_groups``
+     with ``only_use_ints``; otherwise the count of usable groups is compared): each
+     difference is clipped against the same difference of the other integrations (or all
+     differences of the pixel when ``only_use_ints`` is False) with an iterated median /
+     population-std clip at ``rejection_threshold`` (5 rounds at most, as
+     ``astropy.stats.sigma_clip``'s compiled path does); clipped usable differences are
+     jumps.  Then, in any integration-group whose every pixel is JUMP_DET or DO_NOT_USE,
+     pixels whose only flag is JUMP_DET are reset to 0 - stcal's quirk, kept.
+   * single pass, when even the integration with the most all-DO_NOT_USE groups keeps
+     ``min_diffs_single_pass`` differences between its other groups: every usable
+     difference above ``rejection_threshold`` sigma is a jump, however few usable
+     differences the pixel itself has (the 3- and 4-group thresholds play no part here).
+   * iterative search otherwise: on the *absolute* differences, the median is taken
+     after dropping the largest value(s) when 4+ remain (plain median for 3, the smaller
+     value for 2); the threshold depends on the usable count of the pixel over all
+     integrations (4+: ``rejection_threshold``, 3: ``four_group_rejection_threshold``,
+     2: ``three_group_rejection_threshold``).  In every integration that has a
+     difference over its threshold, the difference(s) equal to the pixel's largest ratio
+     over all integrations are flagged and removed, and the pixel is searched again -
+     with the median now rounded to float32 (stcal stores it in a float32 array after
+     the first round) - until nothing is found.
+
+   If neither clipping is possible nor ``minimum_groups`` groups remain usable, stcal
+   skips the search altogether and reports -99 primary cosmic rays.
+4. The JUMP_DET bits present at this point, in the rows of ``count_rows``, are the
+   primary cosmic-ray count (stcal counts flagged group-pixels, not events).
+5. Neighbours: a JUMP_DET pixel whose single-pass significance (step 2's median and
+   sigma, whatever search found it) lies strictly between ``min_jump_to_flag_neighbors``
+   and ``max_jump_to_flag_neighbors`` also flags its 4 edge neighbours in the same
+   group, unless a neighbour is SATURATED or DO_NOT_USE in that group.  Flags raised this
+   way do not spread further.
+6. After-jump flagging (off by default): a JUMP_DET group (neighbour flags included)
+   whose ``diff - median`` is at least ``after_jump_flag_dn1 * median(gain)`` electrons
+   also flags the next ``int(after_jump_flag_time1 // group_time)`` groups, except
+   SATURATED / DO_NOT_USE ones; likewise for the ``*2`` pair.
+7. JUMP_DET is removed again wherever the group is SATURATED or DO_NOT_USE (this also
+   drops such bits that arrived with the input).
+
+Arithmetic follows stcal's dtypes: differences are float32 values, medians, sigmas and
+significances float64, the iterative search's deviations rounded to float32.
+
+Banding
+-------
+Every computation is per pixel except steps 3 (mode choice, sigma-clip group reset),
+5 (one-pixel neighbourhood) and 6 (the median gain).  A caller may therefore pass a band
+of rows with one halo row on each interior side and keep only the core rows, provided it
+supplies the frame-wide ``all_dnu_groups`` (:func:`unusable_groups`, AND-ed over bands)
+and ``median_gain`` (:func:`exposure_median_gain`).  The sigma-clip group reset is
+judged on the rows passed unless ``all_flagged_groups`` is given; each call reports the
+verdict for its ``count_rows`` in :attr:`JumpCounts.all_flagged_groups` so that an engine
+can AND them and repeat the rare band where the local verdict was wrong.
+
+Not implemented: MIRI shower flagging (``find_showers``) and NIR snowballs
+(``expand_large_events``), both off in jwst 3.0's defaults; asking for them raises
+NotImplementedError.  jwst skips the whole step (no PRIMECRS) when ngroups <= 2, which
+is the caller's business; this kernel refuses such ramps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, PIXEL, SATURATED
+
+NO_GAIN_VALUE = PIXEL["NO_GAIN_VALUE"]
+
+_JUMP = np.uint8(JUMP_DET)
+_UNUSABLE = np.uint8(SATURATED | DO_NOT_USE)
+_JUMP_OR_DNU = np.uint8(JUMP_DET | DO_NOT_USE)
+_BAD_GAIN_FLAGS = np.uint32(NO_GAIN_VALUE | DO_NOT_USE)
+
+# stcal's value for the count of primary cosmic rays when it gives up on an exposure
+SKIPPED_CR_COUNT = -99
+
+# astropy.stats.sigma_clip default, which stcal does not override
+_SIGCLIP_ROUNDS = 5
+
+# Samples (nints * ngroups * rows * ncols) handled together: large enough for numpy's
+# per-call overhead to vanish, small enough that the float64 temporaries stay modest.
+_SAMPLES_PER_CHUNK = 1 << 19
+
+
+@dataclass
+class JumpCounts:
+    """What a :func:`detect_jumps` call found in its ``count_rows``.
+
+    ``primary_crs`` is stcal's count: JUMP_DET group-pixels before neighbour and
+    after-jump flagging.  ``skipped`` is True when stcal's too-few-usable-groups rule
+    applied (jwst then records -99 cosmic rays).  ``all_flagged_groups`` is only set in
+    sigma-clip mode: per (integration, group), whether every counted pixel was JUMP_DET
+    or DO_NOT_USE before the reset of step 3.  Counts from several bands add up with
+    ``+``.
+    """
+
+    primary_crs: int = 0
+    extended_events: int = 0
+    skipped: bool = False
+    all_flagged_groups: np.ndarray | None = None
+
+    def __add__(self, other: JumpCounts) -> JumpCounts:
+        if self.all_flagged_groups is None:
+            flagged = other.all_flagged_groups
+        elif other.all_flagged_groups is None:
+            flagged = self.all_flagged_groups
+        else:
+            flagged = self.all_flagged_groups & other.all_flagged_groups
+        return JumpCounts(self.primary_crs + other.primary_crs,
+                          self.extended_events + other.extended_events,
+                          self.skipped or other.skipped, flagged)
+
+
+def unusable_groups(groupdq: np.ndarray) -> np.ndarray:
+    """Bool [nints, ngroups]: groups that are DO_NOT_USE in every pixel given.
+
+    For a banded exposure, AND the results of all bands' core rows to get the
+    frame-wide answer that jump detection and the PRIMECRS/EXTNCRS keywords need.
+    """
+    nints, ngroups = groupdq.shape[:2]
+    planes = groupdq.reshape(nints, ngroups, -1)
+    return np.array([[bool(np.all(planes[i, g] & DO_NOT_USE)) for g in range(ngroups)]
+                     for i in range(nints)], dtype=bool).reshape(nints, ngroups)
+
+
+def exposure_median_gain(gain: np.ndarray) -> np.float32:
+    """The frame-wide median gain that scales the after-jump DN thresholds."""
+    return np.float32(np.nanmedian(np.asarray(gain, dtype=np.float32)))
+
+
+def cosmic_ray_keywords(counts: JumpCounts, all_dnu_groups: np.ndarray, group_time: float,
+                        nrows: int, ncols: int) -> tuple[float | None, float | None]:
+    """PRIMECRS and EXTNCRS as jwst's JumpStep writes them.
+
+    PRIMECRS is primary cosmic rays per thousand pixels per second, EXTNCRS extended
+    events per million pixels per second.  The time is ``group_time`` times the number
+    of groups that are not DO_NOT_USE everywhere, less one group per integration (the
+    groups that bound differences); the pixel count is the whole array, reference
+    pixels included.  Returns ``(None, None)`` when that group count is below 1, where
+    jwst leaves both keywords unset.
+    """
+    nints, ngroups = all_dnu_groups.shape
+    counted_groups = nints * ngroups - int(np.count_nonzero(all_dnu_groups)) - nints
+    if counted_groups < 1:
+        return None, None
+    n_crs = SKIPPED_CR_COUNT if counts.skipped else counts.primary_crs
+    pixel_seconds = (group_time * counted_groups) * (nrows * ncols)
+    return 1000 * n_crs / pixel_seconds, 1e6 * counts.extended_events / pixel_seconds
+
+
+def detect_jumps(
+    data: np.ndarray,
+    groupdq: np.ndarray,
+    pixeldq: np.ndarray,
+    *,
+    gain: np.ndarray,
+    readnoise: np.ndarray,
+    nframes: int,
+    group_time: float,
+    rejection_threshold: float = 4.0,
+    three_group_rejection_threshold: float = 6.0,
+    four_group_rejection_threshold: float = 5.0,
+    flag_4_neighbors: bool = True,
+    max_jump_to_flag_neighbors: float = 1000.0,
+    min_jump_to_flag_neighbors: float = 10.0,
+    after_jump_flag_dn1: float = 0.0,
+    after_jump_flag_time1: float = 0.0,
+    after_jump_flag_dn2: float = 0.0,
+    after_jump_flag_time2: float = 0.0,
+    min_diffs_single_pass: int = 10,
+    minimum_groups: int = 3,
+    minimum_sigclip_groups: int = 100,
+    only_use_ints: bool = True,
+    expand_large_events: bool = False,
+    find_showers: bool = False,
+    all_dnu_groups: np.ndarray | None = None,
+    median_gain: float | None = None,
+    all_flagged_groups: np.ndarray | None = None,
+    count_rows: slice = slice(None),
+) -> JumpCounts:
+    """Flag cosmic-ray jumps in ``groupdq`` (in place); see the module docstring.
+
+    ``data`` float32 [nints, ngroups, nrows, ncols] (not modified), ``groupdq`` uint8 of
+    the same shape, ``pixeldq`` uint32 [nrows, ncols] (NO_GAIN_VALUE | DO_NOT_USE added
+    where the gain is NaN or <= 0, as stcal does), ``gain`` (e/DN) and ``readnoise`` (CDS,
+    DN) float32 [nrows, ncols].  ``group_time`` only converts the after-jump times to
+    group counts.
+
+    ``minimum_groups`` is what stcal actually uses: its single-process path forces 3
+    whatever the step parameter says, so jwst-parity callers pass 3.
+
+    Frame-wide inputs for banded calls (computed from the arrays given when None):
+    ``all_dnu_groups`` (:func:`unusable_groups` of the whole frame), ``median_gain``
+    (:func:`exposure_median_gain` of the whole frame) and, in sigma-clip mode only,
+    ``all_flagged_groups``.  ``count_rows`` selects the rows whose flags are counted.
+    """
+    if expand_large_events:
+        raise NotImplementedError("expand_large_events (snowball flagging) is not implemented yet")
+    if find_showers:
+        raise NotImplementedError("find_showers is not implemented yet")
+    nints, ngroups, nrows, ncols = data.shape
+    if ngroups < 3:
+        raise ValueError("jump detection needs at least 3 groups (jwst skips the step)")
+    if groupdq.shape != data.shape or pixeldq.shape != (nrows, ncols):
+        raise ValueError("groupdq/pixeldq shapes do not match the ramp")
+
+    gain = np.asarray(gain, dtype=np.float32)
+    readnoise = np.asarray(readnoise, dtype=np.float32)
+    pixeldq[~(gain > 0)] |= _BAD_GAIN_FLAGS
+
+    if all_dnu_groups is None:
+        all_dnu_groups = unusable_groups(groupdq)
+    mode = _search_mode(np.asarray(all_dnu_groups, dtype=bool), nints, ngroups,
+                        min_diffs_single_pass, minimum_groups, minimum_sigclip_groups,
+                        only_use_ints)
+    if mode == "skip":
+        _drop_jumps_on_unusable(groupdq)
+        return JumpCounts(skipped=True)
+
+    rn_electrons = readnoise * gain
+    noise_floor = (rn_electrons * rn_electrons).astype(np.float64) / float(nframes)
+
+    after_groups = (int(after_jump_flag_time1 // group_time), int(after_jump_flag_time2 // group_time))
+    after_on = after_groups[0] > 0 or after_groups[1] > 0
+    if after_on:
+        if median_gain is None:
+            median_gain = exposure_median_gain(gain)
+        after_levels = (np.float32(after_jump_flag_dn1) * np.float32(median_gain),
+                        np.float32(after_jump_flag_dn2) * np.float32(median_gain))
+
+    diff_shape = (nints, ngroups - 1, nrows, ncols)
+    after_big = [np.zeros(diff_shape, dtype=bool) for _ in range(2)] if after_on else None
+    neighbour_sources = []
+    counted = np.zeros(nrows, dtype=bool)
+    counted[count_rows] = True
+    counts = JumpCounts()
+
+    thresholds = _Thresholds(float(rejection_threshold), float(four_group_rejection_threshold),
+                             float(three_group_rejection_threshold))
+    step = max(1, _SAMPLES_PER_CHUNK // (nints * ngroups * ncols))
+    for start in range(0, nrows, step):
+        rows = slice(start, min(nrows, start + step))
+        chunk_dq = groupdq[:, :, rows]
+        later_dq = chunk_dq[:, 1:]
+        diffs = _first_differences(data[:, :, rows], chunk_dq, gain[rows])
+        median = _median_over_differences(diffs)
+        sigma = np.sqrt(np.abs(median) + noise_floor[rows])
+        sigma[sigma == 0.0] = np.nan
+
+        significance = np.subtract(diffs, median, dtype=np.float64)
+        if after_on:
+            for level, big in zip(after_levels, after_big):
+                np.greater_equal(significance, level, out=big[:, :, rows])
+        np.abs(significance, out=significance)
+        significance /= sigma
+
+        # Neighbour sources and single-pass jumps are both rare: one scan for everything
+        # above the lower of the two limits, then the few survivors are split up.
+        floor_limit = thresholds.normal if mode == "single" else np.inf
+        if flag_4_neighbors:
+            floor_limit = min(floor_limit, min_jump_to_flag_neighbors)
+        flat = significance.reshape(-1)
+        above = np.flatnonzero(flat > floor_limit) if floor_limit < np.inf else np.empty(0, np.intp)
+        level = flat[above]
+        if flag_4_neighbors:
+            chosen = above[(level > min_jump_to_flag_neighbors) & (level < max_jump_to_flag_neighbors)]
+            i, d, r, c = np.unravel_index(chosen, significance.shape)
+            neighbour_sources.append((i, d, r + start, c))
+
+        if mode == "single":
+            # an infinite significance means an infinite difference, which stcal does not
+            # count as usable
+            chosen = above[(level > thresholds.normal) & np.isfinite(level)]
+            later_dq[np.unravel_index(chosen, significance.shape)] |= _JUMP
+        elif mode == "iterative":
+            hits = _iterative_search(diffs, noise_floor[rows], thresholds)
+            np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
+        else:
+            hits = _sigma_clip_outliers(diffs, float(rejection_threshold), only_use_ints)
+            hits &= (later_dq & _UNUSABLE) == 0
+            np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
+        del diffs, significance
+
+        if mode != "sigclip":
+            # JUMP_DET bits still on unusable groups came with the input; they are
+            # counted (stcal counts before dropping them) and, outside sigma-clip mode,
+            # nothing later looks at them.
+            counts.primary_crs += _count_jumps(chunk_dq, counted[rows])
+            _drop_jumps_on_unusable(chunk_dq)
+
+    if mode == "sigclip":
+        everywhere = _flagged_everywhere(groupdq)
+        counts.all_flagged_groups = _flagged_everywhere(groupdq[:, :, counted])
+        reset = everywhere if all_flagged_groups is None else np.asarray(all_flagged_groups, bool)
+        for i, g in zip(*np.nonzero(reset)):
+            plane = groupdq[i, g]
+            plane[plane == _JUMP] = 0
+        counts.primary_crs = _count_jumps(groupdq, counted)
+        _drop_jumps_on_unusable(groupdq)
+
+    if flag_4_neighbors:
+        _flag_neighbours(groupdq, neighbour_sources)
+    if after_on:
+        _flag_after_jumps(groupdq, after_big, after_groups)
+    return counts
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    normal: float
+    three_diffs: float
+    two_diffs: float
+
+
+def _search_mode(all_dnu_groups, nints, ngroups, min_diffs_single_pass, minimum_groups,
+                 minimum_sigclip_groups, only_use_ints) -> str:
+    dead_per_int = all_dnu_groups.sum(axis=1)
+    fewest_usable_groups = ngroups - int(dead_per_int.max())
+    usable_groups_total = nints * ngroups - int(dead_per_int.sum())
+    if only_use_ints:
+        clipping = nints >= minimum_sigclip_groups
+    else:
+        clipping = usable_groups_total >= minimum_sigclip_groups
+    if clipping:
+        return "sigclip"
+    if fewest_usable_groups < minimum_groups:
+        return "skip"
+    if fewest_usable_groups - 1 >= min_diffs_single_pass:
+        return "single"
+    return "iterative"
+
+
+def _first_differences(data, groupdq, gain):
+    electrons = np.multiply(data, gain, dtype=np.float32)
+    np.copyto(electrons, np.float32(np.nan), where=(groupdq & _UNUSABLE) != 0)
+    return electrons[:, 1:] - electrons[:, :-1]
+
+
+def _pixel_major(diffs):
+    """[nints, ndiffs, rows, cols] -> contiguous [rows*cols, nints*ndiffs]."""
+    nints, ndiffs = diffs.shape[:2]
+    return np.ascontiguousarray(diffs.reshape(nints * ndiffs, -1).T)
+
+
+def _middle_of_sorted(ordered, n_used):
+    """Median (float64) of the first ``n_used`` entries of each sorted row; NaN if none."""
+    rows = np.arange(ordered.shape[0])
+    low = np.maximum(n_used - 1, 0) // 2
+    high = np.minimum(n_used // 2, ordered.shape[1] - 1)
+    middle = ordered[rows, low].astype(np.float64)
+    middle += ordered[rows, high]
+    middle *= 0.5
+    middle[n_used <= 0] = np.nan
+    return middle
+
+
+def _median_over_differences(diffs):
+    """Per-pixel nanmedian of the differences over integrations and groups (float64)."""
+    ordered = _pixel_major(diffs)
+    n_valid = ordered.shape[1] - np.count_nonzero(np.isnan(ordered), axis=1)
+    ordered.sort(axis=1)
+    return _middle_of_sorted(ordered, n_valid).reshape(diffs.shape[2:])
+
+
+def _trimmed_abs_median(work):
+    """stcal's median for the iterative search, over rows of absolute differences.
+
+    With 4+ usable values every value equal to the largest is left out first; 3 give the
+    plain median and 2 the smaller one; fewer give NaN.
+    """
+    ordered = np.sort(work, axis=1)
+    n_valid = ordered.shape[1] - np.count_nonzero(np.isnan(ordered), axis=1)
+    rows = np.arange(ordered.shape[0])
+    largest = ordered[rows, np.maximum(n_valid - 1, 0)]
+    ties = np.count_nonzero(ordered == largest[:, None], axis=1)
+    n_kept = np.where(n_valid >= 4, n_valid - ties, n_valid)
+    median = _middle_of_sorted(ordered, n_kept)
+    pairs = n_valid == 2
+    median[pairs] = ordered[pairs, 0]
+    median[n_valid < 2] = np.nan
+    return median
+
+
+def _iterative_search(diffs, noise_floor, thresholds):
+    nints, ndiffs, nrows, ncols = diffs.shape
+    work = np.abs(_pixel_major(diffs))
+    floor = noise_floor.reshape(-1)
+    found = np.zeros(work.shape, dtype=bool)
+    pixels = np.arange(work.shape[0])
+    first_round = True
+    with np.errstate(invalid="ignore"):
+        while pixels.size:
+            median = _trimmed_abs_median(work)
+            if not first_round:
+                median = median.astype(np.float32).astype(np.float64)
+            sigma = np.sqrt(np.abs(median) + floor[pixels])
+            sigma[sigma == 0.0] = np.nan
+            excess = (work - median[:, None]).astype(np.float32)
+            ratio = np.abs(excess).astype(np.float64)
+            ratio /= sigma[:, None]
+
+            n_usable = work.shape[1] - np.count_nonzero(np.isnan(work), axis=1)
+            limit = np.full(n_usable.shape, np.inf)
+            limit[n_usable >= 4] = thresholds.normal
+            limit[n_usable == 3] = thresholds.three_diffs
+            limit[n_usable == 2] = thresholds.two_diffs
+            best_per_int = np.fmax.reduce(ratio.reshape(-1, nints, ndiffs), axis=2)
+            int_has_jump = best_per_int > limit[:, None]
+            best = np.fmax.reduce(best_per_int, axis=1)
+            new = ratio == best[:, None]
+            new &= np.repeat(int_has_jump, ndiffs, axis=1)
+
+            again = new.any(axis=1)
+            found[pixels[again]] |= new[again]
+            work = work[again]
+            work[new[again]] = np.nan
+            pixels = pixels[again]
+            first_round = False
+    return np.ascontiguousarray(found.T).reshape(nints, ndiffs, nrows, ncols)
+
+
+def _sigma_clip_outliers(diffs, n_sigma, only_use_ints):
+    """Mask of differences rejected by an iterated median/std clip (usable ones only)."""
+    nints, ndiffs, nrows, ncols = diffs.shape
+    if only_use_ints:
+        samples = np.ascontiguousarray(diffs.reshape(nints, -1).T, dtype=np.float64)
+    else:
+        samples = _pixel_major(diffs).astype(np.float64)
+    usable = np.isfinite(samples)
+    kept = usable.copy()
+    low = np.full(samples.shape[0], np.nan)
+    high = np.full(samples.shape[0], np.nan)
+    todo = np.arange(samples.shape[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for _ in range(_SIGCLIP_ROUNDS):
+            values = samples[todo]
+            keep = kept[todo]
+            n_kept = np.count_nonzero(keep, axis=1)
+            ordered = np.where(keep, values, np.nan)
+            ordered.sort(axis=1)
+            centre = _middle_of_sorted(ordered, n_kept)
+            mean = np.sum(values, axis=1, where=keep) / n_kept
+            spread = values - mean[:, None]
+            spread *= spread
+            std = np.sqrt(np.sum(spread, axis=1, where=keep) / n_kept)
+            lo = centre - n_sigma * std
+            hi = centre + n_sigma * std
+            low[todo] = lo
+            high[todo] = hi
+            keep &= (values >= lo[:, None]) & (values <= hi[:, None])
+            kept[todo] = keep
+            n_now = np.count_nonzero(keep, axis=1)
+            todo = todo[(n_now != n_kept) & (n_now > 0)]
+            if not todo.size:
+                break
+        rejected = (samples < low[:, None]) | (samples > high[:, None])
+    rejected &= usable
+    return np.ascontiguousarray(rejected.T).reshape(nints, ndiffs, nrows, ncols)
+
+
+def _flagged_everywhere(groupdq):
+    nints, ngroups = groupdq.shape[:2]
+    planes = groupdq.reshape(nints, ngroups, -1)
+    return np.array([[bool(np.all(planes[i, g] & _JUMP_OR_DNU)) for g in range(ngroups)]
+                     for i in range(nints)], dtype=bool).reshape(nints, ngroups)
+
+
+def _count_jumps(groupdq, counted_rows):
+    if not counted_rows.any():
+        return 0
+    if not counted_rows.all():
+        groupdq = groupdq[:, :, counted_rows]
+    return int(sum(np.count_nonzero(plane & _JUMP) for plane in groupdq))
+
+
+def _flag_neighbours(groupdq, candidates):
+    """4-neighbour flagging from candidate positions (integration, difference, row, col).
+
+    All sources are fixed before any neighbour is flagged, so flags do not chain.
+    """
+    if not candidates:
+        return
+    later_dq = groupdq[:, 1:]
+    i, d, r, c = (np.concatenate(axis) for axis in zip(*candidates))
+    is_jump = (later_dq[i, d, r, c] & _JUMP) != 0
+    i, d, r, c = i[is_jump], d[is_jump], r[is_jump], c[is_jump]
+    nrows, ncols = groupdq.shape[2:]
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        rr, cc = r + dr, c + dc
+        inside = (rr >= 0) & (rr < nrows) & (cc >= 0) & (cc < ncols)
+        target = (i[inside], d[inside], rr[inside], cc[inside])
+        current = later_dq[target]
+        usable = (current & _UNUSABLE) == 0
+        later_dq[tuple(axis[usable] for axis in target)] = current[usable] | _JUMP
+
+
+def _flag_after_jumps(groupdq, after_big, after_groups):
+    later_dq = groupdq[:, 1:]
+    jumped = (later_dq & _JUMP) != 0
+    extra = np.zeros(jumped.shape, dtype=bool)
+    for big, n_after in zip(after_big, after_groups):
+        big &= jumped
+        extra |= _extend_forward(big, n_after)
+    extra &= (later_dq & _UNUSABLE) == 0
+    np.bitwise_or(later_dq, _JUMP, out=later_dq, where=extra)
+
+
+def _extend_forward(marks, n_after):
+    """Along axis 1, also mark the ``n_after`` entries that follow each mark."""
+    if n_after <= 0:
+        return marks
+    spread = marks.copy()
+    last = marks.shape[1]
+    for shift in range(1, min(n_after, last - 1) + 1):
+        spread[:, shift:] |= marks[:, :-shift]
+    return spread
+
+
+def _drop_jumps_on_unusable(groupdq):
+    np.bitwise_and(groupdq, np.uint8(~_JUMP & 0xFF), out=groupdq,
+                   where=(groupdq & _UNUSABLE) != 0)
+
+
+# --- step plugin (added by the engine work) ---
+
+from streamdet.core.errors import BadInputError  # noqa: E402
+from streamdet.core.plugins import hookimpl  # noqa: E402
+from streamdet.core.step import Granularity, Param, Step  # noqa: E402
+
+from . import follows  # noqa: E402
+
+
+def _core_rows(chunk) -> tuple[int, int]:
+    return chunk.rows.start + chunk.core.start, chunk.rows.start + chunk.core.stop
+
+
+class JumpStep(Step):
+    """Two-point-difference cosmic-ray detection (jwst 3.0 ``jump`` defaults).
+
+    Needs every integration of a pixel at once (the median difference is taken over all
+    of them) and one row of neighbours on each side (neighbour flagging)."""
+
+    name = "jump"
+    after = follows("jump")
+    reftypes = ("gain", "readnoise")
+    granularity = Granularity.EXPOSURE
+    halo = 1
+    status_keyword = "S_JUMP"
+    params_spec = {
+        "rejection_threshold": Param(float, 4.0, "sigma threshold with 4+ usable differences", min=0),
+        "three_group_rejection_threshold": Param(float, 6.0, "sigma threshold with 2 differences", min=0),
+        "four_group_rejection_threshold": Param(float, 5.0, "sigma threshold with 3 differences", min=0),
+        "flag_4_neighbors": Param(bool, True, "flag the 4 neighbours of mid-sized jumps"),
+        "max_jump_to_flag_neighbors": Param(float, 1000.0, "largest jump (sigma) whose neighbours are flagged", min=0),
+        "min_jump_to_flag_neighbors": Param(float, 10.0, "smallest jump (sigma) whose neighbours are flagged", min=0),
+        "after_jump_flag_dn1": Param(float, 0.0, "jumps above this (DN) also flag the following groups", min=0),
+        "after_jump_flag_time1": Param(float, 0.0, "... for this many seconds", min=0),
+        "after_jump_flag_dn2": Param(float, 0.0, "second after-jump threshold (DN)", min=0),
+        "after_jump_flag_time2": Param(float, 0.0, "... and its time (s)", min=0),
+        "min_diffs_single_pass": Param(int, 10, "below this many usable differences, search iteratively", min=1),
+        "minimum_groups": Param(int, 3, "fewest groups for jump detection", min=2),
+        "minimum_sigclip_groups": Param(int, 100, "integrations needed to sigma-clip across integrations", min=1),
+        "only_use_ints": Param(bool, True, "sigma-clip each group across integrations only"),
+        "expand_large_events": Param(bool, False, "snowball flagging (near-IR detectors; not implemented)"),
+        "find_showers": Param(bool, False, "MIRI shower flagging (not implemented)"),
+    }
+
+    def prepare(self, meta, refs, pixeldq):
+        for name in ("find_showers", "expand_large_events"):
+            if self.params[name]:
+                raise BadInputError(f"jump.{name}=true is not implemented in streamdet's built-in jump")
+        if meta.ngroups <= 2:
+            return "needs at least 3 groups"
+        self.meta = meta
+        self.gain = refs.array("gain", "SCI")
+        self.readnoise = refs.array("readnoise", "SCI")
+        self.median_gain = exposure_median_gain(self.gain)
+        self.all_dnu = np.zeros((meta.nints, meta.ngroups), dtype=bool)
+        self.counts: dict[tuple[int, int], JumpCounts] = {}
+        self.global_flagged = None
+        return None
+
+    def survey(self, chunk):
+        local = chunk.int_index - self.meta.int_index[0]
+        self.all_dnu[local] = unusable_groups(chunk.groupdq)
+
+    def process(self, chunk):
+        rows = chunk.rows
+        options = {k: v for k, v in self.params.items() if k not in ("expand_large_events", "find_showers")}
+        self.counts[_core_rows(chunk)] = detect_jumps(
+            chunk.data, chunk.groupdq, chunk.pixeldq,
+            gain=self.gain[rows], readnoise=self.readnoise[rows],
+            nframes=self.meta.nframes, group_time=self.meta.group_time,
+            all_dnu_groups=self.all_dnu, median_gain=self.median_gain,
+            all_flagged_groups=self.global_flagged, count_rows=chunk.core, **options)
+
+    def rerun_rows(self):
+        """Sigma-clip mode clears lone flags in integration-groups flagged in every pixel
+        of the frame; a band that judged that on its own rows alone is redone."""
+        verdicts = {key: c.all_flagged_groups for key, c in self.counts.items()
+                    if c.all_flagged_groups is not None}
+        if not verdicts:
+            return []
+        self.global_flagged = np.logical_and.reduce(list(verdicts.values()))
+        return [slice(*key) for key, v in verdicts.items() if not np.array_equal(v, self.global_flagged)]
+
+    def finish(self):
+        total = sum(self.counts.values(), start=JumpCounts(0, 0, False, None)) \
+            if self.counts else None
+        if total is None:
+            return {}
+        primecrs, extncrs = cosmic_ray_keywords(total, self.all_dnu, self.meta.group_time,
+                                                self.meta.ny, self.meta.nx)
+        out = {}
+        if primecrs is not None:
+            out["PRIMECRS"] = primecrs
+        if extncrs is not None:
+            out["EXTNCRS"] = extncrs
+        return out
+
+
+@hookimpl
+def streamdet_steps():
+    return [JumpStep]
