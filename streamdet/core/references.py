@@ -86,7 +86,7 @@ def crds_context() -> str | None:
         from crds.core import heavy_client  # noqa: PLC0415
 
         _crds()
-        return heavy_client.get_context_name("jwst")
+        return os.environ.get("CRDS_CONTEXT") or heavy_client.get_context_name("jwst")
     except (Exception, SystemExit):
         return os.environ.get("CRDS_CONTEXT")
 
@@ -128,7 +128,9 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
     params = {k: v for k, v in meta.header.items()
               if isinstance(v, (str, int, float, bool)) and k not in ("COMMENT", "HISTORY", "")}
     try:
-        best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst")
+        # the context is passed explicitly: crds caches the first CRDS_CONTEXT it sees
+        best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst",
+                                  context=os.environ.get("CRDS_CONTEXT"))
     except SystemExit:
         raise ReferenceError_(
             f"{where}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
