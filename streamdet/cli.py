@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Streaming JWST MIRI Detector1 processing: uncal ramps to rate images.")
 
 EXIT_BAD_INPUT = 2

@@ -167,7 +167,7 @@ class Exposure:
 
     def _check_data_present(self) -> None:
         info = self._sci.fileinfo()
-        need = info["datLoc"] + self._sci.size * 2
+        need = info["datLoc"] + self._sci.size  # size is in bytes
         have = os.path.getsize(self.path)
         if have < need:
             raise _bad(self.path, f"is truncated: SCI needs {need} bytes, the file has {have}")

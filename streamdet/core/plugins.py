@@ -80,45 +80,54 @@ def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
 
 
 def _order(steps: list[type[Step]], broken: list[str]) -> list[str]:
-    """Chain order from ``after``/``before`` anchors: a step goes right next to its
-    anchor, after any step anchored there before it; unresolvable anchors are reported."""
+    """Chain order from ``after``/``before`` anchors.
+
+    A new step goes right next to its anchor: ``after="dark_current"`` puts it between
+    dark_current and the step that followed dark_current (steps of plugins anchored at
+    the same place keep their registration order). Steps whose anchor never appears are
+    reported in ``broken`` and left out."""
+    anchor_of: dict[str, tuple[str | None, str | None]] = {}
+    builtin: dict[str, bool] = {}
+    for cls in steps:  # the first implementation that gives a place decides it
+        if cls.name not in anchor_of or anchor_of[cls.name] == (None, None):
+            anchor_of[cls.name] = (cls.after, cls.before)
+            builtin[cls.name] = cls.package == BUILTIN_PACKAGE
+    after_children: dict[str, list[str]] = {}
+    before_children: dict[str, list[str]] = {}
+    roots: list[str] = []
+    for name, (after, before) in anchor_of.items():
+        if after:
+            after_children.setdefault(after, []).append(name)
+        elif before:
+            before_children.setdefault(before, []).append(name)
+        else:
+            roots.append(name)
     order: list[str] = []
-    placed_after: dict[str, int] = {}
-    pending = list(steps)
-    while pending:
-        progress = False
-        for cls in list(pending):
-            if cls.name in order:
-                pending.remove(cls)
-                progress = True
-                continue
-            anchor = cls.after or cls.before
-            if anchor is None:
-                if order:
-                    if any(o.name == cls.name and (o.after or o.before) for o in pending):
-                        continue  # a replacement: wait for the implementation that has a place
-                    broken.append(f"plugin package {cls.package}: new step {cls.name!r} declares "
-                                  f"neither 'after' nor 'before'; it is not used")
-                    pending.remove(cls)
-                    continue
-                order.append(cls.name)
-            elif anchor in order:
-                pos = order.index(anchor)
-                if cls.after:
-                    pos += 1 + placed_after.get(anchor, 0)
-                    placed_after[anchor] = placed_after.get(anchor, 0) + 1
-                order.insert(pos, cls.name)
-            else:
-                continue
-            pending.remove(cls)
-            progress = True
-        if not progress:
-            for cls in pending:
-                anchor = cls.after or cls.before
-                broken.append(
-                    f"plugin package {cls.package}: step {cls.name!r} is declared to come "
-                    f"{'after' if cls.after else 'before'} unknown step {anchor!r}; it is not used")
-            break
+
+    def emit(name: str) -> None:
+        if name in order:
+            return
+        for child in before_children.get(name, []):
+            emit(child)
+        order.append(name)
+        # inserted steps sit between their anchor and the built-in step that followed it
+        children = after_children.get(name, [])
+        for child in [c for c in children if not builtin[c]] + [c for c in children if builtin[c]]:
+            emit(child)
+
+    for root in roots[:1]:
+        emit(root)
+    for name, (after, before) in anchor_of.items():
+        if name in order:
+            continue
+        package = next(c.package for c in steps if c.name == name)
+        if after or before:
+            broken.append(f"plugin package {package}: step {name!r} is declared to come "
+                          f"{'after' if after else 'before'} unknown step {after or before!r}; "
+                          "it is not used")
+        else:
+            broken.append(f"plugin package {package}: new step {name!r} declares neither "
+                          "'after' nor 'before'; it is not used")
     return order
 
 

@@ -209,17 +209,39 @@ class References:
                 f"row {m.substrt2}, column {m.substrt1})")
         return slice(y0, y0 + m.ny), slice(x0, x0 + m.nx)
 
+    def shape(self, reftype: str, extname: str) -> tuple[int, ...]:
+        hdul = self.hdul(reftype)
+        if extname not in hdul:
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype} reference has no {extname} extension")
+        return tuple(hdul[extname].shape)
+
     def array(self, reftype: str, extname: str, dtype=np.float32, index: tuple = ()) -> np.ndarray:
         """A reference array cut to the exposure (the last two axes are cut); ``index``
         selects along the leading axes first, so that only those planes are read."""
-        data = self.raw(reftype, extname)
-        if data is None or data.ndim < 2:
+        shape = self.shape(reftype, extname)
+        hdu = self.hdul(reftype)[extname]
+        if len(shape) < 2:
             raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is not an image")
-        if len(index) > data.ndim - 2:
+        if len(index) > len(shape) - 2:
             raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} has only "
-                                  f"{data.ndim} dimensions")
-        rows, cols = self.window(reftype, data.shape[-2:])
-        return np.array(data[(*index, Ellipsis, rows, cols)], dtype=dtype)
+                                  f"{len(shape)} dimensions")
+        rows, cols = self.window(reftype, shape[-2:])
+        index = tuple(index) + (slice(None),) * (len(shape) - 2 - len(index))
+        bzero = float(hdu.header.get("BZERO", 0.0))
+        bscale = float(hdu.header.get("BSCALE", 1.0))
+        if bzero == 0.0 and bscale == 1.0:
+            return np.array(hdu.data[(*index, rows, cols)], dtype=dtype)
+        # scaled integers (uint32 DQ stored as int32 + BZERO) cannot be memory-mapped
+        # scaled: map the stored integers and apply the scaling to the part read
+        stored = self._unscaled(reftype)[extname].data[(*index, rows, cols)]
+        return (stored.astype(np.float64) * bscale + bzero).astype(dtype)
+
+    def _unscaled(self, reftype: str) -> fits.HDUList:
+        key = f"{reftype}:unscaled"
+        if key not in self._open:
+            self._open[key] = fits.open(self.path(reftype), memmap=True,
+                                        do_not_scale_image_data=True)
+        return self._open[key]
 
     def dq(self, reftype: str, extname: str = "DQ", index: tuple = ()) -> np.ndarray:
         """A reference DQ array decoded to JWST flag values and cut to the exposure."""

@@ -217,18 +217,18 @@ class DarkCurrentStep(Step):
     status_keyword = "S_DARK"
 
     def prepare(self, meta, refs, pixeldq):
-        sci = refs.raw("dark", "SCI")
+        shape = refs.shape("dark", "SCI")
         hdr = refs.header("dark")
-        self.ndim = sci.ndim
-        self.dark_nints = sci.shape[0] if sci.ndim == 4 else 1
-        self.dark_ngroups = sci.shape[-3]
+        self.ndim = len(shape)
+        self.dark_nints = shape[0] if self.ndim == 4 else 1
+        self.dark_ngroups = shape[-3]
         self.dark_nframes = int(hdr.get("NFRAMES", 1) or 1)
         self.dark_groupgap = int(hdr.get("GROUPGAP", 0) or 0)
         if self.dark_nframes > meta.nframes or self.dark_groupgap > meta.groupgap:
             return "the dark has larger NFRAMES or GROUPGAP than the exposure"
         self.averaging = (self.dark_nframes, self.dark_groupgap) != (meta.nframes, meta.groupgap)
         self.meta, self.refs = meta, refs
-        dq_index = (slice(None), 0) if refs.raw("dark", "DQ").ndim == 4 else ()
+        dq_index = (slice(None), 0) if len(refs.shape("dark", "DQ")) == 4 else ()
         np.bitwise_or(pixeldq, combined_dark_dq(refs.dq("dark", index=dq_index)), out=pixeldq)
         scalar = hdr.get("AVDRKCUR")
         meta.state["average_dark_current"] = average_dark_current(

@@ -87,15 +87,15 @@ class ResetStep(Step):
     status_keyword = "S_RESET"
 
     def prepare(self, meta, refs, pixeldq):
-        sci = refs.raw("reset", "SCI")
-        if sci.ndim == 3:
-            sci = sci[np.newaxis]
+        shape = refs.shape("reset", "SCI")
+        self.ndim = len(shape)
+        if self.ndim == 3:
+            shape = (1, *shape)
         hdr = refs.header("reset")
-        self.ref_nints = int(hdr.get("NINTS", sci.shape[0]))
-        self.ref_ngroups = int(hdr.get("NGROUPS", sci.shape[1]))
-        self.ndim = refs.raw("reset", "SCI").ndim
+        self.ref_nints = int(hdr.get("NINTS", shape[0]))
+        self.ref_ngroups = int(hdr.get("NGROUPS", shape[1]))
         self.refs = refs
-        self.n_corrected = min(meta.ngroups, self.ref_ngroups, sci.shape[1])
+        self.n_corrected = min(meta.ngroups, self.ref_ngroups, shape[1])
         np.bitwise_or(pixeldq, refs.dq("reset"), out=pixeldq)
         return None
 
