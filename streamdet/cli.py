@@ -252,6 +252,14 @@ def demo(
     typer.echo(f"processed in {result.seconds:.2f} s")
 
 
+try:  # the watch-folder daemon's commands (streamdet/daemon/cli.py)
+    from .daemon.cli import register as _register_daemon
+except ImportError:  # pragma: no cover - only while the daemon package is being written
+    _register_daemon = None
+if _register_daemon is not None:
+    _register_daemon(app)
+
+
 def main() -> None:
     app()
 
