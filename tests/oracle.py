@@ -12,11 +12,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from astropy.io import fits
 
 NO_NETWORK = """
 import sys
@@ -58,61 +55,5 @@ def last_json(stdout: str):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-# -- comparison ---------------------------------------------------------------------------
-VALUE_EXTENSIONS = ("SCI", "ERR", "VAR_POISSON", "VAR_RNOISE")
-RTOL = 1e-4               # relative tolerance on values
-MIN_VALUE_AGREEMENT = 0.999   # fraction of pixels finite in both that must agree within RTOL
-MIN_DQ_AGREEMENT = 0.9999     # fraction of pixels whose DQ must be bit-identical
-
-
-@dataclass
-class Agreement:
-    extension: str
-    fraction: float        # agreeing pixels / compared pixels
-    compared: int
-    nan_mismatch: int      # pixels NaN in one product and not in the other
-    worst: float           # largest relative difference among finite pixels
-
-    def __str__(self) -> str:
-        return (f"{self.extension}: {self.fraction:.6f} of {self.compared} agree, "
-                f"{self.nan_mismatch} NaN mismatches, worst rel diff {self.worst:.3g}")
-
-
-def compare_extension(ours: np.ndarray, theirs: np.ndarray, extension: str) -> Agreement:
-    ours = np.asarray(ours)
-    theirs = np.asarray(theirs)
-    assert ours.shape == theirs.shape, f"{extension}: shape {ours.shape} != {theirs.shape}"
-    if extension == "DQ":
-        same = ours.astype(np.uint32) == theirs.astype(np.uint32)
-        return Agreement(extension, float(same.mean()), same.size, 0, 0.0)
-    ours = ours.astype(np.float64)
-    theirs = theirs.astype(np.float64)
-    nan_ours, nan_theirs = np.isnan(ours), np.isnan(theirs)
-    both = np.isfinite(ours) & np.isfinite(theirs)
-    diff = np.abs(ours[both] - theirs[both])
-    scale = np.abs(theirs[both])
-    rel = np.where(scale > 0, diff / np.where(scale > 0, scale, 1), diff)
-    ok = diff <= RTOL * scale + 1e-30
-    worst = float(rel.max()) if rel.size else 0.0
-    return Agreement(extension, float(ok.mean()) if ok.size else 1.0, int(both.sum()),
-                     int((nan_ours != nan_theirs).sum()), worst)
-
-
-def compare_products(ours: Path, theirs: Path) -> list[Agreement]:
-    with fits.open(ours) as a, fits.open(theirs) as b:
-        return [compare_extension(a[ext].data, b[ext].data, ext)
-                for ext in (*VALUE_EXTENSIONS, "DQ")]
-
-
-def assert_parity(ours: Path, theirs: Path) -> list[Agreement]:
-    """The tolerances of the parity tests: values within RTOL on >= 99.9 % of the pixels
-    finite in both, NaN in the same places, DQ bit-identical on >= 99.99 %."""
-    report = compare_products(ours, theirs)
-    text = f"{ours.name} vs jwst:\n  " + "\n  ".join(map(str, report))
-    for agreement in report:
-        if agreement.extension == "DQ":
-            assert agreement.fraction >= MIN_DQ_AGREEMENT, text
-        else:
-            assert agreement.nan_mismatch == 0, text
-            assert agreement.fraction >= MIN_VALUE_AGREEMENT, text
-    return report
+# the comparison and its tolerances are the plugin test kit's
+from streamdet.testing import Agreement, assert_products_agree as assert_parity, compare_products  # noqa: E402,F401

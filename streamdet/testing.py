@@ -1,0 +1,144 @@
+"""A test kit for plugin authors (in the spirit of pytest's ``pytester``).
+
+Simulate an exposure with its references and CRDS cache, run the chain with your plugin
+registered (installed or not) or a step replaced, and compare products. Loaded as a
+pytest plugin (entry point ``pytest11``), so its fixtures need no import::
+
+    def test_my_jump(streamdet_sim, streamdet_run):
+        sim = streamdet_sim(subarray="SUB128", ngroups=20)
+        mine = streamdet_run(sim, plugins=[my_jump_module], use={"jump": "mine"})
+        builtin = streamdet_run(sim)
+        report = compare_products(mine.products["rate"], builtin.products["rate"])
+
+Comparison tolerances are those of streamdet's own parity tests against jwst.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pytest
+
+VALUE_EXTENSIONS = ("SCI", "ERR", "VAR_POISSON", "VAR_RNOISE")
+RTOL = 1e-4                  # relative tolerance on values
+MIN_VALUE_AGREEMENT = 0.999  # fraction of pixels finite in both that must agree within RTOL
+MIN_DQ_AGREEMENT = 0.9999    # fraction of pixels whose DQ must be bit-identical
+
+
+@contextlib.contextmanager
+def crds_environment(sim) -> Iterator[None]:
+    """Select a simulation's CRDS cache for the duration of the block."""
+    saved = {k: os.environ.get(k) for k in sim.env}
+    os.environ.update(sim.env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_chain(uncal: Path, output_dir: Path, *, sim=None, plugins: Iterable = (),
+              use: dict[str, str] | None = None, steps: dict[str, dict[str, Any]] | None = None,
+              overrides: dict[str, str] | None = None, band_bytes: int | None = None):
+    """Process ``uncal`` with ``plugins`` (modules or objects with hook implementations)
+    registered besides the installed ones; returns the engine's Result."""
+    from .core.engine import DEFAULT_BAND_BYTES, RunConfig, process_file
+    from .core.plugins import build_registry
+
+    registry = build_registry(tuple(plugins))
+    config = RunConfig(params=steps or {}, use=use or {}, overrides=overrides or {},
+                       output_dir=Path(output_dir), overwrite=True,
+                       band_bytes=band_bytes or DEFAULT_BAND_BYTES)
+    with (crds_environment(sim) if sim is not None else contextlib.nullcontext()):
+        return process_file(uncal, config, registry=registry)
+
+
+@dataclass
+class Agreement:
+    """How one extension of two products agrees."""
+
+    extension: str
+    fraction: float        # agreeing pixels / compared pixels
+    compared: int
+    nan_mismatch: int      # pixels NaN in one product and not in the other
+    worst: float           # largest relative difference among pixels finite in both
+
+    def __str__(self) -> str:
+        return (f"{self.extension}: {self.fraction:.6f} of {self.compared} agree, "
+                f"{self.nan_mismatch} NaN mismatches, worst rel diff {self.worst:.3g}")
+
+
+def compare_extension(ours: np.ndarray, theirs: np.ndarray, extension: str) -> Agreement:
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    if ours.shape != theirs.shape:
+        raise AssertionError(f"{extension}: shape {ours.shape} != {theirs.shape}")
+    if extension == "DQ":
+        same = ours.astype(np.uint32) == theirs.astype(np.uint32)
+        return Agreement(extension, float(same.mean()), same.size, 0, 0.0)
+    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+    both = np.isfinite(ours) & np.isfinite(theirs)
+    diff = np.abs(ours[both] - theirs[both])
+    scale = np.abs(theirs[both])
+    rel = diff / np.where(scale > 0, scale, 1.0)
+    ok = diff <= RTOL * scale
+    return Agreement(extension, float(ok.mean()) if ok.size else 1.0, int(both.sum()),
+                     int((np.isnan(ours) != np.isnan(theirs)).sum()),
+                     float(rel.max()) if rel.size else 0.0)
+
+
+def compare_products(ours: Path, theirs: Path) -> list[Agreement]:
+    from astropy.io import fits
+
+    with fits.open(ours) as a, fits.open(theirs) as b:
+        return [compare_extension(a[ext].data, b[ext].data, ext)
+                for ext in (*VALUE_EXTENSIONS, "DQ")]
+
+
+def assert_products_agree(ours: Path, theirs: Path) -> list[Agreement]:
+    """Values within RTOL on >= 99.9 % of the pixels finite in both, NaN in the same
+    places, DQ bit-identical on >= 99.99 % of the pixels."""
+    report = compare_products(ours, theirs)
+    text = f"{Path(ours).name} vs {Path(theirs).name}:\n  " + "\n  ".join(map(str, report))
+    for agreement in report:
+        if agreement.extension == "DQ":
+            assert agreement.fraction >= MIN_DQ_AGREEMENT, text
+        else:
+            assert agreement.nan_mismatch == 0, text
+            assert agreement.fraction >= MIN_VALUE_AGREEMENT, text
+    return report
+
+
+# -- pytest fixtures ----------------------------------------------------------------------
+@pytest.fixture
+def streamdet_sim(tmp_path_factory):
+    """Factory: ``streamdet_sim(**simulate_args)`` -> SimResult (cached per argument set
+    within the test)."""
+    from .simulate import simulate
+
+    made: dict = {}
+
+    def make(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in made:
+            made[key] = simulate(tmp_path_factory.mktemp("streamdet-sim"), **kwargs)
+        return made[key]
+    return make
+
+
+@pytest.fixture
+def streamdet_run(tmp_path):
+    """Factory: ``streamdet_run(sim, plugins=[...], use={...}, steps={...})`` -> Result,
+    products in a fresh directory per call."""
+    counter = iter(range(1_000_000))
+
+    def run(sim, **kwargs):
+        return run_chain(sim.uncal, tmp_path / f"run{next(counter)}", sim=sim, **kwargs)
+    return run
