@@ -15,6 +15,7 @@ of integrations:
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ from . import references as refmod
 from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .plugins import Registry, get_registry
-from .products import RateArrays, check_writable, write_products
+from .products import CubeStore, RateArrays, check_writable, write_products
 from .step import Chunk, Granularity, Step
 
 #: default memory for one band of the band pass (data + groupdq)
@@ -49,6 +50,7 @@ class RunConfig:
     overwrite: bool = False
     save_ramp: bool = False
     band_bytes: int = DEFAULT_BAND_BYTES
+    rateints_in_memory_bytes: int = RATEINTS_IN_MEMORY_BYTES
     scratch_dir: Path | None = None
 
 
@@ -71,29 +73,53 @@ def build_chain(registry: Registry, config: RunConfig) -> list[Step]:
 
 
 class _Scratch:
-    """Where the integration pass leaves the ramp for the band pass."""
+    """Where the integration pass leaves the ramp for the band pass.
+
+    One integration stays in memory; more go to scratch files written with plain file
+    writes and read back a band at a time through a short-lived memory map, so that
+    neither the process's memory nor its resident pages grow with the integrations."""
 
     def __init__(self, meta: ExposureMeta, directory: Path | None):
-        shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
+        self.shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
         self.dir = None
         if meta.nints == 1:
-            self.data = np.empty(shape, np.float32)
-            self.groupdq = np.empty(shape, np.uint8)
-        else:
-            self.dir = Path(tempfile.mkdtemp(prefix="streamdet-", dir=directory))
-            self.data = np.lib.format.open_memmap(self.dir / "data.npy", "w+", np.float32, shape)
-            self.groupdq = np.lib.format.open_memmap(self.dir / "groupdq.npy", "w+", np.uint8, shape)
+            self.data = np.empty(self.shape, np.float32)
+            self.groupdq = np.empty(self.shape, np.uint8)
+            return
+        self.dir = Path(tempfile.mkdtemp(prefix="streamdet-", dir=directory))
+        self.files = {}
+        for name, dtype in (("data", np.float32), ("groupdq", np.uint8)):
+            path = self.dir / f"{name}.raw"
+            handle = open(path, "w+b")
+            handle.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
+            self.files[name] = (path, handle, np.dtype(dtype))
 
     def write(self, i: int, data: np.ndarray, groupdq: np.ndarray) -> None:
-        self.data[i] = data[0]
-        self.groupdq[i] = groupdq[0]
+        if self.dir is None:
+            self.data[i], self.groupdq[i] = data[0], groupdq[0]
+            return
+        for name, array in (("data", data), ("groupdq", groupdq)):
+            _, handle, dtype = self.files[name]
+            block = np.ascontiguousarray(array[0], dtype=dtype)
+            os.pwrite(handle.fileno(), memoryview(block).cast("B"), i * block.nbytes)
 
     def read(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(self.data[:, :, rows, :]), np.array(self.groupdq[:, :, rows, :])
+        if self.dir is None:
+            return self.data[:, :, rows].copy(), self.groupdq[:, :, rows].copy()
+        out = []
+        for name in ("data", "groupdq"):
+            path, handle, dtype = self.files[name]
+            handle.flush()
+            mapped = np.memmap(path, dtype=dtype, mode="r", shape=self.shape)
+            out.append(np.array(mapped[:, :, rows]))
+            del mapped
+        return out[0], out[1]
 
     def close(self) -> None:
         self.data = self.groupdq = None
         if self.dir is not None:
+            for _, handle, _ in self.files.values():
+                handle.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -140,15 +166,16 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
             hook.streamdet_exposure_started(exposure=exposure, chain=chain)
             rate, rateints, scratch_dir = _run(exposure, active, pixeldq, config, timings,
                                                hook, on_progress)
-            keywords = _keywords(chain, resolved)
-            history = [f"streamdet: step {s.name} served by implementation {s.implementation} "
-                       f"of {s.package} {s.package_version}" for s in chain if not s.skip]
-            t0 = time.perf_counter()
-            write_products(meta, outputs, rate, rateints, keywords, history)
-            timings["write"] += time.perf_counter() - t0
-            if scratch_dir is not None:
-                del rateints
-                shutil.rmtree(scratch_dir, ignore_errors=True)
+            try:
+                keywords = _keywords(chain, resolved)
+                history = [f"streamdet: step {s.name} served by implementation {s.implementation} "
+                           f"of {s.package} {s.package_version}" for s in chain if not s.skip]
+                t0 = time.perf_counter()
+                write_products(meta, outputs, rate, rateints, keywords, history)
+                timings["write"] += time.perf_counter() - t0
+            finally:
+                if scratch_dir is not None:
+                    shutil.rmtree(scratch_dir, ignore_errors=True)
         finally:
             refs.close()
     hook.streamdet_exposure_finished(exposure=exposure, products=outputs, timings=dict(timings))
@@ -179,7 +206,7 @@ _REF_KEYWORDS = {"mask": "R_MASK", "saturation": "R_SATURA", "linearity": "R_LIN
 
 
 def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
-         timings: dict[str, float], hook, on_progress) -> tuple[RateArrays, RateArrays, Path | None]:
+         timings: dict[str, float], hook, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, Path | None]:
     meta = exposure.meta
     first_exposure = next((i for i, s in enumerate(active)
                            if s.granularity == Granularity.EXPOSURE), len(active) - 1)
@@ -191,6 +218,7 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
     int_index = meta.int_index
     total = meta.nints
     scratch = _Scratch(meta, config.scratch_dir)
+    spill_dir = None
     try:
         for i in range(meta.nints):
             data, groupdq = exposure.read(slice(i, i + 1))
@@ -211,11 +239,12 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
                 on_progress("integrations", i + 1, total)
 
         rate = RateArrays.allocate((meta.ny, meta.nx))
-        ints_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
-        spill_dir = None
-        if ints_bytes > RATEINTS_IN_MEMORY_BYTES:
+        cube_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
+        if cube_bytes > config.rateints_in_memory_bytes:
             spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-rateints-", dir=config.scratch_dir))
-        rateints = RateArrays.allocate((meta.nints, meta.ny, meta.nx), spill_dir)
+            rateints = CubeStore((meta.nints, meta.ny, meta.nx), spill_dir)
+        else:
+            rateints = RateArrays.allocate((meta.nints, meta.ny, meta.nx))
 
         halo = max((s.halo for s in pass2), default=0)
         row_bytes = meta.nints * meta.ngroups * meta.nx * 5
@@ -246,5 +275,9 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         for start, stop in sorted(redo):
             run_band(slice(start, stop))
         return rate, rateints, spill_dir
+    except BaseException:
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
+        raise
     finally:
         scratch.close()

@@ -52,16 +52,10 @@ class RateArrays:
     EXTENSIONS = ("SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE")
 
     @classmethod
-    def allocate(cls, shape: tuple[int, ...], directory: Path | None = None) -> "RateArrays":
-        """Zeroed arrays; memory-mapped in ``directory`` when given (large rateints)."""
-        def make(dtype):
-            if directory is None:
-                return np.zeros(shape, dtype=dtype)
-            fd, name = tempfile.mkstemp(dir=directory, suffix=".npy")
-            os.close(fd)
-            return np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=shape)
-        return cls(make(np.float32), make(np.float32), make(np.uint32),
-                   make(np.float32), make(np.float32))
+    def allocate(cls, shape: tuple[int, ...]) -> "RateArrays":
+        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                   np.zeros(shape, np.uint32), np.zeros(shape, np.float32),
+                   np.zeros(shape, np.float32))
 
     def arrays(self) -> list[np.ndarray]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -69,6 +63,37 @@ class RateArrays:
     def put(self, index, other: "RateArrays") -> None:
         for mine, theirs in zip(self.arrays(), other.arrays()):
             mine[index] = theirs
+
+
+class CubeStore:
+    """Per-integration products ``[nints, ny, nx]`` kept in raw scratch files, so that
+    memory does not grow with the number of integrations: each band is written through
+    a short-lived memory map, and the product is streamed out one integration at a time."""
+
+    DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
+
+    def __init__(self, shape: tuple[int, int, int], directory: Path):
+        self.shape = shape
+        self.paths = []
+        for extname, dtype in zip(RateArrays.EXTENSIONS, self.DTYPES):
+            path = Path(directory) / f"rateints_{extname.lower()}.raw"
+            with open(path, "wb") as f:
+                f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            self.paths.append((path, dtype))
+
+    def put(self, index, other: RateArrays) -> None:
+        for (path, dtype), theirs in zip(self.paths, other.arrays()):
+            target = np.memmap(path, dtype=dtype, mode="r+", shape=self.shape)
+            target[index] = theirs
+            target.flush()
+            del target
+
+    def plane(self, k: int, i: int) -> np.ndarray:
+        path, dtype = self.paths[k]
+        source = np.memmap(path, dtype=dtype, mode="r", shape=self.shape)
+        out = np.array(source[i])
+        del source
+        return out
 
 
 def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None:
@@ -108,31 +133,65 @@ def _sci_header(meta: ExposureMeta) -> fits.Header:
 
 
 def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArrays,
-                   rateints: RateArrays, keywords: dict[str, object], history: list[str]) -> None:
-    """Write ``outputs['rate']`` and ``outputs['rateints']`` atomically."""
-    for kind, arrays, model in (("rate", rate, "ImageModel"), ("rateints", rateints, "CubeModel")):
-        path = outputs[kind]
-        hdus = [fits.PrimaryHDU(header=primary_header(meta, model, path.name, keywords, history))]
-        for extname, data in zip(RateArrays.EXTENSIONS, arrays.arrays()):
-            hdr = _sci_header(meta) if extname == "SCI" else fits.Header()
-            hdu = fits.ImageHDU(data=np.asarray(data), header=hdr, name=extname)
-            if extname in ("SCI", "ERR"):
-                hdu.header["BUNIT"] = "DN/s"
-            hdus.append(hdu)
-            if kind == "rateints" and extname == "DQ" and meta.int_times is not None:
-                hdus.append(fits.BinTableHDU(data=meta.int_times.data, name="INT_TIMES"))
-        atomic_write(fits.HDUList(hdus), path)
-
-
-def atomic_write(hdul: fits.HDUList, path: Path) -> None:
-    """Write to a temporary name beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+                   rateints: "RateArrays | CubeStore", keywords: dict[str, object],
+                   history: list[str]) -> None:
+    """Write ``outputs['rate']`` and ``outputs['rateints']``: both go to temporary names
+    first and are renamed into place only when both are complete."""
+    written: list[tuple[Path, Path]] = []
     try:
-        hdul.writeto(tmp, overwrite=True, output_verify="silentfix")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for kind, arrays, model in (("rate", rate, "ImageModel"), ("rateints", rateints, "CubeModel")):
+            path = outputs[kind]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
+            written.append((tmp, path))
+            primary = fits.PrimaryHDU(header=primary_header(meta, model, path.name, keywords, history))
+            if isinstance(arrays, CubeStore):
+                _stream_cube(tmp, primary, arrays, meta)
+                continue
+            hdus = [primary]
+            for extname, data in zip(RateArrays.EXTENSIONS, arrays.arrays()):
+                hdus.append(fits.ImageHDU(data=np.asarray(data),
+                                          header=_extension_header(meta, extname), name=extname))
+                if kind == "rateints" and extname == "DQ" and meta.int_times is not None:
+                    hdus.append(fits.BinTableHDU(data=meta.int_times.data, name="INT_TIMES"))
+            fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _extension_header(meta: ExposureMeta, extname: str) -> fits.Header:
+    hdr = _sci_header(meta) if extname == "SCI" else fits.Header()
+    if extname in ("SCI", "ERR"):
+        hdr["BUNIT"] = "DN/s"
+    return hdr
+
+
+def _stream_cube(path: Path, primary: fits.PrimaryHDU, store: CubeStore, meta: ExposureMeta) -> None:
+    """Write a rateints file extension by extension, one integration plane at a time."""
+    fits.HDUList([primary]).writeto(path, overwrite=True, output_verify="silentfix")
+    nints, ny, nx = store.shape
+    for k, extname in enumerate(RateArrays.EXTENSIONS):
+        is_dq = extname == "DQ"
+        hdr = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", 32 if is_dq else -32), ("NAXIS", 3),
+                           ("NAXIS1", nx), ("NAXIS2", ny), ("NAXIS3", nints),
+                           ("PCOUNT", 0), ("GCOUNT", 1)])
+        if is_dq:  # uint32 is stored as int32 with BZERO 2**31, as FITS requires
+            hdr["BSCALE"] = 1
+            hdr["BZERO"] = 2**31
+        hdr["EXTNAME"] = extname
+        hdr.extend(_extension_header(meta, extname))
+        stream = fits.StreamingHDU(str(path), hdr)
+        for i in range(nints):
+            plane = store.plane(k, i)
+            if is_dq:
+                plane = (plane ^ np.uint32(2**31)).view(np.int32)
+            stream.write(plane.astype(plane.dtype.newbyteorder(">")))
+        stream.close()
+        if is_dq and meta.int_times is not None:
+            fits.append(str(path), meta.int_times.data, header=fits.Header([("EXTNAME", "INT_TIMES")]))

@@ -1,0 +1,142 @@
+"""The engine: results independent of chunking, memory flat in the number of
+integrations, products that jwst's datamodels accept, segmented files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from streamdet.core.engine import RunConfig, process_file
+from streamdet.simulate import simulate
+from streamdet.testing import crds_environment
+
+from .oracle import assert_parity, run_jwst_detector1, run_python
+
+IGNORED_CARDS = {"DATE", "FILENAME"}
+
+
+def assert_identical_products(a, b):
+    with fits.open(a) as ha, fits.open(b) as hb:
+        assert [h.name for h in ha] == [h.name for h in hb]
+        for x, y in zip(ha, hb):
+            if x.data is not None:
+                if isinstance(x, fits.BinTableHDU):
+                    assert x.data.tobytes() == y.data.tobytes(), x.name
+                else:
+                    assert np.array_equal(x.data, y.data, equal_nan=True), x.name
+            cards_x = {k: v for k, v in x.header.items() if k not in IGNORED_CARDS}
+            cards_y = {k: v for k, v in y.header.items() if k not in IGNORED_CARDS}
+            assert cards_x == cards_y, x.name
+
+
+@pytest.fixture(scope="module")
+def sim_sub256(tmp_path_factory):
+    return simulate(tmp_path_factory.mktemp("sim"), subarray="SUB256", ngroups=20, nints=3, seed=21)
+
+
+def test_results_do_not_depend_on_chunking(sim_sub256, tmp_path):
+    """Tiny bands (a few rows, halo rows at every edge) and rateints kept in scratch files
+    give bit-identical products to one band with rateints in memory."""
+    with crds_environment(sim_sub256):
+        whole = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path / "whole",
+                                                         band_bytes=1 << 30))
+        banded = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path / "banded",
+                                                          band_bytes=150_000,
+                                                          rateints_in_memory_bytes=0))
+    for kind in ("rate", "rateints"):
+        assert_identical_products(whole.products[kind], banded.products[kind])
+    with fits.open(banded.products["rate"]) as hdul:
+        assert np.count_nonzero(hdul["DQ"].data & 4) > 50   # jumps were found across band edges
+
+
+MEMORY_PROBE = """
+import json, resource, tracemalloc, os
+from streamdet.core.engine import RunConfig, process_file
+tracemalloc.start()
+process_file({uncal!r}, RunConfig(output_dir={out!r}, band_bytes=2_000_000, rateints_in_memory_bytes=0))
+peak = tracemalloc.get_traced_memory()[1]
+print(json.dumps({{"traced_peak": peak, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def test_peak_memory_does_not_grow_with_integrations(tmp_path):
+    """2 and 20 integrations of the same frame: Python-heap peak (tracemalloc, numpy
+    arrays included) within 20 %, and the process's peak RSS as well."""
+    peaks = {}
+    for nints in (2, 20):
+        sim = simulate(tmp_path / f"sim{nints}", subarray="SUB256", ngroups=10, nints=nints, seed=5)
+        code = MEMORY_PROBE.format(uncal=str(sim.uncal), out=str(tmp_path / f"out{nints}"))
+        from .oracle import last_json
+        peaks[nints] = last_json(run_python(code, sim.env))
+    small, large = peaks[2], peaks[20]
+    print(json.dumps(peaks))
+    assert large["traced_peak"] <= 1.2 * small["traced_peak"], peaks
+    assert large["max_rss"] <= 1.2 * small["max_rss"], peaks
+
+
+VALIDATE = """
+import json, warnings
+warnings.simplefilter("error")
+from jwst import datamodels
+out = {{}}
+for kind in ("rate", "rateints"):
+    with datamodels.open({paths!r}[kind]) as model:
+        model.validate()
+        out[kind] = [type(model).__name__, list(model.data.shape), model.meta.cal_step.jump,
+                     model.meta.cal_step.refpix, model.meta.ref_file.dark.name,
+                     model.meta.ref_file.crds.context_used, model.meta.bunit_data]
+print(json.dumps(out))
+"""
+
+
+def test_products_open_and_validate_as_jwst_models(sim_sub256, tmp_path):
+    with crds_environment(sim_sub256):
+        result = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path))
+    from .oracle import last_json
+    paths = {k: str(v) for k, v in result.products.items()}
+    seen = last_json(run_python(VALIDATE.format(paths=paths), sim_sub256.env))
+    assert seen["rate"][:2] == ["ImageModel", [256, 256]]
+    assert seen["rateints"][:2] == ["CubeModel", [3, 256, 256]]
+    assert seen["rate"][2:5] == ["COMPLETE", "SKIPPED", f"crds://{sim_sub256.refs['dark'].name}"]
+    assert seen["rate"][5] == sim_sub256.context and seen["rate"][6] == "DN/s"
+    with fits.open(result.products["rateints"]) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "SCI", "ERR", "DQ", "INT_TIMES",
+                                          "VAR_POISSON", "VAR_RNOISE"]
+        history = "\n".join(str(h) for h in hdul[0].header["HISTORY"])
+        assert "step ramp_fit served by implementation builtin of streamdet" in history
+        assert hdul[0].header["S_IPC"] == "SKIPPED" and hdul[0].header["S_RSCD"] == "COMPLETE"
+
+
+def _segment(uncal, out, first: int, last: int):
+    """A DMS-style segment of ``uncal`` holding integrations first..last (1-based)."""
+    with fits.open(uncal) as hdul:
+        hdul["SCI"].data = hdul["SCI"].data[first - 1:last]
+        hdul[0].header["INTSTART"] = first
+        hdul[0].header["INTEND"] = last
+        if "INT_TIMES" in hdul:
+            rows = hdul["INT_TIMES"].data
+            hdul["INT_TIMES"].data = rows[(rows["integration_number"] >= first)
+                                          & (rows["integration_number"] <= last)]
+        hdul.writeto(out)
+    return out
+
+
+@pytest.mark.parity
+def test_segmented_file_uses_absolute_integration_numbers(tmp_path):
+    """The second segment of an exposure: rscd's first-integration skip and the dark's
+    integration choice follow INTSTART, as in jwst."""
+    sim = simulate(tmp_path / "sim", subarray="SUB128", ngroups=12, nints=4, seed=8)
+    seg = _segment(sim.uncal, tmp_path / sim.uncal.name.replace("_mirimage", "-seg002_mirimage"), 3, 4)
+    theirs = run_jwst_detector1(seg, sim.env, tmp_path / "jwst")
+    with crds_environment(sim):
+        ours = process_file(seg, RunConfig(output_dir=tmp_path / "ours")).products
+    for kind in ("rate", "rateints"):
+        assert_parity(ours[kind], theirs[kind])
+    with fits.open(ours["rate"]) as a, fits.open(theirs["rate"]) as b:
+        assert "INT1SKIP" not in a[0].header
+        for key in ("INT2SKIP", "INT2BORS", "INT2UGP1"):
+            assert a[0].header.get(key) == b[0].header.get(key), key
