@@ -140,3 +140,20 @@ def test_segmented_file_uses_absolute_integration_numbers(tmp_path):
         assert "INT1SKIP" not in a[0].header
         for key in ("INT2SKIP", "INT2BORS", "INT2UGP1"):
             assert a[0].header.get(key) == b[0].header.get(key), key
+
+
+def test_save_ramp_writes_the_ramp_the_fit_saw(sim_sub256, tmp_path):
+    with crds_environment(sim_sub256):
+        result = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path, save_ramp=True,
+                                                          band_bytes=400_000))
+    ramp_path = result.products["ramp"]
+    assert ramp_path.name.endswith("_mirimage_ramp.fits")
+    with fits.open(ramp_path) as ramp, fits.open(result.products["rate"]) as rate:
+        assert ramp[0].header["DATAMODL"] == "RampModel"
+        groupdq = ramp["GROUPDQ"].data
+        assert ramp["SCI"].data.shape == groupdq.shape == (3, 20, 256, 256)
+        jumped = np.bitwise_or.reduce(groupdq & 4, axis=(0, 1)) != 0
+        assert jumped.sum() > 50
+        assert np.array_equal(jumped, (rate["DQ"].data & 4) != 0)
+        # every pixel flag of the ramp reaches the rate's DQ
+        assert not np.any(ramp["PIXELDQ"].data & ~rate["DQ"].data)

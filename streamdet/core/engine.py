@@ -30,7 +30,7 @@ from . import references as refmod
 from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .plugins import Registry, get_registry
-from .products import CubeStore, RateArrays, check_writable, write_products
+from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
 from .step import Chunk, Granularity, Step
 
 #: default memory for one band of the band pass (data + groupdq)
@@ -123,9 +123,10 @@ class _Scratch:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def output_paths(meta: ExposureMeta, output_dir: Path | None) -> dict[str, Path]:
+def output_paths(meta: ExposureMeta, output_dir: Path | None, save_ramp: bool = False) -> dict[str, Path]:
     directory = Path(output_dir) if output_dir else meta.path.parent
-    return {kind: directory / f"{meta.base_name}_{kind}.fits" for kind in ("rate", "rateints")}
+    kinds = ("rate", "rateints", "ramp") if save_ramp else ("rate", "rateints")
+    return {kind: directory / f"{meta.base_name}_{kind}.fits" for kind in kinds}
 
 
 def process_file(path: str | Path, config: RunConfig | None = None, registry: Registry | None = None,
@@ -139,7 +140,7 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
     chain = build_chain(registry, config)
     with Exposure(path) as exposure:
         meta = exposure.meta
-        outputs = output_paths(meta, config.output_dir)
+        outputs = output_paths(meta, config.output_dir, config.save_ramp)
         check_writable(outputs.values(), config.overwrite, meta.path)
 
         active = [s for s in chain if not s.skip]
@@ -164,14 +165,16 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
                 raise PluginError("the chain must end with a step that produces the rate "
                                   "(ramp_fit); it is skipped or followed by another step")
             hook.streamdet_exposure_started(exposure=exposure, chain=chain)
-            rate, rateints, scratch_dir = _run(exposure, active, pixeldq, config, timings,
-                                               hook, on_progress)
+            rate, rateints, ramp, scratch_dir = _run(exposure, active, pixeldq, config, timings,
+                                                     hook, on_progress)
             try:
                 keywords = _keywords(chain, resolved)
                 history = [f"streamdet: step {s.name} served by implementation {s.implementation} "
                            f"of {s.package} {s.package_version}" for s in chain if not s.skip]
                 t0 = time.perf_counter()
                 write_products(meta, outputs, rate, rateints, keywords, history)
+                if ramp is not None:
+                    write_ramp(meta, outputs["ramp"], ramp, pixeldq, keywords, history)
                 timings["write"] += time.perf_counter() - t0
             finally:
                 if scratch_dir is not None:
@@ -206,7 +209,7 @@ _REF_KEYWORDS = {"mask": "R_MASK", "saturation": "R_SATURA", "linearity": "R_LIN
 
 
 def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
-         timings: dict[str, float], hook, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, Path | None]:
+         timings: dict[str, float], hook, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
     meta = exposure.meta
     first_exposure = next((i for i, s in enumerate(active)
                            if s.granularity == Granularity.EXPOSURE), len(active) - 1)
@@ -245,6 +248,14 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
             rateints = CubeStore((meta.nints, meta.ny, meta.nx), spill_dir)
         else:
             rateints = RateArrays.allocate((meta.nints, meta.ny, meta.nx))
+        ramp = None
+        if config.save_ramp:
+            if spill_dir is None:
+                spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-ramp-", dir=config.scratch_dir))
+            ramp_dir = spill_dir / "ramp"
+            ramp_dir.mkdir()
+            ramp = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx), ramp_dir,
+                             extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
 
         halo = max((s.halo for s in pass2), default=0)
         row_bytes = meta.nints * meta.ngroups * meta.nx * 5
@@ -258,6 +269,9 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
                           core=slice(core.start - r0, core.stop - r0))
             result = None
             for step in pass2:
+                if ramp is not None and step is pass2[-1]:
+                    local = chunk.core
+                    ramp.put(np.s_[:, :, core], (data[:, :, local], groupdq[:, :, local]))
                 t0 = time.perf_counter()
                 result = step.process(chunk)
                 dt = time.perf_counter() - t0
@@ -274,7 +288,7 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         redo = {(s.start, s.stop) for step in pass2 for s in step.rerun_rows()}
         for start, stop in sorted(redo):
             run_band(slice(start, stop))
-        return rate, rateints, spill_dir
+        return rate, rateints, ramp, spill_dir
     except BaseException:
         if spill_dir is not None:
             shutil.rmtree(spill_dir, ignore_errors=True)

@@ -1,10 +1,21 @@
-"""Exceptions that carry a one-line message for the user.
+"""Exceptions that carry a one-line message for the user, and how the command line
+reports them.
 
 The CLI maps :class:`BadInputError` to exit code 2 and anything else to exit code 1;
-neither prints a traceback unless ``--debug`` is given.
+neither prints a traceback unless ``--debug`` is given (see :func:`report`).
 """
 
 from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import IO
+
+#: exit codes of the command line
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
 
 
 class StreamdetError(Exception):
@@ -21,3 +32,42 @@ class ReferenceError_(BadInputError):
 
 class PluginError(StreamdetError):
     """A plugin package is broken or two plugins conflict."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) made one blank."""
+    return " ".join(str(text).split())
+
+
+def exit_code(exc: BaseException, bad_input: tuple[type[BaseException], ...] = ()) -> int:
+    """2 for bad input (:class:`BadInputError` or one of ``bad_input``), else 1."""
+    return EXIT_BAD_INPUT if isinstance(exc, (BadInputError, *bad_input)) else EXIT_INTERNAL
+
+
+def message(exc: BaseException, where: str | Path | None = None,
+            bad_input: tuple[type[BaseException], ...] = ()) -> str:
+    """The one line the user sees for ``exc`` (without the ``streamdet: error:`` prefix).
+
+    streamdet's own errors already name the file they are about; anything else is an
+    internal error, reported with its type and ``where`` (the input being processed)."""
+    text = one_line(exc)
+    if isinstance(exc, (StreamdetError, *bad_input)):
+        if where is not None and not isinstance(exc, BadInputError) and str(where) not in text:
+            return f"{where}: {text}"
+        return text or type(exc).__name__
+    prefix = f"{where}: " if where is not None else ""
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{prefix}internal error: {detail} (run with --debug for details)"
+
+
+def report(exc: BaseException, *, debug: bool = False, where: str | Path | None = None,
+           bad_input: tuple[type[BaseException], ...] = (), stream: IO[str] | None = None) -> int:
+    """Tell the user about ``exc`` on stderr and return the exit code for it.
+
+    One line, ``streamdet: error: <message>``; with ``debug`` the traceback comes first."""
+    stream = stream if stream is not None else sys.stderr
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=stream)
+    stream.write(f"streamdet: error: {message(exc, where, bad_input)}\n")
+    stream.flush()
+    return exit_code(exc, bad_input)

@@ -78,6 +78,46 @@ def _bad(path, message: str) -> BadInputError:
     return BadInputError(f"{path}: {message}")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _blank_tail(path: Path, start: int) -> bool:
+    """True if the bytes of ``path`` from ``start`` on are only zeros or blanks
+    (padding some writers leave after the last HDU)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while block := f.read(1 << 20):
+            if block.strip(b"\0 "):
+                return False
+    return True
+
+
+def _int(path, hdr: fits.Header, key: str, default: int | None = None) -> int:
+    """Integer keyword ``key`` (``default`` when absent or blank), or a one-line error."""
+    value = hdr.get(key, default)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if default is None:
+            raise _bad(path, f"missing keyword {key}")
+        value = default
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise _bad(path, f"keyword {key}={value!r} is not an integer") from None
+
+
+def _float(path, hdr: fits.Header, key: str) -> float:
+    value = hdr[key]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise _bad(path, f"keyword {key}={value!r} is not a number") from None
+
+
 class Exposure:
     """An open Level 1B file. Use as a context manager."""
 
@@ -92,15 +132,39 @@ class Exposure:
                 warnings.simplefilter("ignore")
                 self._hdul = fits.open(self.path, memmap=True, do_not_scale_image_data=True,
                                        lazy_load_hdus=False)
-        except (OSError, ValueError, TypeError, IndexError) as exc:
-            raise _bad(self.path, f"not a readable FITS file ({exc})") from None
+        except PermissionError:
+            raise _bad(self.path, "cannot be read (permission denied)") from None
+        except Exception as exc:  # astropy raises many kinds of errors on non-FITS bytes
+            raise _bad(self.path, f"not a readable FITS file ({_one_line(exc)})") from None
         try:
+            self._check_extent()
             self.meta = self._read_meta()
             self._sci = self._hdul["SCI"]
             self._check_data_present()
-        except BadInputError:
+        except BaseException:
             self.close()
             raise
+
+    # -- structure ------------------------------------------------------------------------
+    def _check_extent(self) -> None:
+        """The file must end where its last HDU's header says it does: astropy quietly
+        drops an extension whose header was cut off and maps data that is not there."""
+        have = os.path.getsize(self.path)
+        if not len(self._hdul):
+            raise _bad(self.path, "not a readable FITS file (no HDU)")
+        last = self._hdul[-1]
+        try:
+            info = last.fileinfo()
+            need = info["datLoc"] + info["datSpan"]
+        except Exception:  # pragma: no cover - astropy always knows where an HDU it read is
+            return
+        if have < need:
+            raise _bad(self.path, f"is truncated: its headers describe {need} bytes, "
+                                  f"the file has {have}")
+        if have > need and not _blank_tail(self.path, need):
+            raise _bad(self.path, f"is truncated or damaged: {have - need} bytes after the last "
+                                  f"complete extension ({last.name or 'PRIMARY'}) are not a "
+                                  "readable FITS extension")
 
     # -- header ---------------------------------------------------------------------------
     def _read_meta(self) -> ExposureMeta:
@@ -123,20 +187,20 @@ class Exposure:
                           "[nints, ngroups, ny, nx]")
         bitpix = sci.header.get("BITPIX")
         if bitpix != 16:
-            raise _bad(p, f"SCI has BITPIX={bitpix}; a Level 1B ramp is 16-bit unsigned integers")
+            kind = {8: "8-bit integers", 32: "32-bit integers", 64: "64-bit integers",
+                    -32: "32-bit floats", -64: "64-bit floats"}.get(bitpix, "an unknown type")
+            raise _bad(p, f"SCI holds {kind} (BITPIX={bitpix}); a Level 1B ramp is 16-bit "
+                          "unsigned integers")
         nints, ngroups, ny, nx = shape
-        try:
-            ngroups_hdr = int(hdr["NGROUPS"])
-            nints_total = int(hdr["NINTS"])
-            nframes = int(hdr["NFRAMES"])
-            frame_time = float(hdr["TFRAME"])
-            group_time = float(hdr["TGROUP"])
-        except (TypeError, ValueError) as exc:
-            raise _bad(p, f"bad keyword value ({exc})") from None
+        ngroups_hdr = _int(p, hdr, "NGROUPS")
+        nints_total = _int(p, hdr, "NINTS")
+        nframes = _int(p, hdr, "NFRAMES")
+        frame_time = _float(p, hdr, "TFRAME")
+        group_time = _float(p, hdr, "TGROUP")
         if ngroups != ngroups_hdr:
             raise _bad(p, f"SCI has {ngroups} groups but NGROUPS={ngroups_hdr}")
-        intstart = int(hdr.get("INTSTART", 1) or 1)
-        intend = int(hdr.get("INTEND", intstart + nints - 1) or intstart + nints - 1)
+        intstart = _int(p, hdr, "INTSTART", 1) or 1
+        intend = _int(p, hdr, "INTEND", intstart + nints - 1) or intstart + nints - 1
         if intend - intstart + 1 != nints:
             raise _bad(p, f"SCI has {nints} integrations but INTSTART..INTEND is "
                           f"{intstart}..{intend}")
@@ -144,17 +208,17 @@ class Exposure:
             raise _bad(p, f"INTEND={intend} exceeds NINTS={nints_total}")
         if ngroups < 1 or nints < 1:
             raise _bad(p, "SCI is empty")
-        substrt1 = int(hdr.get("SUBSTRT1", 1))
-        substrt2 = int(hdr.get("SUBSTRT2", 1))
-        subsize1 = int(hdr.get("SUBSIZE1", nx))
-        subsize2 = int(hdr.get("SUBSIZE2", ny))
+        substrt1 = _int(p, hdr, "SUBSTRT1", 1)
+        substrt2 = _int(p, hdr, "SUBSTRT2", 1)
+        subsize1 = _int(p, hdr, "SUBSIZE1", nx)
+        subsize2 = _int(p, hdr, "SUBSIZE2", ny)
         if (subsize2, subsize1) != (ny, nx):
             raise _bad(p, f"SCI frame is {ny}x{nx} but SUBSIZE2xSUBSIZE1 is {subsize2}x{subsize1}")
         int_times = self._hdul["INT_TIMES"] if "INT_TIMES" in self._hdul else None
         return ExposureMeta(
             path=p, header=hdr, nints=nints, ngroups=ngroups, ny=ny, nx=nx,
-            nframes=nframes, groupgap=int(hdr.get("GROUPGAP", 0) or 0),
-            drop_frames1=int(hdr.get("DRPFRMS1", 0) or 0),
+            nframes=nframes, groupgap=_int(p, hdr, "GROUPGAP", 0),
+            drop_frames1=_int(p, hdr, "DRPFRMS1", 0),
             frame_time=frame_time, group_time=group_time,
             readpatt=str(hdr["READPATT"]).strip().upper(),
             subarray=str(hdr.get("SUBARRAY", "FULL")).strip().upper(),

@@ -66,23 +66,25 @@ class RateArrays:
 
 
 class CubeStore:
-    """Per-integration products ``[nints, ny, nx]`` kept in raw scratch files, so that
-    memory does not grow with the number of integrations: each band is written through
-    a short-lived memory map, and the product is streamed out one integration at a time."""
+    """Arrays with an integration axis first (rateints ``[nints, ny, nx]``, a saved ramp
+    ``[nints, ngroups, ny, nx]``) kept in raw scratch files, so that memory does not grow
+    with the number of integrations: bands are written through short-lived memory maps
+    and the product is streamed out one integration at a time."""
 
-    DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
-
-    def __init__(self, shape: tuple[int, int, int], directory: Path):
-        self.shape = shape
+    def __init__(self, shape: tuple[int, ...], directory: Path,
+                 extensions: tuple[tuple[str, type], ...] | None = None):
+        self.shape = tuple(shape)
+        self.extensions = extensions or tuple(zip(RateArrays.EXTENSIONS, RATE_DTYPES))
         self.paths = []
-        for extname, dtype in zip(RateArrays.EXTENSIONS, self.DTYPES):
-            path = Path(directory) / f"rateints_{extname.lower()}.raw"
+        for extname, dtype in self.extensions:
+            path = Path(directory) / f"{extname.lower()}.raw"
             with open(path, "wb") as f:
-                f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                f.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
             self.paths.append((path, dtype))
 
-    def put(self, index, other: RateArrays) -> None:
-        for (path, dtype), theirs in zip(self.paths, other.arrays()):
+    def put(self, index, other) -> None:
+        arrays = other.arrays() if isinstance(other, RateArrays) else other
+        for (path, dtype), theirs in zip(self.paths, arrays):
             target = np.memmap(path, dtype=dtype, mode="r+", shape=self.shape)
             target[index] = theirs
             target.flush()
@@ -94,6 +96,9 @@ class CubeStore:
         out = np.array(source[i])
         del source
         return out
+
+
+RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
 
 
 def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None:
@@ -172,26 +177,50 @@ def _extension_header(meta: ExposureMeta, extname: str) -> fits.Header:
     return hdr
 
 
-def _stream_cube(path: Path, primary: fits.PrimaryHDU, store: CubeStore, meta: ExposureMeta) -> None:
-    """Write a rateints file extension by extension, one integration plane at a time."""
+def _stream_cube(path: Path, primary: fits.PrimaryHDU, store: CubeStore, meta: ExposureMeta,
+                 images: tuple[tuple[str, np.ndarray], ...] = ()) -> None:
+    """Write a file extension by extension, the stored ones one integration at a time;
+    ``images`` are small in-memory extensions written after the first stored one."""
     fits.HDUList([primary]).writeto(path, overwrite=True, output_verify="silentfix")
-    nints, ny, nx = store.shape
-    for k, extname in enumerate(RateArrays.EXTENSIONS):
-        is_dq = extname == "DQ"
-        hdr = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", 32 if is_dq else -32), ("NAXIS", 3),
-                           ("NAXIS1", nx), ("NAXIS2", ny), ("NAXIS3", nints),
-                           ("PCOUNT", 0), ("GCOUNT", 1)])
-        if is_dq:  # uint32 is stored as int32 with BZERO 2**31, as FITS requires
+    for k, (extname, dtype) in enumerate(store.extensions):
+        dtype = np.dtype(dtype)
+        bitpix = -8 * dtype.itemsize if dtype.kind == "f" else 8 * dtype.itemsize
+        hdr = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", bitpix), ("NAXIS", len(store.shape))])
+        for axis, size in enumerate(reversed(store.shape), start=1):
+            hdr[f"NAXIS{axis}"] = size
+        hdr["PCOUNT"], hdr["GCOUNT"] = 0, 1
+        wide_unsigned = dtype.kind == "u" and dtype.itemsize > 1
+        if wide_unsigned:  # unsigned integers are stored signed with BZERO, as FITS requires
             hdr["BSCALE"] = 1
-            hdr["BZERO"] = 2**31
+            hdr["BZERO"] = 2 ** (8 * dtype.itemsize - 1)
         hdr["EXTNAME"] = extname
         hdr.extend(_extension_header(meta, extname))
         stream = fits.StreamingHDU(str(path), hdr)
-        for i in range(nints):
+        for i in range(store.shape[0]):
             plane = store.plane(k, i)
-            if is_dq:
-                plane = (plane ^ np.uint32(2**31)).view(np.int32)
+            if wide_unsigned:
+                plane = (plane ^ np.array(hdr["BZERO"], dtype)).view(f"i{dtype.itemsize}")
             stream.write(plane.astype(plane.dtype.newbyteorder(">")))
         stream.close()
-        if is_dq and meta.int_times is not None:
+        if k == 0:
+            for name, data in images:
+                fits.append(str(path), data, header=fits.Header([("EXTNAME", name)]))
+        if extname == "DQ" and meta.int_times is not None:
             fits.append(str(path), meta.int_times.data, header=fits.Header([("EXTNAME", "INT_TIMES")]))
+
+
+def write_ramp(meta: ExposureMeta, path: Path, store: CubeStore, pixeldq: np.ndarray,
+               keywords: dict[str, object], history: list[str]) -> None:
+    """The ramp as the band pass hands it to the rate producer (after jump), as a
+    RampModel file: SCI, PIXELDQ, GROUPDQ, INT_TIMES."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        primary = fits.PrimaryHDU(header=primary_header(meta, "RampModel", path.name, keywords, history))
+        _stream_cube(Path(name), primary, store, meta, images=(("PIXELDQ", pixeldq),))
+        if meta.int_times is not None:
+            fits.append(name, meta.int_times.data, header=fits.Header([("EXTNAME", "INT_TIMES")]))
+        os.replace(name, path)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)
