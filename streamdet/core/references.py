@@ -125,8 +125,7 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
             f"{where}: no reference for {', '.join(reftypes)}: set CRDS_PATH to a CRDS cache "
             "(streamdet simulate makes one) or pass --override REFTYPE=PATH")
     crds = _crds()
-    params = {k: v for k, v in meta.header.items()
-              if isinstance(v, (str, int, float, bool)) and k not in ("COMMENT", "HISTORY", "")}
+    params = crds_parameters(meta.header)
     try:
         # the context is passed explicitly: crds caches the first CRDS_CONTEXT it sees
         best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst",
@@ -151,6 +150,34 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
             raise ReferenceError_(f"{where}: CRDS found no reference type {reftype!r}: {value}")
         out[reftype] = Resolved(reftype, value, "crds", context)
     return out
+
+
+#: FITS keyword -> JWST datamodel path for the header values CRDS rules select on.
+#: Given in datamodel form, crds matches them directly; bare FITS keywords would make it
+#: import the whole JWST datamodel schema to translate them (seconds per process).
+CRDS_KEYWORDS = {
+    "TELESCOP": "META.TELESCOPE", "INSTRUME": "META.INSTRUMENT.NAME",
+    "DETECTOR": "META.INSTRUMENT.DETECTOR", "FILTER": "META.INSTRUMENT.FILTER",
+    "BAND": "META.INSTRUMENT.BAND", "CHANNEL": "META.INSTRUMENT.CHANNEL",
+    "CORONMSK": "META.INSTRUMENT.CORONAGRAPH", "LAMP": "META.INSTRUMENT.LAMP_STATE",
+    "MODULE": "META.INSTRUMENT.MODULE", "PUPIL": "META.INSTRUMENT.PUPIL",
+    "GRATING": "META.INSTRUMENT.GRATING", "EXP_TYPE": "META.EXPOSURE.TYPE",
+    "READPATT": "META.EXPOSURE.READPATT", "NOUTPUTS": "META.EXPOSURE.NOUTPUTS",
+    "NINTS": "META.EXPOSURE.NINTS", "NGROUPS": "META.EXPOSURE.NGROUPS",
+    "NFRAMES": "META.EXPOSURE.NFRAMES", "GROUPGAP": "META.EXPOSURE.GROUPGAP",
+    "DRPFRMS1": "META.EXPOSURE.DROP_FRAMES1", "SUBARRAY": "META.SUBARRAY.NAME",
+    "SUBSTRT1": "META.SUBARRAY.XSTART", "SUBSTRT2": "META.SUBARRAY.YSTART",
+    "SUBSIZE1": "META.SUBARRAY.XSIZE", "SUBSIZE2": "META.SUBARRAY.YSIZE",
+    "FASTAXIS": "META.SUBARRAY.FASTAXIS", "SLOWAXIS": "META.SUBARRAY.SLOWAXIS",
+    "DATE-OBS": "META.OBSERVATION.DATE", "TIME-OBS": "META.OBSERVATION.TIME",
+    "TSOVISIT": "META.VISIT.TSOVISIT", "PATT_NUM": "META.DITHER.POSITION_NUMBER",
+}
+
+
+def crds_parameters(header) -> dict[str, str]:
+    """The exposure's CRDS selection parameters, keyed as JWST datamodel paths."""
+    return {path: str(header[key]) for key, path in CRDS_KEYWORDS.items()
+            if key in header and header[key] is not None}
 
 
 class References:
