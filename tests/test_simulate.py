@@ -11,16 +11,14 @@ from __future__ import annotations
 import filecmp
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from .oracle import last_json, run_python
+from .oracle import run_jwst_detector1 as oracle_detector1
 from streamdet.simulate import (
     FULL_SHAPE,
     SUBARRAYS,
@@ -40,44 +38,10 @@ NA_TYPES = ["ipc", "superbias", "refpix", "sirskernel", "emicorr", "pictureframe
             "trapdensity", "trappars", "flat", "pastasoss", "pars-jumpstep",
             "pars-detector1pipeline"]
 
-# A subprocess must not block on the network: any socket connection/DNS lookup raises.
-NO_NETWORK = """
-import sys
-def _no_network(event, args):
-    if event in ("socket.connect", "socket.getaddrinfo", "socket.sendto", "socket.bind"):
-        raise RuntimeError(f"network access attempted: {event} {args!r}")
-sys.addaudithook(_no_network)
-"""
-
-
-def run_python(code: str, env: dict[str, str], timeout: float = 240.0) -> str:
-    """Run ``code`` in a fresh interpreter with ``env`` (CRDS_* from this process removed)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CRDS_")}
-    full_env.update(env)
-    proc = subprocess.run([sys.executable, "-c", NO_NETWORK + textwrap.dedent(code)],
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
-
-
-def last_json(stdout: str):
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
 def run_jwst_detector1(result, outdir: Path) -> dict[str, Path]:
     """jwst's Detector1Pipeline, references from the generated cache only; rate + jump files."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    code = f"""
-    from jwst.pipeline import Detector1Pipeline
-    Detector1Pipeline.call({str(result.uncal)!r}, output_dir={str(outdir)!r}, save_results=True,
-                           steps={{"jump": {{"save_results": True}}}})
-    """
-    run_python(code, result.env)
-    stem = result.uncal.name.replace("_uncal.fits", "")
-    files = {k: outdir / f"{stem}_{k}.fits" for k in ("rate", "rateints", "jump")}
-    for f in files.values():
-        assert f.exists(), f
-    return files
+    return oracle_detector1(result.uncal, result.env, outdir, steps={"jump": {"save_results": True}},
+                            products=("rate", "rateints", "jump"))
 
 
 def rate_statistics(rate_file: Path, truth_file: Path):
