@@ -41,8 +41,12 @@ def write_png(path: Path, gray: np.ndarray) -> Path:
 
 
 def write_quicklook(uncal: Path, rate: Path, path: Path) -> Path:
-    with fits.open(uncal, memmap=True) as hdul:
-        last_group = np.array(hdul["SCI"].section[0, -1], dtype=np.float32)
+    # Level 1B SCI carries BZERO, which astropy will not memory-map scaled: read the
+    # stored integers of the one plane needed and scale them here
+    with fits.open(uncal, memmap=True, do_not_scale_image_data=True) as hdul:
+        sci = hdul["SCI"]
+        last_group = (np.array(sci.data[0, -1], dtype=np.float32) * float(sci.header.get("BSCALE", 1.0))
+                      + float(sci.header.get("BZERO", 0.0)))
     rate_image = fits.getdata(rate, "SCI")
     gap = np.full((last_group.shape[0], 4), 255, np.uint8)
     return write_png(path, np.hstack([_log_scale(last_group), gap, _log_scale(rate_image)]))
