@@ -62,27 +62,46 @@ def process(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Turn Level 1B exposures into _rate.fits and _rateints.fits."""
+    import glob
+
     from rich.console import Console
 
     from . import config as configmod
-    from .core.engine import process_file
+    from .core import errors
+    from .core.exposure import product_base_name
 
+    if not (debug or verbose):  # crds logs its own copy of a lookup failure we report
+        os.environ.setdefault("CRDS_VERBOSITY", "-3")
     console = Console(stderr=True, quiet=quiet)
     try:
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
                              output_dir=output_dir, overwrite=overwrite)
         run.save_ramp = save_ramp
     except Exception as exc:
-        raise _fail(exc, debug)
+        raise typer.Exit(errors.report(exc, debug=debug, where=config))
     failures = 0
     for path in files:
+        # the products this run may write, as they are now: a failed run leaves none of its own
+        out_dir = Path(run.output_dir) if run.output_dir else Path(path).parent
+        pattern = f"{glob.escape(product_base_name(path))}_*.fits"
+
+        def products_now() -> dict[Path, tuple[int, int]]:
+            try:
+                return {p: (st.st_ino, st.st_mtime_ns) for p in out_dir.glob(pattern)
+                        if p.is_file() and not p.is_symlink() and (st := p.stat())}
+            except OSError:
+                return {}
+
+        before = products_now()
         try:
             result = _process_one(path, run, console, quiet)
         except KeyboardInterrupt:
             raise typer.Exit(130)
-        except Exception as exc:
-            err = _fail(exc, debug)
-            failures = max(failures, err.exit_code)
+        except Exception as exc:  # one bad file does not stop the others
+            for product, stamp in products_now().items():
+                if before.get(product) != stamp:  # written by this failed run: partial
+                    product.unlink(missing_ok=True)
+            failures = max(failures, errors.report(exc, debug=debug, where=path))
             continue
         if not quiet:
             for kind, product in result.products.items():
@@ -90,9 +109,11 @@ def process(
             if verbose:
                 for step in result.chain:
                     state = "ran" if not step.skip else f"skipped ({step.skip_reason})"
-                    console.print(f"  {step.name:<13} {step.implementation:<10} {state}")
+                    console.print(f"  {step.name:<13} {step.implementation:<10} {state}",
+                                  soft_wrap=True, highlight=False)
                 for reftype, res in result.references.items():
-                    console.print(f"  {reftype:<11} {res.path or 'N/A'} [{res.source}]")
+                    console.print(f"  {reftype:<11} {res.path or 'N/A'} [{res.source}]",
+                                  soft_wrap=True, highlight=False, markup=False)
             console.print(_timings_table(result.timings, f"{path.name}: {result.seconds:.2f} s"))
     if failures:
         raise typer.Exit(failures)
@@ -127,28 +148,39 @@ def steps(
     from rich.table import Table
 
     from . import config as configmod
+    from .core import errors
     from .core.plugins import get_registry
 
     try:
         registry = get_registry()
-        chosen = configmod.load(use=use).use
+        chosen = configmod.load(use=use, registry=registry, whole_chain=False).use
+        rows = []
+        for name in registry.order:
+            try:
+                active = registry.implementation(name, chosen)
+            except Exception as exc:  # undecided (two implementations): show them all
+                active = None
+                typer.echo(f"streamdet: warning: {exc}", err=True)
+            for impl in registry.implementations[name]:
+                params = ", ".join(f"{k}={p.default!r}" for k, p in impl.params_spec.items())
+                rows.append((name, impl.implementation, f"{impl.package} {impl.package_version}",
+                             "yes" if impl is active else "", str(impl.default_skip),
+                             ", ".join(impl.reftypes) or "-", params or "-"))
     except Exception as exc:
-        raise _fail(exc, debug)
-    table = Table(show_lines=False)
-    for col in ("step", "implementation", "package", "active", "skip", "reftypes", "parameters"):
-        table.add_column(col)
-    for name in registry.order:
-        try:
-            active = registry.implementation(name, chosen)
-        except Exception as exc:
-            active = None
-            typer.echo(f"streamdet: warning: {exc}", err=True)
-        for impl in registry.implementations[name]:
-            params = ", ".join(f"{k}={p.default!r}" for k, p in impl.params_spec.items())
-            table.add_row(name, impl.implementation, f"{impl.package} {impl.package_version}",
-                          "yes" if impl is active else "", str(impl.default_skip),
-                          ", ".join(impl.reftypes) or "-", params or "-")
-    Console().print(table)
+        raise typer.Exit(errors.report(exc, debug=debug))
+    columns = ("step", "implementation", "package", "active", "skip", "reftypes", "parameters")
+    console = Console()
+    if console.is_terminal:
+        table = Table(show_lines=False)
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:  # piped: one line per implementation, never wrapped or cut
+        widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns) - 1)]
+        for row in [columns, *rows]:
+            typer.echo("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)) + "  " + row[-1])
     for message in registry.broken:
         typer.echo(f"streamdet: warning: {message}", err=True)
 
@@ -176,28 +208,37 @@ def refs(
 ):
     """Print the reference resolved for each step and where it came from."""
     from . import config as configmod
+    from .core import errors
     from .core import references as refmod
     from .core.engine import build_chain
     from .core.exposure import Exposure
     from .core.plugins import get_registry
 
+    if not debug:  # crds logs its own copy of a lookup failure we report
+        os.environ.setdefault("CRDS_VERBOSITY", "-3")
+    lines: list[str] = []
     try:
         run = configmod.load(config, skip=skip, overrides=override, use=use)
         chain = build_chain(get_registry(), run)
+    except Exception as exc:
+        raise typer.Exit(errors.report(exc, debug=debug, where=config))
+    try:
         with Exposure(file) as exposure:
             for step in chain:
                 if step.skip:
-                    typer.echo(f"{step.name:<13} (skipped)")
+                    lines.append(f"{step.name:<13} (skipped)")
                     continue
                 if not step.reftypes:
-                    typer.echo(f"{step.name:<13} (no references)")
+                    lines.append(f"{step.name:<13} (no references)")
                     continue
                 resolved = refmod.resolve(exposure.meta, list(step.reftypes), run.overrides)
                 for reftype, res in resolved.items():
                     where = res.source if res.source == "override" else f"crds {res.context}"
-                    typer.echo(f"{step.name:<13} {reftype:<11} {res.path or 'N/A'}  [{where}]")
+                    lines.append(f"{step.name:<13} {reftype:<11} {res.path or 'N/A'}  [{where}]")
     except Exception as exc:
-        raise _fail(exc, debug)
+        raise typer.Exit(errors.report(exc, debug=debug, where=file))
+    for line in lines:  # all or nothing: no half listing before an error
+        typer.echo(line)
 
 
 @app.command()
@@ -212,16 +253,15 @@ def simulate(
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Simulate a MIRI exposure with matching references and a local CRDS cache."""
+    from .core import errors
     from .simulate import SimulationError, simulate as run_simulation
 
     try:
         result = run_simulation(outdir, subarray=subarray, ngroups=ngroups, nints=nints,
                                 seed=seed, readpatt=readpatt, overwrite=overwrite)
-    except SimulationError as exc:
-        typer.echo(f"streamdet: error: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    except Exception as exc:
-        raise _fail(exc, debug)
+    except Exception as exc:  # SimulationError: bad arguments (exit 2)
+        raise typer.Exit(errors.report(exc, debug=debug, where=outdir,
+                                       bad_input=(SimulationError,)))
     typer.echo(f"uncal: {result.uncal}")
     typer.echo(f"truth: {result.truth_rate}")
     typer.echo("export " + " ".join(f"{k}={v}" for k, v in result.env.items()))
@@ -233,18 +273,25 @@ def demo(
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Simulate a small exposure, process it, and say where the products are."""
+    from .core import errors
     from .core.engine import RunConfig, process_file
     from .quicklook import write_quicklook
-    from .simulate import simulate as run_simulation
+    from .simulate import SimulationError, simulate as run_simulation
 
+    if not debug:
+        os.environ.setdefault("CRDS_VERBOSITY", "-3")
     try:
+        if outdir.exists() and not outdir.is_dir():
+            raise errors.BadInputError(f"{outdir}: exists and is not a directory")
         sim = run_simulation(outdir / "input", seed=1, overwrite=True)
         os.environ.update(sim.env)
         result = process_file(sim.uncal, RunConfig(output_dir=outdir / "products", overwrite=True))
-        png = write_quicklook(sim.uncal, result.products["rate"],
-                              outdir / "products" / f"{sim.uncal.name.replace('_uncal.fits', '')}_quicklook.png")
+        png = outdir / "products" / f"{sim.uncal.name.replace('_uncal.fits', '')}_quicklook.png"
+        if not png.exists():  # an installed quick-look plugin may already have drawn a richer one
+            write_quicklook(sim.uncal, result.products["rate"], png)
     except Exception as exc:
-        raise _fail(exc, debug)
+        raise typer.Exit(errors.report(exc, debug=debug, where=outdir,
+                                       bad_input=(SimulationError,)))
     typer.echo(f"input:     {sim.uncal}")
     for kind, path in result.products.items():
         typer.echo(f"{kind + ':':<10} {path}")

@@ -34,8 +34,16 @@ def _pair(option: str, text: str) -> tuple[str, str]:
 
 def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[str] = (),
          overrides: list[str] = (), use: list[str] = (), output_dir: Path | None = None,
-         overwrite: bool = False) -> RunConfig:
-    """Build a RunConfig: the file first, command-line options on top."""
+         overwrite: bool = False, registry=None, whole_chain: bool = True) -> RunConfig:
+    """Build a RunConfig: the file first, command-line options on top.
+
+    Everything is checked against the installed steps (``registry``, the process's own
+    by default) before any file is touched: unknown steps, parameters, implementations
+    and reference types, values of the wrong type, a chain left without its rate step,
+    an output directory that cannot be one. Each problem is a one-line BadInputError
+    naming the option (or the configuration file) it came from. ``whole_chain=False``
+    leaves out the checks that need the whole chain decided (for ``streamdet steps``,
+    which shows an undecided chain)."""
     data: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -48,26 +56,127 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
         if unknown:
             raise BadInputError(f"{config_file}: unknown table [{sorted(unknown)[0]}] "
                                 "(expected steps, use, override, output)")
+    for table in ("steps", "use", "override", "output"):
+        if table in data and not isinstance(data[table], dict):
+            raise BadInputError(f"{config_file}: [{table}] must be a table")
+    # where each setting came from, for the messages: (kind, key) -> option text
+    origin: dict[tuple[str, ...], str] = {}
     params: dict[str, dict[str, Any]] = {}
     for step, values in (data.get("steps") or {}).items():
         if not isinstance(values, dict):
             raise BadInputError(f"{config_file}: [steps.{step}] must be a table of parameters")
         params[step] = dict(values)
+        for name in values:
+            origin[("param", step, name)] = f"{config_file}: [steps.{step}] {name}"
     for name in skip:
         params.setdefault(name, {})["skip"] = True
+        origin[("param", name, "skip")] = f"--skip {name}"
     for text in sets:
         key, value = _pair("--set", text)
         step, dot, param = key.partition(".")
-        if not dot or not param:
+        if not dot or not param.strip() or not step.strip():
             raise BadInputError(f"--set {text!r}: expected STEP.PARAM=VALUE")
+        step, param = step.strip(), param.strip()
         params.setdefault(step, {})[param] = value
-    chosen = {k: str(v) for k, v in (data.get("use") or {}).items()}
-    chosen.update(dict(_pair("--use", t) for t in use))
-    refs = {k.lower(): str(v) for k, v in (data.get("override") or {}).items()}
-    refs.update({k.lower(): v for k, v in (_pair("--override", t) for t in overrides)})
+        origin[("param", step, param)] = f"--set {text}"
+    chosen: dict[str, str] = {}
+    for k, v in (data.get("use") or {}).items():
+        chosen[k] = str(v)
+        origin[("use", k)] = f"{config_file}: [use] {k}"
+    for text in use:
+        k, v = _pair("--use", text)
+        chosen[k] = v
+        origin[("use", k)] = f"--use {text}"
+    refs: dict[str, str] = {}
+    for k, v in (data.get("override") or {}).items():
+        refs[k.lower()] = str(v)
+        origin[("override", k.lower())] = f"{config_file}: [override] {k}"
+    for text in overrides:
+        k, v = _pair("--override", text)
+        refs[k.lower()] = v
+        origin[("override", k.lower())] = f"--override {text}"
     out = data.get("output") or {}
-    return RunConfig(
-        params=params, use=chosen, overrides=refs,
-        output_dir=Path(output_dir) if output_dir else (Path(out["dir"]) if "dir" in out else None),
+    if output_dir:
+        directory, where = Path(output_dir), f"--output-dir {output_dir}"
+    elif "dir" in out:
+        directory, where = Path(str(out["dir"])), f"{config_file}: [output] dir"
+    else:
+        directory, where = None, ""
+    if directory is not None:
+        _check_output_dir(directory, where)
+    if not isinstance(out.get("overwrite", False), bool):
+        raise BadInputError(f"{config_file}: [output] overwrite must be true or false, "
+                            f"not {out['overwrite']!r}")
+    run = RunConfig(
+        params=params, use=chosen, overrides=refs, output_dir=directory,
         overwrite=overwrite or bool(out.get("overwrite", False)),
     )
+    _validate(run, origin, registry, whole_chain)
+    return run
+
+
+def _check_output_dir(directory: Path, where: str) -> None:
+    """The output directory, or its nearest existing ancestor, must be a directory."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "exists and is not a directory" if probe == directory else f"cannot be made: {probe} is a file"
+        raise BadInputError(f"{where}: {directory} {what}")
+
+
+def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
+              whole_chain: bool = True) -> None:
+    """Check the settings against the installed steps (see :func:`load`)."""
+    from .core.engine import build_chain
+    from .core.plugins import get_registry
+
+    registry = registry if registry is not None else get_registry()
+    known = ", ".join(registry.order)
+    for step, impl in run.use.items():
+        where = origin.get(("use", step), f"--use {step}={impl}")
+        if step not in registry.implementations:
+            raise BadInputError(f"{where}: no step named {step!r} (steps: {known})")
+        have = [cls.implementation for cls in registry.implementations[step]]
+        if impl not in have:
+            raise BadInputError(f"{where}: step {step!r} has no implementation {impl!r} "
+                                f"(installed: {', '.join(have)})")
+    for step, values in run.params.items():
+        if step not in registry.implementations:
+            where = origin.get(("param", step, next(iter(values), "")), f"step {step}")
+            raise BadInputError(f"{where}: no step named {step!r} (steps: {known})")
+    if not whole_chain:
+        return
+    try:
+        classes = {cls.name: cls for cls in registry.chain(run.use)}
+    except BadInputError:
+        raise
+    except Exception as exc:  # two implementations and no choice: the user must choose
+        raise BadInputError(str(exc)) from None
+    for step, values in run.params.items():
+        cls = classes[step]
+        for name, value in values.items():
+            try:
+                cls.validate_params({name: value})
+            except BadInputError as exc:
+                where = origin.get(("param", step, name), "")
+                if where and not where.startswith("--"):  # from the configuration file
+                    raise BadInputError(f"{where.split(': [', 1)[0]}: {exc}") from None
+                raise
+    reftypes = sorted({r for impls in registry.implementations.values() for cls in impls
+                       for r in cls.reftypes})
+    for reftype in run.overrides:
+        if reftype not in reftypes:
+            raise BadInputError(f"{origin.get(('override', reftype), '--override ' + reftype)}: "
+                                f"no step reads a reference of type {reftype!r} "
+                                f"(types: {', '.join(reftypes)})")
+    chain = build_chain(registry, run)
+    active = [s for s in chain if not s.skip]
+    producers = [s for s in active if getattr(s, "produces_rate", False)]
+    if not producers or producers[-1] is not active[-1]:
+        skipped = [s.name for s in chain if s.skip and getattr(s, "produces_rate", False)]
+        if skipped:
+            where = origin.get(("param", skipped[0], "skip"), f"--skip {skipped[0]}")
+            raise BadInputError(f"{where}: step {skipped[0]!r} makes the rate images and "
+                                "cannot be skipped")
+        # otherwise an installed plugin put a step after the rate: the engine reports it

@@ -48,14 +48,13 @@ def message(exc: BaseException, where: str | Path | None = None,
             bad_input: tuple[type[BaseException], ...] = ()) -> str:
     """The one line the user sees for ``exc`` (without the ``streamdet: error:`` prefix).
 
-    streamdet's own errors already name the file they are about; anything else is an
-    internal error, reported with its type and ``where`` (the input being processed)."""
+    ``where`` (the input being processed) leads the line unless the message already
+    names it: a reference's own error then also says which exposure it was for. An
+    exception that is not streamdet's own is an internal error, reported with its type."""
     text = one_line(exc)
+    prefix = f"{where}: " if where is not None and str(where) not in text else ""
     if isinstance(exc, (StreamdetError, *bad_input)):
-        if where is not None and not isinstance(exc, BadInputError) and str(where) not in text:
-            return f"{where}: {text}"
-        return text or type(exc).__name__
-    prefix = f"{where}: " if where is not None else ""
+        return prefix + (text or type(exc).__name__)
     detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return f"{prefix}internal error: {detail} (run with --debug for details)"
 

@@ -67,11 +67,18 @@ class ExposureMeta:
     @property
     def base_name(self) -> str:
         """Product base name: the file name without ``_uncal.fits`` (or its suffix)."""
-        name = self.path.name
-        for suffix in ("_uncal.fits", "_ramp.fits", ".fits.gz", ".fits"):
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return self.path.stem
+        return product_base_name(self.path)
+
+
+def product_base_name(path: str | os.PathLike) -> str:
+    """The base name of the products of the exposure file ``path`` (known without
+    opening it): the file name without ``_uncal.fits`` (or its suffix)."""
+    path = Path(path)
+    name = path.name
+    for suffix in ("_uncal.fits", "_ramp.fits", ".fits.gz", ".fits"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
 
 
 def _bad(path, message: str) -> BadInputError:
