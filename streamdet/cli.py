@@ -308,7 +308,22 @@ if _register_daemon is not None:
 
 
 def main() -> None:
-    app()
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("streamdet: aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        # click's usage errors (typer vendors click, so they are matched by their shape)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            typer.echo(exc.ctx.get_help())
+            sys.exit(0)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            typer.echo(f"streamdet: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

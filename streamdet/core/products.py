@@ -103,6 +103,8 @@ RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
 
 def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None:
     for path in paths:
+        if path.is_dir():
+            raise BadInputError(f"{source}: product path {path} is a directory")
         if path.exists() and not overwrite:
             raise BadInputError(f"{source}: product {path} exists; use --overwrite to replace it")
 
@@ -162,6 +164,10 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
                 if kind == "rateints" and extname == "DQ" and meta.int_times is not None:
                     hdus.append(fits.BinTableHDU(data=meta.int_times.data, name="INT_TIMES"))
             fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, _ in written:  # mkstemp makes 0600 files; products get the usual mode
+            os.chmod(tmp, 0o666 & ~umask)
         for tmp, path in written:
             os.replace(tmp, path)
     finally:
