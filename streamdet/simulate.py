@@ -81,6 +81,7 @@ __all__ = [
     "SimResult",
     "SimulationError",
     "crds_env",
+    "emi_read_clocks",
     "simulate",
 ]
 
@@ -201,6 +202,47 @@ SUBARRAYS: dict[str, Subarray] = {
         _sub("SLITLESSPRISM", 1, 529, 72, 416, 15904),
     )
 }
+
+# EMI clock model. The readout samples the four amplifiers together (columns 4k..4k+3 at
+# the same tick), NSAMPLES ticks per column group; a row starts every "row clocks" ticks;
+# rows outside a subarray are skipped at 7 ticks each, so a frame of ny rows takes
+# ny * rowclocks + (1024 - ny) * 7 ticks -- which is exactly each readout's frame clock
+# count above. Row clocks: jwst 3.0 jwst/emicorr/emicorr.py ``subarray_clocks``.
+#: One tick of the MIRI pixel clock, s.
+EMI_PIXEL_CLOCK_S = _PIXEL_CLOCK_S
+#: Ticks from the start of one row to the next, per subarray (FULL: per read pattern).
+EMI_ROW_CLOCKS: dict[str, Any] = {
+    "FULL": {"FASTR1": 271, "SLOWR1": 2333}, "BRIGHTSKY": 162, "SUB256": 96, "SUB128": 44,
+    "SUB64": 28, "MASK1065": 82, "MASK1140": 82, "MASK1550": 82, "MASKLYOT": 90,
+    "SLITLESSPRISM": 28,
+}
+#: Ticks spent on each detector row outside the subarray.
+EMI_SKIPPED_ROW_CLOCKS = 7
+
+
+def emi_read_clocks(subarray: str, readpatt: str, ngroups: int, nsamples: int = 1
+                    ) -> tuple[np.ndarray, int, int]:
+    """When each pixel is read, in 10 us pixel-clock ticks (the EMI model's time axis).
+
+    Returns ``(spatial, frame, integration)``: ``spatial`` int64 ``[ny, nx]`` ticks from
+    the first read of a frame to the read of pixel (y, x), ``y * rowclocks + (x // 4) *
+    nsamples``; ``frame`` the ticks between consecutive groups (NFRAMES = 1, GROUPGAP =
+    0); ``integration`` the ticks between consecutive integrations: NGROUPS frames plus
+    one reset frame. Pixel (y, x) of group g of integration i is read at ``i *
+    integration + g * frame + spatial[y, x]`` ticks after the first read of the exposure.
+    """
+    sub = SUBARRAYS.get(str(subarray).upper())
+    rows = EMI_ROW_CLOCKS.get(sub.name) if sub else None
+    if isinstance(rows, dict):
+        rows = rows.get(str(readpatt).upper())
+    if rows is None:
+        raise SimulationError(f"no EMI clock model for subarray {subarray!r} read with {readpatt!r}")
+    ny, nx = sub.shape
+    frame = ny * rows + (FULL_SHAPE[0] - ny) * EMI_SKIPPED_ROW_CLOCKS
+    spatial = (np.arange(ny, dtype=np.int64)[:, None] * rows
+               + (np.arange(nx, dtype=np.int64)[None, :] // 4) * int(nsamples))
+    return spatial, int(frame), int((ngroups + 1) * frame)
+
 
 #: EXP_TYPE written for each subarray (imaging, coronagraphy, slitless spectroscopy).
 _EXP_TYPES = {
@@ -379,9 +421,37 @@ class SimParams:
     #: them at the subarray size instead (smaller and faster for tiny cases).
     fullframe_refs: bool = True
 
+    # --- electromagnetic interference (EMI); off by default ----------------------------
+    #: MIRI's readout electronics pick up sinusoidal interference (390.625 Hz in most
+    #: subarrays, a ~10.04 Hz line everywhere; jwst's ``emicorr`` step removes it). Each
+    #: frequency f (Hz) adds ``A sin(2 pi f t + phi)`` raw DN to every read, where t (s) is
+    #: the time the pixel is read on the 10 us pixel clock (:func:`emi_read_clocks`: the
+    #: four amplifiers read columns 4k..4k+3 together, rows follow each other every "row
+    #: clocks", frames every "frame clocks", and one reset frame separates integrations),
+    #: counted from the first read of the exposure. Empty: no EMI, and the outputs are
+    #: byte-identical to those of a simulator without EMI support.
+    emi_frequencies_hz: tuple[float, ...] = ()
+    #: Semi-amplitude A of each frequency, raw DN (same length as ``emi_frequencies_hz``).
+    emi_amplitudes_dn: tuple[float, ...] = ()
+    #: Phase phi of each frequency at the first read of the exposure, radians (entries
+    #: left out are 0).
+    emi_phases_rad: tuple[float, ...] = ()
+
+    @property
+    def has_emi(self) -> bool:
+        return bool(self.emi_frequencies_hz or self.emi_amplitudes_dn or self.emi_phases_rad)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-friendly copy (tuples become lists). The EMI fields appear only when EMI
+        is injected, so that EMI-free outputs (file names included) stay as they were."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        if not self.has_emi:
+            for key in _EMI_FIELDS:
+                out.pop(key, None)
+        return out
+
+
+_EMI_FIELDS = ("emi_frequencies_hz", "emi_amplitudes_dn", "emi_phases_rad")
 
 
 # ---------------------------------------------------------------------------------------
@@ -839,6 +909,7 @@ class _Model:
         self.is_full = sub.name == "FULL"
         self._make_drift()
         self._make_cosmic_rays()
+        self._make_emi()
 
     # --- deterministic reference planes (used by the refs AND the ramps) --------------
     def dark_anomaly_scale(self, i_dark: int, g: int) -> float:
@@ -883,6 +954,29 @@ class _Model:
         if self.drift is None:
             return 0.0
         return np.take(self.drift[i, g].reshape(8).astype(np.float32), self._drift_index)
+
+    # --- electromagnetic interference ----------------------------------------------------
+    def _make_emi(self):
+        """EMI terms (frequency Hz, amplitude DN, phase rad) and the read clocks they need."""
+        p = self.p
+        self.emi_terms = [
+            (float(f), float(a), float(p.emi_phases_rad[k]) if k < len(p.emi_phases_rad) else 0.0)
+            for k, (f, a) in enumerate(zip(p.emi_frequencies_hz, p.emi_amplitudes_dn))]
+        self.emi_clocks = None
+        if self.emi_terms:
+            self.emi_clocks = emi_read_clocks(self.sub.name, self.readpatt, self.ngroups)
+
+    def emi_plane(self, i: int, g: int) -> np.ndarray:
+        """EMI (raw DN, float64) added to every read of group ``g`` of integration ``i``."""
+        spatial, frame, integration = self.emi_clocks
+        offset = i * integration + g * frame  # clocks from the first read to this frame
+        out = np.zeros(self.shape)
+        for freq, amp, phase in self.emi_terms:
+            cycles_per_clock = freq * EMI_PIXEL_CLOCK_S
+            # whole cycles of the frame offset dropped first, so the phase keeps its digits
+            base = math.fmod(offset * cycles_per_clock, 1.0)
+            out += amp * np.sin(2.0 * math.pi * (spatial * cycles_per_clock + base) + phase)
+        return out
 
     # --- cosmic rays ---------------------------------------------------------------------
     def _make_cosmic_rays(self):
@@ -1036,6 +1130,8 @@ class _Model:
                 if g < self.reset_ngroups:
                     np.multiply(reset_amp, f32(self.reset_scale(i_reset, g)), out=tmp)
                     rawf += tmp
+                if self.emi_terms:  # electronic pickup: on the raw reads, after the full well
+                    rawf += self.emi_plane(i, g).astype(f32)
                 np.rint(rawf, out=rawf)
                 np.clip(rawf, 0.0, 65535.0, out=rawf)
                 np.greater_equal(rawf, sat_thr, out=satb)
@@ -1618,6 +1714,22 @@ def _write_truth(m: _Model, p: SimParams, truthdir: Path, name: str, first_sat: 
         "saturated": saturated,
         "bad_pixels": bad,
     }
+    if m.emi_terms:
+        spatial, frame, integration = m.emi_clocks
+        catalog["emi"] = {
+            "description": "Sinusoidal EMI added to every raw read: amplitude_dn * sin(2 pi "
+                           "frequency_hz * t + phase_rad), t = clocks * clock_s counted from the "
+                           "first read of the exposure; a pixel (y, x) of group g of integration "
+                           "i is read at clocks = i * integration_clocks + g * frame_clocks + "
+                           "y * row_clocks + (x // 4) * nsamples.",
+            "clock_s": EMI_PIXEL_CLOCK_S,
+            "row_clocks": int(spatial[1, 0]) if spatial.shape[0] > 1 else None,
+            "nsamples": int(spatial[0, 4]) if spatial.shape[1] > 4 else 1,
+            "frame_clocks": int(frame),
+            "integration_clocks": int(integration),
+            "components": [{"frequency_hz": f, "amplitude_dn": a, "phase_rad": ph}
+                           for f, a, ph in m.emi_terms],
+        }
     cat_path = truthdir / f"{name}_truth_catalog.json"
     cat_path.write_text(_json_lines(catalog))
     return rate_path, cat_path
@@ -1653,6 +1765,26 @@ def _check_args(outdir, subarray, ngroups, nints, seed, readpatt, name) -> tuple
     if outdir.exists() and not outdir.is_dir():
         raise SimulationError(f"output path {str(outdir)!r} exists and is not a directory")
     return outdir, sub, readpatt
+
+
+def _check_emi(p: SimParams, sub: Subarray, readpatt: str) -> None:
+    freqs, amps, phases = p.emi_frequencies_hz, p.emi_amplitudes_dn, p.emi_phases_rad
+    if len(amps) != len(freqs):
+        raise SimulationError(f"emi_amplitudes_dn has {len(amps)} entries but "
+                              f"emi_frequencies_hz has {len(freqs)}")
+    if len(phases) > len(freqs):
+        raise SimulationError(f"emi_phases_rad has {len(phases)} entries, more than the "
+                              f"{len(freqs)} frequencies")
+    for label, values in (("emi_frequencies_hz", freqs), ("emi_amplitudes_dn", amps),
+                          ("emi_phases_rad", phases)):
+        for v in values:
+            if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                    or not math.isfinite(v)):
+                raise SimulationError(f"{label} must hold finite numbers, got {v!r}")
+    if any(f <= 0 for f in freqs):
+        raise SimulationError(f"emi_frequencies_hz must be > 0, got {list(freqs)}")
+    if freqs:
+        emi_read_clocks(sub.name, readpatt, 1)  # raises for a readout without a clock model
 
 
 #: Serials handed out in this process: serial -> output directory. crds caches mappings by
@@ -1722,6 +1854,7 @@ def simulate(
     params = params if params is not None else SimParams()
     if not isinstance(params, SimParams):
         raise SimulationError(f"params must be a SimParams, got {type(params).__name__}")
+    _check_emi(params, sub, readpatt)
     name = name or _DEFAULT_NAME
     uncal_name = f"{name}_mirimage_uncal.fits"
     if outdir.exists() and any(outdir.iterdir()):
