@@ -1,0 +1,184 @@
+"""Broken plugins, end to end: fake *installed* distributions (``*.dist-info`` with
+METADATA and entry_points.txt on PYTHONPATH, as pip leaves them) next to a good one, and
+the real command line in a subprocess: ``streamdet steps``, ``streamdet plugins`` and
+``streamdet process`` succeed, name each broken package on a line of its own, list the
+good plugin and keep the built-in chain."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from streamdet.plugins import MIRI_ORDER
+
+#: distribution name -> (module name, module source)
+FAKES = {
+    "sd-broken-import": ("sd_broken_import", """
+        raise RuntimeError("sd_broken_import is broken on purpose")
+    """),
+    "sd-lost-anchor": ("sd_lost_anchor", """
+        from streamdet import hookimpl
+        from streamdet.core.step import Step
+
+        class Lost(Step):
+            name = "lost_step"
+            implementation = "lost"
+            after = "no_such_step"
+
+            def process(self, chunk):
+                pass
+
+        @hookimpl
+        def streamdet_steps():
+            return [Lost]
+    """),
+    "sd-bad-param": ("sd_bad_param", """
+        from streamdet import hookimpl
+        from streamdet.core.step import Param, Step
+
+        class BadParam(Step):
+            name = "bad_param_step"
+            implementation = "bad"
+            after = "jump"
+            params_spec = {"width": Param(int, "wide", "a default of the wrong type")}
+
+            def process(self, chunk):
+                pass
+
+        @hookimpl
+        def streamdet_steps():
+            return [BadParam]
+    """),
+    "sd-good-step": ("sd_good_step", """
+        from streamdet import hookimpl
+        from streamdet.core.step import Param, Step
+
+        class GoodStep(Step):
+            name = "good_step"
+            implementation = "good"
+            after = "rscd"
+            default_skip = True
+            params_spec = {"factor": Param(float, 1.0, "multiplies nothing")}
+
+            def process(self, chunk):
+                pass
+
+        @hookimpl
+        def streamdet_steps():
+            return [GoodStep]
+    """),
+}
+
+GOOD_ORDER = [*MIRI_ORDER[: MIRI_ORDER.index("rscd") + 1], "good_step",
+              *MIRI_ORDER[MIRI_ORDER.index("rscd") + 1:]]
+
+
+def install_fakes(site: Path) -> None:
+    """Write each fake distribution the way pip installs one: module + dist-info."""
+    site.mkdir(parents=True, exist_ok=True)
+    for dist, (module, source) in FAKES.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(source).lstrip())
+        info = site / f"{module}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        entry = module.removeprefix("sd_")
+        (info / "entry_points.txt").write_text(f"[streamdet.steps]\n{entry} = {module}\n")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    site = tmp_path_factory.mktemp("fake-site")
+    install_fakes(site)
+    out = {k: v for k, v in os.environ.items() if not k.startswith("CRDS_")}
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    out["COLUMNS"] = "400"  # rich tables are not cut to 80 columns
+    out["STREAMDET_QUICKLOOK"] = "off"  # if that plugin is installed, spare its figure
+    return out
+
+
+def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamdet.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def broken_lines(text: str) -> dict[str, str]:
+    """The one line that names each fake package (failing if there are several)."""
+    found = {}
+    for dist in FAKES:
+        lines = [line for line in text.splitlines() if f"plugin package {dist}:" in line]
+        assert len(lines) <= 1, f"{dist} reported more than once:\n" + "\n".join(lines)
+        if lines:
+            found[dist] = lines[0]
+    return found
+
+
+def check_broken_reports(text: str) -> None:
+    lines = broken_lines(text)
+    assert set(lines) == {"sd-broken-import", "sd-lost-anchor", "sd-bad-param"}, text
+    assert re.search(r"entry point 'broken_import' \(sd_broken_import\) failed to import: "
+                     r"RuntimeError: sd_broken_import is broken on purpose", lines["sd-broken-import"])
+    assert "step 'lost_step' is declared to come after unknown step 'no_such_step'" \
+        in lines["sd-lost-anchor"]
+    assert "BadParam parameter 'width'" in lines["sd-bad-param"]
+    assert "'wide'" in lines["sd-bad-param"] and "int" in lines["sd-bad-param"]
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """Rows of ``streamdet steps``'s table (columns separated by 2+ blanks)."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in stdout.splitlines() if line.strip()]
+    assert rows and rows[0][:4] == ["step", "implementation", "package", "active"], stdout
+    return rows[1:]
+
+
+def test_steps_lists_the_good_plugin_and_names_each_broken_one(env):
+    done = cli(env, "steps")
+    assert done.returncode == 0, done.stderr
+    check_broken_reports(done.stderr)
+    assert all(line.startswith("streamdet: warning: ") for line in done.stderr.splitlines()
+               if "plugin package sd-" in line)
+    rows = table_rows(done.stdout)
+    order = list(dict.fromkeys(row[0] for row in rows))
+    # other contrib plugins may be installed in this environment: look at ours and the built-ins
+    assert [name for name in order if name in GOOD_ORDER] == GOOD_ORDER
+    assert not {"lost_step", "bad_param_step"} & set(order)
+    active = {row[0]: row for row in rows if row[3] == "yes"}
+    assert active["good_step"][1:3] == ["good", "sd-good-step 1.0"]
+    assert active["good_step"][4] == "True"  # skipped by default
+    for name in MIRI_ORDER:
+        assert active[name][1:3] == ["builtin", "streamdet 0.1.0"], active[name]
+
+
+def test_plugins_lists_the_good_plugin_and_names_each_broken_one(env):
+    done = cli(env, "plugins")
+    assert done.returncode == 0, done.stderr
+    check_broken_reports(done.stdout)
+    for line in broken_lines(done.stdout).values():
+        assert line.startswith("broken: plugin package ")
+    lines = done.stdout.splitlines()
+    assert "sd-good-step 1.0  good_step: streamdet_steps" in lines
+    for name in MIRI_ORDER:
+        assert f"streamdet 0.1.0  {name}: streamdet_steps" in lines
+    # a plugin that failed to import or to declare its steps is not listed as loaded
+    assert not [l for l in lines if l.startswith(("sd-broken-import ", "sd-bad-param "))]
+
+
+def test_process_runs_with_broken_plugins_installed(env, streamdet_sim, tmp_path):
+    from astropy.io import fits
+
+    sim = streamdet_sim(subarray="SUB64", ngroups=6, nints=1)
+    out = tmp_path / "products"
+    done = cli({**env, **sim.env}, "process", str(sim.uncal), "-o", str(out), "-q",
+               "--set", "good_step.skip=false")
+    assert done.returncode == 0, done.stderr
+    rate = out / sim.uncal.name.replace("_uncal.fits", "_rate.fits")
+    header = fits.getheader(rate)
+    history = "".join("".join(str(card).split()) for card in header["HISTORY"])
+    assert "streamdet:stepgood_stepservedbyimplementationgoodofsd-good-step1.0" in history
+    for name in ("dq_init", "jump", "ramp_fit"):
+        assert f"streamdet:step{name}servedbyimplementationbuiltinofstreamdet" in history
