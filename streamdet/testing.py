@@ -47,13 +47,15 @@ def crds_environment(sim) -> Iterator[None]:
 
 def run_chain(uncal: Path, output_dir: Path, *, sim=None, plugins: Iterable = (),
               use: dict[str, str] | None = None, steps: dict[str, dict[str, Any]] | None = None,
-              overrides: dict[str, str] | None = None, band_bytes: int | None = None):
+              overrides: dict[str, str] | None = None, band_bytes: int | None = None,
+              only_builtin: bool = False):
     """Process ``uncal`` with ``plugins`` (modules or objects with hook implementations)
-    registered besides the installed ones; returns the engine's Result."""
+    registered besides the installed ones (or besides the built-in steps alone, with
+    ``only_builtin``, to test a plugin in isolation); returns the engine's Result."""
     from .core.engine import DEFAULT_BAND_BYTES, RunConfig, process_file
     from .core.plugins import build_registry
 
-    registry = build_registry(tuple(plugins))
+    registry = build_registry(tuple(plugins), only_builtin=only_builtin)
     config = RunConfig(params=steps or {}, use=use or {}, overrides=overrides or {},
                        output_dir=Path(output_dir), overwrite=True,
                        band_bytes=band_bytes or DEFAULT_BAND_BYTES)

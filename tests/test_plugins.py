@@ -26,7 +26,7 @@ def plugin(*steps, name="testplugin"):
 
 
 def test_builtin_chain_is_the_miri_order():
-    registry = build_registry()
+    registry = build_registry(only_builtin=True)
     assert registry.order == list(MIRI_ORDER)
     assert all(impl.package == "streamdet" for impl in registry.chain())
     assert registry.broken == []
@@ -41,7 +41,7 @@ def test_inserted_step_goes_right_after_its_anchor():
         name = "early"
         before = "saturation"
 
-    registry = build_registry((plugin(Stripe, Early),))
+    registry = build_registry((plugin(Stripe, Early),), only_builtin=True)
     order = registry.order
     assert order.index("destripe") == order.index("dark_current") + 1
     assert order.index("refpix") == order.index("destripe") + 1
@@ -53,7 +53,7 @@ def test_replacement_needs_use_and_use_selects_it():
         name = "jump"
         implementation = "fast"
 
-    registry = build_registry((plugin(FastJump),))
+    registry = build_registry((plugin(FastJump),), only_builtin=True)
     assert registry.implementation("jump").implementation == "builtin"
     assert registry.implementation("jump", {"jump": "fast"}) is FastJump
     with pytest.raises(PluginError, match="no implementation 'slow'"):
@@ -73,7 +73,7 @@ def test_two_plugins_claiming_a_new_step_is_an_error_naming_both():
         implementation = "b"
         after = "dark_current"
 
-    registry = build_registry((plugin(A, name="pkg_a"), plugin(B, name="pkg_b")))
+    registry = build_registry((plugin(A, name="pkg_a"), plugin(B, name="pkg_b")), only_builtin=True)
     with pytest.raises(PluginError) as info:
         registry.chain()
     assert "'a' from pkg_a" in str(info.value) and "'b' from pkg_b" in str(info.value)
@@ -97,7 +97,8 @@ def test_broken_plugins_are_reported_and_do_not_take_others_down():
         raise RuntimeError("boom")
 
     raising.streamdet_steps = streamdet_steps
-    registry = build_registry((plugin(Lost, name="lostpkg"), plugin(BadDefault, name="badpkg"), raising))
+    registry = build_registry((plugin(Lost, name="lostpkg"), plugin(BadDefault, name="badpkg"), raising),
+                              only_builtin=True)
     text = "\n".join(registry.broken)
     assert "lostpkg" in text and "unknown step 'no_such_step'" in text
     assert "badpkg" in text and "'width'" in text

@@ -137,14 +137,19 @@ def get_registry() -> Registry:
     return build_registry()
 
 
-def build_registry(extra_plugins: tuple = ()) -> Registry:
+def build_registry(extra_plugins: tuple = (), *, only_builtin: bool = False) -> Registry:
     """Load all entry points (built-ins first) plus ``extra_plugins`` (modules or objects
-    registered directly, as the test kit does) into a fresh registry."""
+    registered directly, as the test kit does) into a fresh registry.
+
+    ``only_builtin`` loads streamdet's own entry points only, leaving installed
+    third-party plugins out (benchmarks, reproducing a plain run)."""
     pm = pluggy.PluginManager("streamdet")
     pm.add_hookspecs(hookspecs)
     reg = Registry(pm)
     eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     eps.sort(key=lambda ep: (_dist_of(ep)[0] != BUILTIN_PACKAGE,))
+    if only_builtin:
+        eps = [ep for ep in eps if _dist_of(ep)[0] == BUILTIN_PACKAGE]
     sources: list[tuple[object, str, str, str]] = []
     seen_modules: set[str] = set()
     for ep in eps:
