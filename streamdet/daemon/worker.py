@@ -1,0 +1,129 @@
+"""What a worker runs for one file: local pool processes and Dask workers alike.
+
+:func:`run_job` never raises for a processing error: it returns a dict that says whether
+the error is *permanent* (:class:`~streamdet.core.errors.BadInputError`: a corrupt file, a
+wrong instrument, a missing reference -- retrying cannot help) or *transient* (anything
+else). Exceptions that reach the caller (a worker process that died, a lost Dask worker)
+are transient by definition.
+
+Products are written into the job's private staging directory (inside OUTBOX, so the
+daemon's final rename is on one filesystem); the daemon renames them into place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+
+#: the environment a job may carry to its worker (the daemon's CRDS settings)
+ENV_PREFIXES = ("CRDS_",)
+
+
+def apply_env(env: dict[str, str] | None) -> None:
+    """Set the daemon's CRDS_* variables in this worker (before crds is imported, when
+    this is the worker's first job). crds's own console messages are silenced unless the
+    daemon's environment asks for them: the daemon reports every failure itself."""
+    for key, value in (env or {}).items():
+        if key.startswith(ENV_PREFIXES) and os.environ.get(key) != value:
+            os.environ[key] = value
+    os.environ.setdefault("CRDS_VERBOSITY", "-3")
+
+
+def daemon_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+
+
+def run_job(job: dict) -> dict:
+    """Process ``job['path']`` into ``job['staging']`` with ``job['config']``."""
+    apply_env(job.get("env"))
+    import dataclasses
+    from pathlib import Path
+
+    from streamdet.core.engine import RunConfig, process_file
+    from streamdet.core.errors import BadInputError
+
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    started = time.perf_counter()
+    staging = Path(job["staging"])
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        config = job.get("config") or RunConfig()
+        config = dataclasses.replace(config, output_dir=staging, overwrite=True,
+                                     scratch_dir=staging)
+        result = process_file(job["path"], config)
+        return {"ok": True, "products": {k: str(v) for k, v in result.products.items()},
+                "seconds": result.seconds, "timings": result.timings, "worker": worker}
+    except BadInputError as exc:
+        return {"ok": False, "kind": "permanent", "error": str(exc), "worker": worker,
+                "seconds": time.perf_counter() - started}
+    except Exception as exc:
+        return {"ok": False, "kind": "transient", "worker": worker,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=20),
+                "seconds": time.perf_counter() - started}
+
+
+# -- local pool workers ---------------------------------------------------------------------
+
+def init_local_worker(daemon_pid: int, env: dict[str, str], output: str | None = None) -> None:
+    """Initializer of a local pool process: the daemon's CRDS env before any crds import,
+    SIGINT ignored (the daemon decides when work stops), stdout/stderr appended to
+    ``output`` (so library chatter never mixes into the daemon's log lines), warm imports,
+    and a guard thread that ends the process when the daemon is gone (so a SIGKILLed
+    daemon leaves no orphans behind)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if output:
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        except OSError:
+            pass
+    apply_env(env)
+    parent = os.getppid()
+
+    def guard() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent or not _alive(daemon_pid):
+                os._exit(0)
+
+    threading.Thread(target=guard, name="streamdet-orphan-guard", daemon=True).start()
+    warm_up()
+
+
+def warm_up() -> None:
+    """Pay the one-time costs before the first file rather than during it: the engine's
+    imports, plugin discovery, and crds's first lookup (which loads the JWST datamodel
+    schemas, several seconds). Best effort: a problem here shows up in run_job's result."""
+    os.environ.setdefault("CRDS_VERBOSITY", "-3")
+    try:
+        import streamdet.core.engine  # noqa: F401
+        from streamdet.core.plugins import get_registry
+
+        get_registry()
+        import crds  # noqa: F401  (reads the CRDS env once, now)
+        from crds.jwst import locate
+
+        locate.cached_dm_find_fits_keyword("META.INSTRUMENT.DETECTOR")
+        context = os.environ.get("CRDS_CONTEXT")
+        if context:
+            crds.get_cached_mapping(context)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
