@@ -1,25 +1,38 @@
 """The streaming engine: walks an exposure through the chain of steps in bounded chunks.
 
-Two passes, so that peak memory is one integration plus one band, whatever the number
-of integrations:
+Two passes, so that peak memory is one band of rows (plus the frame-sized results),
+whatever the number of integrations:
 
-1. **integration pass** — each integration, all rows, goes through the steps before the
-   first step of granularity EXPOSURE (dq_init ... refpix for MIRI). EXPOSURE steps
-   ``survey`` every integration as it leaves this pass (e.g. ramp_fit learns which groups
-   are unusable everywhere). The result is spilled to a scratch file (kept in memory
-   when the exposure has one integration).
+1. **integration pass** — each integration goes through the steps before the first step
+   of granularity EXPOSURE (dq_init ... dark_current for MIRI). When all of them are
+   GROUP steps it goes a band of rows at a time (with the halo rows the steps ask for:
+   saturation's flag growth needs one); when one of them needs whole integrations
+   (INTEGRATION granularity) the integration goes whole. EXPOSURE steps ``survey`` every
+   piece as it leaves this pass (e.g. ramp_fit learns which groups are unusable
+   everywhere, refpix measures its reference columns). The result is spilled to a
+   scratch file (kept in memory when small).
 2. **band pass** — bands of rows spanning every integration (plus the halo rows the
-   steps ask for) are read back and go through the remaining steps (jump, ramp_fit);
-   the rate producer's results for the band's own rows land in the product arrays.
+   steps ask for) are read back and go through the remaining steps (refpix, jump,
+   ramp_fit); the rate producer's results for the band's own rows land in the product
+   arrays.
+
+With ``RunConfig.threads`` > 1 the bands of both passes are processed by a thread pool
+(numpy releases the GIL in its loops), provided every active step declares
+``thread_safe = True`` (its ``process`` and ``survey`` may run concurrently on disjoint
+rows); otherwise the run is serial. Results do not depend on the band sizes nor on the
+number of threads.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,10 +46,26 @@ from .plugins import Registry, get_registry
 from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
 from .step import Chunk, Granularity, Step
 
-#: default memory for one band of the band pass (data + groupdq)
-DEFAULT_BAND_BYTES = 48 * 1024**2
+#: default memory for one band of the band pass (data + groupdq, all integrations)
+DEFAULT_BAND_BYTES = 64 * 1024**2
+#: the band pass's bands are at most this many rows tall (smaller bands use the caches
+#: better and share out better between threads; thick exposures reach the memory bound
+#: first)
+MAX_BAND_ROWS = 48
+#: default memory for one band of the integration pass (data + groupdq, one integration)
+DEFAULT_PASS1_BAND_BYTES = 16 * 1024**2
 #: rateints arrays larger than this are kept in scratch files rather than memory
-RATEINTS_IN_MEMORY_BYTES = 64 * 1024**2
+RATEINTS_IN_MEMORY_BYTES = 16 * 1024**2
+#: the integration pass's output is kept in memory up to this size (and up to
+#: ``band_bytes``), else in a scratch file
+SCRATCH_IN_MEMORY_BYTES = 64 * 1024**2
+
+
+def _env_threads() -> int:
+    try:
+        return max(1, int(os.environ.get("STREAMDET_THREADS", "1")))
+    except ValueError:
+        return 1
 
 
 @dataclass
@@ -52,6 +81,10 @@ class RunConfig:
     band_bytes: int = DEFAULT_BAND_BYTES
     rateints_in_memory_bytes: int = RATEINTS_IN_MEMORY_BYTES
     scratch_dir: Path | None = None
+    #: threads processing bands (1: serial); default from $STREAMDET_THREADS, else 1
+    threads: int = field(default_factory=lambda: _env_threads())
+    pass1_band_bytes: int = DEFAULT_PASS1_BAND_BYTES
+    scratch_in_memory_bytes: int = SCRATCH_IN_MEMORY_BYTES
 
 
 @dataclass
@@ -75,52 +108,80 @@ def build_chain(registry: Registry, config: RunConfig) -> list[Step]:
 class _Scratch:
     """Where the integration pass leaves the ramp for the band pass.
 
-    One integration stays in memory; more go to scratch files written with plain file
-    writes and read back a band at a time through a short-lived memory map, so that
-    neither the process's memory nor its resident pages grow with the integrations."""
+    Small ramps stay in memory; larger ones go to two raw files (data float32, groupdq
+    uint8) written and read with plain positioned file I/O, so that neither the process's
+    memory nor its resident pages grow with the integrations. The files are laid out row
+    by row, ``[ny, nints, ngroups, nx]``: a band of rows spanning every integration is
+    then one contiguous stretch, read a row at a time (however many integrations)."""
 
-    def __init__(self, meta: ExposureMeta, directory: Path | None):
+    def __init__(self, meta: ExposureMeta, directory: Path | None, in_memory_bytes: int):
         self.shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
         self.dir = None
-        if meta.nints == 1:
+        nbytes = int(np.prod(self.shape)) * 5
+        if nbytes <= in_memory_bytes:
             self.data = np.empty(self.shape, np.float32)
             self.groupdq = np.empty(self.shape, np.uint8)
             return
         self.dir = Path(tempfile.mkdtemp(prefix="streamdet-", dir=directory))
-        self.files = {}
+        self.fds = {}
         for name, dtype in (("data", np.float32), ("groupdq", np.uint8)):
             path = self.dir / f"{name}.raw"
-            handle = open(path, "w+b")
-            handle.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
-            self.files[name] = (path, handle, np.dtype(dtype))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(fd, int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
+            self.fds[name] = fd
 
-    def write(self, i: int, data: np.ndarray, groupdq: np.ndarray) -> None:
+    def write(self, i: int, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
+        """Integration ``i``, rows ``rows``: ``data``/``groupdq`` ``[ngroups, nrows, nx]``."""
         if self.dir is None:
-            self.data[i], self.groupdq[i] = data[0], groupdq[0]
+            self.data[i, :, rows] = data
+            self.groupdq[i, :, rows] = groupdq
             return
+        nints, ngroups, _, nx = self.shape
         for name, array in (("data", data), ("groupdq", groupdq)):
-            _, handle, dtype = self.files[name]
-            block = np.ascontiguousarray(array[0], dtype=dtype)
-            os.pwrite(handle.fileno(), memoryview(block).cast("B"), i * block.nbytes)
+            fd = self.fds[name]
+            by_row = np.ascontiguousarray(array.transpose(1, 0, 2))  # [nrows, ngroups, nx]
+            row_bytes = ngroups * nx * by_row.itemsize
+            for k in range(by_row.shape[0]):
+                offset = ((rows.start + k) * nints + i) * row_bytes
+                _pwrite_all(fd, memoryview(by_row[k]).cast("B"), offset)
 
-    def read(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
+        """Rows ``rows`` of every integration into ``data``/``groupdq``
+        ``[nints, ngroups, nrows, nx]``."""
         if self.dir is None:
-            return self.data[:, :, rows].copy(), self.groupdq[:, :, rows].copy()
-        out = []
-        for name in ("data", "groupdq"):
-            path, handle, dtype = self.files[name]
-            handle.flush()
-            mapped = np.memmap(path, dtype=dtype, mode="r", shape=self.shape)
-            out.append(np.array(mapped[:, :, rows]))
-            del mapped
-        return out[0], out[1]
+            data[...] = self.data[:, :, rows]
+            groupdq[...] = self.groupdq[:, :, rows]
+            return
+        nints, ngroups, _, nx = self.shape
+        for name, array in (("data", data), ("groupdq", groupdq)):
+            fd = self.fds[name]
+            row = np.empty((nints, ngroups, nx), array.dtype)
+            row_bytes = row.nbytes
+            for k in range(rows.stop - rows.start):
+                _pread_all(fd, memoryview(row).cast("B"), (rows.start + k) * row_bytes)
+                array[:, :, k] = row
 
     def close(self) -> None:
         self.data = self.groupdq = None
         if self.dir is not None:
-            for _, handle, _ in self.files.values():
-                handle.close()
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds = {}
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _pread_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"scratch file ended early at byte {offset}")
+        view, offset = view[n:], offset + n
 
 
 def output_paths(meta: ExposureMeta, output_dir: Path | None, save_ramp: bool = False) -> dict[str, Path]:
@@ -145,8 +206,10 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
 
         active = [s for s in chain if not s.skip]
         reftypes = list(dict.fromkeys(r for s in active for r in s.reftypes))
+        t0 = time.perf_counter()
         resolved = refmod.resolve(meta, reftypes, config.overrides)
         refs = refmod.References(meta, resolved)
+        timings["references"] += time.perf_counter() - t0
         pixeldq = exposure.initial_pixeldq()
         try:
             for step in active:
@@ -208,6 +271,104 @@ _REF_KEYWORDS = {"mask": "R_MASK", "saturation": "R_SATURA", "linearity": "R_LIN
                  "emicorr": "R_EMICOR", "refpix": "R_REFPIX"}
 
 
+class _Pool:
+    """Runs tasks in order on ``threads`` threads (or inline for one), timing each step
+    and calling the observer hook under one lock."""
+
+    def __init__(self, threads: int, timings: dict[str, float], hook, exposure: Exposure):
+        self.threads = threads
+        self.timings, self.hook, self.exposure = timings, hook, exposure
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="streamdet") if threads > 1 else None
+
+    def map(self, fn, items):
+        if self.executor is None:
+            return map(fn, items)
+        return self.executor.map(fn, items)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.timings[name] += seconds
+
+    def step(self, step: Step, chunk: Chunk, survey: bool = False):
+        t0 = time.perf_counter()
+        out = step.survey(chunk) if survey else step.process(chunk)
+        dt = time.perf_counter() - t0
+        with self.lock:
+            self.timings[step.name] += dt
+            if not survey:
+                self.hook.streamdet_step_finished(exposure=self.exposure, step=step, chunk=chunk,
+                                                  seconds=dt)
+        return out
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _PageRelease:
+    """Drops from this process's resident set the pages of the input file that a piece
+    of the integration pass has read (they stay in the page cache).
+
+    The exposure reads SCI through a memory map; every page read would otherwise stay
+    mapped, so the resident set would grow by the whole file (1.3 GB for 200 SUB256
+    integrations of 50 groups). ``Exposure.release_pages(ints, rows)`` is used when the
+    exposure offers it; until then, the read-only map behind its SCI array is advised
+    directly (best effort: nothing happens when it is not a read-only ``mmap``)."""
+
+    def __init__(self, exposure: Exposure):
+        self.release = getattr(exposure, "release_pages", None)
+        self.raw = self.mm = None
+        self.base_address = 0
+        if self.release is not None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        raw = getattr(exposure, "_raw", None)
+        # astropy maps the file copy-on-write; the exposure never writes into the map, so
+        # a dropped page is read back from the file unchanged if it is needed again
+        if not isinstance(raw, np.ndarray) or raw.ndim != 4:
+            return
+        base = raw
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+        if base is None:
+            return
+        try:
+            self.base_address = np.frombuffer(base, np.uint8).__array_interface__["data"][0]
+        except (TypeError, ValueError, BufferError):
+            return
+        self.raw, self.mm = raw, base
+
+    def __call__(self, i: int, rows: slice) -> None:
+        if self.release is not None:
+            self.release(slice(i, i + 1), rows)
+            return
+        if self.mm is None:
+            return
+        page = mmap.PAGESIZE
+        try:
+            for plane in self.raw[i]:
+                part = plane[rows]
+                start = part.__array_interface__["data"][0] - self.base_address
+                # the kernel maps pages around each one read: release a margin too, or
+                # the edges of every piece would stay mapped (re-reading is harmless)
+                start = max(0, (start - _FAULT_AROUND) // page * page)
+                stop = min(len(self.mm), start + part.nbytes + 2 * _FAULT_AROUND)
+                if stop > start:
+                    self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (OSError, ValueError):
+            self.mm = None
+
+
+#: bytes around a page read that Linux may map with it (fault-around, large folios): the
+#: margin released around each piece (measured: 256 KiB is not enough, 1 MiB is)
+_FAULT_AROUND = 2 * 1024**2
+
+
+def _bands(ny: int, rows: int) -> list[slice]:
+    return [slice(y0, min(ny, y0 + rows)) for y0 in range(0, ny, rows)]
+
+
 def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
          timings: dict[str, float], hook, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
     meta = exposure.meta
@@ -219,28 +380,55 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         raise PluginError(f"step {late[0]!r} needs whole integrations but comes after a step "
                           "that needs all integrations; this order is not supported")
     int_index = meta.int_index
-    total = meta.nints
-    scratch = _Scratch(meta, config.scratch_dir)
+    ny = meta.ny
+    threads = max(1, int(config.threads or 1))
+    if threads > 1 and not all(getattr(s, "thread_safe", False) for s in active):
+        threads = 1
+    pool = _Pool(threads, timings, hook, exposure)
+    # in memory only when no bigger than what one band of the band pass may hold anyway
+    scratch = _Scratch(meta, config.scratch_dir,
+                       min(config.scratch_in_memory_bytes, config.band_bytes))
     spill_dir = None
     try:
-        for i in range(meta.nints):
-            data, groupdq = exposure.read(slice(i, i + 1))
-            chunk = Chunk(data, groupdq, pixeldq, int_index[i:i + 1], slice(0, meta.ny))
-            for step in pass1:
-                t0 = time.perf_counter()
-                step.process(chunk)
-                dt = time.perf_counter() - t0
-                timings[step.name] += dt
-                hook.streamdet_step_finished(exposure=exposure, step=step, chunk=chunk, seconds=dt)
-            for step in pass2:
-                t0 = time.perf_counter()
-                step.survey(chunk)
-                timings[step.name] += time.perf_counter() - t0
-            scratch.write(i, chunk.data, chunk.groupdq)
-            del chunk, data, groupdq
-            if on_progress:
-                on_progress("integrations", i + 1, total)
+        # -- pass 1: integrations, in bands of rows when every step is pixel-local -------
+        # margins[k]: rows beyond the core that step k's chunk must cover so that the
+        # halos of it and of every later step are correct
+        halos = [max(0, int(getattr(s, "halo", 0) or 0)) for s in pass1]
+        margins = [sum(halos[k:]) for k in range(len(pass1))] + [0]
+        if all(s.granularity == Granularity.GROUP for s in pass1):
+            row_bytes = meta.ngroups * meta.nx * 5
+            rows1 = max(1, int(config.pass1_band_bytes // row_bytes) - 2 * margins[0])
+        else:
+            rows1 = ny
+        bands1 = _bands(ny, rows1)
+        release = _PageRelease(exposure)
 
+        def pass1_piece(task: tuple[int, slice]) -> None:
+            i, core = task
+            r0, r1 = max(0, core.start - margins[0]), min(ny, core.stop + margins[0])
+            t0 = time.perf_counter()
+            data, groupdq = exposure.read(slice(i, i + 1), slice(r0, r1))
+            release(i, slice(r0, r1))
+            pool.add("read", time.perf_counter() - t0)
+            for k, step in enumerate(pass1 + [None]):
+                a, b = max(0, core.start - margins[k]), min(ny, core.stop + margins[k])
+                chunk = Chunk(data[:, :, a - r0:b - r0], groupdq[:, :, a - r0:b - r0],
+                              pixeldq[a:b], int_index[i:i + 1], slice(a, b),
+                              core=slice(core.start - a, core.stop - a))
+                if step is not None:
+                    pool.step(step, chunk)
+            for step in pass2:  # chunk now covers the core rows only
+                pool.step(step, chunk, survey=True)
+            t0 = time.perf_counter()
+            scratch.write(i, core, chunk.data[0], chunk.groupdq[0])
+            pool.add("scratch", time.perf_counter() - t0)
+
+        tasks = [(i, core) for i in range(meta.nints) for core in bands1]
+        for n, _ in enumerate(pool.map(pass1_piece, tasks), start=1):
+            if on_progress and n % len(bands1) == 0:
+                on_progress("integrations", n // len(bands1), meta.nints)
+
+        # -- products -------------------------------------------------------------------
         rate = RateArrays.allocate((meta.ny, meta.nx))
         cube_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
         if cube_bytes > config.rateints_in_memory_bytes:
@@ -257,14 +445,29 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
             ramp = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx), ramp_dir,
                              extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
 
+        # -- pass 2: bands of rows spanning all integrations ------------------------------
         halo = max((s.halo for s in pass2), default=0)
         row_bytes = meta.nints * meta.ngroups * meta.nx * 5
-        band = max(1, int(config.band_bytes // row_bytes) - 2 * halo)
-        bands = [slice(y0, min(meta.ny, y0 + band)) for y0 in range(0, meta.ny, band)]
+        band = max(1, min(MAX_BAND_ROWS, int(config.band_bytes // row_bytes) - 2 * halo))
+        bands = _bands(ny, band)
+        plane = meta.nints * meta.ngroups * meta.nx
+
+        def buffers(nrows: int) -> tuple[np.ndarray, np.ndarray]:
+            """This thread's band buffers, reused from band to band."""
+            have = getattr(pool.local, "buffers", None)
+            if have is None:
+                rows = min(ny, band + 2 * halo)
+                have = pool.local.buffers = (np.empty(plane * rows, np.float32),
+                                             np.empty(plane * rows, np.uint8))
+            shape = (meta.nints, meta.ngroups, nrows, meta.nx)
+            return have[0][:plane * nrows].reshape(shape), have[1][:plane * nrows].reshape(shape)
 
         def run_band(core: slice) -> None:
-            r0, r1 = max(0, core.start - halo), min(meta.ny, core.stop + halo)
-            data, groupdq = scratch.read(slice(r0, r1))
+            r0, r1 = max(0, core.start - halo), min(ny, core.stop + halo)
+            data, groupdq = buffers(r1 - r0)
+            t0 = time.perf_counter()
+            scratch.read(slice(r0, r1), data, groupdq)
+            pool.add("scratch", time.perf_counter() - t0)
             chunk = Chunk(data, groupdq, pixeldq[r0:r1], int_index, slice(r0, r1),
                           core=slice(core.start - r0, core.stop - r0))
             result = None
@@ -272,19 +475,14 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
                 if ramp is not None and step is pass2[-1]:
                     local = chunk.core
                     ramp.put(np.s_[:, :, core], (data[:, :, local], groupdq[:, :, local]))
-                t0 = time.perf_counter()
-                result = step.process(chunk)
-                dt = time.perf_counter() - t0
-                timings[step.name] += dt
-                hook.streamdet_step_finished(exposure=exposure, step=step, chunk=chunk, seconds=dt)
+                result = pool.step(step, chunk)
             band_rate, band_rateints = result
             rate.put(np.s_[core], band_rate)
             rateints.put(np.s_[:, core], band_rateints)
 
-        for b, core in enumerate(bands):
-            run_band(core)
+        for b, _ in enumerate(pool.map(run_band, bands), start=1):
             if on_progress:
-                on_progress("bands", b + 1, len(bands))
+                on_progress("bands", b, len(bands))
         redo = {(s.start, s.stop) for step in pass2 for s in step.rerun_rows()}
         for start, stop in sorted(redo):
             run_band(slice(start, stop))
@@ -294,4 +492,5 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
             shutil.rmtree(spill_dir, ignore_errors=True)
         raise
     finally:
+        pool.close()
         scratch.close()

@@ -15,12 +15,15 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .step import Step
+
+if TYPE_CHECKING:  # pragma: no cover - the step module (and numpy) load with the plugins
+    from .step import Step
 
 hookimpl = pluggy.HookimplMarker("streamdet")
 
@@ -143,6 +146,8 @@ def build_registry(extra_plugins: tuple = (), *, only_builtin: bool = False) -> 
 
     ``only_builtin`` loads streamdet's own entry points only, leaving installed
     third-party plugins out (benchmarks, reproducing a plain run)."""
+    from .step import Step  # noqa: PLC0415 - numpy only when plugins are loaded
+
     pm = pluggy.PluginManager("streamdet")
     pm.add_hookspecs(hookspecs)
     reg = Registry(pm)

@@ -87,7 +87,8 @@ class CubeStore:
         for (path, dtype), theirs in zip(self.paths, arrays):
             target = np.memmap(path, dtype=dtype, mode="r+", shape=self.shape)
             target[index] = theirs
-            target.flush()
+            # no flush: the map is shared, so the page cache already holds the values for
+            # every later reader (msync would only cost time, holding the GIL)
             del target
 
     def plane(self, k: int, i: int) -> np.ndarray:

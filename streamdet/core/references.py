@@ -12,6 +12,7 @@ Reference arrays are memory-mapped and cut to the exposure's subarray on demand.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,13 +181,26 @@ def crds_parameters(header) -> dict[str, str]:
             if key in header and header[key] is not None}
 
 
+#: converted reference blocks kept for reuse (see :meth:`References.block`), at most
+CACHE_BYTES = 64 * 1024**2
+
+_FLOAT_BITPIX = {-32: np.float32, -64: np.float64, 8: np.uint8, 16: np.int16, 32: np.int32,
+                 64: np.int64}
+
+
 class References:
     """Lazy access to the resolved reference files of one exposure."""
 
-    def __init__(self, meta: ExposureMeta, resolved: dict[str, Resolved]):
+    def __init__(self, meta: ExposureMeta, resolved: dict[str, Resolved],
+                 cache_bytes: int = CACHE_BYTES):
         self.meta = meta
         self.resolved = resolved
         self._open: dict[str, fits.HDUList] = {}
+        self._fds: dict[str, int] = {}
+        self._cache: dict[tuple, np.ndarray] = {}
+        self._cache_left = cache_bytes
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def path(self, reftype: str) -> str | None:
         return self.resolved[reftype].path
@@ -256,12 +270,141 @@ class References:
         index = tuple(index) + (slice(None),) * (len(shape) - 2 - len(index))
         bzero = float(hdu.header.get("BZERO", 0.0))
         bscale = float(hdu.header.get("BSCALE", 1.0))
+        # positioned reads keep the file out of the process's resident memory
+        stored = self._positioned(reftype, extname, index, slice(0, self.meta.ny))
+        if stored is not None:
+            if bzero == 0.0 and bscale == 1.0:
+                return stored.astype(dtype, copy=False)
+            return (stored.astype(np.float64) * bscale + bzero).astype(dtype)
         if bzero == 0.0 and bscale == 1.0:
             return np.array(hdu.data[(*index, rows, cols)], dtype=dtype)
         # scaled integers (uint32 DQ stored as int32 + BZERO) cannot be memory-mapped
         # scaled: map the stored integers and apply the scaling to the part read
         stored = self._unscaled(reftype)[extname].data[(*index, rows, cols)]
         return (stored.astype(np.float64) * bscale + bzero).astype(dtype)
+
+    def shared(self, reftype: str, extname: str) -> np.ndarray:
+        """:meth:`array` (float32) read once and shared by every step that asks: a
+        read-only array (gain and read noise serve both jump and ramp_fit)."""
+        key = ("shared", reftype, extname)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is None:
+            hit = self.array(reftype, extname)
+            hit.setflags(write=False)
+            with self._lock:
+                hit = self._cache.setdefault(key, hit)
+        return hit
+
+    def block(self, reftype: str, extname: str, index: tuple = (), rows: slice = slice(None), *,
+              nan_to_zero: bool = False, cache: bool = False) -> np.ndarray:
+        """Like :meth:`array` (float32, cut to the exposure, ``index`` selecting along the
+        leading axes) restricted to the exposure's rows ``rows``, read with positioned
+        reads rather than through a memory map, so that reading a large reference (a 4-D
+        dark) a band at a time neither copies whole planes nor adds the file to the
+        process's resident memory. ``nan_to_zero`` replaces NaN by 0 (for a reference
+        that is subtracted with NaN meaning "no correction": ``x - 0`` is ``x`` exactly).
+        ``cache`` keeps the result for the next identical call while the cache has room
+        (for blocks used again and again, such as the last dark integration that every
+        later science integration uses); the returned array must then not be modified.
+        Thread-safe."""
+        rows = slice(*rows.indices(self.meta.ny))
+        key = (reftype, extname, tuple(_index_key(i) for i in index), rows.start, rows.stop,
+               nan_to_zero)
+        if cache:
+            with self._lock:
+                hit = self._cache.get(key)
+            if hit is not None:
+                return hit
+        hdu = self.hdul(reftype)[extname]
+        scaled = (float(hdu.header.get("BZERO", 0.0)) != 0.0
+                  or float(hdu.header.get("BSCALE", 1.0)) != 1.0)
+        out = None if scaled else self._positioned(reftype, extname, tuple(index), rows)
+        if out is None:
+            out = self.array(reftype, extname, index=tuple(index))[..., rows, :]
+        out = out.astype(np.float32, copy=False)
+        if nan_to_zero:
+            np.copyto(out, 0, where=np.isnan(out))
+        if cache:
+            with self._lock:
+                if out.nbytes <= self._cache_left and key not in self._cache:
+                    out.setflags(write=False)
+                    self._cache[key] = out
+                    self._cache_left -= out.nbytes
+        return out
+
+    def _positioned(self, reftype: str, extname: str, index: tuple, rows: slice
+                    ) -> np.ndarray | None:
+        """The stored values (native byte order, not scaled) of an uncompressed image
+        extension, cut to the exposure's rows ``rows`` and columns, ``index`` selecting
+        along the leading axes (ints drop an axis, slices keep it); read with positioned
+        reads. None when the extension is not a plain image or ``index`` holds other
+        selections."""
+        shape = self.shape(reftype, extname)
+        hdu = self.hdul(reftype)[extname]
+        nlead = len(shape) - 2
+        native = _FLOAT_BITPIX.get(hdu.header.get("BITPIX"))
+        if (native is None or len(shape) < 2 or len(index) > nlead
+                or not isinstance(hdu, (fits.ImageHDU, fits.PrimaryHDU))
+                or isinstance(hdu, fits.CompImageHDU)
+                or not all(isinstance(i, (slice, int, np.integer)) for i in index)
+                or any(isinstance(i, slice) and i.step not in (None, 1) for i in index)):
+            return None
+        ref_rows, ref_cols = self.window(reftype, shape[-2:])
+        ny_ref, nx_ref = shape[-2:]
+        y0 = (ref_rows.start or 0) + rows.start
+        nrows = rows.stop - rows.start
+        axes = []
+        out_lead = []
+        for axis, size in enumerate(shape[:nlead]):
+            pick = index[axis] if axis < len(index) else slice(None)
+            if isinstance(pick, slice):
+                picked = range(*pick.indices(size))
+                out_lead.append(len(picked))
+            else:
+                k = int(pick)
+                if not -size <= k < size:
+                    raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} has no "
+                                          f"plane {k} along axis {axis}")
+                picked = range(k % size, k % size + 1)
+            axes.append(picked)
+        planes = [0]
+        for axis, picked in enumerate(axes):
+            planes = [p * shape[axis] + k for p in planes for k in picked]
+        itemsize = np.dtype(native).itemsize
+        raw = self._buffer((len(planes), nrows, nx_ref), np.dtype(native).newbyteorder(">"))
+        fd = self._fd(reftype)
+        start = hdu.fileinfo()["datLoc"]
+        for j, plane in enumerate(planes):
+            offset = start + ((plane * ny_ref + y0) * nx_ref) * itemsize
+            view = memoryview(raw[j]).cast("B")
+            while view.nbytes:
+                n = os.preadv(fd, [view], offset)
+                if n <= 0:
+                    raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is truncated")
+                view, offset = view[n:], offset + n
+        if ref_cols != slice(None) and (ref_cols.start, ref_cols.stop) != (0, nx_ref):
+            raw = raw[:, :, ref_cols]
+        # FITS is big-endian: a casting copy to native order (unlike byteswap, numpy
+        # releases the GIL for it)
+        out = raw.astype(native)  # a copy: ``raw`` is the reused read buffer
+        return out.reshape(*out_lead, nrows, out.shape[-1])
+
+    def _buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """This thread's read buffer, reused from block to block (fresh memory for every
+        block would be paid again in page faults)."""
+        size = int(np.prod(shape)) * dtype.itemsize
+        have = getattr(self._local, "buffer", None)
+        if have is None or have.size < size:
+            have = self._local.buffer = np.empty(size, np.uint8)
+        return have[:size].view(dtype).reshape(shape)
+
+    def _fd(self, reftype: str) -> int:
+        with self._lock:
+            fd = self._fds.get(reftype)
+            if fd is None:
+                fd = self._fds[reftype] = os.open(self.path(reftype), os.O_RDONLY)
+            return fd
 
     def _unscaled(self, reftype: str) -> fits.HDUList:
         key = f"{reftype}:unscaled"
@@ -280,3 +423,11 @@ class References:
         for hdul in self._open.values():
             hdul.close()
         self._open.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._cache.clear()
+
+
+def _index_key(pick):
+    return (pick.start, pick.stop, pick.step) if isinstance(pick, slice) else int(pick)

@@ -94,6 +94,7 @@ def subtract_dark(
     dark_nframes: int = 1,
     dark_groupgap: int = 0,
     dark_ngroups: int | None = None,
+    nan_zeroed: bool = False,
 ) -> bool:
     """Subtract the dark in place; return False (and change nothing) when jwst skips.
 
@@ -106,6 +107,9 @@ def subtract_dark(
     ``dark_nframes``/``dark_groupgap`` the dark (NFRAMES/GROUPGAP of its header);
     ``dark_ngroups`` defaults to the dark's group axis (jwst uses the array shape too).
     The ``pixeldq`` part is reference-only; pass ``dark_pixeldq=None`` once applied.
+    ``nan_zeroed`` says the caller already replaced NaN in ``dark_data`` by 0 (the same
+    result for a plain subtraction, so no NaN test is needed); it must not be given when
+    the dark is extrapolated or frame-averaged (:func:`needs_raw_dark`).
     """
     nints, ngroups = data.shape[:2]
     if dark_data is not None and dark_data.ndim == 3:
@@ -133,6 +137,8 @@ def subtract_dark(
                 dark_int = _extrapolated(dark_int, extra_groups)
             if averaging:
                 _subtract_averaged(data[integ], dark_int, nframes, groupgap)
+            elif nan_zeroed and not extra_groups:
+                np.subtract(data[integ], dark_int[:ngroups], out=data[integ])
             else:
                 for grp in range(ngroups):
                     _subtract_finite(data[integ, grp], dark_int[grp])
@@ -141,6 +147,16 @@ def subtract_dark(
         np.bitwise_or(pixeldq, np.asarray(dark_pixeldq).astype(pixeldq.dtype, copy=False),
                       out=pixeldq)
     return True
+
+
+def needs_raw_dark(ngroups: int, nframes: int, groupgap: int, dark_ngroups: int,
+                   dark_nframes: int, dark_groupgap: int) -> bool:
+    """True when the dark is extrapolated or frame-averaged before it is subtracted: its
+    NaN must then reach :func:`subtract_dark` as they are (no ``nan_zeroed``), and all
+    its groups are needed."""
+    averaging = not (nframes == dark_nframes and groupgap == dark_groupgap)
+    return averaging or (total_frames(ngroups, nframes, groupgap)
+                         > total_frames(dark_ngroups, dark_nframes, dark_groupgap))
 
 
 def _subtract_finite(plane: np.ndarray, dark_plane: np.ndarray) -> None:
@@ -215,6 +231,7 @@ class DarkCurrentStep(Step):
     after = follows("dark_current")
     reftypes = ("dark",)
     status_keyword = "S_DARK"
+    thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
         shape = refs.shape("dark", "SCI")
@@ -233,24 +250,34 @@ class DarkCurrentStep(Step):
         scalar = hdr.get("AVDRKCUR")
         meta.state["average_dark_current"] = average_dark_current(
             (meta.ny, meta.nx), ref_scalar=None if scalar is None else float(scalar))
+        # the plain case reads only the groups it subtracts, with NaN already zeroed
+        self.raw = needs_raw_dark(meta.ngroups, meta.nframes, meta.groupgap, self.dark_ngroups,
+                                  self.dark_nframes, self.dark_groupgap)
+        # dark integrations that several science integrations use stay converted
+        chosen = [self._chosen(int(i)) for i in meta.int_index]
+        self.reused = {k for k in chosen if k is not None and (chosen.count(k) > 1 or self.ndim == 3)}
         return None
 
-    def _dark_for(self, int_index: int):
-        chosen = dark_int_for(int_index, self.dark_nints, intstart=self.meta.intstart,
-                              file_nints=self.meta.nints, frames_averaged=self.averaging)
+    def _chosen(self, int_index: int) -> int | None:
+        return dark_int_for(int_index, self.dark_nints, intstart=self.meta.intstart,
+                            file_nints=self.meta.nints, frames_averaged=self.averaging)
+
+    def _dark_for(self, int_index: int, rows: slice):
+        chosen = self._chosen(int_index)
         if chosen is None:
             return None
-        return self.refs.array("dark", "SCI", index=(chosen,) if self.ndim == 4 else ())
+        groups = slice(None) if self.raw else slice(0, self.meta.ngroups)
+        index = (chosen, groups) if self.ndim == 4 else (groups,)
+        return self.refs.block("dark", "SCI", index=index, rows=rows, nan_to_zero=not self.raw,
+                               cache=chosen in self.reused)
 
     def process(self, chunk):
-        rows = chunk.rows
         for k, int_index in enumerate(chunk.int_index):
-            dark = self._dark_for(int(int_index))
-            subtract_dark(chunk.data[k:k + 1], chunk.pixeldq,
-                          None if dark is None else dark[:, rows], None,
+            dark = self._dark_for(int(int_index), chunk.rows)
+            subtract_dark(chunk.data[k:k + 1], chunk.pixeldq, dark, None,
                           nframes=self.meta.nframes, groupgap=self.meta.groupgap,
                           dark_nframes=self.dark_nframes, dark_groupgap=self.dark_groupgap,
-                          dark_ngroups=self.dark_ngroups)
+                          dark_ngroups=self.dark_ngroups, nan_zeroed=not self.raw)
 
 
 @hookimpl

@@ -56,6 +56,7 @@ class DQInitStep(Step):
     after = follows("dq_init")
     reftypes = ("mask",)
     status_keyword = "S_DQINIT"
+    thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
         self.mask_dq = refs.dq("mask")

@@ -60,6 +60,7 @@ class FirstFrameStep(Step):
     after = follows("firstframe")
     default_skip = True
     status_keyword = "S_FRSTFR"
+    thread_safe = True
     params_spec = {
         "bright_use_group1": Param(bool, True, "keep group 1 for pixels saturated by group 3"),
     }

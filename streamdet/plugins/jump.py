@@ -79,6 +79,7 @@ is the caller's business; this kernel refuses such ramps.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,9 +140,10 @@ def unusable_groups(groupdq: np.ndarray) -> np.ndarray:
     frame-wide answer that jump detection and the PRIMECRS/EXTNCRS keywords need.
     """
     nints, ngroups = groupdq.shape[:2]
-    planes = groupdq.reshape(nints, ngroups, -1)
-    return np.array([[bool(np.all(planes[i, g] & DO_NOT_USE)) for g in range(ngroups)]
-                     for i in range(nints)], dtype=bool).reshape(nints, ngroups)
+    if groupdq[0, 0].size == 0:
+        return np.ones((nints, ngroups), dtype=bool)
+    common = np.bitwise_and.reduce(groupdq.reshape(nints, ngroups, -1), axis=2)
+    return (common & np.uint8(DO_NOT_USE)) != 0
 
 
 def exposure_median_gain(gain: np.ndarray) -> np.float32:
@@ -258,49 +260,57 @@ def detect_jumps(
 
     thresholds = _Thresholds(float(rejection_threshold), float(four_group_rejection_threshold),
                              float(three_group_rejection_threshold))
-    step = max(1, _SAMPLES_PER_CHUNK // (nints * ngroups * ncols))
-    for start in range(0, nrows, step):
+    # blocks of rows (and, when one row of all integrations is already too much, of
+    # columns), so the temporaries stay bounded however many integrations there are
+    per_row = nints * ngroups * ncols
+    step = max(1, _SAMPLES_PER_CHUNK // per_row)
+    col_step = ncols if per_row <= _SAMPLES_PER_CHUNK else max(1, _SAMPLES_PER_CHUNK // (nints * ngroups))
+    blocks = [(r0, c0) for r0 in range(0, nrows, step) for c0 in range(0, ncols, col_step)]
+    for start, c0 in blocks:
         rows = slice(start, min(nrows, start + step))
-        chunk_dq = groupdq[:, :, rows]
+        cols = slice(c0, min(ncols, c0 + col_step))
+        chunk_dq = groupdq[:, :, rows, cols]
         later_dq = chunk_dq[:, 1:]
-        diffs = _first_differences(data[:, :, rows], chunk_dq, gain[rows])
+        diffs = _first_differences(data[:, :, rows, cols], chunk_dq, gain[rows, cols])
         median = _median_over_differences(diffs)
-        sigma = np.sqrt(np.abs(median) + noise_floor[rows])
+        sigma = np.sqrt(np.abs(median) + noise_floor[rows, cols])
         sigma[sigma == 0.0] = np.nan
-
-        significance = np.subtract(diffs, median, dtype=np.float64)
-        if after_on:
-            for level, big in zip(after_levels, after_big):
-                np.greater_equal(significance, level, out=big[:, :, rows])
-        np.abs(significance, out=significance)
-        significance /= sigma
 
         # Neighbour sources and single-pass jumps are both rare: one scan for everything
         # above the lower of the two limits, then the few survivors are split up.
         floor_limit = thresholds.normal if mode == "single" else np.inf
         if flag_4_neighbors:
             floor_limit = min(floor_limit, min_jump_to_flag_neighbors)
-        flat = significance.reshape(-1)
-        above = np.flatnonzero(flat > floor_limit) if floor_limit < np.inf else np.empty(0, np.intp)
-        level = flat[above]
+        if after_on:
+            significance = np.subtract(diffs, median, dtype=np.float64)
+            for level, big in zip(after_levels, after_big):
+                np.greater_equal(significance, level, out=big[:, :, rows, cols])
+            np.abs(significance, out=significance)
+            significance /= sigma
+            flat = significance.reshape(-1)
+            above = np.flatnonzero(flat > floor_limit) if floor_limit < np.inf else np.empty(0, np.intp)
+            level = flat[above]
+            del significance, flat
+        else:
+            above, level = _above(diffs, median, sigma, floor_limit)
         if flag_4_neighbors:
             chosen = above[(level > min_jump_to_flag_neighbors) & (level < max_jump_to_flag_neighbors)]
-            i, d, r, c = np.unravel_index(chosen, significance.shape)
-            neighbour_sources.append((i, d, r + start, c))
+            i, d, r, c = np.unravel_index(chosen, diffs.shape)
+            neighbour_sources.append((i, d, r + start, c + c0))
 
         if mode == "single":
             # an infinite significance means an infinite difference, which stcal does not
             # count as usable
             chosen = above[(level > thresholds.normal) & np.isfinite(level)]
-            later_dq[np.unravel_index(chosen, significance.shape)] |= _JUMP
+            later_dq[np.unravel_index(chosen, diffs.shape)] |= _JUMP
         elif mode == "iterative":
-            hits = _iterative_search(diffs, noise_floor[rows], thresholds)
+            hits = _iterative_search(diffs, noise_floor[rows, cols], thresholds)
             np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
         else:
             hits = _sigma_clip_outliers(diffs, float(rejection_threshold), only_use_ints)
             hits &= (later_dq & _UNUSABLE) == 0
             np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
-        del diffs, significance
+        del diffs
 
         if mode != "sigclip":
             # JUMP_DET bits still on unusable groups came with the input; they are
@@ -351,6 +361,27 @@ def _search_mode(all_dnu_groups, nints, ngroups, min_diffs_single_pass, minimum_
     return "iterative"
 
 
+def _above(diffs, median, sigma, limit):
+    """Flat indices into ``diffs`` where the significance ``|diff - median| / sigma``
+    (float64, as stcal computes it) exceeds ``limit``, and those significances.
+
+    A float32 screen with a 0.1 % margin finds the candidates (a superset: its rounding
+    is orders of magnitude below the margin for any median a 16-bit ramp can have), and
+    only they get the exact float64 value, which alone decides."""
+    if not limit < np.inf:
+        return np.empty(0, np.intp), np.empty(0)
+    bound = np.float32(limit * (1 - 1e-3)) * sigma.astype(np.float32)
+    deviation = np.subtract(diffs, median.astype(np.float32))
+    np.abs(deviation, out=deviation)
+    candidates = np.flatnonzero(deviation > bound)
+    del deviation
+    pixel = candidates % median.size
+    level = np.abs(diffs.reshape(-1)[candidates].astype(np.float64) - median.reshape(-1)[pixel])
+    level /= sigma.reshape(-1)[pixel]
+    keep = level > limit
+    return candidates[keep], level[keep]
+
+
 def _first_differences(data, groupdq, gain):
     electrons = np.multiply(data, gain, dtype=np.float32)
     np.copyto(electrons, np.float32(np.nan), where=(groupdq & _UNUSABLE) != 0)
@@ -360,7 +391,9 @@ def _first_differences(data, groupdq, gain):
 def _pixel_major(diffs):
     """[nints, ndiffs, rows, cols] -> contiguous [rows*cols, nints*ndiffs]."""
     nints, ndiffs = diffs.shape[:2]
-    return np.ascontiguousarray(diffs.reshape(nints * ndiffs, -1).T)
+    # always a copy: callers sort it in place (for one pixel the transpose is already
+    # contiguous, and ascontiguousarray would hand back a view of ``diffs``)
+    return np.array(diffs.reshape(nints * ndiffs, -1).T, order="C")
 
 
 def _middle_of_sorted(ordered, n_used):
@@ -377,8 +410,10 @@ def _middle_of_sorted(ordered, n_used):
 
 def _median_over_differences(diffs):
     """Per-pixel nanmedian of the differences over integrations and groups (float64)."""
+    nints, ndiffs = diffs.shape[:2]
+    missing = np.isnan(diffs).reshape(nints * ndiffs, -1).view(np.uint8)
+    n_valid = nints * ndiffs - np.add.reduce(missing, axis=0, dtype=np.intp)
     ordered = _pixel_major(diffs)
-    n_valid = ordered.shape[1] - np.count_nonzero(np.isnan(ordered), axis=1)
     ordered.sort(axis=1)
     return _middle_of_sorted(ordered, n_valid).reshape(diffs.shape[2:])
 
@@ -425,7 +460,10 @@ def _iterative_search(diffs, noise_floor, thresholds):
             limit[n_usable >= 4] = thresholds.normal
             limit[n_usable == 3] = thresholds.three_diffs
             limit[n_usable == 2] = thresholds.two_diffs
-            best_per_int = np.fmax.reduce(ratio.reshape(-1, nints, ndiffs), axis=2)
+            per_int = ratio.reshape(-1, nints, ndiffs)
+            best_per_int = per_int[:, :, 0].copy()
+            for k in range(1, ndiffs):  # (fmax.reduce over the short last axis is slower)
+                np.fmax(best_per_int, per_int[:, :, k], out=best_per_int)
             int_has_jump = best_per_int > limit[:, None]
             best = np.fmax.reduce(best_per_int, axis=1)
             new = ratio == best[:, None]
@@ -482,8 +520,7 @@ def _sigma_clip_outliers(diffs, n_sigma, only_use_ints):
 def _flagged_everywhere(groupdq):
     nints, ngroups = groupdq.shape[:2]
     planes = groupdq.reshape(nints, ngroups, -1)
-    return np.array([[bool(np.all(planes[i, g] & _JUMP_OR_DNU)) for g in range(ngroups)]
-                     for i in range(nints)], dtype=bool).reshape(nints, ngroups)
+    return np.all((planes & _JUMP_OR_DNU) != 0, axis=2)
 
 
 def _count_jumps(groupdq, counted_rows):
@@ -491,7 +528,7 @@ def _count_jumps(groupdq, counted_rows):
         return 0
     if not counted_rows.all():
         groupdq = groupdq[:, :, counted_rows]
-    return int(sum(np.count_nonzero(plane & _JUMP) for plane in groupdq))
+    return int(np.count_nonzero(groupdq & _JUMP))
 
 
 def _flag_neighbours(groupdq, candidates):
@@ -566,6 +603,7 @@ class JumpStep(Step):
     reftypes = ("gain", "readnoise")
     granularity = Granularity.EXPOSURE
     halo = 1
+    thread_safe = True
     status_keyword = "S_JUMP"
     params_spec = {
         "rejection_threshold": Param(float, 4.0, "sigma threshold with 4+ usable differences", min=0),
@@ -593,17 +631,21 @@ class JumpStep(Step):
         if meta.ngroups <= 2:
             return "needs at least 3 groups"
         self.meta = meta
-        self.gain = refs.array("gain", "SCI")
-        self.readnoise = refs.array("readnoise", "SCI")
+        self.gain = refs.shared("gain", "SCI")
+        self.readnoise = refs.shared("readnoise", "SCI")
         self.median_gain = exposure_median_gain(self.gain)
-        self.all_dnu = np.zeros((meta.nints, meta.ngroups), dtype=bool)
+        # groups DO_NOT_USE in every pixel seen so far, ANDed over the surveyed pieces
+        self.all_dnu = np.ones((meta.nints, meta.ngroups), dtype=bool)
         self.counts: dict[tuple[int, int], JumpCounts] = {}
         self.global_flagged = None
+        self.lock = threading.Lock()
         return None
 
     def survey(self, chunk):
         local = chunk.int_index - self.meta.int_index[0]
-        self.all_dnu[local] = unusable_groups(chunk.groupdq)
+        piece = unusable_groups(chunk.groupdq)
+        with self.lock:
+            self.all_dnu[local] &= piece
 
     def process(self, chunk):
         rows = chunk.rows

@@ -43,6 +43,7 @@ class LastFrameStep(Step):
     name = "lastframe"
     after = follows("lastframe")
     status_keyword = "S_LASTFR"
+    thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
         if meta.ngroups <= MIN_GROUPS_EXCLUSIVE:

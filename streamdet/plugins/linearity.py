@@ -28,7 +28,8 @@ import numpy as np
 
 from streamdet.core.dqflags import NO_LIN_CORR, SATURATED
 
-BAND_ROWS = 32
+#: samples in one block of the polynomial evaluation (all groups of a few rows)
+BLOCK_SAMPLES = 1 << 18
 
 
 def prepare_linearity_reference(coeffs: np.ndarray, ref_dq: np.ndarray | None):
@@ -59,27 +60,32 @@ def prepare_linearity_reference(coeffs: np.ndarray, ref_dq: np.ndarray | None):
 
 
 def apply_linearity_polynomial(data: np.ndarray, groupdq: np.ndarray,
-                               usable_coeffs: np.ndarray, *, band_rows: int = BAND_ROWS) -> None:
+                               usable_coeffs: np.ndarray, *, band_rows: int | None = None) -> None:
     """Correct every non-SATURATED group of ``data`` in place with prepared coefficients.
 
-    Works in bands of rows so the Horner temporaries stay in cache.
+    Works on blocks of rows (all groups at once) so the Horner temporaries stay in
+    cache; ``band_rows`` (default: about :data:`BLOCK_SAMPLES` samples a block) sets
+    their height. Each sample sees the same float32 operations in the same order
+    whatever the blocks.
     """
-    nints, ngroups, nrows, _ = data.shape
+    nints, ngroups, nrows, ncols = data.shape
     ncoeffs = usable_coeffs.shape[0]
+    if band_rows is None:
+        band_rows = max(1, BLOCK_SAMPLES // max(1, ngroups * ncols))
+    result = np.empty((ngroups, min(band_rows, nrows), ncols), dtype=np.float32)
     for r0 in range(0, nrows, band_rows):
         r1 = min(r0 + band_rows, nrows)
-        band_coeffs = usable_coeffs[:, r0:r1]
-        result = np.empty(data.shape[2:], dtype=np.float32)[: r1 - r0]
+        coeffs = usable_coeffs[:, r0:r1]
+        out = result[:, : r1 - r0]
         for integ in range(nints):
-            for grp in range(ngroups):
-                raw = data[integ, grp, r0:r1]
-                np.multiply(band_coeffs[ncoeffs - 1], raw, out=result)
-                for k in range(ncoeffs - 2, 0, -1):
-                    np.add(result, band_coeffs[k], out=result)
-                    np.multiply(result, raw, out=result)
-                np.add(result, band_coeffs[0], out=result)
-                unsaturated = (groupdq[integ, grp, r0:r1] & SATURATED) == 0
-                np.copyto(raw, result, where=unsaturated)
+            raw = data[integ, :, r0:r1]
+            np.multiply(coeffs[ncoeffs - 1], raw, out=out)
+            for k in range(ncoeffs - 2, 0, -1):
+                np.add(out, coeffs[k], out=out)
+                np.multiply(out, raw, out=out)
+            np.add(out, coeffs[0], out=out)
+            unsaturated = (groupdq[integ, :, r0:r1] & SATURATED) == 0
+            np.copyto(raw, out, where=unsaturated)
 
 
 def correct_linearity(
@@ -121,6 +127,7 @@ class LinearityStep(Step):
     after = follows("linearity")
     reftypes = ("linearity",)
     status_keyword = "S_LINEAR"
+    thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
         if meta.nframes > 1:

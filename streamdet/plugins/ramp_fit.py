@@ -66,6 +66,7 @@ frame.  Arithmetic is double precision; results are rounded to float32 like stca
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -226,6 +227,15 @@ def _weighted_sums(coeff: np.ndarray, window: np.ndarray) -> np.ndarray:
     return np.einsum("jk,jk->k", coeff, window)
 
 
+def _weighted_sums_one(coeff: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """:func:`_weighted_sums` with one coefficient column ``[length]`` for every column of
+    ``window``: the same sums (einsum adds the groups in order either way; checked
+    bit-identical), without building the ``[length, m]`` coefficient array."""
+    if window.shape[1] == 1:
+        return np.einsum("j,jk->k", coeff, np.repeat(window, 2, axis=1))[:1]
+    return np.einsum("j,jk->k", coeff, window)
+
+
 # --------------------------------------------------------------------------------------
 # segments
 # --------------------------------------------------------------------------------------
@@ -281,10 +291,19 @@ def _ols_slopes(ramp: np.ndarray, segs: _Segments, code: np.ndarray, table) -> n
         pix, start = segs.pixel[chosen], segs.start[chosen]
         s0 = int(start[0])
         if pix.size * 2 >= npix and np.all(start == s0):
-            code_all = np.zeros(npix, dtype=np.intp)
-            code_all[pix] = code[chosen]
-            coeff = np.take(table[length], code_all, axis=1)
-            slopes[chosen] = _weighted_sums(coeff, ramp[s0:s0 + length])[pix]
+            # one start for most of the chunk: per weighting exponent, a common
+            # coefficient column over the slab (or over the few pixels gathered)
+            slab = ramp[s0:s0 + length]
+            codes = code[chosen]
+            present = np.flatnonzero(np.bincount(codes, minlength=len(_POWERS)))
+            for c in present:
+                picked = slice(None) if present.size == 1 else np.flatnonzero(codes == c)
+                where = pix[picked]
+                if where.size * 4 >= npix:
+                    sums = _weighted_sums_one(table[length][:, c], slab)[where]
+                else:
+                    sums = _weighted_sums_one(table[length][:, c], slab[:, where])
+                slopes[chosen[picked]] = sums
         else:
             window = _window(ramp, pix, start, length)
             coeff = np.take(table[length], code[chosen], axis=1)
@@ -442,8 +461,10 @@ def _layout(gdq: np.ndarray, suppress: bool) -> _Layout:
     # the commonest flag value of each group, from a sample: it only picks the fast
     # path for the pixels that match it, so an unlucky sample costs time, not accuracy
     sample = gdq[:, :: max(1, npix // 4096)]
-    template = np.array([np.bincount(row, minlength=256).argmax() for row in sample],
-                        dtype=np.uint8)
+    # one bincount for all groups: group g's values are counted at g*256 + value
+    keyed = sample + (np.arange(ngroups, dtype=np.intp) * 256)[:, None]
+    counts = np.bincount(keyed.ravel(), minlength=ngroups * 256).reshape(ngroups, 256)
+    template = counts.argmax(axis=1).astype(np.uint8)
     regular = np.logical_and.reduce(gdq == template[:, None], axis=0)
     only_first = None
     if not suppress:
@@ -457,7 +478,8 @@ def _usable_flags(flags: np.ndarray, setup: _Setup) -> np.ndarray:
     if setup.suppress:
         # suppression counts clean groups on the untrimmed ramp, before the discard
         # clears JUMP_DET on the new first group
-        n_clean = np.count_nonzero((flags & _NOT_PERSISTENCE) == 0, axis=0)
+        clean = (flags & _NOT_PERSISTENCE) == 0
+        n_clean = np.add.reduce(clean.view(np.uint8), axis=0, dtype=np.uint32)
         gdq |= np.where(n_clean == 1, np.uint8(DO_NOT_USE), np.uint8(0))
     if setup.n_leading > 0:
         gdq[0] &= np.uint8(~JUMP_DET & 0xFF)
@@ -605,6 +627,12 @@ def _middle(ordered, n_valid, first, gtime):
     of rounding only.  With no usable difference stcal falls back on ``first`` (the
     first sample) over group_time.
     """
+    if first is None and n_valid.size and np.all(n_valid == n_valid[0]):
+        # one count for every row: plain columns (the same values as the general path)
+        n = int(n_valid[0])
+        low = ordered[:, max((n - 1) // 2, 0)].astype(np.float64)
+        high = ordered[:, min(n // 2, ordered.shape[1] - 1)].astype(np.float64)
+        return (low + high) / 2.0 / gtime
     rows = np.arange(ordered.shape[0])
     low = ordered[rows, np.maximum((n_valid - 1) // 2, 0)].astype(np.float64)
     high = ordered[rows, np.minimum(n_valid // 2, ordered.shape[1] - 1)].astype(np.float64)
@@ -843,6 +871,7 @@ class RampFitStep(Step):
     after = follows("ramp_fit")
     reftypes = ("readnoise", "gain")
     granularity = Granularity.EXPOSURE
+    thread_safe = True
     status_keyword = "S_RAMP"
     produces_rate = True
     params_spec = {
@@ -851,15 +880,18 @@ class RampFitStep(Step):
 
     def prepare(self, meta, refs, pixeldq):
         self.meta = meta
-        self.gain = refs.array("gain", "SCI")
-        self.readnoise = refs.array("readnoise", "SCI")
+        self.gain = refs.shared("gain", "SCI")
+        self.readnoise = refs.shared("readnoise", "SCI")
         # bits set in every pixel of every integration, per group (from the survey)
         self.common = np.full(meta.ngroups, 0xFF, dtype=np.uint8)
         self.discard = None
+        self.lock = threading.Lock()
         return None
 
     def survey(self, chunk):
-        self.common &= np.bitwise_and.reduce(chunk.groupdq, axis=(0, 2, 3))
+        piece = np.bitwise_and.reduce(chunk.groupdq, axis=(0, 2, 3))
+        with self.lock:
+            self.common &= piece
 
     def _plan(self) -> GroupDiscard:
         where = self.meta.path
@@ -874,7 +906,9 @@ class RampFitStep(Step):
 
     def process(self, chunk):
         if self.discard is None:
-            self.discard = self._plan()
+            with self.lock:
+                if self.discard is None:
+                    self.discard = self._plan()
         core = chunk.core
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
         dark = self.meta.state.get("average_dark_current")

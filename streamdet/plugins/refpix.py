@@ -42,10 +42,10 @@ float64 fallback mean is applied in float64 and rounded once, as jwst does.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from streamdet.core import dqflags
 
@@ -65,7 +65,6 @@ MIRI_IGNORED_PARAMETERS = (
 SUBARRAY_SKIP_MESSAGE = "Refpix correction skipped for MIRI subarrays"
 
 _DO_NOT_USE = np.uint32(dqflags.DO_NOT_USE)
-_ROW_BAND = 64  # rows per in-cache pass; even, so band starts keep the row parity
 
 
 @dataclass(frozen=True)
@@ -100,25 +99,43 @@ def _clipped_mean(sample_source: np.ndarray, good: np.ndarray, limit: float):
         return None
     sample = sample_source[good]
     if np.std(sample, dtype=np.float64) != 0.0:
-        kept = stats.sigmaclip(sample, limit, limit)[0]
+        kept = _sigmaclip(sample, limit, limit)
         return kept.mean()
     # a constant sample would stall scipy's clip; its float64 mean keeps that dtype
     return sample.mean(dtype=np.float64)
+
+
+def _sigmaclip(sample: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The values ``scipy.stats.sigmaclip(sample, low, high)`` keeps, with the same numpy
+    operations in the same dtype (so the same numbers), without importing scipy: drop
+    values outside ``mean - low*std .. mean + high*std`` until none is dropped."""
+    kept = np.ravel(sample)
+    while True:
+        spread = np.std(kept)
+        centre = np.mean(kept)
+        size = kept.size
+        kept = kept[(kept >= centre - spread * low) & (kept <= centre + spread * high)]
+        if kept.size == size:
+            return kept
 
 
 def _parity_rows(nrows: int, odd_even_rows: bool) -> list[slice]:
     return [slice(0, nrows, 2), slice(1, nrows, 2)] if odd_even_rows else [slice(0, nrows)]
 
 
+def reference_columns(ncols: int) -> np.ndarray:
+    """Indices of the 8 reference columns: left 0-3, then right ``ncols-4 .. ncols-1``."""
+    return np.r_[0:N_SIDE_REFERENCE_COLUMNS, ncols - N_SIDE_REFERENCE_COLUMNS:ncols]
+
+
 def _usable_positions(pixeldq: np.ndarray, row_sets: list[slice]) -> list[list[np.ndarray]]:
-    """For each row set and each of the 8 reference columns (left 0-3, right 0-3),
-    the positions (within the row set) of pixels without DO_NOT_USE."""
-    ncols = pixeldq.shape[1]
-    columns = list(range(N_SIDE_REFERENCE_COLUMNS)) + list(
-        range(ncols - N_SIDE_REFERENCE_COLUMNS, ncols))
+    """For each row set and each of the 8 reference columns (``pixeldq`` [nrows, 8] holds
+    their pixel DQ: left 0-3, right 0-3), the positions (within the row set) of pixels
+    without DO_NOT_USE."""
     out = []
     for rows in row_sets:
-        out.append([np.flatnonzero((pixeldq[rows, c] & _DO_NOT_USE) == 0) for c in columns])
+        out.append([np.flatnonzero((pixeldq[rows, c] & _DO_NOT_USE) == 0)
+                    for c in range(pixeldq.shape[1])])
     return out
 
 
@@ -163,6 +180,71 @@ def _row_corrections(reference: np.ndarray, usable: list[list[np.ndarray]],
     return rows_out
 
 
+def measure_reference_drift(columns: np.ndarray, pixeldq: np.ndarray, ncols: int, *,
+                            odd_even_rows: bool = True, siglimit: float = 3.0
+                            ) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """The corrections for one integration, from its reference columns alone.
+
+    ``columns`` float32 [ngroups, nrows, 8]: the 8 reference columns
+    (:func:`reference_columns`) of every row and group of the integration, as the step
+    receives it; ``pixeldq`` [nrows, 8] their pixel DQ.  Returns ``(corrections,
+    warnings)``: ``corrections`` [ngroups - 1, nsets, ncols] holds, for each group after
+    the first and each row set (even rows, odd rows; or all rows), the row to subtract
+    (float32, or float64 when a fallback mean came out float64: applying float32 values
+    in float64 and rounding once gives the same numbers); None when there is nothing to
+    correct (one group, or reference pixels missing: ``warnings`` says which).
+    """
+    ngroups, nrows = columns.shape[:2]
+    row_sets = _parity_rows(nrows, odd_even_rows)
+    usable = _usable_positions(pixeldq, row_sets)
+    warnings = _missing_reference_warnings(usable, odd_even_rows) if ngroups > 1 else []
+    if warnings:
+        warnings.append("Group 1 has no reference pixels")
+    if warnings or ngroups < 2:
+        return None, tuple(warnings)
+    first = columns[0]
+    rows = [_row_corrections(columns[g] - first, usable, row_sets, siglimit, ncols)
+            for g in range(1, ngroups)]
+    dtype = np.float64 if any(r.dtype == np.float64 for r in rows) else np.float32
+    return np.stack([r.astype(dtype, copy=False) for r in rows]), tuple(warnings)
+
+
+def apply_reference_drift(data: np.ndarray, corrections: np.ndarray | None, first_row: int = 0,
+                          *, odd_even_rows: bool = True) -> None:
+    """Apply :func:`measure_reference_drift`'s corrections to rows of one integration.
+
+    ``data`` float32 [ngroups, nrows, ncols] (in place) holds the integration's rows
+    ``first_row ..`` (any rows: the correction is pixel-local once measured).  Every
+    group after the first becomes ``((x - g0) - correction) + g0`` in float32, group 0
+    ``(g0 - g0) + g0``, exactly as jwst computes them; with ``corrections`` None only
+    the subtraction and re-addition of group 0 happen.
+    """
+    ngroups, nrows, ncols = data.shape
+    # blocks of an even number of rows, all groups at once, small enough to stay in cache
+    step = max(2, (_BLOCK_SAMPLES // max(1, ngroups * ncols)) & ~1)
+    for r0 in range(0, nrows, step):
+        block = data[:, r0:r0 + step]
+        first = block[0].copy()
+        block[0] -= first
+        block[0] += first
+        if ngroups < 2:
+            continue
+        rest = block[1:]
+        rest -= first
+        if corrections is not None:
+            if odd_even_rows:
+                parity = (first_row + r0) % 2
+                rest[:, 0::2] -= corrections[:, parity, np.newaxis, :]
+                rest[:, 1::2] -= corrections[:, 1 - parity, np.newaxis, :]
+            else:
+                rest -= corrections[:, 0, np.newaxis, :]
+        rest += first
+
+
+#: samples per in-cache block of :func:`apply_reference_drift`
+_BLOCK_SAMPLES = 1 << 18
+
+
 def subtract_reference_drift(data: np.ndarray, pixeldq: np.ndarray, *,
                              odd_even_rows: bool = True, siglimit: float = 3.0
                              ) -> RefpixOutcome:
@@ -171,6 +253,7 @@ def subtract_reference_drift(data: np.ndarray, pixeldq: np.ndarray, *,
     ``data`` float32 [nints, ngroups, nrows, ncols] (all rows of each integration);
     ``pixeldq`` uint32 [nrows, ncols].  The reference columns are the first and last
     four columns.  Call only when :func:`applies_to` says the step applies.
+    (:func:`measure_reference_drift` then :func:`apply_reference_drift`, per integration.)
     """
     if data.dtype != np.float32:
         raise TypeError(f"refpix: data must be float32, got {data.dtype}")
@@ -180,39 +263,15 @@ def subtract_reference_drift(data: np.ndarray, pixeldq: np.ndarray, *,
                          "columns")
     if pixeldq.shape != (nrows, ncols):
         raise ValueError(f"refpix: pixeldq shape {pixeldq.shape} != frame {(nrows, ncols)}")
-
-    row_sets = _parity_rows(nrows, odd_even_rows)
-    usable = _usable_positions(pixeldq, row_sets)
-    warnings = _missing_reference_warnings(usable, odd_even_rows) if ngroups > 1 else []
-    corrected = not warnings and ngroups > 1
-    if warnings:
-        warnings.append("Group 1 has no reference pixels")
-    nref = N_SIDE_REFERENCE_COLUMNS
-
+    cols = reference_columns(ncols)
+    warnings: tuple[str, ...] = ()
+    corrected = ngroups > 1
     for i in range(nints):
-        first = data[i, 0].copy()
-        # group 0 minus itself, plus itself: 0 + g0 (NaN where g0 is not finite)
-        g0 = data[i, 0]
-        g0 -= first
-        g0 += first
-        for g in range(1, ngroups):
-            frame = data[i, g]
-            if not warnings:
-                reference = np.concatenate(
-                    (frame[:, :nref] - first[:, :nref], frame[:, -nref:] - first[:, -nref:]),
-                    axis=1)
-                correction = _row_corrections(reference, usable, row_sets, siglimit, ncols)
-            for r0 in range(0, nrows, _ROW_BAND):
-                band = frame[r0:r0 + _ROW_BAND]
-                base = first[r0:r0 + _ROW_BAND]
-                band -= base
-                if not warnings:
-                    if odd_even_rows:
-                        band[0::2] -= correction[0]
-                        band[1::2] -= correction[1]
-                    else:
-                        band -= correction[0]
-                band += base
+        corrections, warnings = measure_reference_drift(
+            data[i][:, :, cols], pixeldq[:, cols], ncols, odd_even_rows=odd_even_rows,
+            siglimit=siglimit)
+        corrected = corrections is not None
+        apply_reference_drift(data[i], corrections, 0, odd_even_rows=odd_even_rows)
     return RefpixOutcome(corrected, tuple(warnings))
 
 
@@ -227,13 +286,17 @@ from . import follows  # noqa: E402
 class RefpixStep(Step):
     """Removes amplifier bias drift using the MIRI reference columns (jwst 3.0 ``refpix``).
 
-    It needs every row of an integration at once: the reference levels are statistics
-    over the whole frame. MIRI subarrays have too few reference columns and are skipped,
-    as jwst does."""
+    The reference levels are statistics over every row of an integration, so the step
+    works in two phases: while the engine's first pass streams each integration by, it
+    collects the 8 reference columns (``survey``) and, once an integration is complete,
+    measures its corrections; in the band pass it applies them to any rows
+    (``process``). MIRI subarrays have too few reference columns and are skipped, as jwst
+    does."""
 
     name = "refpix"
     after = follows("refpix")
-    granularity = Granularity.INTEGRATION
+    granularity = Granularity.EXPOSURE
+    thread_safe = True
     status_keyword = "S_REFPIX"
     params_spec = {
         "odd_even_rows": Param(bool, True, "separate reference levels for odd and even rows"),
@@ -241,12 +304,47 @@ class RefpixStep(Step):
 
     def prepare(self, meta, refs, pixeldq):
         verdict = applies_to(meta.ny, meta.nx)
-        return None if verdict.applies else verdict.message
+        if not verdict.applies:
+            return verdict.message
+        self.meta = meta
+        self.pixeldq = pixeldq          # the exposure-wide flags, as they stand when measured
+        self.columns = reference_columns(meta.nx)
+        self.collected: dict[int, list] = {}   # integration -> [columns, rows seen]
+        self.corrections: dict[int, np.ndarray | None] = {}
+        self.warnings: tuple[str, ...] = ()
+        self.lock = threading.Lock()
+        return None
+
+    def survey(self, chunk):
+        rows = chunk.rows
+        nrows = chunk.nrows
+        picked = chunk.data[:, :, :, self.columns]
+        for k, i in enumerate(chunk.int_index):
+            i = int(i)
+            with self.lock:
+                entry = self.collected.get(i)
+                if entry is None:
+                    shape = (self.meta.ngroups, self.meta.ny, self.columns.size)
+                    entry = self.collected[i] = [np.empty(shape, np.float32), 0]
+            entry[0][:, rows] = picked[k]
+            with self.lock:
+                entry[1] += nrows
+                complete = entry[1] >= self.meta.ny
+                if complete:
+                    del self.collected[i]
+            if complete:
+                corrections, warnings = measure_reference_drift(
+                    entry[0], self.pixeldq[:, self.columns], self.meta.nx,
+                    odd_even_rows=self.params["odd_even_rows"])
+                with self.lock:
+                    self.corrections[i] = corrections
+                    self.warnings = warnings
 
     def process(self, chunk):
-        outcome = subtract_reference_drift(chunk.data, chunk.pixeldq,
-                                           odd_even_rows=self.params["odd_even_rows"])
-        self.warnings = outcome.warnings
+        first_row = chunk.rows.start
+        for k, i in enumerate(chunk.int_index):
+            apply_reference_drift(chunk.data[k], self.corrections[int(i)], first_row,
+                                  odd_even_rows=self.params["odd_even_rows"])
 
 
 @hookimpl

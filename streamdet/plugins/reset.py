@@ -36,6 +36,7 @@ def subtract_reset(
     reset_dq: np.ndarray | None,
     *,
     reset_ngroups: int | None = None,
+    nan_zeroed: bool = False,
 ) -> None:
     """Subtract the reset correction in place.
 
@@ -46,6 +47,8 @@ def subtract_reset(
     ``reset_dq`` the reference's 2-D DQ, ORed into ``pixeldq``.  ``reset_ngroups``
     (default: the reference's group axis) limits how many leading groups are corrected.
     The ``pixeldq`` part is reference-only; pass ``reset_dq=None`` once it has been applied.
+    ``nan_zeroed`` says the caller already replaced NaN in ``reset_data`` by 0 (which
+    subtracts to the same result): the subtraction then needs no NaN test.
     """
     if reset_data.ndim == 3:
         reset_data = reset_data[np.newaxis]
@@ -56,6 +59,10 @@ def subtract_reset(
     n_ref_rows = reset_data.shape[0]
     for integ in range(nints):
         ref_int = reset_data[integ if n_ref_rows > 1 else 0]
+        if nan_zeroed:
+            target = data[integ, :n_corrected]
+            np.subtract(target, ref_int[:n_corrected], out=target)
+            continue
         for grp in range(n_corrected):
             _subtract_finite(data[integ, grp], ref_int[grp])
     if reset_dq is not None:
@@ -85,6 +92,7 @@ class ResetStep(Step):
     after = follows("reset")
     reftypes = ("reset",)
     status_keyword = "S_RESET"
+    thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
         shape = refs.shape("reset", "SCI")
@@ -97,16 +105,21 @@ class ResetStep(Step):
         self.refs = refs
         self.n_corrected = min(meta.ngroups, self.ref_ngroups, shape[1])
         np.bitwise_or(pixeldq, refs.dq("reset"), out=pixeldq)
+        # reference integrations that correct several science integrations stay converted
+        chosen = [reset_int_for(int(i), self.ref_nints) for i in meta.int_index]
+        self.reused = {k for k in chosen if chosen.count(k) > 1 or self.ndim == 3}
         return None
 
-    def _planes(self, int_index: int) -> np.ndarray:
-        index = (reset_int_for(int_index, self.ref_nints), slice(0, self.n_corrected))
-        return self.refs.array("reset", "SCI", index=index if self.ndim == 4 else index[1:])
+    def _planes(self, int_index: int, rows: slice) -> np.ndarray:
+        k = reset_int_for(int_index, self.ref_nints)
+        index = (k, slice(0, self.n_corrected))
+        return self.refs.block("reset", "SCI", index=index if self.ndim == 4 else index[1:],
+                               rows=rows, nan_to_zero=True, cache=k in self.reused)
 
     def process(self, chunk):
-        rows = chunk.rows
-        reset = np.stack([self._planes(int(i))[:, rows] for i in chunk.int_index])
-        subtract_reset(chunk.data, chunk.pixeldq, reset, None, reset_ngroups=self.n_corrected)
+        for k, i in enumerate(chunk.int_index):
+            subtract_reset(chunk.data[k:k + 1], chunk.pixeldq, self._planes(int(i), chunk.rows),
+                           None, reset_ngroups=self.n_corrected, nan_zeroed=True)
 
 
 @hookimpl

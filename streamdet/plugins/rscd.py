@@ -51,6 +51,7 @@ integration; the ``INT2*`` ones whenever the exposure has more than one integrat
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -210,6 +211,18 @@ class _ClassTally:
         self.needed_backoff |= needed_backoff
         self.seen += 1
 
+    def merge(self, other: "_ClassTally", rows: slice, frame_shape: tuple[int, int]) -> None:
+        """Add ``other``, the tally of a band of rows ``rows``, to this frame-wide tally."""
+        if other.backed_off is None:
+            return
+        if self.backed_off is None:
+            self.backed_off = np.zeros(frame_shape, dtype=bool)
+            self.first_group_kept = np.zeros(frame_shape, dtype=bool)
+        self.backed_off[rows] |= other.backed_off
+        self.first_group_kept[rows] |= other.first_group_kept
+        self.needed_backoff |= other.needed_backoff
+        self.seen += other.seen
+
     def counts(self) -> tuple[int, int]:
         """(pixels backed off, pixels with group 1 kept) as jwst reports them."""
         if self.backed_off is None:
@@ -354,6 +367,7 @@ class RscdStep(Step):
     after = follows("rscd")
     reftypes = ("rscd",)
     granularity = Granularity.GROUP
+    thread_safe = True
     status_keyword = "S_RSCD"
 
     def prepare(self, meta, refs, pixeldq):
@@ -364,11 +378,24 @@ class RscdStep(Step):
             return "; ".join(plan.messages) or "no RSCD group-skip entry for this exposure"
         self.tally = RscdTally(plan.skip_first_int, plan.skip_later_ints)
         self.meta = meta
+        self.lock = threading.Lock()
         return None
 
     def process(self, chunk):
-        flag_rscd_groups(chunk.groupdq, chunk.pixeldq, chunk.int_index,
-                         self.tally.skip_first_int, self.tally.skip_later_ints, self.tally)
+        # a band's tally, added to the frame-wide one: only the chunk's core rows count
+        band = flag_rscd_groups(chunk.groupdq, chunk.pixeldq, chunk.int_index,
+                                self.tally.skip_first_int, self.tally.skip_later_ints)
+        core = chunk.core
+        rows = slice(chunk.rows.start + (core.start or 0),
+                     chunk.rows.start + (chunk.nrows if core.stop is None else core.stop))
+        frame = (self.meta.ny, self.meta.nx)
+        for part in (band.first, band.later):
+            if part.backed_off is not None:
+                part.backed_off = part.backed_off[core]
+                part.first_group_kept = part.first_group_kept[core]
+        with self.lock:
+            self.tally.first.merge(band.first, rows, frame)
+            self.tally.later.merge(band.later, rows, frame)
 
     def finish(self):
         return self.tally.header_keywords(self.meta.nints_total,

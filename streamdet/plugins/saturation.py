@@ -65,18 +65,19 @@ def saturation_reference_terms(threshold: np.ndarray, threshold_dq: np.ndarray):
 
 
 def grow_mask(mask: np.ndarray, n_pix: int) -> np.ndarray:
-    """Dilate a 2-D boolean mask by a ``(2n+1) x (2n+1)`` square; outside counts as False."""
+    """Dilate a boolean mask by a ``(2n+1) x (2n+1)`` square in its last two axes (each
+    plane ``[..., rows, cols]`` on its own); outside counts as False."""
     if n_pix <= 0:
         return mask.copy()
     # a square structuring element is separable: widen along x, then along y
     wide = mask.copy()
     for k in range(1, n_pix + 1):
-        wide[:, k:] |= mask[:, :-k]
-        wide[:, :-k] |= mask[:, k:]
+        wide[..., k:] |= mask[..., :-k]
+        wide[..., :-k] |= mask[..., k:]
     grown = wide.copy()
     for k in range(1, n_pix + 1):
-        grown[k:] |= wide[:-k]
-        grown[:-k] |= wide[k:]
+        grown[..., k:, :] |= wide[..., :-k, :]
+        grown[..., :-k, :] |= wide[..., k:, :]
     return grown
 
 
@@ -123,24 +124,23 @@ def flag_saturation(
     limit, ref_pixeldq, unchecked = reference_terms
 
     nints, ngroups = data.shape[:2]
-    frame_shape = data.shape[2:]
     frames = frames_of_groups(ngroups, nframes) if use_read_pattern else None
     offset = 0.0 if bias is None else bias
 
-    reached = np.empty(frame_shape, dtype=bool)
     for integ in range(nints):
-        reached[...] = False
-        for grp in range(ngroups):
-            plane = data[integ, grp]
-            plane_dq = groupdq[integ, grp]
-            np.logical_or(reached, plane >= limit, out=reached)
-            if n_pix_grow_sat > 0:
-                saturated = reached | ((plane_dq & SATURATED) != 0)
-                if saturated.any():
-                    _or_flag(plane_dq, grow_mask(saturated, n_pix_grow_sat), SATURATED)
-            else:
-                _or_flag(plane_dq, reached, SATURATED)
-            _or_flag(plane_dq, plane <= 0, _FLOOR_FLAGS)
+        ramp, ramp_dq = data[integ], groupdq[integ]
+        # all groups at once: "reached" is sticky along the group axis; each group's
+        # SATURATED plane (flags it already had included) is grown on its own
+        reached = np.greater_equal(ramp, limit)
+        for grp in range(1, ngroups):  # (logical_or.accumulate is far slower here)
+            np.logical_or(reached[grp], reached[grp - 1], out=reached[grp])
+        if n_pix_grow_sat > 0:
+            reached |= (ramp_dq & SATURATED) != 0
+            if reached.any():
+                _or_flag(ramp_dq, grow_mask(reached, n_pix_grow_sat), SATURATED)
+        else:
+            _or_flag(ramp_dq, reached, SATURATED)
+        _or_flag(ramp_dq, ramp <= 0, _FLOOR_FLAGS)
 
         if frames is not None:
             _flag_diluted_saturation(data[integ], groupdq[integ], limit, unchecked,
@@ -197,10 +197,16 @@ class SaturationStep(Step):
     after = follows("saturation")
     reftypes = ("saturation",)
     status_keyword = "S_SATURA"
+    thread_safe = True
     params_spec = {
         "n_pix_grow_sat": Param(int, 1, "grow saturation flags into this many neighbouring pixels", min=0),
         "use_readpatt": Param(bool, True, "use the read pattern to flag groups that saturate within a group"),
     }
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        # flags grow this many pixels: a band of rows needs as many rows of context
+        self.halo = int(self.params["n_pix_grow_sat"])
 
     def prepare(self, meta, refs, pixeldq):
         threshold = refs.array("saturation", "SCI")
