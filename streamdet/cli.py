@@ -56,6 +56,7 @@ def process(
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A (repeatable)"),
     use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable)"),
     save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS or 1)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="print only errors"),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="print references and skip reasons"),
@@ -77,6 +78,8 @@ def process(
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
                              output_dir=output_dir, overwrite=overwrite)
         run.save_ramp = save_ramp
+        if threads is not None:
+            run.threads = threads
     except Exception as exc:
         raise typer.Exit(errors.report(exc, debug=debug, where=config))
     failures = 0

@@ -157,3 +157,13 @@ def test_save_ramp_writes_the_ramp_the_fit_saw(sim_sub256, tmp_path):
         assert np.array_equal(jumped, (rate["DQ"].data & 4) != 0)
         # every pixel flag of the ramp reaches the rate's DQ
         assert not np.any(ramp["PIXELDQ"].data & ~rate["DQ"].data)
+
+
+def test_two_threads_give_the_same_products(sim_sub256, tmp_path):
+    with crds_environment(sim_sub256):
+        one = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path / "one", threads=1,
+                                                       band_bytes=300_000))
+        two = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path / "two", threads=2,
+                                                       band_bytes=300_000))
+    for kind in ("rate", "rateints"):
+        assert_identical_products(one.products[kind], two.products[kind])

@@ -130,6 +130,9 @@ class Step:
     before: ClassVar[str | None] = None
     #: the primary-header keyword recording this step's status (``S_JUMP``).
     status_keyword: ClassVar[str | None] = None
+    #: True when ``process`` and ``survey`` may run concurrently on disjoint rows
+    #: (``--threads``); the run stays serial unless every active step says so.
+    thread_safe: ClassVar[bool] = False
     #: filled by the plugin manager: the distribution that provided the class.
     package: ClassVar[str] = "?"
     package_version: ClassVar[str] = "?"
@@ -162,7 +165,11 @@ class Step:
         return None
 
     def survey(self, chunk: Chunk) -> None:
-        """EXPOSURE steps: see each integration as the first pass leaves it."""
+        """EXPOSURE steps: see every piece of the exposure as the first pass leaves it.
+
+        A piece is one integration, whole or a band of its rows (``chunk.core`` are the
+        rows that belong to it); accumulate over pieces, do not assign. With threads,
+        pieces may arrive concurrently (see ``thread_safe``)."""
 
     def process(self, chunk: Chunk) -> Any:
         raise NotImplementedError
