@@ -56,4 +56,4 @@ def last_json(stdout: str):
 
 
 # the comparison and its tolerances are the plugin test kit's
-from streamdet.testing import Agreement, assert_products_agree as assert_parity, compare_products  # noqa: E402,F401
+from streamdet.testing import assert_products_agree as assert_parity  # noqa: E402,F401

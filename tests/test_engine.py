@@ -4,7 +4,6 @@ integrations, products that jwst's datamodels accept, segmented files."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest

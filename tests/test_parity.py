@@ -8,8 +8,6 @@ Tolerances (tests/oracle.py): SCI, ERR, VAR_POISSON, VAR_RNOISE within rtol 1e-4
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from astropy.io import fits
 

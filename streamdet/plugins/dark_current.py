@@ -216,7 +216,7 @@ def average_dark_current(
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
-from streamdet.core.step import Granularity, Param, Step  # noqa: E402
+from streamdet.core.step import Step  # noqa: E402
 
 from . import follows  # noqa: E402
 

@@ -44,7 +44,7 @@ def apply_mask(groupdq: np.ndarray, pixeldq: np.ndarray, mask_dq: np.ndarray) ->
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
-from streamdet.core.step import Granularity, Param, Step  # noqa: E402
+from streamdet.core.step import Step  # noqa: E402
 
 from . import follows  # noqa: E402
 

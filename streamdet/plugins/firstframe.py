@@ -48,7 +48,7 @@ def flag_first_group(groupdq: np.ndarray, pixeldq: np.ndarray, *,
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
-from streamdet.core.step import Granularity, Param, Step  # noqa: E402
+from streamdet.core.step import Param, Step  # noqa: E402
 
 from . import follows  # noqa: E402
 

@@ -78,7 +78,7 @@ def _subtract_finite(plane: np.ndarray, correction: np.ndarray) -> None:
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
-from streamdet.core.step import Granularity, Param, Step  # noqa: E402
+from streamdet.core.step import Step  # noqa: E402
 
 from . import follows  # noqa: E402
 

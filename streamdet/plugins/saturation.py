@@ -185,7 +185,7 @@ def _flag_group2_jump_to_saturation(ramp, ramp_dq, limit, frames, offset):
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
-from streamdet.core.step import Granularity, Param, Step  # noqa: E402
+from streamdet.core.step import Param, Step  # noqa: E402
 
 from . import follows  # noqa: E402
 
