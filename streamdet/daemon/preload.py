@@ -9,16 +9,7 @@ workers' goes (``STREAMDET_WATCH_WORKER_OUTPUT``), never into the daemon's log.
 
 import os
 
-_output = os.environ.get("STREAMDET_WATCH_WORKER_OUTPUT")
-if _output:
-    try:
-        _fd = os.open(_output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        os.dup2(_fd, 1)
-        os.dup2(_fd, 2)
-        os.close(_fd)
-    except OSError:
-        pass
+from .worker import redirect_output, warm_up  # light imports only; the heavy ones are in warm_up
 
-from .worker import warm_up  # noqa: E402
-
+redirect_output(os.environ.get("STREAMDET_WATCH_WORKER_OUTPUT"))
 warm_up()

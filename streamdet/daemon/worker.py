@@ -69,6 +69,19 @@ def run_job(job: dict) -> dict:
 
 # -- local pool workers ---------------------------------------------------------------------
 
+def redirect_output(output: str | None) -> None:
+    """Append this process's stdout/stderr to ``output`` (best effort)."""
+    if not output:
+        return
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def init_local_worker(daemon_pid: int, env: dict[str, str], output: str | None = None) -> None:
     """Initializer of a local pool process: the daemon's CRDS env before any crds import,
     SIGINT ignored (the daemon decides when work stops), stdout/stderr appended to
@@ -77,14 +90,7 @@ def init_local_worker(daemon_pid: int, env: dict[str, str], output: str | None =
     daemon leaves no orphans behind)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if output:
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
-        except OSError:
-            pass
+    redirect_output(output)
     apply_env(env)
     parent = os.getppid()
 
