@@ -606,17 +606,29 @@ def test_sigterm_finishes_or_abandons_then_restart_completes(sim, env, reference
     assert not [r for r in journal_runs(state) if r["outcome"] is None]
     assert 0 < len(done_names(state)) < len(names)   # it stopped taking files
 
-    # a grace of 0: running files are abandoned cleanly, and redone at restart
-    daemon = Daemon(inbox, outbox, env, "--workers", "2", "--grace", "0")
-    wait_for(lambda: any(r["state"] == "running" for r in journal_rows(state)), 60,
-             "a running file", daemon, step=0.02)
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(60) == 0, daemon.text()[-3000:]
-    assert not [r for r in journal_rows(state) if r["state"] == "running"]
-
-    # a second signal exits at once; the interrupted runs are redone at restart. The pool's
-    # workers are paused (SIGSTOP) so that the running files cannot finish in between.
+    # a grace of 0: running files are abandoned cleanly, and redone at restart. The pool's
+    # workers are paused (SIGSTOP) so that the running files cannot finish before the signal.
     psutil = pytest.importorskip("psutil")
+    daemon = Daemon(inbox, outbox, env, "--workers", "2", "--grace", "0")
+    wait_for(lambda: "workers ready" in daemon.text(), 60, "workers ready", daemon)
+    workers = _pool_workers(psutil, daemon.pid)
+    for p in workers:
+        p.suspend()
+    try:
+        wait_for(lambda: any(r["state"] == "running" for r in journal_rows(state)), 60,
+                 "a running file", daemon)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.text()[-3000:]
+        psutil.wait_procs(workers, timeout=10)    # paused workers are ended too
+        assert not [p for p in workers if p.is_running() and p.status() != "zombie"]
+    finally:
+        for p in workers:
+            if p.is_running():
+                p.kill()
+    assert not [r for r in journal_rows(state) if r["state"] == "running"]
+    assert "abandoned" in {r["outcome"] for r in journal_runs(state)}
+
+    # a second signal exits at once; the interrupted runs are redone at restart
     more = [f"u{i}_uncal.fits" for i in range(2)]
     daemon = Daemon(inbox, outbox, env, "--workers", "2")
     wait_for(lambda: "workers ready" in daemon.text(), 60, "workers ready", daemon)

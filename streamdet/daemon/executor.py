@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import time
 from typing import Any
@@ -141,8 +142,6 @@ class LocalExecutor:
         return [p.pid for p in list(procs.values()) if p.pid]
 
     def kill_workers(self) -> None:
-        import signal
-
         for pid in self.processes():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -156,14 +155,20 @@ class LocalExecutor:
         if abandon:
             pids = self.processes()
             pool.shutdown(wait=False, cancel_futures=True)
-            for pid in pids:  # our own workers, by pid
-                try:
-                    os.kill(pid, 15)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            for pid in pids:  # our own workers, by pid; SIGCONT wakes a stopped one
+                for sig in (signal.SIGTERM, signal.SIGCONT):
+                    try:
+                        os.kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             deadline = time.monotonic() + 5
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            for proc in procs:
                 proc.join(max(0.0, deadline - time.monotonic()))
+            for proc in procs:  # a worker must not outlive the daemon
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(1)
         else:
             pool.shutdown(wait=True)
         self.pool = None
