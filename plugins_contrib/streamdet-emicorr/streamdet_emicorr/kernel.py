@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.interpolate import make_interp_spline
 
 #: one tick of the MIRI pixel clock, s
 PIXEL_CLOCK_S = 10e-6
@@ -117,6 +116,9 @@ class Waveform:
         self.nbins = n
         wrapped = np.concatenate((values[-1:], values, values[:1])).astype(np.float64)
         at = (np.arange(n + 2) - 0.5) / n
+        # scipy.interpolate takes ~0.3 s to import: only when EMI is really corrected
+        from scipy.interpolate import make_interp_spline  # noqa: PLC0415
+
         self._spline = make_interp_spline(at, wrapped, k=3)
         #: bin centres (cycles)
         self.centres = at[1:-1]
