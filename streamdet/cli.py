@@ -56,7 +56,7 @@ def process(
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A (repeatable)"),
     use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable)"),
     save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS or 1)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS, else all usable CPUs)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="print only errors"),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="print references and skip reasons"),

@@ -4,6 +4,7 @@ integrations, products that jwst's datamodels accept, segmented files."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -166,3 +167,30 @@ def test_two_threads_give_the_same_products(sim_sub256, tmp_path):
                                                        band_bytes=300_000))
     for kind in ("rate", "rateints"):
         assert_identical_products(one.products[kind], two.products[kind])
+
+
+def test_default_threads_follow_env_then_affinity(monkeypatch):
+    from streamdet.core.engine import default_threads, usable_cpus
+
+    monkeypatch.setenv("STREAMDET_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("STREAMDET_THREADS")
+    assert default_threads() == usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_watch_shares_the_cores_among_its_workers(monkeypatch, tmp_path):
+    from streamdet.core.engine import usable_cpus
+    from streamdet.daemon.daemon import WatchOptions, make_executor
+
+    monkeypatch.delenv("STREAMDET_THREADS", raising=False)
+    opts = WatchOptions(inbox=tmp_path, outbox=tmp_path, workers=1)
+    make_executor(opts, tmp_path)
+    assert opts.config.threads == usable_cpus()
+    opts = WatchOptions(inbox=tmp_path, outbox=tmp_path, workers=2 * usable_cpus())
+    make_executor(opts, tmp_path)
+    assert opts.config.threads == 1
+    # an explicit choice stands
+    opts = WatchOptions(inbox=tmp_path, outbox=tmp_path, workers=1,
+                        config=RunConfig(threads=5))
+    make_executor(opts, tmp_path)
+    assert opts.config.threads == 5

@@ -46,11 +46,12 @@ from .plugins import Registry, get_registry
 from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
 from .step import Chunk, Granularity, Step
 
-#: default memory for one band of the band pass (data + groupdq, all integrations)
+#: default memory for the bands of the band pass in flight at once (data + groupdq, all
+#: integrations; shared among the threads)
 DEFAULT_BAND_BYTES = 64 * 1024**2
-#: the band pass's bands are at most this many rows tall (smaller bands use the caches
-#: better and share out better between threads; thick exposures reach the memory bound
-#: first)
+#: the band pass's bands in flight are at most this many rows tall together (smaller
+#: bands use the caches better and share out better between threads; thick exposures
+#: reach the memory bound first)
 MAX_BAND_ROWS = 48
 #: default memory for one band of the integration pass (data + groupdq, one integration)
 DEFAULT_PASS1_BAND_BYTES = 16 * 1024**2
@@ -61,11 +62,26 @@ RATEINTS_IN_MEMORY_BYTES = 16 * 1024**2
 SCRATCH_IN_MEMORY_BYTES = 64 * 1024**2
 
 
-def _env_threads() -> int:
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, so a container's or taskset's
+    limit counts)."""
     try:
-        return max(1, int(os.environ.get("STREAMDET_THREADS", "1")))
-    except ValueError:
-        return 1
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """$STREAMDET_THREADS if set, else every usable CPU: one file is one job, and its row
+    bands share out over the cores (the watch daemon divides the cores among its workers
+    instead)."""
+    value = os.environ.get("STREAMDET_THREADS", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            pass
+    return usable_cpus()
 
 
 @dataclass
@@ -81,8 +97,9 @@ class RunConfig:
     band_bytes: int = DEFAULT_BAND_BYTES
     rateints_in_memory_bytes: int = RATEINTS_IN_MEMORY_BYTES
     scratch_dir: Path | None = None
-    #: threads processing bands (1: serial); default from $STREAMDET_THREADS, else 1
-    threads: int = field(default_factory=lambda: _env_threads())
+    #: threads processing bands (1: serial); None: :func:`default_threads`, decided in the
+    #: process that runs the file
+    threads: int | None = None
     pass1_band_bytes: int = DEFAULT_PASS1_BAND_BYTES
     scratch_in_memory_bytes: int = SCRATCH_IN_MEMORY_BYTES
 
@@ -381,7 +398,7 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
                           "that needs all integrations; this order is not supported")
     int_index = meta.int_index
     ny = meta.ny
-    threads = max(1, int(config.threads or 1))
+    threads = max(1, int(config.threads or default_threads()))
     if threads > 1 and not all(getattr(s, "thread_safe", False) for s in active):
         threads = 1
     pool = _Pool(threads, timings, hook, exposure)
@@ -397,7 +414,8 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         margins = [sum(halos[k:]) for k in range(len(pass1))] + [0]
         if all(s.granularity == Granularity.GROUP for s in pass1):
             row_bytes = meta.ngroups * meta.nx * 5
-            rows1 = max(1, int(config.pass1_band_bytes // row_bytes) - 2 * margins[0])
+            rows1 = max(1, int(config.pass1_band_bytes // (row_bytes * pool.threads))
+                        - 2 * margins[0])
         else:
             rows1 = ny
         bands1 = _bands(ny, rows1)
@@ -448,7 +466,11 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         # -- pass 2: bands of rows spanning all integrations ------------------------------
         halo = max((s.halo for s in pass2), default=0)
         row_bytes = meta.nints * meta.ngroups * meta.nx * 5
-        band = max(1, min(MAX_BAND_ROWS, int(config.band_bytes // row_bytes) - 2 * halo))
+        # the band budget is for all bands in flight, so memory does not grow with the
+        # number of threads (but a band keeps a few rows, or its halo would dominate)
+        fitting = int(config.band_bytes // (row_bytes * pool.threads)) - 2 * halo
+        band = max(1 if pool.threads == 1 else 4,
+                   min(max(1, MAX_BAND_ROWS // pool.threads), fitting))
         bands = _bands(ny, band)
         plane = meta.nints * meta.ngroups * meta.nx
 

@@ -776,12 +776,27 @@ _UMASK = _current_umask()
 
 
 def make_executor(opts: WatchOptions, state_dir: Path):
+    from ..core.engine import usable_cpus
     from .executor import DaskExecutor, LocalExecutor
 
     if opts.dask_scheduler:
+        # a Dask worker already runs one task per thread
+        _default_threads(opts, 1)
         return DaskExecutor(opts.dask_scheduler, workers=opts.workers)
-    return LocalExecutor(opts.workers or os.cpu_count() or 1,
-                         output=str(state_dir / WORKER_LOG))
+    workers = opts.workers or usable_cpus()
+    _default_threads(opts, max(1, usable_cpus() // workers))
+    return LocalExecutor(workers, output=str(state_dir / WORKER_LOG))
+
+
+def _default_threads(opts: WatchOptions, threads: int) -> None:
+    """Band threads per file when neither the configuration nor $STREAMDET_THREADS says:
+    the cores are shared out among the files in flight, not multiplied by them."""
+    if opts.config is None:
+        from ..core.engine import RunConfig
+
+        opts.config = RunConfig()
+    if opts.config.threads is None and not os.environ.get("STREAMDET_THREADS", "").strip():
+        opts.config.threads = threads
 
 
 def _crds_env() -> dict[str, str]:
