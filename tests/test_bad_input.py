@@ -177,13 +177,57 @@ def _cases(sim, work: Path) -> list[Case]:
                                 lambda t: t.replace("'SUB64'", "'SUB128'"))
     cases.append(Case("crds_no_match", [src], [src.name, "dark"], "CRDS found no",
                       [src], env={"CRDS_PATH": str(nomatch)}))
-    # ... and a cache whose dark file is gone
+    # ... and a cache whose dark file is gone: the message names the file and the cache
     nofile = work / "cache_nofile"
     shutil.copytree(sim.crds_path, nofile)
-    for p in nofile.rglob("*_dark_*.fits"):
-        p.unlink()
-    cases.append(Case("crds_file_missing", [src], [src.name, "dark"], "CRDS found no",
-                      [src], env={"CRDS_PATH": str(nofile)}))
+    (gone,) = nofile.rglob("*_dark_*.fits")
+    gone.unlink()
+    cases.append(Case("crds_file_missing", [src], [src.name, "dark", gone.name, str(nofile)],
+                      "missing from the CRDS cache", [src], env={"CRDS_PATH": str(nofile)}))
+
+    # reference arrays of the wrong dimensions or shape: the reference file, its type and
+    # extension, the shape found and the one expected (no internal error)
+    def ref_case(name, reftype, edit, expected):
+        path = rewrite(sim.refs[reftype], bad / f"{name}.fits", edit)
+        with fits.open(path) as hdul:
+            ext = next(e for e in ("SCI", "COEFFS", "DQ") if f"{reftype.upper()} {e}" in expected)
+            shape = hdul[ext].data.shape
+        cases.append(Case(name, [src, "--override", f"{reftype}={path}"],
+                          [src.name, str(path), expected], f"has shape {shape}, expected [",
+                          [src, path]))
+
+    def replace(ext, make):
+        def edit(h):
+            h[ext].data = np.ascontiguousarray(make(h[ext].data))
+        return edit
+
+    ref_case("dark_sci_2d", "dark", replace("SCI", lambda a: a[0, 0]), "DARK SCI")
+    ref_case("dark_one_group", "dark", replace("SCI", lambda a: a[:, :1]),
+             "DARK SCI has shape (2, 1, 64, 72), expected [nints?, ngroups>=2, ny, nx]")
+    ref_case("linearity_coeffs_2d", "linearity", replace("COEFFS", lambda a: a[0]),
+             "LINEARITY COEFFS")
+    ref_case("linearity_dq_3d", "linearity", replace("DQ", lambda a: a[None].repeat(2, 0)),
+             "LINEARITY DQ")
+    ref_case("saturation_sci_3d", "saturation", replace("SCI", lambda a: a[None].repeat(2, 0)),
+             "SATURATION SCI")
+    ref_case("mask_dq_3d", "mask", replace("DQ", lambda a: a[None].repeat(2, 0)), "MASK DQ")
+    ref_case("reset_dq_3d", "reset", replace("DQ", lambda a: a[None].repeat(2, 0)), "RESET DQ")
+    ref_case("gain_sci_3d", "gain", replace("SCI", lambda a: a[None].repeat(2, 0)), "GAIN SCI")
+    ref_case("readnoise_sci_3d", "readnoise", replace("SCI", lambda a: a[None].repeat(2, 0)),
+             "READNOISE SCI")
+    # ... also when CRDS resolved it: the message names the cached file
+    badcache = work / "cache_bad_dark"
+    shutil.copytree(sim.crds_path, badcache, copy_function=os.link)
+    (cached,) = badcache.rglob("*_dark_*.fits")
+    cached.unlink()
+    rewrite(sim.refs["dark"], cached, replace("SCI", lambda a: a[0, 0]))
+    cases.append(Case("crds_dark_sci_2d", [src], [src.name, str(cached), "DARK SCI"],
+                      "has shape (64, 72), expected [nints?, ngroups, ny, nx] covering the "
+                      "exposure's 64x72 SUB64 subarray at (row",
+                      [src], env={"CRDS_PATH": str(badcache)}))
+    # a reference the rate cannot be computed without, N/A
+    cases.append(Case("gain_not_applicable", [src, "--override", "gain=N/A"],
+                      [src.name, "gain reference is N/A"], "cannot compute the rate", [src]))
     cases.append(Case("crds_not_configured", [src], [src.name], "CRDS_PATH", [src],
                       drop_env=("CRDS_PATH",)))
     return cases
@@ -241,7 +285,9 @@ CASE_NAMES = ["not_fits", "empty", "truncated_in_sci", "truncated_in_sci_header"
               "truncated_last_byte", "no_sci", "sci_3d", "sci_float32", "not_miri",
               "missing_keyword", "bad_keyword_value", "no_such_file", "reference_wrong_shape",
               "reference_not_fits", "crds_no_match", "crds_file_missing",
-              "crds_not_configured"]
+              "crds_not_configured", "dark_sci_2d", "dark_one_group", "linearity_coeffs_2d",
+              "linearity_dq_3d", "saturation_sci_3d", "mask_dq_3d", "reset_dq_3d",
+              "gain_sci_3d", "readnoise_sci_3d", "crds_dark_sci_2d", "gain_not_applicable"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)

@@ -136,6 +136,7 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
             f"{where}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
             "configuration (config/jwst/server_config) and no server is reachable") from None
     except Exception as exc:
+        _missing_from_cache(crds, meta, params, reftypes)
         message = " ".join(str(exc).split())
         bad = next((r for r in reftypes if r.upper() in message.upper()), None)
         what = f"reference type {bad!r}" if bad else f"reference types {', '.join(reftypes)}"
@@ -151,6 +152,30 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
             raise ReferenceError_(f"{where}: CRDS found no reference type {reftype!r}: {value}")
         out[reftype] = Resolved(reftype, value, "crds", context)
     return out
+
+
+def _missing_from_cache(crds, meta: ExposureMeta, params: dict, reftypes: list[str]) -> None:
+    """After ``crds.getreferences`` failed: if it was because a file the rules select is
+    not in the local cache (crds then tries to download it, which fails offline), raise
+    an error naming that file and the cache. Returns quietly when that is not the cause."""
+    try:
+        from crds.core import config  # noqa: PLC0415
+
+        chosen = crds.getrecommendations(params, reftypes=list(reftypes), observatory="jwst",
+                                         context=os.environ.get("CRDS_CONTEXT"))
+        missing = [(reftype, name, Path(config.locate_file(name, "jwst")))
+                   for reftype, name in chosen.items()
+                   if not str(name).upper().startswith("NOT FOUND")]
+        missing = [m for m in missing if not m[2].is_file()]
+    except (Exception, SystemExit):
+        return
+    if missing:
+        reftype, name, where = missing[0]
+        more = f" (also missing: {', '.join(m[1] for m in missing[1:])})" if missing[1:] else ""
+        raise ReferenceError_(
+            f"{meta.path}: CRDS selects {name} as the {reftype} reference, but the file is "
+            f"missing from the CRDS cache (no {where}; CRDS_PATH={os.environ.get('CRDS_PATH')})"
+            f"{more}")
 
 
 #: FITS keyword -> JWST datamodel path for the header values CRDS rules select on.
@@ -196,6 +221,7 @@ class References:
         self.meta = meta
         self.resolved = resolved
         self._open: dict[str, fits.HDUList] = {}
+        self._checked: set[tuple] = set()  # (reftype, extname, layout) found as expected
         self._fds: dict[str, int] = {}
         self._cache: dict[tuple, np.ndarray] = {}
         self._cache_left = cache_bytes
@@ -225,47 +251,109 @@ class References:
         return extname in self.hdul(reftype)
 
     def raw(self, reftype: str, extname: str):
+        return self._hdu(reftype, extname).data
+
+    def _hdu(self, reftype: str, extname: str):
         hdul = self.hdul(reftype)
         if extname not in hdul:
-            raise ReferenceError_(f"{self.path(reftype)}: {reftype} reference has no {extname} extension")
-        return hdul[extname].data
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype.upper()} reference has no "
+                                  f"{extname} extension")
+        return hdul[extname]
+
+    def number(self, reftype: str, key: str, default=None, kind=int):
+        """Header keyword ``key`` of the reference's primary header as ``kind`` (``default``
+        when absent or blank), or a one-line error naming the file when it is not a number."""
+        value = self.header(reftype).get(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return default
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype.upper()} keyword "
+                                  f"{key}={value!r} is not a number") from None
+
+    def _cut(self, reftype: str, plane: tuple[int, int]) -> tuple[slice, slice] | None:
+        """Rows and columns of a reference plane of shape ``plane`` that cover the
+        exposure, or None when it does not cover it."""
+        m = self.meta
+        if tuple(plane) == (m.ny, m.nx):
+            return slice(None), slice(None)
+        x0 = m.substrt1 - self.number(reftype, "SUBSTRT1", 1)
+        y0 = m.substrt2 - self.number(reftype, "SUBSTRT2", 1)
+        if x0 < 0 or y0 < 0 or y0 + m.ny > plane[0] or x0 + m.nx > plane[1]:
+            return None
+        return slice(y0, y0 + m.ny), slice(x0, x0 + m.nx)
 
     def window(self, reftype: str, shape: tuple[int, int]) -> tuple[slice, slice]:
         """Rows and columns of a reference plane of ``shape`` that cover the exposure.
 
         A reference of the exposure's shape is used as it is; a larger one (full frame,
         or a subarray containing ours) is cut using both files' SUBSTRT keywords."""
+        cut = self._cut(reftype, tuple(shape))
+        if cut is None:
+            raise self.shape_error(reftype, "plane", tuple(shape), IMAGE)
+        return cut
+
+    def shape(self, reftype: str, extname: str, layout: tuple[str, ...] | None = None, *,
+              why: str | None = None) -> tuple[int, ...]:
+        """The shape of a reference image extension, checked against the exposure.
+
+        ``layout`` names the axes the caller expects, last two ``ny, nx`` (see
+        :data:`IMAGE`): a name ending in ``?`` is a leading axis that may be absent, one
+        ending in ``>=N`` needs at least N entries (``why`` then says why, in the error);
+        without ``layout`` any leading axes are accepted. Always checked: the extension
+        exists and is an image, no axis is empty, and the last two axes cover the
+        exposure's subarray. Anything else is a one-line :class:`ReferenceError_` naming
+        the file, the reference type and extension, the shape found and the one expected."""
+        hdu = self._hdu(reftype, extname)
+        if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU)):
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype.upper()} {extname} is a "
+                                  f"{type(hdu).__name__}, not an image")
+        shape = tuple(hdu.shape)
+        layout = tuple(layout) if layout is not None else ANY_IMAGE
+        key = (reftype, extname, layout)
+        if key not in self._checked:
+            if not _fits_layout(shape, layout):
+                raise self.shape_error(reftype, extname, shape, layout, why)
+            if self._cut(reftype, shape[-2:]) is None:
+                raise self.shape_error(reftype, extname, shape, layout, self._placed(reftype))
+            self._checked.add(key)
+        return shape
+
+    def shape_error(self, reftype: str, extname: str, shape: tuple[int, ...],
+                    layout: tuple[str, ...], why: str | None = None) -> ReferenceError_:
+        """The one-line error for a reference array of the wrong shape (``why``, if
+        given, ends it)."""
         m = self.meta
-        if tuple(shape) == (m.ny, m.nx):
-            return slice(None), slice(None)
+        text = (f"{self.path(reftype)}: {reftype.upper()} {extname} has shape {shape}, expected "
+                f"[{', '.join(layout)}] covering the exposure's {m.ny}x{m.nx} {m.subarray} "
+                f"subarray at (row {m.substrt2}, column {m.substrt1})")
+        if any(n == 0 for n in shape):
+            why = why or "an axis is empty"
+        return ReferenceError_(f"{text}; {why}" if why else text)
+
+    def _placed(self, reftype: str) -> str | None:
+        """Where a reference's SUBSTRT keywords put it, when they say it is a subarray."""
         hdr = self.header(reftype)
-        r_x0 = int(hdr.get("SUBSTRT1", 1))
-        r_y0 = int(hdr.get("SUBSTRT2", 1))
-        x0 = m.substrt1 - r_x0
-        y0 = m.substrt2 - r_y0
-        if x0 < 0 or y0 < 0 or y0 + m.ny > shape[0] or x0 + m.nx > shape[1]:
-            raise ReferenceError_(
-                f"{self.path(reftype)}: {reftype} reference of shape {tuple(shape)} does not "
-                f"cover the exposure's {m.subarray} subarray ({m.ny}x{m.nx} at "
-                f"row {m.substrt2}, column {m.substrt1})")
-        return slice(y0, y0 + m.ny), slice(x0, x0 + m.nx)
+        if "SUBSTRT1" not in hdr and "SUBSTRT2" not in hdr:
+            return None
+        x0, y0 = self.number(reftype, "SUBSTRT1", 1), self.number(reftype, "SUBSTRT2", 1)
+        if (x0, y0) in ((1, 1), (self.meta.substrt1, self.meta.substrt2)):
+            return None
+        return f"its SUBSTRT1/SUBSTRT2 place it at (row {y0}, column {x0})"
 
-    def shape(self, reftype: str, extname: str) -> tuple[int, ...]:
-        hdul = self.hdul(reftype)
-        if extname not in hdul:
-            raise ReferenceError_(f"{self.path(reftype)}: {reftype} reference has no {extname} extension")
-        return tuple(hdul[extname].shape)
-
-    def array(self, reftype: str, extname: str, dtype=np.float32, index: tuple = ()) -> np.ndarray:
+    def array(self, reftype: str, extname: str, dtype=np.float32, index: tuple = (), *,
+              layout: tuple[str, ...] | None = None) -> np.ndarray:
         """A reference array cut to the exposure (the last two axes are cut); ``index``
-        selects along the leading axes first, so that only those planes are read."""
-        shape = self.shape(reftype, extname)
+        selects along the leading axes first, so that only those planes are read.
+        ``layout``: the axes expected (see :meth:`shape`)."""
+        shape = self.shape(reftype, extname, layout)
         hdu = self.hdul(reftype)[extname]
-        if len(shape) < 2:
-            raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is not an image")
         if len(index) > len(shape) - 2:
-            raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} has only "
-                                  f"{len(shape)} dimensions")
+            raise self.shape_error(reftype, extname, shape,
+                                   ("n",) * len(index) + ANY_IMAGE)
         rows, cols = self.window(reftype, shape[-2:])
         index = tuple(index) + (slice(None),) * (len(shape) - 2 - len(index))
         bzero = float(hdu.header.get("BZERO", 0.0))
@@ -283,9 +371,11 @@ class References:
         stored = self._unscaled(reftype)[extname].data[(*index, rows, cols)]
         return (stored.astype(np.float64) * bscale + bzero).astype(dtype)
 
-    def shared(self, reftype: str, extname: str) -> np.ndarray:
+    def shared(self, reftype: str, extname: str, *,
+               layout: tuple[str, ...] | None = None) -> np.ndarray:
         """:meth:`array` (float32) read once and shared by every step that asks: a
         read-only array (gain and read noise serve both jump and ramp_fit)."""
+        self.shape(reftype, extname, layout)
         key = ("shared", reftype, extname)
         with self._lock:
             hit = self._cache.get(key)
@@ -316,7 +406,7 @@ class References:
                 hit = self._cache.get(key)
             if hit is not None:
                 return hit
-        hdu = self.hdul(reftype)[extname]
+        hdu = self._hdu(reftype, extname)
         scaled = (float(hdu.header.get("BZERO", 0.0)) != 0.0
                   or float(hdu.header.get("BSCALE", 1.0)) != 1.0)
         out = None if scaled else self._positioned(reftype, extname, tuple(index), rows)
@@ -413,10 +503,16 @@ class References:
                                         do_not_scale_image_data=True)
         return self._open[key]
 
-    def dq(self, reftype: str, extname: str = "DQ", index: tuple = ()) -> np.ndarray:
+    def dq(self, reftype: str, extname: str = "DQ", index: tuple = (), *,
+           layout: tuple[str, ...] | None = None) -> np.ndarray:
         """A reference DQ array decoded to JWST flag values and cut to the exposure."""
-        raw = self.array(reftype, extname, dtype=np.uint32, index=index)
+        raw = self.array(reftype, extname, dtype=np.uint32, index=index, layout=layout)
         dq_def = self.raw(reftype, "DQ_DEF") if self.has(reftype, "DQ_DEF") else None
+        columns = {c.upper() for c in (getattr(getattr(dq_def, "dtype", None), "names", None)
+                                       or ())}
+        if dq_def is not None and not {"BIT", "NAME"} <= columns:
+            raise ReferenceError_(f"{self.path(reftype)}: {reftype.upper()} DQ_DEF is not a "
+                                  "table with BIT and NAME columns")
         return dqflags.decode_with_dq_def(raw, dq_def)
 
     def close(self) -> None:
@@ -427,6 +523,33 @@ class References:
             os.close(fd)
         self._fds.clear()
         self._cache.clear()
+
+
+#: the image axes every reference array ends with
+IMAGE = ("ny", "nx")
+#: any leading axes, then the image axes
+ANY_IMAGE = ("...", *IMAGE)
+
+
+def _fits_layout(shape: tuple[int, ...], layout: tuple[str, ...]) -> bool:
+    """Whether ``shape`` has the axes ``layout`` names (see :meth:`References.shape`):
+    ``name?`` is an optional leading axis, ``...`` any number of them, ``name>=N`` an
+    axis of at least N entries; no axis may be empty."""
+    if len(shape) < 2 or any(n <= 0 for n in shape):
+        return False
+    lead, names = shape[:-2], list(layout[:-2])
+    if "..." in names:
+        return len(lead) >= len([a for a in names if a not in ("...",) and not a.endswith("?")])
+    # optional axes are dropped from the front, as many as the shape lacks
+    drop = len(names) - len(lead)
+    optional = [i for i, a in enumerate(names) if a.endswith("?")]
+    if drop < 0 or drop > len(optional):
+        return False
+    kept = [a for i, a in enumerate(names) if i not in optional[:drop]]
+    for size, name in zip(lead, kept):
+        if ">=" in name and size < int(name.split(">=", 1)[1]):
+            return False
+    return True
 
 
 def _index_key(pick):

@@ -221,6 +221,11 @@ from streamdet.core.step import Step  # noqa: E402
 from . import follows  # noqa: E402
 
 
+#: the axes of the dark's SCI (a 3-D dark is one integration) and DQ arrays
+SCI_LAYOUT = ("nints?", "ngroups", "ny", "nx")
+DQ_LAYOUT = ("nints?", "ngroups?", "ny", "nx")
+
+
 class DarkCurrentStep(Step):
     """Subtracts the integration-dependent MIRI dark (jwst 3.0 ``dark_current``).
 
@@ -234,22 +239,27 @@ class DarkCurrentStep(Step):
     thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
-        shape = refs.shape("dark", "SCI")
-        hdr = refs.header("dark")
+        shape = refs.shape("dark", "SCI", SCI_LAYOUT)
         self.ndim = len(shape)
         self.dark_nints = shape[0] if self.ndim == 4 else 1
         self.dark_ngroups = shape[-3]
-        self.dark_nframes = int(hdr.get("NFRAMES", 1) or 1)
-        self.dark_groupgap = int(hdr.get("GROUPGAP", 0) or 0)
+        self.dark_nframes = int(refs.number("dark", "NFRAMES", 1) or 1)
+        self.dark_groupgap = int(refs.number("dark", "GROUPGAP", 0) or 0)
         if self.dark_nframes > meta.nframes or self.dark_groupgap > meta.groupgap:
             return "the dark has larger NFRAMES or GROUPGAP than the exposure"
+        if (self.dark_ngroups < 2 and total_frames(meta.ngroups, meta.nframes, meta.groupgap)
+                > total_frames(self.dark_ngroups, self.dark_nframes, self.dark_groupgap)):
+            # a dark shorter than the exposure is extended from its last two groups
+            refs.shape("dark", "SCI", ("nints?", "ngroups>=2", "ny", "nx"),
+                       why=f"the exposure's {meta.ngroups} groups span more frames than the "
+                           "dark, which is then extrapolated from its last two groups")
         self.averaging = (self.dark_nframes, self.dark_groupgap) != (meta.nframes, meta.groupgap)
         self.meta, self.refs = meta, refs
-        dq_index = (slice(None), 0) if len(refs.shape("dark", "DQ")) == 4 else ()
+        dq_index = (slice(None), 0) if len(refs.shape("dark", "DQ", DQ_LAYOUT)) == 4 else ()
         np.bitwise_or(pixeldq, combined_dark_dq(refs.dq("dark", index=dq_index)), out=pixeldq)
-        scalar = hdr.get("AVDRKCUR")
+        scalar = refs.number("dark", "AVDRKCUR", None, float)
         meta.state["average_dark_current"] = average_dark_current(
-            (meta.ny, meta.nx), ref_scalar=None if scalar is None else float(scalar))
+            (meta.ny, meta.nx), ref_scalar=scalar)
         # the plain case reads only the groups it subtracts, with NaN already zeroed
         self.raw = needs_raw_dark(meta.ngroups, meta.nframes, meta.groupgap, self.dark_ngroups,
                                   self.dark_nframes, self.dark_groupgap)

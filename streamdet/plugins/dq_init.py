@@ -44,6 +44,7 @@ def apply_mask(groupdq: np.ndarray, pixeldq: np.ndarray, mask_dq: np.ndarray) ->
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
+from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Step  # noqa: E402
 
 from . import follows  # noqa: E402
@@ -59,7 +60,7 @@ class DQInitStep(Step):
     thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
-        self.mask_dq = refs.dq("mask")
+        self.mask_dq = refs.dq("mask", layout=IMAGE)
         return None
 
     def process(self, chunk):

@@ -583,6 +583,7 @@ def _drop_jumps_on_unusable(groupdq):
 
 from streamdet.core.errors import BadInputError  # noqa: E402
 from streamdet.core.plugins import hookimpl  # noqa: E402
+from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Granularity, Param, Step  # noqa: E402
 
 from . import follows  # noqa: E402
@@ -631,8 +632,8 @@ class JumpStep(Step):
         if meta.ngroups <= 2:
             return "needs at least 3 groups"
         self.meta = meta
-        self.gain = refs.shared("gain", "SCI")
-        self.readnoise = refs.shared("readnoise", "SCI")
+        self.gain = refs.shared("gain", "SCI", layout=IMAGE)
+        self.readnoise = refs.shared("readnoise", "SCI", layout=IMAGE)
         self.median_gain = exposure_median_gain(self.gain)
         # groups DO_NOT_USE in every pixel seen so far, ANDed over the surveyed pieces
         self.all_dnu = np.ones((meta.nints, meta.ngroups), dtype=bool)

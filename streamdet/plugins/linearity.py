@@ -115,6 +115,7 @@ def correct_linearity(
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
+from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Step  # noqa: E402
 
 from . import follows  # noqa: E402
@@ -132,8 +133,8 @@ class LinearityStep(Step):
     def prepare(self, meta, refs, pixeldq):
         if meta.nframes > 1:
             return "NFRAMES > 1 needs the read-level (INV_COEFFS) correction, not implemented"
-        coeffs = refs.array("linearity", "COEFFS")
-        ref_dq = refs.dq("linearity") if refs.has("linearity", "DQ") else None
+        coeffs = refs.array("linearity", "COEFFS", layout=("ncoeffs>=2", "ny", "nx"))
+        ref_dq = refs.dq("linearity", layout=IMAGE) if refs.has("linearity", "DQ") else None
         self.usable, contribution = prepare_linearity_reference(coeffs, ref_dq)
         np.bitwise_or(pixeldq, contribution, out=pixeldq)
         return None

@@ -855,6 +855,7 @@ def _redo_chargeloss_rnoise(flags, lossy, only_first, ints_vr, rate_vr, rnoise, 
 
 from streamdet.core.errors import BadInputError  # noqa: E402
 from streamdet.core.plugins import hookimpl  # noqa: E402
+from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Granularity, Param, Step  # noqa: E402
 
 from . import follows  # noqa: E402
@@ -880,8 +881,8 @@ class RampFitStep(Step):
 
     def prepare(self, meta, refs, pixeldq):
         self.meta = meta
-        self.gain = refs.shared("gain", "SCI")
-        self.readnoise = refs.shared("readnoise", "SCI")
+        self.gain = refs.shared("gain", "SCI", layout=IMAGE)
+        self.readnoise = refs.shared("readnoise", "SCI", layout=IMAGE)
         # bits set in every pixel of every integration, per group (from the survey)
         self.common = np.full(meta.ngroups, 0xFF, dtype=np.uint8)
         self.discard = None

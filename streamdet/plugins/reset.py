@@ -78,6 +78,7 @@ def _subtract_finite(plane: np.ndarray, correction: np.ndarray) -> None:
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
+from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Step  # noqa: E402
 
 from . import follows  # noqa: E402
@@ -95,16 +96,15 @@ class ResetStep(Step):
     thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
-        shape = refs.shape("reset", "SCI")
+        shape = refs.shape("reset", "SCI", ("nints?", "ngroups", "ny", "nx"))
         self.ndim = len(shape)
         if self.ndim == 3:
             shape = (1, *shape)
-        hdr = refs.header("reset")
-        self.ref_nints = int(hdr.get("NINTS", shape[0]))
-        self.ref_ngroups = int(hdr.get("NGROUPS", shape[1]))
+        self.ref_nints = refs.number("reset", "NINTS", shape[0])
+        self.ref_ngroups = refs.number("reset", "NGROUPS", shape[1])
         self.refs = refs
         self.n_corrected = min(meta.ngroups, self.ref_ngroups, shape[1])
-        np.bitwise_or(pixeldq, refs.dq("reset"), out=pixeldq)
+        np.bitwise_or(pixeldq, refs.dq("reset", layout=IMAGE), out=pixeldq)
         # reference integrations that correct several science integrations stay converted
         chosen = [reset_int_for(int(i), self.ref_nints) for i in meta.int_index]
         self.reused = {k for k in chosen if chosen.count(k) > 1 or self.ndim == 3}

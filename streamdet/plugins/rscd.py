@@ -354,6 +354,7 @@ def flag_rscd_groups(groupdq: np.ndarray, pixeldq: np.ndarray, int_index: Iterab
 
 # --- step plugin (added by the engine work) ---
 
+from streamdet.core.errors import ReferenceError_  # noqa: E402
 from streamdet.core.plugins import hookimpl  # noqa: E402
 from streamdet.core.step import Granularity, Step  # noqa: E402
 
@@ -372,7 +373,11 @@ class RscdStep(Step):
 
     def prepare(self, meta, refs, pixeldq):
         table = refs.raw("rscd", TABLE_EXTENSION)
-        plan = plan_rscd(table, meta.subarray, meta.readpatt, meta.ngroups)
+        try:
+            plan = plan_rscd(table, meta.subarray, meta.readpatt, meta.ngroups)
+        except (TypeError, ValueError) as exc:  # not a table, or not jwst's columns
+            raise ReferenceError_(f"{refs.path('rscd')}: RSCD {TABLE_EXTENSION} is not a "
+                                  f"usable group-skip table: {exc}") from None
         self.messages = plan.messages
         if not plan.applies:
             return "; ".join(plan.messages) or "no RSCD group-skip entry for this exposure"

@@ -185,6 +185,7 @@ def _flag_group2_jump_to_saturation(ramp, ramp_dq, limit, frames, offset):
 # --- step plugin (added by the engine work) ---
 
 from streamdet.core.plugins import hookimpl  # noqa: E402
+from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Param, Step  # noqa: E402
 
 from . import follows  # noqa: E402
@@ -209,8 +210,8 @@ class SaturationStep(Step):
         self.halo = int(self.params["n_pix_grow_sat"])
 
     def prepare(self, meta, refs, pixeldq):
-        threshold = refs.array("saturation", "SCI")
-        threshold_dq = refs.dq("saturation")
+        threshold = refs.array("saturation", "SCI", layout=IMAGE)
+        threshold_dq = refs.dq("saturation", layout=IMAGE)
         self.terms = saturation_reference_terms(threshold, threshold_dq)
         self.nframes = meta.nframes
         return None
