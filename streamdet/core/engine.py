@@ -42,7 +42,7 @@ import numpy as np
 from . import references as refmod
 from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
-from .plugins import Registry, get_registry
+from .plugins import Observers, Registry, get_registry
 from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
 from .step import Chunk, Granularity, Step
 
@@ -60,6 +60,9 @@ RATEINTS_IN_MEMORY_BYTES = 16 * 1024**2
 #: the integration pass's output is kept in memory up to this size (and up to
 #: ``band_bytes``), else in a scratch file
 SCRATCH_IN_MEMORY_BYTES = 64 * 1024**2
+#: characters of one FITS HISTORY card's text: a longer entry is continued on a second
+#: card, and readers look for one card per step
+HISTORY_WIDTH = 72
 
 
 def usable_cpus() -> int:
@@ -212,7 +215,7 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
     """Process one Level 1B file into rate products; returns where they are."""
     config = config or RunConfig()
     registry = registry or get_registry()
-    hook = registry.pm.hook
+    observers = Observers(registry.pm, where=path)
     started = time.perf_counter()
     timings: dict[str, float] = defaultdict(float)
     chain = build_chain(registry, config)
@@ -242,15 +245,24 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
             active = [s for s in chain if not s.skip]
             producers = [s for s in active if getattr(s, "produces_rate", False)]
             if not producers or producers[-1] is not active[-1]:
+                # a rate producer skipped for want of a reference: the input's fault
+                needed = [(s, r) for s in chain if getattr(s, "produces_rate", False)
+                          for r in s.reftypes if r in resolved and resolved[r].not_applicable]
+                if not producers and needed:
+                    step, reftype = needed[0]
+                    given = ("--override" if resolved[reftype].source == "override"
+                             else "CRDS")
+                    raise BadInputError(
+                        f"{meta.path}: the {reftype} reference is N/A (from {given}): step "
+                        f"{step.name} cannot compute the rate without it")
                 raise PluginError("the chain must end with a step that produces the rate "
                                   "(ramp_fit); it is skipped or followed by another step")
-            hook.streamdet_exposure_started(exposure=exposure, chain=chain)
+            observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
             rate, rateints, ramp, scratch_dir = _run(exposure, active, pixeldq, config, timings,
-                                                     hook, on_progress)
+                                                     observers, on_progress)
             try:
                 keywords = _keywords(chain, resolved)
-                history = [f"streamdet: step {s.name} served by implementation {s.implementation} "
-                           f"of {s.package} {s.package_version}" for s in chain if not s.skip]
+                history = [history_line(s) for s in chain if not s.skip]
                 t0 = time.perf_counter()
                 write_products(meta, outputs, rate, rateints, keywords, history)
                 if ramp is not None:
@@ -261,8 +273,36 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
                     shutil.rmtree(scratch_dir, ignore_errors=True)
         finally:
             refs.close()
-    hook.streamdet_exposure_finished(exposure=exposure, products=outputs, timings=dict(timings))
+    observers.notify("streamdet_exposure_finished", exposure=exposure, products=outputs,
+                     timings=dict(timings))
     return Result(outputs, dict(timings), chain, resolved, time.perf_counter() - started)
+
+
+def history_line(step: Step) -> str:
+    """The HISTORY record of a step that ran, one card long:
+    ``streamdet: STEP=IMPLEMENTATION (DISTRIBUTION VERSION)``.
+
+    Beyond :data:`HISTORY_WIDTH` characters the distribution name and version give way
+    first, sharing the room left (the shorter keeps its length if it takes no more than
+    half; a cut is marked ``...``), as the step and implementation are what readers look
+    for; a step and implementation too long for even that cut the line itself."""
+    head = f"streamdet: {step.name}={step.implementation}"
+    package, version = str(step.package), str(step.package_version)
+    room = HISTORY_WIDTH - len(head) - len(" ( )")  # for the distribution and version
+    if len(package) + len(version) > room >= 2 * len("..."):
+        half = room // 2
+        if len(version) <= half:
+            package = _cut(package, room - len(version))
+        elif len(package) <= half:
+            version = _cut(version, room - len(package))
+        else:
+            package, version = _cut(package, room - half), _cut(version, half)
+    return _cut(f"{head} ({package} {version})", HISTORY_WIDTH)
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` (>= 3) characters, a cut marked ``...``."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _keywords(chain: list[Step], resolved: dict[str, refmod.Resolved]) -> dict[str, object]:
@@ -292,9 +332,10 @@ class _Pool:
     """Runs tasks in order on ``threads`` threads (or inline for one), timing each step
     and calling the observer hook under one lock."""
 
-    def __init__(self, threads: int, timings: dict[str, float], hook, exposure: Exposure):
+    def __init__(self, threads: int, timings: dict[str, float], observers: Observers,
+                 exposure: Exposure):
         self.threads = threads
-        self.timings, self.hook, self.exposure = timings, hook, exposure
+        self.timings, self.observers, self.exposure = timings, observers, exposure
         self.lock = threading.Lock()
         self.local = threading.local()
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="streamdet") if threads > 1 else None
@@ -315,8 +356,8 @@ class _Pool:
         with self.lock:
             self.timings[step.name] += dt
             if not survey:
-                self.hook.streamdet_step_finished(exposure=self.exposure, step=step, chunk=chunk,
-                                                  seconds=dt)
+                self.observers.notify("streamdet_step_finished", exposure=self.exposure,
+                                      step=step, chunk=chunk, seconds=dt)
         return out
 
     def close(self) -> None:
@@ -387,7 +428,7 @@ def _bands(ny: int, rows: int) -> list[slice]:
 
 
 def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
-         timings: dict[str, float], hook, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
+         timings: dict[str, float], observers: Observers, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
     meta = exposure.meta
     first_exposure = next((i for i, s in enumerate(active)
                            if s.granularity == Granularity.EXPOSURE), len(active) - 1)
@@ -401,7 +442,7 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
     threads = max(1, int(config.threads or default_threads()))
     if threads > 1 and not all(getattr(s, "thread_safe", False) for s in active):
         threads = 1
-    pool = _Pool(threads, timings, hook, exposure)
+    pool = _Pool(threads, timings, observers, exposure)
     # in memory only when no bigger than what one band of the band pass may hold anyway
     scratch = _Scratch(meta, config.scratch_dir,
                        min(config.scratch_in_memory_bytes, config.band_bytes))
