@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (file, reference, parameter, configuration),
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -70,13 +71,18 @@ def process(
     from . import config as configmod
     from .core import errors
     from .core.exposure import product_base_name
+    from .core.plugins import get_registry
 
     if not (debug or verbose):  # crds logs its own copy of a lookup failure we report
         os.environ.setdefault("CRDS_VERBOSITY", "-3")
     console = Console(stderr=True, quiet=quiet)
     try:
+        registry = get_registry()
+        if not quiet:  # first: a broken plugin may be why an option below is refused
+            for message in registry.broken:
+                typer.echo(f"streamdet: warning: {message}", err=True)
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
-                             output_dir=output_dir, overwrite=overwrite)
+                             output_dir=output_dir, overwrite=overwrite, registry=registry)
         run.save_ramp = save_ramp
         if threads is not None:
             run.threads = threads
@@ -97,7 +103,8 @@ def process(
 
         before = products_now()
         try:
-            result = _process_one(path, run, console, quiet)
+            with _plugin_warnings_as_lines(quiet):
+                result = _process_one(path, run, console, quiet)
         except KeyboardInterrupt:
             raise typer.Exit(130)
         except Exception as exc:  # one bad file does not stop the others
@@ -120,6 +127,31 @@ def process(
             console.print(_timings_table(result.timings, f"{path.name}: {result.seconds:.2f} s"))
     if failures:
         raise typer.Exit(failures)
+
+
+@contextlib.contextmanager
+def _plugin_warnings_as_lines(quiet: bool):
+    """Show what a plugin did wrong during a run (a
+    :class:`~streamdet.core.plugins.PluginWarning`, e.g. an observer that raised) as one
+    ``streamdet: warning:`` line, like a broken plugin, and not at all with ``--quiet``.
+    Other warnings are shown as Python shows them."""
+    import warnings
+
+    from .core.plugins import PluginWarning
+
+    with warnings.catch_warnings():
+        # the engine reports each plugin once per run already: show every report
+        warnings.simplefilter("ignore" if quiet else "always", PluginWarning)
+        show_python_warning = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, PluginWarning):
+                typer.echo(f"streamdet: warning: {message}", err=True)
+            else:
+                show_python_warning(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def _process_one(path: Path, run, console, quiet: bool):

@@ -2,7 +2,11 @@
 METADATA and entry_points.txt on PYTHONPATH, as pip leaves them) next to a good one, and
 the real command line in a subprocess: ``streamdet steps``, ``streamdet plugins`` and
 ``streamdet process`` succeed, name each broken package on a line of its own, list the
-good plugin and keep the built-in chain."""
+good plugin and keep the built-in chain.
+
+And observers that raise, in process and through the command line: the run goes on, the
+products are those of a run without them, the other observers hear every event, and the
+failure is one warning naming the plugin."""
 
 from __future__ import annotations
 
@@ -11,11 +15,17 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from streamdet import hookimpl
+from streamdet.core.plugins import PluginWarning
 from streamdet.plugins import MIRI_ORDER
+from streamdet.testing import run_chain
 
 #: distribution name -> (module name, module source)
 FAKES = {
@@ -55,6 +65,14 @@ FAKES = {
         def streamdet_steps():
             return [BadParam]
     """),
+    # loads fine (it is not in the registry's broken list) but fails in every run
+    "sd-bad-observer": ("sd_bad_observer", """
+        from streamdet import hookimpl
+
+        @hookimpl
+        def streamdet_step_finished(step):
+            raise RuntimeError("sd_bad_observer is broken on purpose")
+    """),
     "sd-good-step": ("sd_good_step", """
         from streamdet import hookimpl
         from streamdet.core.step import Param, Step
@@ -77,6 +95,10 @@ FAKES = {
 
 GOOD_ORDER = [*MIRI_ORDER[: MIRI_ORDER.index("rscd") + 1], "good_step",
               *MIRI_ORDER[MIRI_ORDER.index("rscd") + 1:]]
+
+#: a complete HISTORY record of one step (see streamdet.core.engine.history_line)
+HISTORY_RECORD = re.compile(r"streamdet: (?P<step>\w+)=(?P<implementation>\S+) "
+                            r"\((?P<package>\S+) (?P<version>\S+)\)")
 
 
 def install_fakes(site: Path) -> None:
@@ -166,19 +188,111 @@ def test_plugins_lists_the_good_plugin_and_names_each_broken_one(env):
         assert f"streamdet 0.1.0  {name}: streamdet_steps" in lines
     # a plugin that failed to import or to declare its steps is not listed as loaded
     assert not [l for l in lines if l.startswith(("sd-broken-import ", "sd-bad-param "))]
+    assert "sd-bad-observer 1.0  bad_observer: streamdet_step_finished" in lines
 
 
-def test_process_runs_with_broken_plugins_installed(env, streamdet_sim, tmp_path):
+def history_records(header) -> dict[str, tuple[str, str, str]]:
+    """step -> (implementation, package, version) from a product's HISTORY cards, each of
+    which must be one complete record (none continued on the next card)."""
+    records = {}
+    for text in header["HISTORY"]:
+        record = HISTORY_RECORD.fullmatch(str(text))
+        assert record, f"HISTORY card is not one complete record: {str(text)!r}"
+        assert record["step"] not in records, f"two HISTORY cards for {record['step']}"
+        records[record["step"]] = (record["implementation"], record["package"], record["version"])
+    return records
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["default", "quiet"])
+def test_process_runs_with_broken_plugins_installed(env, streamdet_sim, tmp_path, quiet):
     from astropy.io import fits
 
     sim = streamdet_sim(subarray="SUB64", ngroups=6, nints=1)
     out = tmp_path / "products"
-    done = cli({**env, **sim.env}, "process", str(sim.uncal), "-o", str(out), "-q",
-               "--set", "good_step.skip=false")
+    done = cli({**env, **sim.env}, "process", str(sim.uncal), "-o", str(out),
+               "--set", "good_step.skip=false", *(["-q"] if quiet else []))
     assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    if quiet:  # -q prints only errors
+        assert "plugin package" not in done.stderr, done.stderr
+    else:  # each broken plugin on one line, then the observer that raised, once
+        reported = broken_lines(done.stderr)
+        observer = reported.pop("sd-bad-observer")
+        check_broken_reports("\n".join(reported.values()))
+        assert all(line.startswith("streamdet: warning: plugin package sd-")
+                   for line in [*reported.values(), observer])
+        assert re.search(r"observer 'bad_observer' failed in streamdet_step_finished on "
+                         r".*_uncal\.fits: RuntimeError: sd_bad_observer is broken on purpose",
+                         observer), observer
     rate = out / sim.uncal.name.replace("_uncal.fits", "_rate.fits")
-    header = fits.getheader(rate)
-    history = "".join("".join(str(card).split()) for card in header["HISTORY"])
-    assert "streamdet:stepgood_stepservedbyimplementationgoodofsd-good-step1.0" in history
+    records = history_records(fits.getheader(rate))
+    assert records["good_step"] == ("good", "sd-good-step", "1.0")
     for name in ("dq_init", "jump", "ramp_fit"):
-        assert f"streamdet:step{name}servedbyimplementationbuiltinofstreamdet" in history
+        assert records[name] == ("builtin", "streamdet", "0.1.0")
+    assert [name for name in records if name in GOOD_ORDER] == list(records)  # chain order
+
+
+# -- observers that raise, in process ---------------------------------------------------
+
+def test_an_observer_that_raises_does_not_end_the_run(streamdet_sim, tmp_path):
+    from astropy.io import fits
+
+    sim = streamdet_sim(subarray="SUB64", ngroups=6, nints=2)
+    heard: list[tuple] = []  # both observers', in the order they were called
+
+    class Recorder:
+        """A good observer: notes every event."""
+
+        @hookimpl
+        def streamdet_exposure_started(self, chain):
+            heard.append(("good", "started", len(chain)))
+
+        @hookimpl
+        def streamdet_step_finished(self, step, chunk):
+            heard.append(("good", "step", step.name, chunk.rows.start, chunk.rows.stop,
+                          tuple(chunk.int_index)))
+
+        @hookimpl
+        def streamdet_exposure_finished(self, products):
+            heard.append(("good", "finished", tuple(sorted(products))))
+
+    bad = types.ModuleType("sd_test_bad_observer")
+
+    @hookimpl
+    def streamdet_step_finished(step):
+        heard.append(("bad", "step", step.name))
+        raise RuntimeError("broken on purpose")
+
+    bad.streamdet_step_finished = streamdet_step_finished
+
+    plain = run_chain(sim.uncal, tmp_path / "plain", sim=sim, plugins=[Recorder()],
+                      only_builtin=True)
+    expected = Counter(heard)
+    heard.clear()
+    # registered after the recorder, so pluggy calls it first for each event
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_chain(sim.uncal, tmp_path / "broken", sim=sim,
+                           plugins=[Recorder(), bad], only_builtin=True)
+
+    reports = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+    assert len(reports) == 1, reports  # once per plugin per run, not once per chunk
+    assert reports[0].startswith("plugin package sd_test_bad_observer: observer "
+                                 "'sd_test_bad_observer' failed in streamdet_step_finished "
+                                 f"on {sim.uncal}: RuntimeError: broken on purpose")
+    assert "\n" not in reports[0]
+    # the bad observer was called for every step, each time before the good one
+    steps = [e for e in heard if e[1] == "step"]
+    assert steps and [who for who, *_ in steps] == ["bad", "good"] * (len(steps) // 2)
+    assert Counter(e for e in heard if e[0] == "good") == expected
+    assert expected[("good", "finished", ("rate", "rateints"))] == 1
+
+    for kind in ("rate", "rateints"):
+        assert result.products[kind].exists()
+        with fits.open(result.products[kind]) as a, fits.open(plain.products[kind]) as b:
+            assert [h.name for h in a] == [h.name for h in b]
+            for ours, theirs in zip(a[1:], b[1:]):
+                assert ours.data.tobytes() == theirs.data.tobytes(), f"{kind} {ours.name}"
+            records = history_records(a[0].header)
+            assert list(records) == [s.name for s in result.chain if not s.skip]
+            assert history_records(b[0].header) == records

@@ -106,8 +106,8 @@ def test_products_open_and_validate_as_jwst_models(sim_sub256, tmp_path):
     with fits.open(result.products["rateints"]) as hdul:
         assert [h.name for h in hdul] == ["PRIMARY", "SCI", "ERR", "DQ", "INT_TIMES",
                                           "VAR_POISSON", "VAR_RNOISE"]
-        history = "\n".join(str(h) for h in hdul[0].header["HISTORY"])
-        assert "step ramp_fit served by implementation builtin of streamdet" in history
+        history = [str(h) for h in hdul[0].header["HISTORY"]]
+        assert "streamdet: ramp_fit=builtin (streamdet 0.1.0)" in history
         assert hdul[0].header["S_IPC"] == "SKIPPED" and hdul[0].header["S_RSCD"] == "COMPLETE"
 
 

@@ -1,15 +1,19 @@
-"""The plugin manager: ordering, replacement, insertion, conflicts, broken plugins and
-parameter validation, with real Step classes registered like plugins."""
+"""The plugin manager: ordering, replacement, insertion, conflicts, broken plugins,
+observers that raise, parameter validation and the HISTORY record, with real Step classes
+registered like plugins."""
 
 from __future__ import annotations
 
 import types
+import warnings
 
 import pytest
+from astropy.io import fits
 
 from streamdet import hookimpl
+from streamdet.core.engine import HISTORY_WIDTH, history_line
 from streamdet.core.errors import BadInputError, PluginError
-from streamdet.core.plugins import build_registry
+from streamdet.core.plugins import Observers, PluginWarning, build_registry
 from streamdet.core.step import Param, Step
 from streamdet.plugins import MIRI_ORDER
 
@@ -121,3 +125,78 @@ def test_parameters_are_validated_with_clear_messages():
                            ({"flag": "maybe"}, "not a valid bool"), ({"nope": 1}, "no parameter 'nope'")]:
         with pytest.raises(BadInputError, match=message):
             Tunable(given)
+
+
+def test_observers_are_called_one_by_one_and_a_raising_one_is_reported_once():
+    heard = []
+
+    def observer(name, fail=False):
+        module = types.ModuleType(name)
+
+        @hookimpl
+        def streamdet_step_finished(step, seconds):  # fewer arguments than the spec
+            heard.append((name, step, seconds))
+            if fail:
+                raise ValueError(f"{name} fails\non two lines")
+
+        module.streamdet_step_finished = streamdet_step_finished
+        return module
+
+    wrapper = types.ModuleType("wrapping")
+
+    @hookimpl(wrapper=True)
+    def streamdet_step_finished(step):
+        heard.append(("wrapping", step, "before"))
+        yield
+        heard.append(("wrapping", step, "after"))
+
+    wrapper.streamdet_step_finished = streamdet_step_finished
+    registry = build_registry((observer("first"), observer("failing", fail=True), wrapper,
+                               observer("last")), only_builtin=True)
+    observers = Observers(registry.pm, where="x_uncal.fits")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in ("jump", "ramp_fit"):
+            observers.notify("streamdet_step_finished", exposure=None, step=step, chunk=None,
+                             seconds=1.5)
+        observers.notify("streamdet_exposure_finished", exposure=None, products={}, timings={})
+    # pluggy's order (the last registered first); the one after the failing one still called
+    assert heard == [(name, step, when) for step in ("jump", "ramp_fit")
+                     for name, when in (("wrapping", "before"), ("wrapping", "after"),
+                                        ("last", 1.5), ("failing", 1.5), ("first", 1.5))]
+    assert [w.category for w in caught] == [PluginWarning]
+    assert str(caught[0].message) == (
+        "plugin package failing: observer 'failing' failed in streamdet_step_finished on "
+        "x_uncal.fits: ValueError: failing fails on two lines; the run goes on (reported "
+        "once per run)")
+    # a new run reports again
+    with pytest.warns(PluginWarning, match="plugin package failing"):
+        Observers(registry.pm).notify("streamdet_step_finished", exposure=None, step="jump",
+                                      chunk=None, seconds=0.0)
+
+
+@pytest.mark.parametrize("name, implementation, package, version, expected", [
+    ("jump", "builtin", "streamdet", "0.1.0", "streamdet: jump=builtin (streamdet 0.1.0)"),
+    ("ramp_fit", "likely", "streamdet-likely", "0.1.0",
+     "streamdet: ramp_fit=likely (streamdet-likely 0.1.0)"),
+    # a development version from a VCS checkout: the version gives way
+    ("ramp_fit", "likely", "streamdet-likely", "0.1.dev123+g1234567.d20240101",
+     "streamdet: ramp_fit=likely (streamdet-likely 0.1.dev123+g1234567.d20...)"),
+    # a long distribution name: the name gives way
+    ("destripe", "fast", "streamdet-some-really-long-distribution-name-for-stripes", "2.0.1",
+     "streamdet: destripe=fast (streamdet-some-really-long-distribut... 2.0.1)"),
+    # both long: they share the room
+    ("destripe", "fast", "streamdet-some-really-long-distribution-name", "0.1.dev123+g1234567.d20240101",
+     "streamdet: destripe=fast (streamdet-some-real... 0.1.dev123+g1234567...)"),
+    # step and implementation names too long for the distribution: the line is cut
+    ("a_really_long_step_name_for_testing", "an_equally_long_implementation_name", "pkg", "1.0",
+     "streamdet: a_really_long_step_name_for_testing=an_equally_long_implem..."),
+])
+def test_history_line_is_one_card(name, implementation, package, version, expected):
+    step = types.SimpleNamespace(name=name, implementation=implementation, package=package,
+                                 package_version=version)
+    line = history_line(step)
+    assert line == expected and len(line) <= HISTORY_WIDTH
+    header = fits.Header()
+    header.add_history(line)
+    assert [str(card) for card in header["HISTORY"]] == [line]  # not continued on a 2nd card

@@ -13,6 +13,10 @@ Three kinds of plugin use them:
 * **insert** a step: return a Step subclass with a new ``name`` and an ``after`` (or
   ``before``) naming the step it is placed next to.
 * **observe**: implement only the event hooks below.
+
+The event (observer) hooks are called one implementation at a time
+(:class:`streamdet.core.plugins.Observers`): one that raises is reported once per run as a
+warning naming its plugin, and the other observers and the run go on.
 """
 
 from __future__ import annotations

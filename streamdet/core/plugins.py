@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover - the step module (and numpy) load with the plugins
     from .step import Step
@@ -29,6 +30,16 @@ hookimpl = pluggy.HookimplMarker("streamdet")
 
 ENTRY_POINT_GROUP = "streamdet.steps"
 BUILTIN_PACKAGE = "streamdet"
+
+#: the hooks that only watch a run (see :mod:`.hookspecs`); :class:`Observers` calls them
+OBSERVER_HOOKS = ("streamdet_exposure_started", "streamdet_step_finished",
+                  "streamdet_exposure_finished")
+
+
+class PluginWarning(UserWarning):
+    """A plugin misbehaved during a run (an observer raised), and the run went on. The
+    message is one line that starts ``plugin package NAME:``, like the registry's broken
+    plugins."""
 
 
 @dataclass
@@ -73,6 +84,65 @@ class Registry:
                 raise PluginError(
                     f"--use names unknown step {step_name!r} (known: {', '.join(self.order)})")
         return [self.implementation(name, use) for name in self.order]
+
+
+class Observers:
+    """The observer hooks of one run, each plugin's implementation called on its own.
+
+    Through ``pm.hook`` pluggy stops at the first implementation that raises and hands
+    the exception to the engine, so one broken observer (a quick-look writer, a monitor)
+    would fail a good exposure and keep the observers after it from hearing of it. Here
+    an observer's exception is reported once per plugin per run as a
+    :class:`PluginWarning` naming the plugin, the hook and the error, and the other
+    observers and the run go on (the plugin is still called for later events: a failure
+    on one chunk need not mean the next fails). Exceptions of steps' own methods are not
+    observers' and end the run as before.
+
+    One run's calls come from one thread at a time (the engine calls
+    ``streamdet_step_finished`` under its lock)."""
+
+    def __init__(self, pm: pluggy.PluginManager, where: object = None):
+        #: the input being processed, named in the warnings
+        self.where = where
+        #: plugins (pluggy names, ``package:entry point``) already reported in this run
+        self.reported: set[str] = set()
+        # in the order pluggy calls them: the last registered first, tryfirst/trylast kept
+        self.impls = {hook: list(reversed(getattr(pm.hook, hook).get_hookimpls()))
+                      for hook in OBSERVER_HOOKS}
+
+    def notify(self, hook: str, **kwargs) -> None:
+        """Call every implementation of observer ``hook`` with the ``kwargs`` it names."""
+        for impl in self.impls[hook]:
+            try:
+                _call_one(impl, kwargs)
+            except Exception as exc:  # an observer must not end the run
+                self._report(impl.plugin_name, hook, exc)
+
+    def _report(self, plugin_name: str, hook: str, exc: Exception) -> None:
+        if plugin_name in self.reported:
+            return
+        self.reported.add(plugin_name)
+        package, _, entry = plugin_name.partition(":")
+        where = f" on {self.where}" if self.where is not None else ""
+        warnings.warn(f"plugin package {package}: observer {entry or package!r} failed in "
+                      f"{hook}{where}: {type(exc).__name__}: {one_line(exc)}; "
+                      "the run goes on (reported once per run)", PluginWarning, stacklevel=3)
+
+
+def _call_one(impl: pluggy.HookImpl, kwargs: dict) -> None:
+    """Call one hook implementation the way pluggy does, with only the arguments it names."""
+    args = [kwargs[name] for name in impl.argnames]
+    if not (impl.wrapper or impl.hookwrapper):
+        impl.function(*args)
+        return
+    # a wrapper called on its own wraps nothing: run it through its one yield
+    wrapper = impl.function(*args)
+    next(wrapper)
+    try:
+        wrapper.send(pluggy.Result([], None) if impl.hookwrapper else [])
+    except StopIteration:
+        return
+    raise RuntimeError(f"hook wrapper {impl.function.__name__} did not stop after one yield")
 
 
 def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:

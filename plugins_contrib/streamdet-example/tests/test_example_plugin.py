@@ -88,8 +88,10 @@ def test_runs_through_the_test_kit(streamdet_sim, streamdet_run):
     assert not {s.name: s for s in on.chain}["row_median"].skip
     header = fits.getheader(on.products["rate"])
     assert header["S_ROWMED"] == "COMPLETE" and header["ROWMEDST"] == "median"
-    history = "".join(str(card) for card in header["HISTORY"])
-    assert "streamdet: step row_median served by implementation example of streamdet" in history
+    history = [str(card) for card in header["HISTORY"]]
+    # the installed distribution serves it, or (not installed) the module registered here
+    assert any(re.fullmatch(r"streamdet: row_median=example \(streamdet[-_]example \S+\)", card)
+               for card in history), history
     before, after = row_levels(builtin.products["rate"]), row_levels(on.products["rate"])
     assert np.median(np.abs(after)) < 0.5 * np.median(np.abs(before))
 
