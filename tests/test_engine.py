@@ -159,12 +159,15 @@ def test_save_ramp_writes_the_ramp_the_fit_saw(sim_sub256, tmp_path):
         assert not np.any(ramp["PIXELDQ"].data & ~rate["DQ"].data)
 
 
-def test_two_threads_give_the_same_products(sim_sub256, tmp_path):
+# 300 kB: each of two threads gets bands of a few rows; 120 kB: a thread's share would be
+# mostly halo, so the band pass runs on one thread while the integration pass uses two
+@pytest.mark.parametrize("band_bytes", [300_000, 120_000])
+def test_two_threads_give_the_same_products(sim_sub256, tmp_path, band_bytes):
     with crds_environment(sim_sub256):
         one = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path / "one", threads=1,
-                                                       band_bytes=300_000))
+                                                       band_bytes=band_bytes))
         two = process_file(sim_sub256.uncal, RunConfig(output_dir=tmp_path / "two", threads=2,
-                                                       band_bytes=300_000))
+                                                       band_bytes=band_bytes))
     for kind in ("rate", "rateints"):
         assert_identical_products(one.products[kind], two.products[kind])
 

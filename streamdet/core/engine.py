@@ -48,7 +48,7 @@ from .step import Chunk, Granularity, Step
 
 #: default memory for the bands of the band pass in flight at once (data + groupdq, all
 #: integrations; shared among the threads)
-DEFAULT_BAND_BYTES = 64 * 1024**2
+DEFAULT_BAND_BYTES = 128 * 1024**2
 #: the band pass's bands in flight are at most this many rows tall together (smaller
 #: bands use the caches better and share out better between threads; thick exposures
 #: reach the memory bound first)
@@ -340,9 +340,19 @@ class _Pool:
         self.local = threading.local()
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="streamdet") if threads > 1 else None
 
-    def map(self, fn, items):
-        if self.executor is None:
+    def map(self, fn, items, at_once: int | None = None):
+        """``fn`` over ``items`` (results in order) on at most ``at_once`` threads."""
+        at_once = self.threads if at_once is None else max(1, min(at_once, self.threads))
+        if self.executor is None or at_once == 1:
             return map(fn, items)
+        if at_once < self.threads:
+            gate = threading.BoundedSemaphore(at_once)
+
+            def gated(item, fn=fn):
+                with gate:
+                    return fn(item)
+
+            return self.executor.map(gated, items)
         return self.executor.map(fn, items)
 
     def add(self, name: str, seconds: float) -> None:
@@ -508,10 +518,13 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         halo = max((s.halo for s in pass2), default=0)
         row_bytes = meta.nints * meta.ngroups * meta.nx * 5
         # the band budget is for all bands in flight, so memory does not grow with the
-        # number of threads (but a band keeps a few rows, or its halo would dominate)
-        fitting = int(config.band_bytes // (row_bytes * pool.threads)) - 2 * halo
-        band = max(1 if pool.threads == 1 else 4,
-                   min(max(1, MAX_BAND_ROWS // pool.threads), fitting))
+        # number of threads; an exposure so thick that a thread's share would be mostly
+        # halo (recomputed) rows runs its bands on fewer threads instead
+        sharing = pool.threads
+        while sharing > 1 and int(config.band_bytes // (row_bytes * sharing)) - 2 * halo < max(2, 2 * halo):
+            sharing -= 1
+        fitting = int(config.band_bytes // (row_bytes * sharing)) - 2 * halo
+        band = max(1, min(max(1, MAX_BAND_ROWS // sharing), fitting))
         bands = _bands(ny, band)
         plane = meta.nints * meta.ngroups * meta.nx
 
@@ -543,7 +556,7 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
             rate.put(np.s_[core], band_rate)
             rateints.put(np.s_[:, core], band_rateints)
 
-        for b, _ in enumerate(pool.map(run_band, bands), start=1):
+        for b, _ in enumerate(pool.map(run_band, bands, at_once=sharing), start=1):
             if on_progress:
                 on_progress("bands", b, len(bands))
         redo = {(s.start, s.stop) for step in pass2 for s in step.rerun_rows()}
