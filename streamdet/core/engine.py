@@ -389,6 +389,9 @@ class _PageRelease:
         self.release = getattr(exposure, "release_pages", None)
         self.raw = self.mm = None
         self.base_address = 0
+        if not getattr(exposure, "sci_mapped", True):
+            self.release = lambda ints, rows: None   # nothing of SCI is mapped
+            return
         if self.release is not None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         raw = getattr(exposure, "_raw", None)

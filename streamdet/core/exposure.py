@@ -247,6 +247,11 @@ class Exposure:
         except Exception as exc:  # astropy raises various errors on damaged data
             raise _bad(self.path, f"SCI data cannot be read ({exc})") from None
         self._raw = raw
+        # SCI is read with positioned reads when it is stored plainly: a memory map would
+        # take page faults (and, to keep the resident set small, madvise calls whose TLB
+        # shootdowns stall the other threads) for every piece
+        self._sci_offset = info["datLoc"] if raw.dtype.itemsize == 2 and raw.ndim == 4 else None
+        self._fd: int | None = None
         self._bzero = float(self._sci.header.get("BZERO", 0.0))
         self._bscale = float(self._sci.header.get("BSCALE", 1.0))
         self._groupdq = self._hdul["GROUPDQ"].data if "GROUPDQ" in self._hdul else None
@@ -265,10 +270,39 @@ class Exposure:
             out += np.float32(self._bzero)
         return out
 
+    @property
+    def sci_mapped(self) -> bool:
+        """Whether :meth:`read` takes SCI from a memory map (else from positioned reads,
+        which leave nothing mapped)."""
+        return self._sci_offset is None
+
+    def _read_sci(self, ints: slice, rows: slice) -> np.ndarray:
+        """SCI of integrations ``ints`` and rows ``rows``, as stored (big-endian 16-bit)."""
+        nints, ngroups, ny, nx = self._raw.shape
+        i0, i1, istep = ints.indices(nints)
+        r0, r1, rstep = rows.indices(ny)
+        if self._sci_offset is None or istep != 1 or rstep != 1:
+            return self._raw[ints, :, rows, :]
+        out = np.empty((max(0, i1 - i0), ngroups, max(0, r1 - r0), nx), dtype=self._raw.dtype)
+        if out.size == 0:
+            return out
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        plane_bytes = ny * nx * 2
+        want = out[0, 0].nbytes
+        for k, i in enumerate(range(i0, i1)):
+            for g in range(ngroups):
+                at = self._sci_offset + (i * ngroups + g) * plane_bytes + r0 * nx * 2
+                got = os.preadv(self._fd, [out[k, g]], at)
+                if got != want:
+                    raise _bad(self.path, f"SCI data ends early (integration {i + 1}, group "
+                                          f"{g + 1}: {got} of {want} bytes)")
+        return out
+
     def read(self, ints: slice, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Data (float32 DN) and groupdq (uint8) of integrations ``ints`` (file-local) and
         rows ``rows``, each ``[nints, ngroups, nrows, nx]``."""
-        data = self._to_float(self._raw[ints, :, rows, :])
+        data = self._to_float(self._read_sci(ints, rows))
         if self._groupdq is not None:
             groupdq = np.array(self._groupdq[ints, :, rows, :], dtype=np.uint8)
         else:
@@ -281,6 +315,12 @@ class Exposure:
         return np.zeros((self.meta.ny, self.meta.nx), dtype=np.uint32)
 
     def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
         self._raw = None
         self._groupdq = self._pixeldq = None
         try:
