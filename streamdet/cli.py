@@ -263,12 +263,15 @@ def refs(
                 if step.skip:
                     lines.append(f"{step.name:<13} (skipped)")
                     continue
-                if not step.reftypes:
+                if not step.reftypes and not step.optional_reftypes:
                     lines.append(f"{step.name:<13} (no references)")
                     continue
                 resolved = refmod.resolve(exposure.meta, list(step.reftypes), run.overrides)
+                resolved.update(refmod.resolve_optional(
+                    exposure.meta, list(step.optional_reftypes), run.overrides))
                 for reftype, res in resolved.items():
-                    where = res.source if res.source == "override" else f"crds {res.context}"
+                    where = {"override": "override", "none": "optional, none found"}.get(
+                        res.source, f"crds {res.context}")
                     lines.append(f"{step.name:<13} {reftype:<11} {res.path or 'N/A'}  [{where}]")
     except Exception as exc:
         raise typer.Exit(errors.report(exc, debug=debug, where=file))

@@ -164,7 +164,7 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
                     raise BadInputError(f"{where.split(': [', 1)[0]}: {exc}") from None
                 raise
     reftypes = sorted({r for impls in registry.implementations.values() for cls in impls
-                       for r in cls.reftypes})
+                       for r in (*cls.reftypes, *cls.optional_reftypes)})
     for reftype in run.overrides:
         if reftype not in reftypes:
             raise BadInputError(f"{origin.get(('override', reftype), '--override ' + reftype)}: "

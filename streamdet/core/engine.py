@@ -228,6 +228,9 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
         reftypes = list(dict.fromkeys(r for s in active for r in s.reftypes))
         t0 = time.perf_counter()
         resolved = refmod.resolve(meta, reftypes, config.overrides)
+        optional = [r for s in active for r in s.optional_reftypes if r not in resolved]
+        resolved.update(refmod.resolve_optional(meta, list(dict.fromkeys(optional)),
+                                                config.overrides))
         refs = refmod.References(meta, resolved)
         timings["references"] += time.perf_counter() - t0
         pixeldq = exposure.initial_pixeldq()
@@ -307,13 +310,13 @@ def _cut(text: str, width: int) -> str:
 
 def _keywords(chain: list[Step], resolved: dict[str, refmod.Resolved]) -> dict[str, object]:
     out: dict[str, object] = {}
-    for step in chain:
+    for reftype, res in resolved.items():
+        out[_REF_KEYWORDS.get(reftype, f"R_{reftype.upper()[:6]}")] = res.header_value
+    for step in chain:  # a step's own keywords win (it knows which reference it used)
         if step.status_keyword:
             out[step.status_keyword] = "SKIPPED" if step.skip else "COMPLETE"
         if not step.skip:
             out.update(step.finish())
-    for reftype, res in resolved.items():
-        out[_REF_KEYWORDS.get(reftype, f"R_{reftype.upper()[:6]}")] = res.header_value
     contexts = {r.context for r in resolved.values() if r.context}
     if contexts:
         out["CRDS_CTX"] = sorted(contexts)[0]

@@ -42,7 +42,7 @@ _CRDS_DEFAULTS = {
 class Resolved:
     reftype: str
     path: str | None          # None when not applicable
-    source: str               # "override" or "crds"
+    source: str               # "override", "crds", or "none" (an optional type found nowhere)
     context: str | None = None
 
     @property
@@ -117,6 +117,23 @@ def resolve(meta: ExposureMeta, reftypes: list[str], overrides: dict[str, str]) 
     if remaining:
         out.update(_from_crds(meta, remaining))
     return {r: out[r] for r in reftypes}
+
+
+def resolve_optional(meta: ExposureMeta, reftypes: list[str], overrides: dict[str, str]
+                     ) -> dict[str, Resolved]:
+    """Like :func:`resolve` for the types a step uses only when they exist
+    (``Step.optional_reftypes``): an override still wins and a bad override path is still
+    an error, but no CRDS configuration or no CRDS match means N/A rather than an error."""
+    out: dict[str, Resolved] = {}
+    for reftype in reftypes:
+        if reftype in overrides:
+            out.update(resolve(meta, [reftype], overrides))
+            continue
+        try:
+            out.update(_from_crds(meta, [reftype]))
+        except ReferenceError_:
+            out[reftype] = Resolved(reftype, None, "none")
+    return out
 
 
 def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:

@@ -119,6 +119,10 @@ class Step:
     implementation: ClassVar[str] = "builtin"
     #: CRDS reference types the step reads (lower case, as CRDS names them).
     reftypes: ClassVar[tuple[str, ...]] = ()
+    #: reference types the step uses when there is one (``--override`` or CRDS) and does
+    #: without otherwise: N/A or no CRDS match does not skip the step. Found in
+    #: ``refs.resolved`` like the others.
+    optional_reftypes: ClassVar[tuple[str, ...]] = ()
     #: parameter declarations; every step also has ``skip``.
     params_spec: ClassVar[dict[str, Param]] = {}
     granularity: ClassVar[Granularity] = Granularity.GROUP

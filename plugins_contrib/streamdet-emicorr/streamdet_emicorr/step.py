@@ -4,9 +4,10 @@ default (as jwst 3.0's ``emicorr`` is). Enable it with ``--set emicorr.skip=fals
 Where the frequencies come from, first match wins:
 
 1. ``--set emicorr.reference=FILE``: an EMICORR reference in jwst's ASDF format;
-2. CRDS (``use_crds``, on by default), as jwst asks it: an EMICORR file if the context
+2. ``--override emicorr=FILE`` (the same, given like every other reference);
+3. CRDS (``use_crds``, on by default), as jwst asks it: an EMICORR file if the context
    has one for the exposure;
-3. the built-in table of :mod:`streamdet_emicorr.table` (CRDS says N/A, as in the
+4. the built-in table of :mod:`streamdet_emicorr.table` (CRDS says N/A, as in the
    caches ``streamdet simulate`` writes, or is not configured).
 
 ``--set emicorr.frequencies=Hz10,390.625`` replaces the table's frequency list for the
@@ -23,8 +24,7 @@ in the MIRI chain). Memory: one integration plus one float32 map per integration
 
 from __future__ import annotations
 
-from streamdet.core import references as refmod
-from streamdet.core.errors import BadInputError, ReferenceError_
+from streamdet.core.errors import BadInputError
 from streamdet.core.exposure import Exposure
 from streamdet.core.plugins import hookimpl
 from streamdet.core.step import Granularity, Param, Step
@@ -53,6 +53,8 @@ class EmiCorrStep(Step):
     #: mask (the engine's exposure-wide pixeldq also carries flags that later steps take
     #: from their references up front, which jwst only adds after emicorr)
     reftypes = ("mask",)
+    #: an EMICORR reference from ``--override emicorr=FILE`` or CRDS, else the built-in table
+    optional_reftypes = ("emicorr",)
     default_skip = True
     status_keyword = "S_MIREMI"
     params_spec = {
@@ -80,7 +82,7 @@ class EmiCorrStep(Step):
             return f"EMI correction cannot be performed for ngroups={meta.ngroups}"
         if meta.nx % 4:
             return f"EMI correction needs whole groups of four columns ({meta.nx} columns)"
-        self.table = self._table(meta)
+        self.table = self._table(refs)
         case = self.table.case(meta.subarray, meta.readpatt, meta.detector)
         if case is None and self.params["frequencies"]:
             # like jwst's on-the-fly frequencies: the clocks still come from the built-in table
@@ -103,25 +105,23 @@ class EmiCorrStep(Step):
         self.case = case
         return None
 
-    def _table(self, meta) -> EmiTable:
+    def _table(self, refs) -> EmiTable:
         given = self.params["reference"]
         if given:
             try:
                 return read_reference(given)
             except (OSError, ValueError) as exc:
                 raise BadInputError(f"emicorr.reference: {exc}") from None
-        if self.params["use_crds"]:
+        # the engine resolved the optional type: --override first, then CRDS
+        found = refs.resolved.get("emicorr")
+        if (found is not None and not found.not_applicable
+                and (found.source == "override" or self.params["use_crds"])):
             try:
-                found = refmod.resolve(meta, ["emicorr"], {})["emicorr"]
-            except ReferenceError_:
-                found = None  # CRDS not configured or no EMICORR rules: the built-in table
-            if found is not None and not found.not_applicable:
-                try:
-                    table = read_reference(found.path)
-                except (OSError, ValueError) as exc:
-                    raise BadInputError(f"emicorr: CRDS reference {exc}") from None
-                table.source = found.header_value
-                return table
+                table = read_reference(found.path)
+            except (OSError, ValueError) as exc:
+                raise BadInputError(f"emicorr: {found.header_value}: {exc}") from None
+            table.source = found.header_value
+            return table
         return builtin_table()
 
     def _fit(self, chunk) -> None:

@@ -190,6 +190,11 @@ def test_sub256_218hz(sub256, streamdet_run, tmp_path):
     by_ref = streamdet_run(emi, steps={"emicorr": {"skip": False, "reference": str(ref)}})
     same_products(by_ref.products["rate"], on.products["rate"])
     assert fits.getval(by_ref.products["rate"], "R_EMICOR") == str(ref)
+    # and given like any other reference (CRDS says N/A for emicorr in this cache)
+    by_override = streamdet_run(emi, steps={"emicorr": {"skip": False}},
+                                overrides={"emicorr": str(ref)})
+    same_products(by_override.products["rate"], on.products["rate"])
+    assert fits.getval(by_override.products["rate"], "R_EMICOR") == str(ref.resolve())
 
 
 def test_sub256_ramp_residual(sub256):
