@@ -296,3 +296,27 @@ def test_an_observer_that_raises_does_not_end_the_run(streamdet_sim, tmp_path):
             records = history_records(a[0].header)
             assert list(records) == [s.name for s in result.chain if not s.skip]
             assert history_records(b[0].header) == records
+
+
+def test_watch_reports_an_observer_that_raises_with_the_file(env, streamdet_sim, tmp_path):
+    """In the daemon the observer runs in a worker process: its warning comes back with
+    the job and is logged against the file, which is still done."""
+    import shutil
+
+    sim = streamdet_sim(subarray="SUB64", ngroups=6, nints=1)
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    shutil.copy(sim.uncal, inbox / sim.uncal.name)
+    done = cli({**env, **sim.env}, "watch", str(inbox), "--output", str(outbox), "--once",
+               "--workers", "1", "--settle", "0.2", "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    assert (outbox / sim.uncal.name.replace("_uncal.fits", "_rate.fits")).is_file()
+    import json
+
+    events = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()
+              if line.startswith("{")]
+    warned = [e for e in events if e.get("event") == "plugin"]
+    assert len(warned) == 1, events
+    assert warned[0]["file"] == sim.uncal.name
+    assert "sd-bad-observer" in warned[0]["message"]
+    assert "streamdet_step_finished" in warned[0]["message"]

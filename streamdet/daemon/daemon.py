@@ -591,6 +591,9 @@ class Daemon:
         if flight is None:
             return
         self._activity = True
+        for text in result.get("warnings") or ():
+            self.log("plugin", f"{flight.row.name}: {text}", level="warning",
+                     file=flight.row.name, id=fid)
         if result.get("ok"):
             try:
                 self._commit(flight, result)

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import traceback
+import warnings
 
 #: the environment a job may carry to its worker (the daemon's CRDS settings)
 ENV_PREFIXES = ("CRDS_",)
@@ -45,6 +46,7 @@ def run_job(job: dict) -> dict:
 
     from streamdet.core.engine import RunConfig, process_file
     from streamdet.core.errors import BadInputError
+    from streamdet.core.plugins import PluginWarning
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
     started = time.perf_counter()
@@ -54,9 +56,17 @@ def run_job(job: dict) -> dict:
         config = job.get("config") or RunConfig()
         config = dataclasses.replace(config, output_dir=staging, overwrite=True,
                                      scratch_dir=staging)
-        result = process_file(job["path"], config)
+        with warnings.catch_warnings(record=True) as caught:
+            # a misbehaving observer plugin is reported with the file, in the daemon's log
+            warnings.simplefilter("always", PluginWarning)
+            result = process_file(job["path"], config)
+        plugin_warnings = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+        for w in caught:
+            if not issubclass(w.category, PluginWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return {"ok": True, "products": {k: str(v) for k, v in result.products.items()},
-                "seconds": result.seconds, "timings": result.timings, "worker": worker}
+                "seconds": result.seconds, "timings": result.timings, "worker": worker,
+                "warnings": plugin_warnings}
     except BadInputError as exc:
         return {"ok": False, "kind": "permanent", "error": str(exc), "worker": worker,
                 "seconds": time.perf_counter() - started}
