@@ -8,6 +8,8 @@ The reference products come from ``streamdet process`` run on the same file.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import random
@@ -610,32 +612,18 @@ def test_sigterm_finishes_or_abandons_then_restart_completes(sim, env, reference
     # workers are paused (SIGSTOP) so that the running files cannot finish before the signal.
     psutil = pytest.importorskip("psutil")
     daemon = Daemon(inbox, outbox, env, "--workers", "2", "--grace", "0")
-    wait_for(lambda: "workers ready" in daemon.text(), 60, "workers ready", daemon)
-    workers = _pool_workers(psutil, daemon.pid)
-    for p in workers:
-        p.suspend()
-    try:
+    with paused_workers(psutil, daemon):
         wait_for(lambda: any(r["state"] == "running" for r in journal_rows(state)), 60,
                  "a running file", daemon)
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(60) == 0, daemon.text()[-3000:]
-        psutil.wait_procs(workers, timeout=10)    # paused workers are ended too
-        assert not [p for p in workers if p.is_running() and p.status() != "zombie"]
-    finally:
-        for p in workers:
-            if p.is_running():
-                p.kill()
     assert not [r for r in journal_rows(state) if r["state"] == "running"]
     assert "abandoned" in {r["outcome"] for r in journal_runs(state)}
 
     # a second signal exits at once; the interrupted runs are redone at restart
     more = [f"u{i}_uncal.fits" for i in range(2)]
     daemon = Daemon(inbox, outbox, env, "--workers", "2")
-    wait_for(lambda: "workers ready" in daemon.text(), 60, "workers ready", daemon)
-    workers = _pool_workers(psutil, daemon.pid)
-    for p in workers:
-        p.suspend()
-    try:
+    with paused_workers(psutil, daemon):
         for name in more:
             drop(sim.uncal, inbox / name)
         wait_for(lambda: sum(r["state"] == "running" for r in journal_rows(state)) == 2, 60,
@@ -645,12 +633,6 @@ def test_sigterm_finishes_or_abandons_then_restart_completes(sim, env, reference
         daemon.signal(signal.SIGINT)
         assert daemon.wait(30) == 128 + signal.SIGINT
         assert "second signal (SIGINT): exiting at once" in daemon.text()
-        psutil.wait_procs(workers, timeout=10)    # the daemon killed its workers
-        assert not [p for p in workers if p.is_running() and p.status() != "zombie"]
-    finally:
-        for p in workers:
-            if p.is_running():
-                p.kill()
     names += more
 
     res = subprocess.run(streamdet_cmd() + ["watch", str(inbox), "--output", str(outbox),
@@ -661,6 +643,25 @@ def test_sigterm_finishes_or_abandons_then_restart_completes(sim, env, reference
     assert_clean_outbox(outbox, names, reference, check=names[:2])
     outcomes = {r["outcome"] for r in journal_runs(state)}
     assert {"abandoned", "interrupted"} <= outcomes
+
+
+@contextlib.contextmanager
+def paused_workers(psutil, daemon):
+    """The daemon's pool workers, stopped (SIGSTOP) so that the files they take cannot
+    finish; by the end of the block the daemon must have ended them (any left are killed
+    either way)."""
+    wait_for(lambda: "workers ready" in daemon.text(), 60, "workers ready", daemon)
+    workers = _pool_workers(psutil, daemon.pid)
+    for p in workers:
+        p.suspend()
+    try:
+        yield workers
+        psutil.wait_procs(workers, timeout=10)
+        assert not [p for p in workers if p.is_running() and p.status() != "zombie"]
+    finally:
+        for p in workers:
+            if p.is_running():
+                p.kill()
 
 
 def _pool_workers(psutil, daemon_pid: int) -> list:
