@@ -251,7 +251,11 @@ class Exposure:
         # take page faults (and, to keep the resident set small, madvise calls whose TLB
         # shootdowns stall the other threads) for every piece
         self._sci_offset = info["datLoc"] if raw.dtype.itemsize == 2 and raw.ndim == 4 else None
+        # opened now, like the map: the run reads the file it checked even if the path is
+        # then removed or replaced (a re-delivery renamed over it)
         self._fd: int | None = None
+        if self._sci_offset is not None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._bzero = float(self._sci.header.get("BZERO", 0.0))
         self._bscale = float(self._sci.header.get("BSCALE", 1.0))
         self._groupdq = self._hdul["GROUPDQ"].data if "GROUPDQ" in self._hdul else None
@@ -286,8 +290,6 @@ class Exposure:
         out = np.empty((max(0, i1 - i0), ngroups, max(0, r1 - r0), nx), dtype=self._raw.dtype)
         if out.size == 0:
             return out
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         plane_bytes = ny * nx * 2
         want = out[0, 0].nbytes
         for k, i in enumerate(range(i0, i1)):
