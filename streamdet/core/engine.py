@@ -25,7 +25,6 @@ number of threads.
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import tempfile
@@ -378,67 +377,6 @@ class _Pool:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-class _PageRelease:
-    """Drops from this process's resident set the pages of the input file that a piece
-    of the integration pass has read (they stay in the page cache).
-
-    The exposure reads SCI through a memory map; every page read would otherwise stay
-    mapped, so the resident set would grow by the whole file (1.3 GB for 200 SUB256
-    integrations of 50 groups). ``Exposure.release_pages(ints, rows)`` is used when the
-    exposure offers it; until then, the read-only map behind its SCI array is advised
-    directly (best effort: nothing happens when it is not a read-only ``mmap``)."""
-
-    def __init__(self, exposure: Exposure):
-        self.release = getattr(exposure, "release_pages", None)
-        self.raw = self.mm = None
-        self.base_address = 0
-        if not getattr(exposure, "sci_mapped", True):
-            self.release = lambda ints, rows: None   # nothing of SCI is mapped
-            return
-        if self.release is not None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        raw = getattr(exposure, "_raw", None)
-        # astropy maps the file copy-on-write; the exposure never writes into the map, so
-        # a dropped page is read back from the file unchanged if it is needed again
-        if not isinstance(raw, np.ndarray) or raw.ndim != 4:
-            return
-        base = raw
-        while base is not None and not isinstance(base, mmap.mmap):
-            base = getattr(base, "_mmap", None) or getattr(base, "base", None)
-        if base is None:
-            return
-        try:
-            self.base_address = np.frombuffer(base, np.uint8).__array_interface__["data"][0]
-        except (TypeError, ValueError, BufferError):
-            return
-        self.raw, self.mm = raw, base
-
-    def __call__(self, i: int, rows: slice) -> None:
-        if self.release is not None:
-            self.release(slice(i, i + 1), rows)
-            return
-        if self.mm is None:
-            return
-        page = mmap.PAGESIZE
-        try:
-            for plane in self.raw[i]:
-                part = plane[rows]
-                start = part.__array_interface__["data"][0] - self.base_address
-                # the kernel maps pages around each one read: release a margin too, or
-                # the edges of every piece would stay mapped (re-reading is harmless)
-                start = max(0, (start - _FAULT_AROUND) // page * page)
-                stop = min(len(self.mm), start + part.nbytes + 2 * _FAULT_AROUND)
-                if stop > start:
-                    self.mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
-        except (OSError, ValueError):
-            self.mm = None
-
-
-#: bytes around a page read that Linux may map with it (fault-around, large folios): the
-#: margin released around each piece (measured: 256 KiB is not enough, 1 MiB is)
-_FAULT_AROUND = 2 * 1024**2
-
-
 def _bands(ny: int, rows: int) -> list[slice]:
     return [slice(y0, min(ny, y0 + rows)) for y0 in range(0, ny, rows)]
 
@@ -476,14 +414,12 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         else:
             rows1 = ny
         bands1 = _bands(ny, rows1)
-        release = _PageRelease(exposure)
 
         def pass1_piece(task: tuple[int, slice]) -> None:
             i, core = task
             r0, r1 = max(0, core.start - margins[0]), min(ny, core.stop + margins[0])
             t0 = time.perf_counter()
             data, groupdq = exposure.read(slice(i, i + 1), slice(r0, r1))
-            release(i, slice(r0, r1))
             pool.add("read", time.perf_counter() - t0)
             for k, step in enumerate(pass1 + [None]):
                 a, b = max(0, core.start - margins[k]), min(ny, core.stop + margins[k])
@@ -526,11 +462,13 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         # the band budget is for all bands in flight, so memory does not grow with the
         # number of threads; an exposure so thick that a thread's share would be mostly
         # halo (recomputed) rows runs its bands on fewer threads instead
+        def rows_each(sharing: int) -> int:
+            return int(config.band_bytes // (row_bytes * sharing)) - 2 * halo
+
         sharing = pool.threads
-        while sharing > 1 and int(config.band_bytes // (row_bytes * sharing)) - 2 * halo < max(2, 2 * halo):
+        while sharing > 1 and rows_each(sharing) < max(2, 2 * halo):
             sharing -= 1
-        fitting = int(config.band_bytes // (row_bytes * sharing)) - 2 * halo
-        band = max(1, min(max(1, MAX_BAND_ROWS // sharing), fitting))
+        band = max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing)))
         bands = _bands(ny, band)
         plane = meta.nints * meta.ngroups * meta.nx
 

@@ -1,9 +1,8 @@
 """Reading a Level 1B MIRI exposure lazily: the header becomes :class:`ExposureMeta`,
-SCI is read one integration (or one band of rows) at a time through a memory map.
+SCI is read one integration (or one band of rows) at a time with positioned reads.
 
-Level 1B SCI is stored as big-endian int16 with BZERO=32768; astropy will not memory-map
-scaled data, so the raw integers are mapped and the zero point applied while converting
-to float32, one slab at a time.
+Level 1B SCI is stored as big-endian int16 with BZERO=32768: the raw integers are read
+and the zero point applied while converting to float32, one slab at a time.
 """
 
 from __future__ import annotations
@@ -247,10 +246,10 @@ class Exposure:
         except Exception as exc:  # astropy raises various errors on damaged data
             raise _bad(self.path, f"SCI data cannot be read ({exc})") from None
         self._raw = raw
-        # SCI is read with positioned reads when it is stored plainly: a memory map would
-        # take page faults (and, to keep the resident set small, madvise calls whose TLB
-        # shootdowns stall the other threads) for every piece
-        self._sci_offset = info["datLoc"] if raw.dtype.itemsize == 2 and raw.ndim == 4 else None
+        # SCI (16-bit, 4-D: checked above) is read with positioned reads: a memory map would
+        # take page faults for every piece and keep them in the resident set. A
+        # tile-compressed SCI is what astropy decompressed into memory.
+        self._sci_offset = None if isinstance(self._sci, fits.CompImageHDU) else info["datLoc"]
         # opened now, like the map: the run reads the file it checked even if the path is
         # then removed or replaced (a re-delivery renamed over it)
         self._fd: int | None = None
@@ -273,12 +272,6 @@ class Exposure:
         if self._bzero:
             out += np.float32(self._bzero)
         return out
-
-    @property
-    def sci_mapped(self) -> bool:
-        """Whether :meth:`read` takes SCI from a memory map (else from positioned reads,
-        which leave nothing mapped)."""
-        return self._sci_offset is None
 
     def _read_sci(self, ints: slice, rows: slice) -> np.ndarray:
         """SCI of integrations ``ints`` and rows ``rows``, as stored (big-endian 16-bit)."""

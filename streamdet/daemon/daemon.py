@@ -230,13 +230,7 @@ class Daemon:
         # files already settled (done and left in the inbox, refused, ignored) are not
         # looked at again unless their size or mtime changed
         self.known = self.journal.settled_identities()
-        for name in w.scan(self.inbox, opts.pattern):
-            try:
-                ident = _ident(os.lstat(self.inbox / name))
-            except FileNotFoundError:
-                continue
-            if self.known.get(name) != ident:
-                self.settler.observe(name)
+        self._rescan()
 
     def _loop(self) -> None:
         opts = self.opts
