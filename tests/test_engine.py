@@ -197,3 +197,35 @@ def test_watch_shares_the_cores_among_its_workers(monkeypatch, tmp_path):
                         config=RunConfig(threads=5))
     make_executor(opts, tmp_path)
     assert opts.config.threads == 5
+
+
+def test_garbage_collector_is_off_during_a_run_and_restored_after(sim_sub256, tmp_path):
+    import gc
+
+    from streamdet.core.errors import BadInputError
+    from streamdet.core.plugins import hookimpl
+    from streamdet.testing import run_chain
+
+    seen: list[bool] = []
+
+    class Watcher:
+        @hookimpl
+        def streamdet_step_finished(self, step):
+            seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    with crds_environment(sim_sub256):
+        run_chain(sim_sub256.uncal, tmp_path / "out", plugins=[Watcher()], only_builtin=True)
+    assert seen and not any(seen)
+    assert gc.isenabled()
+    # a run that fails restores it too, and a collector the caller switched off stays off
+    with pytest.raises(BadInputError):
+        process_file(tmp_path / "missing_uncal.fits", RunConfig(output_dir=tmp_path))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with crds_environment(sim_sub256):
+            run_chain(sim_sub256.uncal, tmp_path / "again", only_builtin=True)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
