@@ -1,0 +1,68 @@
+"""Compiled kernels: small C functions over numpy buffers, called through ctypes.
+
+Why C at all: the band threads share one interpreter, and numpy releases the GIL only
+inside each operation. A step written as a few hundred numpy calls per band spends its
+threads' time queueing for the GIL between them (measured: 1.26x on two cores for the
+integration pass, where two separate processes reach 1.6-1.8x). A ctypes call releases
+the GIL for its whole duration, so a step whose per-pixel loop is one C call runs on
+every core at once.
+
+Each ``<name>.c`` here is built by ``setup.py`` into ``<name>`` + the interpreter's
+extension suffix (``pip install`` compiles it; ``pip install -e .`` builds it in place).
+The module that uses a library declares its functions' signatures (:func:`declare`);
+there is one implementation per algorithm: the C function is the step's arithmetic, and
+its Python wrapper prepares the buffers.
+
+Conventions: arrays are passed as pointers to their first element, with element strides
+for any axis that may not be contiguous; sizes are ``int64``; the C functions never
+allocate arrays that outlive the call and never call back into Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+#: ctypes types by the letters :func:`declare` takes
+_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float,
+          "d": ctypes.c_double}
+
+
+class KernelsNotBuilt(ImportError):
+    """The compiled kernels are missing (streamdet installed without building them)."""
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> ctypes.CDLL:
+    """The compiled library ``name`` (built from ``streamdet/_ckernels/<name>.c``)."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{name}{suffix}"
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    raise KernelsNotBuilt(
+        f"streamdet's compiled kernels '{name}' are not built in {here}: reinstall "
+        "streamdet with a C compiler available (pip install -e . builds them)")
+
+
+def declare(name: str, function: str, args: str, restype: str | None = None):
+    """``function`` of library ``name`` with its argument types, one letter each:
+    ``p`` pointer, ``i`` int64, ``f`` float, ``d`` double."""
+    fn = getattr(load(name), function)
+    fn.argtypes = [_TYPES[c] for c in args]
+    fn.restype = _TYPES[restype] if restype else None
+    return fn
+
+
+def ptr(array: np.ndarray) -> int:
+    """Address of ``array``'s first element."""
+    return array.__array_interface__["data"][0]
+
+
+def strides(array: np.ndarray) -> tuple[int, ...]:
+    """``array``'s strides in elements."""
+    return tuple(s // array.itemsize for s in array.strides)
