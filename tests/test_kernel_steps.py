@@ -250,6 +250,40 @@ def test_saturation_group2_test_parity():
             assert ((groupdq[0, 1] & DO_NOT_USE) != 0)[jumpers].mean() > 0.5
 
 
+def test_saturation_and_linearity_take_band_views_and_strided_arrays():
+    """The compiled kernels read group planes through their strides: a row band of a
+    bigger buffer (what the engine passes) and an array with non-contiguous planes (copied
+    and written back) give the same flags and values as contiguous arrays."""
+    rng = np.random.default_rng(11)
+    data, threshold, threshold_dq, groupdq, pixeldq = _saturation_inputs(rng, 2, 8)
+    coeffs = np.stack([np.zeros((NY, NX)), np.ones((NY, NX)),
+                       rng.normal(2e-6, 2e-7, (NY, NX)), rng.normal(1e-11, 1e-12, (NY, NX))]
+                      ).astype(np.float32)
+    usable, _ = prepare_linearity_reference(coeffs, None)
+
+    def run(d, g, p, rows):
+        flag_saturation(d, g, p, threshold[rows], threshold_dq[rows], bias=250.0)
+        correct_linearity(d, g, np.zeros_like(p), usable[:, rows], None,
+                          prepared=(usable[:, rows], np.zeros_like(p)))
+
+    plain = [a.copy() for a in (data, groupdq, pixeldq)]
+    run(*plain, slice(None))
+    assert (plain[1] & SATURATED).any() and not np.array_equal(plain[0], data)
+
+    rows = slice(10, 40)  # a band: a view into the whole buffers
+    band = [a.copy() for a in (data, groupdq, pixeldq)]
+    run(band[0][:, :, rows], band[1][:, :, rows], band[2][rows], rows)
+    inner = slice(11, 39)  # the band's edge rows lack their outside neighbours
+    for a, b in zip(plain, band):
+        np.testing.assert_array_equal(a[..., inner, :], b[..., inner, :])
+
+    # columns-major storage: no group plane is contiguous
+    strided = [np.asfortranarray(a) for a in (data, groupdq)] + [pixeldq.copy()]
+    run(*strided, slice(None))
+    for a, b in zip(plain, strided):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------- firstframe / lastframe
 def test_firstframe_lastframe_by_hand():
     groupdq = np.zeros((2, 4, 2, 3), np.uint8)

@@ -66,3 +66,13 @@ def ptr(array: np.ndarray) -> int:
 def strides(array: np.ndarray) -> tuple[int, ...]:
     """``array``'s strides in elements."""
     return tuple(s // array.itemsize for s in array.strides)
+
+
+def group_planes(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``[groups, rows, cols]`` arrays as the kernels take them: the arrays themselves when
+    each group plane is contiguous and all share one group stride (in elements), as the
+    engine's band views do; otherwise contiguous copies (which a caller that modifies
+    them copies back)."""
+    fine = (len({strides(a)[0] for a in arrays}) == 1
+            and all(strides(a)[1:] == (a.shape[2], 1) for a in arrays))
+    return arrays if fine else tuple(np.ascontiguousarray(a) for a in arrays)

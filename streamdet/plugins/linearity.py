@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamdet._ckernels import declare, group_planes, ptr, strides
 from streamdet.core.dqflags import NO_LIN_CORR, SATURATED
 
-#: samples in one block of the polynomial evaluation (all groups of a few rows)
-BLOCK_SAMPLES = 1 << 18
-
+_linearity = declare("linearity", "streamdet_linearity", "pppiiiiii")
 
 def prepare_linearity_reference(coeffs: np.ndarray, ref_dq: np.ndarray | None):
     """Return ``(usable_coeffs, pixeldq_contribution)`` for a LINEARITY reference.
@@ -60,32 +59,24 @@ def prepare_linearity_reference(coeffs: np.ndarray, ref_dq: np.ndarray | None):
 
 
 def apply_linearity_polynomial(data: np.ndarray, groupdq: np.ndarray,
-                               usable_coeffs: np.ndarray, *, band_rows: int | None = None) -> None:
+                               usable_coeffs: np.ndarray) -> None:
     """Correct every non-SATURATED group of ``data`` in place with prepared coefficients.
 
-    Works on blocks of rows (all groups at once) so the Horner temporaries stay in
-    cache; ``band_rows`` (default: about :data:`BLOCK_SAMPLES` samples a block) sets
-    their height. Each sample sees the same float32 operations in the same order
-    whatever the blocks.
+    ``data`` float32 ``[nints, ngroups, nrows, ncols]``, ``groupdq`` uint8 the same shape,
+    ``usable_coeffs`` ``[ncoeffs, nrows, ncols]``. Each sample is one pass of Horner's
+    scheme in float32 (one C call per integration: the polynomial of every sample is
+    evaluated where the sample is, with nothing to keep in memory between terms).
     """
     nints, ngroups, nrows, ncols = data.shape
-    ncoeffs = usable_coeffs.shape[0]
-    if band_rows is None:
-        band_rows = max(1, BLOCK_SAMPLES // max(1, ngroups * ncols))
-    result = np.empty((ngroups, min(band_rows, nrows), ncols), dtype=np.float32)
-    for r0 in range(0, nrows, band_rows):
-        r1 = min(r0 + band_rows, nrows)
-        coeffs = usable_coeffs[:, r0:r1]
-        out = result[:, : r1 - r0]
-        for integ in range(nints):
-            raw = data[integ, :, r0:r1]
-            np.multiply(coeffs[ncoeffs - 1], raw, out=out)
-            for k in range(ncoeffs - 2, 0, -1):
-                np.add(out, coeffs[k], out=out)
-                np.multiply(out, raw, out=out)
-            np.add(out, coeffs[0], out=out)
-            unsaturated = (groupdq[integ, :, r0:r1] & SATURATED) == 0
-            np.copyto(raw, out, where=unsaturated)
+    coeffs = np.asarray(usable_coeffs, dtype=np.float32)
+    if strides(coeffs)[1:] != (ncols, 1):
+        coeffs = np.ascontiguousarray(coeffs)
+    for integ in range(nints):
+        ramp, ramp_dq = group_planes(data[integ], groupdq[integ])
+        _linearity(ptr(ramp), ptr(ramp_dq), ptr(coeffs), coeffs.shape[0], ngroups,
+                   nrows * ncols, strides(ramp)[0], strides(coeffs)[0], SATURATED)
+        if not np.shares_memory(ramp, data):
+            data[integ] = ramp
 
 
 def correct_linearity(

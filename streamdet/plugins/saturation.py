@@ -30,6 +30,10 @@ Per integration, independently (nothing carries across integrations):
    fire (the step condition implies group 1 itself reached threshold), but it is kept so
    grouped read patterns behave as jwst's do.
 
+Steps 2 and 4 and the growing run in C (``streamdet/_ckernels/saturation.c``), one call
+per integration of a band, outside the GIL; the dilution pass (NFRAMES > 1 only) stays
+in numpy.
+
 Pixeldq contribution: purely from the reference - the whole saturation DQ array, plus
 NO_SAT_CHECK where the threshold is NaN - so it could be applied once per exposure
 (:func:`saturation_reference_terms` computes it).  Groupdq flags come from the data.
@@ -39,7 +43,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamdet._ckernels import declare, group_planes, ptr, strides
 from streamdet.core.dqflags import AD_FLOOR, DO_NOT_USE, NO_SAT_CHECK, SATURATED
+
+# the per-pixel work of each integration is one C call (see streamdet/_ckernels/saturation.c)
+_flag_saturation = declare("saturation", "streamdet_flag_saturation", "pppiiiiiiiiiddipfdp")
+_grow_mask = declare("saturation", "streamdet_grow_mask", "pppiii")
 
 ATOD_LIMIT = 65535.0
 UNCHECKED_THRESHOLD = ATOD_LIMIT + 1.0
@@ -69,16 +78,13 @@ def grow_mask(mask: np.ndarray, n_pix: int) -> np.ndarray:
     plane ``[..., rows, cols]`` on its own); outside counts as False."""
     if n_pix <= 0:
         return mask.copy()
-    # a square structuring element is separable: widen along x, then along y
-    wide = mask.copy()
-    for k in range(1, n_pix + 1):
-        wide[..., k:] |= mask[..., :-k]
-        wide[..., :-k] |= mask[..., k:]
-    grown = wide.copy()
-    for k in range(1, n_pix + 1):
-        grown[..., k:, :] |= wide[..., :-k, :]
-        grown[..., :-k, :] |= wide[..., k:, :]
-    return grown
+    planes = np.ascontiguousarray(mask, dtype=bool).reshape(-1, *mask.shape[-2:])
+    grown = np.empty_like(planes)
+    nrows, ncols = planes.shape[1:]
+    wide = np.empty((nrows, ncols), np.uint8)
+    for src, dst in zip(planes, grown):
+        _grow_mask(ptr(src), ptr(wide), ptr(dst), nrows, ncols, n_pix)
+    return grown.reshape(mask.shape)
 
 
 def frames_of_groups(ngroups: int, nframes: int) -> list[list[int]]:
@@ -123,31 +129,31 @@ def flag_saturation(
         reference_terms = saturation_reference_terms(threshold, threshold_dq)
     limit, ref_pixeldq, unchecked = reference_terms
 
-    nints, ngroups = data.shape[:2]
+    nints, ngroups, nrows, ncols = data.shape
     frames = frames_of_groups(ngroups, nframes) if use_read_pattern else None
-    offset = 0.0 if bias is None else bias
+    # the group-2 test's terms: group 0's frames averaged, group 2's last frame, group 1's count
+    mean0, last2, n1 = ((float(np.mean(frames[0])), float(frames[2][-1]), len(frames[1]))
+                        if frames is not None and ngroups > 2 else (1.0, 1.0, 1))
+    bias_frame, bias_f, bias_d = None, 0.0, 0.0
+    if bias is not None and np.ndim(bias) == 0:
+        bias_f, bias_d = float(np.float32(bias)), float(bias)
+    elif bias is not None:
+        bias_frame = np.ascontiguousarray(np.broadcast_to(bias, (nrows, ncols)), np.float32)
+    limit = np.ascontiguousarray(limit, np.float32)
+    work = np.empty(3 * nrows * ncols, np.uint8)
 
     for integ in range(nints):
-        ramp, ramp_dq = data[integ], groupdq[integ]
-        # all groups at once: "reached" is sticky along the group axis; each group's
-        # SATURATED plane (flags it already had included) is grown on its own
-        reached = np.greater_equal(ramp, limit)
-        for grp in range(1, ngroups):  # (logical_or.accumulate is far slower here)
-            np.logical_or(reached[grp], reached[grp - 1], out=reached[grp])
-        if n_pix_grow_sat > 0:
-            reached |= (ramp_dq & SATURATED) != 0
-            if reached.any():
-                _or_flag(ramp_dq, grow_mask(reached, n_pix_grow_sat), SATURATED)
-        else:
-            _or_flag(ramp_dq, reached, SATURATED)
-        _or_flag(ramp_dq, ramp <= 0, _FLOOR_FLAGS)
-
+        ramp, ramp_dq = group_planes(data[integ], groupdq[integ])
+        _flag_saturation(ptr(ramp), ptr(ramp_dq), ptr(limit), ngroups, nrows, ncols,
+                         strides(ramp)[0], int(n_pix_grow_sat), SATURATED, int(_FLOOR_FLAGS),
+                         DO_NOT_USE, frames is not None, mean0,
+                         last2, n1, None if bias_frame is None else ptr(bias_frame), bias_f,
+                         bias_d, ptr(work))
+        if not np.shares_memory(ramp_dq, groupdq):
+            groupdq[integ] = ramp_dq
         if frames is not None:
             _flag_diluted_saturation(data[integ], groupdq[integ], limit, unchecked,
                                      frames, n_pix_grow_sat)
-            if ngroups > 2:
-                _flag_group2_jump_to_saturation(data[integ], groupdq[integ], limit,
-                                                frames, offset)
 
     np.bitwise_or(pixeldq, ref_pixeldq, out=pixeldq)
 
@@ -170,16 +176,6 @@ def _flag_diluted_saturation(ramp, ramp_dq, limit, unchecked, frames, n_pix_grow
             if n_pix_grow_sat > 0:
                 candidate = grow_mask(candidate, n_pix_grow_sat)
             _or_flag(this_dq, candidate, DO_NOT_USE)
-
-
-def _flag_group2_jump_to_saturation(ramp, ramp_dq, limit, frames, offset):
-    first = ramp[0]
-    # np.mean gives a float64 scalar, which (like jwst) promotes this test to float64
-    projected = ((first - offset) / np.mean(frames[0])) * frames[2][-1] + offset
-    suspicious = projected < limit
-    suspicious &= (ramp[1] - first) > (limit - first) / len(frames[1])
-    suspicious &= ((ramp_dq[2] & SATURATED) != 0) & ((ramp_dq[1] & SATURATED) == 0)
-    _or_flag(ramp_dq[1], suspicious, DO_NOT_USE)
 
 
 # --- step plugin (added by the engine work) ---
