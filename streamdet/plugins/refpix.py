@@ -47,7 +47,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamdet._ckernels import declare, group_planes, ptr, strides
 from streamdet.core import dqflags
+
+# applying the corrections is one C call per integration of a band
+_apply = declare("refpix", "streamdet_refpix_apply", "piiiiipi")
 
 #: rows x columns of a MIRI full frame, reference columns included
 MIRI_FULL_FRAME_SHAPE = (1024, 1032)
@@ -220,29 +224,15 @@ def apply_reference_drift(data: np.ndarray, corrections: np.ndarray | None, firs
     the subtraction and re-addition of group 0 happen.
     """
     ngroups, nrows, ncols = data.shape
-    # blocks of an even number of rows, all groups at once, small enough to stay in cache
-    step = max(2, (_BLOCK_SAMPLES // max(1, ngroups * ncols)) & ~1)
-    for r0 in range(0, nrows, step):
-        block = data[:, r0:r0 + step]
-        first = block[0].copy()
-        block[0] -= first
-        block[0] += first
-        if ngroups < 2:
-            continue
-        rest = block[1:]
-        rest -= first
-        if corrections is not None:
-            if odd_even_rows:
-                parity = (first_row + r0) % 2
-                rest[:, 0::2] -= corrections[:, parity, np.newaxis, :]
-                rest[:, 1::2] -= corrections[:, 1 - parity, np.newaxis, :]
-            else:
-                rest -= corrections[:, 0, np.newaxis, :]
-        rest += first
-
-
-#: samples per in-cache block of :func:`apply_reference_drift`
-_BLOCK_SAMPLES = 1 << 18
+    (planes,) = group_planes(data)
+    table = None
+    if corrections is not None and ngroups > 1:
+        sets = corrections if odd_even_rows else corrections[:, :1]
+        table = np.ascontiguousarray(sets, dtype=np.float64)
+    _apply(ptr(planes), ngroups, nrows, ncols, strides(planes)[0], first_row,
+           None if table is None else ptr(table), 1 if table is None else table.shape[1])
+    if not np.shares_memory(planes, data):
+        data[...] = planes
 
 
 def subtract_reference_drift(data: np.ndarray, pixeldq: np.ndarray, *,

@@ -1,0 +1,49 @@
+/* Applying measured reference-pixel drift corrections to rows of one integration (see
+ * streamdet/plugins/refpix.py, apply_reference_drift).
+ *
+ * ramp   float32 [ngroups][nrows][ncols] (in place), group stride `gstride` elements,
+ *        each group plane contiguous; its row 0 is row `first_row` of the frame
+ * corr   float64 [ngroups - 1][nsets][ncols]: the row to subtract from each group after
+ *        the first, for even and odd frame rows (nsets 2) or all rows (nsets 1); NULL
+ *        when nothing is corrected (group 0 is still subtracted and added back)
+ *
+ * Every group after the first becomes ((x - g0) - c) + g0 with float32 roundings (c
+ * applied in float64 and rounded once, which is the float32 result for a float32 c);
+ * group 0 becomes (g0 - g0) + g0: NaN where g0 is infinite, as in jwst.
+ */
+#include <stdint.h>
+#include <stddef.h>
+
+__attribute__((target_clones("avx2", "default")))
+void streamdet_refpix_apply(float *ramp, int64_t ngroups, int64_t nrows, int64_t ncols,
+                            int64_t gstride, int64_t first_row, const double *corr,
+                            int64_t nsets)
+{
+    const float *g0 = ramp;
+    /* the later groups first: they need group 0 as it was */
+    for (int64_t g = 1; g < ngroups; g++) {
+        for (int64_t y = 0; y < nrows; y++) {
+            float *r = ramp + g * gstride + y * ncols;
+            const float *f = g0 + y * ncols;
+            if (corr) {
+                const double *c = corr + ((g - 1) * nsets + (nsets == 2 ? (first_row + y) % 2 : 0)) * ncols;
+                for (int64_t x = 0; x < ncols; x++) {
+                    float v = r[x] - f[x];
+                    v = (float)((double)v - c[x]);
+                    r[x] = v + f[x];
+                }
+            } else {
+                for (int64_t x = 0; x < ncols; x++) {
+                    float v = r[x] - f[x];
+                    r[x] = v + f[x];
+                }
+            }
+        }
+    }
+    float *first = ramp;
+    for (int64_t y = 0; y < nrows; y++)
+        for (int64_t x = 0; x < ncols; x++) {
+            float f = first[y * ncols + x];
+            first[y * ncols + x] = (f - f) + f;
+        }
+}
