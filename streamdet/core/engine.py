@@ -41,11 +41,17 @@ from typing import Any, Callable
 import numpy as np
 
 from . import references as refmod
+from streamdet._ckernels import declare, ptr
+
 from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .plugins import Observers, Registry, get_registry
 from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
 from .step import Chunk, Granularity, Step
+
+# the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
+_scratch_read = declare("scratch", "streamdet_scratch_read", "ipiiiiiiii", "i")
+_scratch_write = declare("scratch", "streamdet_scratch_write", "ipiiiiiiii", "i")
 
 #: default memory for the bands of the band pass in flight at once (data + groupdq, all
 #: integrations; shared among the threads)
@@ -133,7 +139,9 @@ class _Scratch:
     uint8) written and read with plain positioned file I/O, so that neither the process's
     memory nor its resident pages grow with the integrations. The files are laid out row
     by row, ``[ny, nints, ngroups, nx]``: a band of rows spanning every integration is
-    then one contiguous stretch, read a row at a time (however many integrations)."""
+    then one contiguous stretch. Rows move with vectored positioned I/O in C
+    (``_ckernels/scratch.c``): the kernel scatters and gathers the lines, with no
+    transposed copy in memory and without the GIL."""
 
     def __init__(self, meta: ExposureMeta, directory: Path | None, in_memory_bytes: int):
         self.shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
@@ -159,12 +167,12 @@ class _Scratch:
             return
         nints, ngroups, _, nx = self.shape
         for name, array in (("data", data), ("groupdq", groupdq)):
-            fd = self.fds[name]
-            by_row = np.ascontiguousarray(array.transpose(1, 0, 2))  # [nrows, ngroups, nx]
-            row_bytes = ngroups * nx * by_row.itemsize
-            for k in range(by_row.shape[0]):
-                offset = ((rows.start + k) * nints + i) * row_bytes
-                _pwrite_all(fd, memoryview(by_row[k]).cast("B"), offset)
+            if array.strides[2] != array.itemsize:
+                array = np.ascontiguousarray(array)
+            step = array.strides
+            _check(_scratch_write(self.fds[name], ptr(array), i, rows.start, array.shape[1],
+                                  nints, ngroups, nx * array.itemsize, step[0], step[1]),
+                   self.dir)
 
     def read(self, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
         """Rows ``rows`` of every integration into ``data``/``groupdq``
@@ -175,12 +183,12 @@ class _Scratch:
             return
         nints, ngroups, _, nx = self.shape
         for name, array in (("data", data), ("groupdq", groupdq)):
-            fd = self.fds[name]
-            row = np.empty((nints, ngroups, nx), array.dtype)
-            row_bytes = row.nbytes
-            for k in range(rows.stop - rows.start):
-                _pread_all(fd, memoryview(row).cast("B"), (rows.start + k) * row_bytes)
-                array[:, :, k] = row
+            step = array.strides
+            if step[3] != array.itemsize:
+                raise ValueError("scratch rows are read into arrays with contiguous lines")
+            _check(_scratch_read(self.fds[name], ptr(array), rows.start, rows.stop - rows.start,
+                                 nints, ngroups, nx * array.itemsize, step[0], step[1], step[2]),
+                   self.dir)
 
     def close(self) -> None:
         self.data = self.groupdq = None
@@ -191,18 +199,9 @@ class _Scratch:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view.nbytes:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _pread_all(fd: int, view: memoryview, offset: int) -> None:
-    while view.nbytes:
-        n = os.preadv(fd, [view], offset)
-        if n <= 0:
-            raise OSError(f"scratch file ended early at byte {offset}")
-        view, offset = view[n:], offset + n
+def _check(code: int, where: Path) -> None:
+    if code:
+        raise OSError(-code, f"scratch file I/O failed: {os.strerror(-code)}", str(where))
 
 
 def output_paths(meta: ExposureMeta, output_dir: Path | None, save_ramp: bool = False) -> dict[str, Path]:
