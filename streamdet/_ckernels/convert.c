@@ -17,3 +17,20 @@ void streamdet_float32_from_big_endian(const uint32_t *src, float *dst, int64_t 
         dst[i] = v;
     }
 }
+
+/* 16-bit SCI (big-endian int16, BSCALE/BZERO) to float32 DN: the integer converted
+ * exactly, then scaled and offset in float32, each rounded on its own as numpy does. */
+__attribute__((target_clones("avx2", "default")))
+void streamdet_float32_from_big_endian_int16(const uint16_t *src, float *dst, int64_t n,
+                                             float bscale, float bzero, int64_t scaled,
+                                             int64_t offset)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float v = (float)(int16_t)__builtin_bswap16(src[i]);
+        if (scaled)
+            v = v * bscale;
+        if (offset)
+            v = v + bzero;
+        dst[i] = v;
+    }
+}

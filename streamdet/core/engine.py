@@ -449,11 +449,24 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
             rows1 = ny
         bands1 = _bands(ny, rows1)
 
+        tall1 = min(ny, rows1 + 2 * margins[0])
+        plane1 = meta.ngroups * meta.nx
+        pass1_buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # by thread
+
         def pass1_piece(task: tuple[int, slice]) -> None:
             i, core = task
             r0, r1 = max(0, core.start - margins[0]), min(ny, core.stop + margins[0])
             t0 = time.perf_counter()
-            data, groupdq = exposure.read(slice(i, i + 1), slice(r0, r1))
+            # this thread's buffers, reused from piece to piece (fresh memory for every
+            # piece would be paid again in page faults)
+            have = pass1_buffers.get(threading.get_ident())
+            if have is None:
+                have = pass1_buffers[threading.get_ident()] = (
+                    np.empty(plane1 * tall1, np.float32), np.empty(plane1 * tall1, np.uint8))
+            shape = (1, meta.ngroups, r1 - r0, meta.nx)
+            size = plane1 * (r1 - r0)
+            data, groupdq = have[0][:size].reshape(shape), have[1][:size].reshape(shape)
+            exposure.read_into(slice(i, i + 1), slice(r0, r1), data, groupdq)
             pool.add("read", time.perf_counter() - t0)
             for k, step in enumerate(pass1 + [None]):
                 a, b = max(0, core.start - margins[k]), min(ny, core.stop + margins[k])
@@ -472,6 +485,8 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
         for n, _ in enumerate(pool.map(pass1_piece, tasks), start=1):
             if on_progress and n % len(bands1) == 0:
                 on_progress("integrations", n // len(bands1), meta.nints)
+
+        pass1_buffers.clear()  # the band pass has its own
 
         # -- products -------------------------------------------------------------------
         rate = RateArrays.allocate((meta.ny, meta.nx))

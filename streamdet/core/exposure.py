@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from streamdet._ckernels import declare, ptr
+
 from .errors import BadInputError
+
+_int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
 
 #: MIRI full-frame size (rows, columns)
 FULL_SHAPE = (1024, 1032)
@@ -129,6 +134,7 @@ class Exposure:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._local = threading.local()  # each thread's SCI read buffer
         if not self.path.exists():
             raise _bad(self.path, "no such file")
         if self.path.is_dir():
@@ -265,22 +271,27 @@ class Exposure:
             raise _bad(self.path, f"PIXELDQ shape {self._pixeldq.shape} differs from the frame")
 
     # -- data -----------------------------------------------------------------------------
-    def _to_float(self, raw: np.ndarray) -> np.ndarray:
-        out = raw.astype(np.float32)
-        if self._bscale != 1.0:
-            out *= np.float32(self._bscale)
-        if self._bzero:
-            out += np.float32(self._bzero)
-        return out
+    def _to_float(self, raw: np.ndarray, out: np.ndarray) -> None:
+        """Stored 16-bit SCI values into float32 DN ``out`` (contiguous, same shape)."""
+        if raw.dtype != np.dtype(">i2") or not raw.flags.c_contiguous:
+            raw = np.ascontiguousarray(raw, dtype=">i2")
+        _int16_to_float32(ptr(raw), ptr(out), raw.size, self._bscale, self._bzero,
+                          self._bscale != 1.0, self._bzero != 0.0)
 
     def _read_sci(self, ints: slice, rows: slice) -> np.ndarray:
-        """SCI of integrations ``ints`` and rows ``rows``, as stored (big-endian 16-bit)."""
+        """SCI of integrations ``ints`` and rows ``rows``, as stored (big-endian 16-bit),
+        in this thread's read buffer (valid until its next read)."""
         nints, ngroups, ny, nx = self._raw.shape
         i0, i1, istep = ints.indices(nints)
         r0, r1, rstep = rows.indices(ny)
         if self._sci_offset is None or istep != 1 or rstep != 1:
             return self._raw[ints, :, rows, :]
-        out = np.empty((max(0, i1 - i0), ngroups, max(0, r1 - r0), nx), dtype=self._raw.dtype)
+        shape = (max(0, i1 - i0), ngroups, max(0, r1 - r0), nx)
+        size = int(np.prod(shape)) * 2
+        have = getattr(self._local, "buffer", None)
+        if have is None or have.size < size:
+            have = self._local.buffer = np.empty(size, np.uint8)
+        out = have[:size].view(self._raw.dtype).reshape(shape)
         if out.size == 0:
             return out
         plane_bytes = ny * nx * 2
@@ -297,12 +308,20 @@ class Exposure:
     def read(self, ints: slice, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Data (float32 DN) and groupdq (uint8) of integrations ``ints`` (file-local) and
         rows ``rows``, each ``[nints, ngroups, nrows, nx]``."""
-        data = self._to_float(self._read_sci(ints, rows))
-        if self._groupdq is not None:
-            groupdq = np.array(self._groupdq[ints, :, rows, :], dtype=np.uint8)
-        else:
-            groupdq = np.zeros(data.shape, dtype=np.uint8)
+        nints, ngroups, ny, nx = self._raw.shape
+        shape = (len(range(*ints.indices(nints))), ngroups, len(range(*rows.indices(ny))), nx)
+        data, groupdq = np.empty(shape, np.float32), np.empty(shape, np.uint8)
+        self.read_into(ints, rows, data, groupdq)
         return data, groupdq
+
+    def read_into(self, ints: slice, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
+        """:meth:`read` into the caller's contiguous arrays (reused buffers spare the page
+        faults of fresh memory)."""
+        self._to_float(self._read_sci(ints, rows), data)
+        if self._groupdq is not None:
+            groupdq[...] = self._groupdq[ints, :, rows, :]
+        else:
+            groupdq.fill(0)
 
     def initial_pixeldq(self) -> np.ndarray:
         if self._pixeldq is not None:

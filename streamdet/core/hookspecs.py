@@ -48,7 +48,10 @@ def streamdet_exposure_started(exposure, chain):
 
 @hookspec
 def streamdet_step_finished(exposure, step, chunk, seconds):
-    """``step`` has finished on one ``chunk`` (integrations and rows it covered) in ``seconds``."""
+    """``step`` has finished on one ``chunk`` (integrations and rows it covered) in ``seconds``.
+
+    The chunk's arrays are the engine's working buffers, reused for later chunks once the
+    hook returns: copy what you keep."""
 
 
 @hookspec
