@@ -68,8 +68,10 @@ class RateArrays:
 class CubeStore:
     """Arrays with an integration axis first (rateints ``[nints, ny, nx]``, a saved ramp
     ``[nints, ngroups, ny, nx]``) kept in raw scratch files, so that memory does not grow
-    with the number of integrations: bands are written through short-lived memory maps
-    and the product is streamed out one integration at a time."""
+    with the number of integrations: bands are written with positioned writes (a band's
+    rows of one plane are one stretch of the file) and the product is streamed out one
+    integration at a time. (Memory maps would cost page faults and, when unmapped, TLB
+    shootdowns that stall the other band threads.)"""
 
     def __init__(self, shape: tuple[int, ...], directory: Path,
                  extensions: tuple[tuple[str, type], ...] | None = None):
@@ -80,23 +82,51 @@ class CubeStore:
             path = Path(directory) / f"{extname.lower()}.raw"
             with open(path, "wb") as f:
                 f.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
-            self.paths.append((path, dtype))
+            self.paths.append((path, np.dtype(dtype)))
 
     def put(self, index, other) -> None:
+        """Store ``other`` (RateArrays, or arrays in the order of the extensions) at
+        ``index``: every leading axis whole and a slice of rows (``np.s_[:, rows]``)."""
         arrays = other.arrays() if isinstance(other, RateArrays) else other
+        index = index if isinstance(index, tuple) else (index,)
+        rows = index[-1]
+        if (len(index) != len(self.shape) - 1 or not isinstance(rows, slice)
+                or any(i != slice(None) for i in index[:-1])):
+            raise ValueError(f"CubeStore.put takes whole leading axes and a row slice, not {index}")
+        ny, nx = self.shape[-2:]
+        r0, r1, step = rows.indices(ny)
+        if step != 1:
+            raise ValueError("CubeStore.put takes contiguous rows")
         for (path, dtype), theirs in zip(self.paths, arrays):
-            target = np.memmap(path, dtype=dtype, mode="r+", shape=self.shape)
-            target[index] = theirs
-            # no flush: the map is shared, so the page cache already holds the values for
-            # every later reader (msync would only cost time, holding the GIL)
-            del target
+            pieces = np.ascontiguousarray(theirs, dtype=dtype).reshape(-1, (r1 - r0) * nx)
+            plane_bytes = ny * nx * dtype.itemsize
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                for j, piece in enumerate(pieces):
+                    _write_all(fd, memoryview(piece).cast("B"),
+                               j * plane_bytes + r0 * nx * dtype.itemsize)
+            finally:
+                os.close(fd)
 
     def plane(self, k: int, i: int) -> np.ndarray:
+        """Extension ``k``'s integration ``i`` (a fresh array)."""
         path, dtype = self.paths[k]
-        source = np.memmap(path, dtype=dtype, mode="r", shape=self.shape)
-        out = np.array(source[i])
-        del source
+        out = np.empty(self.shape[1:], dtype)
+        view = memoryview(out).cast("B")
+        offset = i * out.nbytes
+        with open(path, "rb", buffering=0) as f:
+            while view.nbytes:
+                n = os.preadv(f.fileno(), [view], offset)
+                if n <= 0:
+                    raise OSError(f"{path} ended early at byte {offset}")
+                view, offset = view[n:], offset + n
         return out
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
