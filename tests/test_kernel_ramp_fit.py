@@ -368,6 +368,184 @@ def test_inputs_left_untouched():
 
 
 # --------------------------------------------------------------------------------------
+# edge cases of the compiled loops: both paths (shared flag template / per-pixel flags)
+# must agree bit for bit, on any memory layout
+# --------------------------------------------------------------------------------------
+
+
+def _all_general(monkeypatch, module):
+    """Route every pixel through the per-pixel-flags path."""
+    real_layout = module._layout
+
+    def no_template(gdq, suppress):
+        layout = real_layout(gdq, suppress)
+        regular = np.zeros_like(layout.regular)
+        return layout._replace(regular=regular, irregular=np.arange(regular.size))
+
+    monkeypatch.setattr(module, "_layout", no_template)
+
+
+def _fit_both_paths(monkeypatch, data, gdq, pdq, **kw):
+    """(results, median rates) through the template path, then the general path."""
+    from streamdet.plugins import ramp_fit as module
+
+    medians = []
+    real_median = module._median_rate
+
+    def recording(*args):
+        medians.append(real_median(*args))
+        return medians[-1]
+
+    monkeypatch.setattr(module, "_median_rate", recording)
+    discard = plan_group_discard(survey_dnu_groups(gdq))
+    regular = fit_ramps(data, gdq, pdq, discard=discard, **kw)
+    with monkeypatch.context() as patch:
+        _all_general(patch, module)
+        general = fit_ramps(data, gdq, pdq, discard=discard, **kw)
+    return (regular, general), medians
+
+
+def _assert_identical(a, b):
+    for k in (0, 1):
+        for name in PRODUCTS:
+            np.testing.assert_array_equal(getattr(a[k], name), getattr(b[k], name),
+                                          err_msg=f"{('rate', 'rateints')[k]}.{name}")
+
+
+def _clean_exposure(nints=2, ngroups=10, nrows=4, ncols=6, seed=21):
+    """Noiseless-ish ramps whose flags are all alike (all take the template path)."""
+    rng = np.random.default_rng(seed)
+    slope = rng.uniform(1.0, 50.0, (nrows, ncols))
+    base = rng.uniform(11000.0, 13000.0, (nrows, ncols))
+    groups = np.arange(ngroups)[:, None, None]
+    ramp = (base + slope * groups + rng.normal(0, 2, (ngroups, nrows, ncols)))
+    data = np.broadcast_to(ramp, (nints,) + ramp.shape).astype(np.float32)
+    gdq = np.zeros(data.shape, np.uint8)
+    gdq[:, 0] = DO_NOT_USE
+    kw = dict(readnoise=np.full((nrows, ncols), 12.0, np.float32),
+              gain=np.full((nrows, ncols), 4.0, np.float32),
+              frame_time=FRAME_TIME, group_time=FRAME_TIME)
+    return data, gdq, np.zeros((nrows, ncols), np.uint32), kw
+
+
+def test_nan_samples_in_template_ramps(monkeypatch):
+    data, gdq, pdq, kw = _clean_exposure()
+    data[0, 3, 0, 0] = np.nan          # mid ramp, one integration
+    data[:, 1, 0, 1] = np.nan          # the first fitted group
+    data[:, -1, 0, 2] = np.nan         # the last group
+    data[1, :, 0, 3] = np.nan          # a whole ramp
+    (regular, general), medians = _fit_both_paths(monkeypatch, data, gdq, pdq, **kw)
+    _assert_identical(regular, general)
+    np.testing.assert_array_equal(medians[0], medians[1])
+    # the median skips the NaN differences (pixel (0, 1): integrations alike)
+    diffs = np.diff(data[0, 2:, 0, 1].astype(np.float64))
+    gtime = np.float64(np.float32(FRAME_TIME))
+    assert medians[0][1] == pytest.approx(np.median(diffs) / gtime, rel=1e-12)
+    theirs = stcal_ramp_fit(data, gdq, pdq, **kw)
+    assert_parity(regular, theirs)
+
+
+def test_infinite_samples_give_the_same_results_on_both_paths(monkeypatch):
+    # inf - inf differences are NaN although no sample is
+    data, gdq, pdq, kw = _clean_exposure()
+    data[0, :, 0, 0] = np.inf
+    data[:, 4:, 0, 1] = np.inf
+    data[1, 5, 1, 2] = -np.inf
+    (regular, general), medians = _fit_both_paths(monkeypatch, data, gdq, pdq, **kw)
+    np.testing.assert_array_equal(medians[0], medians[1])
+    _assert_identical(regular, general)
+
+
+def test_median_differences_exact_when_not_within_factor_two(monkeypatch):
+    # float32 differences of samples further apart than a factor two (or not all
+    # positive) are not exact: such ramps must get double-precision differences
+    data, gdq, pdq, kw = _clean_exposure(nrows=2, ncols=4)
+    data[:, 1:, 0, 0] = np.float32(0.3) + np.float32(2.7) * np.arange(9, dtype=np.float32)
+    data[:, 1:, 0, 1] = np.linspace(-5.3, 7.1, 9, dtype=np.float32)    # crosses zero
+    data[:, 1:, 0, 2] = np.float32(-3.3) - np.arange(9, dtype=np.float32) * 1.1
+    data[:, 1:, 0, 3] = np.float32(1.0e-3) * 3.3 ** np.arange(9, dtype=np.float32)
+    (regular, general), medians = _fit_both_paths(monkeypatch, data, gdq, pdq, **kw)
+    np.testing.assert_array_equal(medians[0], medians[1])
+    _assert_identical(regular, general)
+    for pix in range(4):
+        samples = data[0, 1:, 0, pix].astype(np.float64)
+        expect = np.median(np.diff(samples)) / np.float64(np.float32(FRAME_TIME))
+        assert medians[0][pix] == expect
+    # a float32 difference would have been off for the first one
+    samples = data[0, 1:, 0, 0]
+    assert not np.array_equal(np.diff(samples).astype(np.float64),
+                              np.diff(samples.astype(np.float64)))
+
+
+@pytest.mark.parametrize("gain, rn", [(0.0, 10.0), (-2.0, 10.0), (4.0, 0.0), (4.0, -10.0),
+                                      (np.nan, np.nan), (np.inf, 10.0)])
+def test_odd_gain_and_read_noise(monkeypatch, gain, rn):
+    data, gdq, pdq, kw = _clean_exposure(nrows=2, ncols=3)
+    kw["gain"][1, 1] = gain
+    kw["readnoise"][1, 1] = rn
+    (regular, general), _ = _fit_both_paths(monkeypatch, data, gdq, pdq, **kw)
+    _assert_identical(regular, general)
+    theirs = stcal_ramp_fit(data, gdq, pdq, **kw)
+    if np.isfinite(gain):
+        assert_parity(regular, theirs)
+    if not gain > 0:
+        no_gain = DO_NOT_USE | NO_GAIN_VALUE
+        assert regular[0].dq[1, 1] & no_gain == no_gain
+        assert np.isnan(regular[0].sci[1, 1])
+
+
+def test_one_pixel_matches_its_place_in_a_frame():
+    data, gdq, pdq, kw = miri_exposure(17, 2, 12, 8, 8)
+    discard = plan_group_discard(survey_dnu_groups(gdq))
+    whole = fit_ramps(data, gdq, pdq, discard=discard, **kw)
+    for r, c in ((0, 0), (2, 5), (5, 0), (7, 7)):
+        one_kw = dict(kw)
+        for key in ("readnoise", "gain", "average_dark_current"):
+            one_kw[key] = kw[key][r:r + 1, c:c + 1]
+        one = fit_ramps(data[:, :, r:r + 1, c:c + 1], gdq[:, :, r:r + 1, c:c + 1],
+                        pdq[r:r + 1, c:c + 1], discard=discard, **one_kw)
+        for name in PRODUCTS:
+            np.testing.assert_array_equal(getattr(one[0], name)[0, 0],
+                                          getattr(whole[0], name)[r, c])
+            np.testing.assert_array_equal(getattr(one[1], name)[:, 0, 0],
+                                          getattr(whole[1], name)[:, r, c])
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns", "reversed", "big_endian"])
+def test_views_and_layouts_give_identical_results(layout):
+    data, gdq, pdq, kw = miri_exposure(19, 2, 10, 16, 12)
+    discard = plan_group_discard(survey_dnu_groups(gdq))
+    # inside a bigger buffer, as the engine's bands are
+    big = np.zeros((2, 10, 20, 24), np.float32)
+    big_dq = np.zeros(big.shape, np.uint8)
+    if layout == "rows":
+        view, view_dq, pick = big[:, :, 2:18, :12], big_dq[:, :, 2:18, :12], np.s_[:, :]
+    elif layout == "columns":
+        # every other column: the pixel axis has a stride of 2 elements
+        view, view_dq, pick = big[:, :, 2:18, ::2], big_dq[:, :, 2:18, ::2], np.s_[:, :]
+    elif layout == "reversed":
+        view, view_dq, pick = big[:, :, 17:1:-1, 11::-1], big_dq[:, :, 17:1:-1, 11::-1], \
+            np.s_[::-1, ::-1]
+    else:
+        view, view_dq, pick = None, None, np.s_[:, :]
+    if view is None:
+        view = data.astype(">f4")
+        view_dq = gdq
+    else:
+        view[...] = data[(slice(None), slice(None)) + pick]
+        view_dq[...] = gdq[(slice(None), slice(None)) + pick]
+    view_kw = dict(kw)
+    for key in ("readnoise", "gain", "average_dark_current"):
+        view_kw[key] = kw[key][pick]
+    contiguous = fit_ramps(np.ascontiguousarray(view), np.ascontiguousarray(view_dq),
+                           pdq[pick].copy(), discard=discard, **view_kw)
+    viewed = fit_ramps(view, view_dq, pdq[pick], discard=discard, **view_kw)
+    _assert_identical(viewed, contiguous)
+    if layout in ("rows", "big_endian"):
+        _assert_identical(viewed, fit_ramps(data, gdq, pdq, discard=discard, **kw))
+
+
+# --------------------------------------------------------------------------------------
 # parity with stcal OLS_C
 # --------------------------------------------------------------------------------------
 

@@ -62,6 +62,11 @@ come from one pass over the samples, while the other pixels take a general per-p
 path.  Every per-pixel result is computed with the same operations in the same order
 whatever path, chunk or band it falls in, so bands stitch bit-identically into the whole
 frame.  Arithmetic is double precision; results are rounded to float32 like stcal's.
+
+The per-pixel loops (flags, differences, medians, segments, fits, products) are C in
+``streamdet/_ckernels/ramp_fit.c``, one call each over a chunk, so that band threads do
+not queue for the GIL; numpy's sort orders the differences for the medians.  This module
+prepares the buffers and keeps the per-chunk bookkeeping.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from streamdet._ckernels import declare, ptr, strides
 from streamdet.core.products import RateArrays
 from streamdet.core.dqflags import (
     DO_NOT_USE,
@@ -91,8 +97,22 @@ _HUGE_VARIANCE = 1.0e6
 _SNR_EDGES = (5.0, 10.0, 20.0, 50.0, 100.0)
 _POWERS = (0.0, 0.4, 1.0, 3.0, 6.0, 10.0)
 
-_NOT_PERSISTENCE = np.uint8(~_PERSISTENCE & 0xFF)
 _UNUSABLE = DO_NOT_USE | SATURATED
+_EDGES = np.array(_SNR_EDGES, dtype=np.float64)
+
+# the per-pixel loops, in streamdet/_ckernels/ramp_fit.c (arguments: see there)
+_c_usable_flags = declare("ramp_fit", "rf_usable_flags", "piiiiiiiiiip")
+_c_regular_diffs = declare("ramp_fit", "rf_regular_diffs", "piiiipipp")
+_c_middle = {np.dtype(np.float32): declare("ramp_fit", "rf_middle_f32", "piipipdp"),
+             np.dtype(np.float64): declare("ramp_fit", "rf_middle_f64", "piipipdp")}
+_c_rnoise_variance = declare("ramp_fit", "rf_rnoise_variance", "ippppp")
+_c_fit_segments = declare("ramp_fit", "rf_fit_segments", "piiippipipppppddpppippppp")
+_c_general_diffs = declare("ramp_fit", "rf_general_diffs", "piipiipiiiippp")
+_c_segments = declare("ramp_fit", "rf_segments", "piipiiiiiiiiippppp", "i")
+_c_layout = declare("ramp_fit", "rf_layout", "piiipp")
+_c_finish_integration = declare("ramp_fit", "rf_finish_integration",
+                                "ipppppppiiiidpppppppppppp")
+_c_finish_exposure = declare("ramp_fit", "rf_finish_exposure", "ippppppiiidppppp")
 
 
 class UnusableExposureError(ValueError):
@@ -191,49 +211,29 @@ def _ols_coefficients(length: int, power_code: int) -> np.ndarray:
     return weight * (sum_w * index - sum_x) / (sum_w * sum_xx - sum_x * sum_x)
 
 
+class _Coefficients(NamedTuple):
+    """Slope coefficients of every segment shape, flat for the C kernel: those of a
+    segment of n groups with weighting exponent number c are
+    ``values[offset[n] + c * n:][:n]``."""
+
+    values: np.ndarray  # float64
+    offset: np.ndarray  # int64, indexed by segment length
+
+
 @lru_cache(maxsize=8)
-def _coefficient_table(ngroups: int) -> tuple[np.ndarray, ...]:
-    """Indexed by segment length: the ``[length, power_code]`` slope coefficients."""
-    table = [np.zeros((0, len(_POWERS)))] * 3
+def _coefficient_table(ngroups: int) -> _Coefficients:
+    offset = np.zeros(max(ngroups, 2) + 1, dtype=np.int64)
+    columns = []
+    position = 0
     for length in range(3, ngroups + 1):
-        coeff = np.stack([_ols_coefficients(length, code) for code in range(len(_POWERS))],
-                         axis=1)
-        coeff.setflags(write=False)
-        table.append(coeff)
-    return tuple(table)
-
-
-def _power_code(snr: np.ndarray) -> np.ndarray:
-    code = np.zeros(snr.shape, dtype=np.intp)
-    for edge in _SNR_EDGES:
-        code += snr >= edge
-    # every comparison with NaN fails in stcal, which then picks the largest exponent
-    code[np.isnan(snr)] = len(_POWERS) - 1
-    return code
-
-
-def _weighted_sums(coeff: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Column sums of ``coeff * window``, both ``[length, m]`` (window float32).
-
-    einsum adds the groups in order for every column, so a pixel's result does not
-    depend on which or how many other pixels are computed alongside it: bands of any
-    height give bit-identical numbers.  (A BLAS product would not: its kernels change
-    with the matrix shape.)  A single column would make einsum switch to a different
-    summation, hence the padding.
-    """
-    if window.shape[1] == 1:
-        return np.einsum("jk,jk->k", np.repeat(coeff, 2, axis=1),
-                         np.repeat(window, 2, axis=1))[:1]
-    return np.einsum("jk,jk->k", coeff, window)
-
-
-def _weighted_sums_one(coeff: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """:func:`_weighted_sums` with one coefficient column ``[length]`` for every column of
-    ``window``: the same sums (einsum adds the groups in order either way; checked
-    bit-identical), without building the ``[length, m]`` coefficient array."""
-    if window.shape[1] == 1:
-        return np.einsum("j,jk->k", coeff, np.repeat(window, 2, axis=1))[:1]
-    return np.einsum("j,jk->k", coeff, window)
+        offset[length] = position
+        for code in range(len(_POWERS)):
+            columns.append(_ols_coefficients(length, code))
+            position += length
+    values = np.concatenate(columns) if columns else np.zeros(1)
+    for array in (values, offset):
+        array.setflags(write=False)
+    return _Coefficients(values, offset)
 
 
 # --------------------------------------------------------------------------------------
@@ -246,94 +246,26 @@ class _Segments(NamedTuple):
     start: np.ndarray   # first group
     length: np.ndarray  # number of groups
 
-    def subset(self, mask) -> "_Segments":
-        return _Segments(self.pixel[mask], self.start[mask], self.length[mask])
 
+def _find_segments(gdq: np.ndarray, pix: np.ndarray, *, seen=None, dq=None,
+                   fittable_only=False) -> _Segments:
+    """Segments kept for fitting of the ramps ``pix`` of group-major ``gdq``
+    ``[ngroups, npix]`` (any strides), ordered by pixel then time.
 
-def _find_segments(core_dq: np.ndarray) -> _Segments:
-    """Segments kept for fitting, ordered by pixel then time.
-
-    ``core_dq`` is pixel-major ``[npix, ngroups]`` group DQ without the PERSISTENCE bit.
+    With ``seen`` and ``dq`` (per pixel) given, also records the OR of each ramp's flags
+    and the DQ its flags imply; ``fittable_only`` leaves out ramps saturated from the
+    first group or unusable throughout (see rf_segments).
     """
-    npix = core_dq.shape[0]
-    clean = core_dq == 0
-    opens = clean.copy()
-    opens[:, 1:] &= ~clean[:, :-1]
-    closes = clean.copy()
-    closes[:, :-1] &= ~clean[:, 1:]
-    pix, first = np.nonzero(opens)
-    last = np.nonzero(closes)[1]
-    # a run right after a JUMP_DET-only group starts on that group
-    jump_only = (first > 0) & (core_dq[pix, np.maximum(first - 1, 0)] == JUMP_DET)
-    start = first - jump_only
-    length = last + 1 - start
-
-    long_enough = length >= 2
-    has_long = np.zeros(npix, dtype=bool)
-    has_long[pix[long_enough]] = True
-    first_of_pixel = np.ones(pix.size, dtype=bool)
-    first_of_pixel[1:] = pix[1:] != pix[:-1]
-    keep = long_enough | (first_of_pixel & ~has_long[pix])
-    return _Segments(pix[keep], start[keep], length[keep])
-
-
-def _ols_slopes(ramp: np.ndarray, segs: _Segments, code: np.ndarray, table) -> np.ndarray:
-    """Weighted LSQ slope (DN per group) of segments of three groups or more.
-
-    ``ramp`` is group-major ``[ngroups, npix]`` float32.  Segments are taken in groups
-    of equal length; a group with one start covering most of the chunk is computed on
-    the whole slab, others on gathered windows.
-    """
-    npix = ramp.shape[1]
-    slopes = np.empty(segs.pixel.size, dtype=np.float64)
-    for chosen in _by_length(segs.length):
-        length = int(segs.length[chosen[0]])
-        pix, start = segs.pixel[chosen], segs.start[chosen]
-        s0 = int(start[0])
-        if pix.size * 2 >= npix and np.all(start == s0):
-            # one start for most of the chunk: per weighting exponent, a common
-            # coefficient column over the slab (or over the few pixels gathered)
-            slab = ramp[s0:s0 + length]
-            codes = code[chosen]
-            present = np.flatnonzero(np.bincount(codes, minlength=len(_POWERS)))
-            for c in present:
-                picked = slice(None) if present.size == 1 else np.flatnonzero(codes == c)
-                where = pix[picked]
-                if where.size * 4 >= npix:
-                    sums = _weighted_sums_one(table[length][:, c], slab)[where]
-                else:
-                    sums = _weighted_sums_one(table[length][:, c], slab[:, where])
-                slopes[chosen[picked]] = sums
-        else:
-            window = _window(ramp, pix, start, length)
-            coeff = np.take(table[length], code[chosen], axis=1)
-            slopes[chosen] = _weighted_sums(coeff, window)
-    broken = np.flatnonzero(np.isnan(slopes))
-    for chosen in _by_length(segs.length[broken]):
-        # stcal fits NaN samples as zeros
-        chosen = broken[chosen]
-        length = int(segs.length[chosen[0]])
-        window = _window(ramp, segs.pixel[chosen], segs.start[chosen], length)
-        window[np.isnan(window)] = 0
-        coeff = np.take(table[length], code[chosen], axis=1)
-        slopes[chosen] = _weighted_sums(coeff, window)
-    return slopes
-
-
-def _by_length(lengths: np.ndarray) -> list[np.ndarray]:
-    """Indices of equal segment lengths, grouped."""
-    if lengths.size == 0:
-        return []
-    if np.all(lengths == lengths[0]):
-        return [np.arange(lengths.size)]
-    order = np.argsort(lengths, kind="stable")
-    return np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1)
-
-
-def _window(ramp, pix, start, length):
-    """``[length, m]`` samples of the segments starting at ``start`` (gathered copy)."""
-    rows = start[None, :] + np.arange(length)[:, None]
-    return ramp[rows, pix[None, :]]
+    ngroups = gdq.shape[0]
+    pix = np.ascontiguousarray(pix, dtype=np.int64)
+    found = np.empty((3, pix.size * ((ngroups + 1) // 2)), dtype=np.int64)
+    fgs, fps = strides(gdq)
+    count = _c_segments(
+        ptr(gdq), fgs, fps, ptr(pix), pix.size, ngroups, _PERSISTENCE, JUMP_DET, SATURATED,
+        _UNUSABLE, DO_NOT_USE, JUMP_DET | _PERSISTENCE, int(fittable_only),
+        None if seen is None else _out(seen), None if dq is None else _out(dq),
+        ptr(found[0]), ptr(found[1]), ptr(found[2]))
+    return _Segments(*found[:, :count])
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +284,7 @@ class _Setup(NamedTuple):
     suppress: bool
     group_time: float
     first_read_time: float
-    table: tuple
+    table: _Coefficients
 
 
 def fit_ramps(
@@ -460,12 +392,10 @@ def _layout(gdq: np.ndarray, suppress: bool) -> _Layout:
     ngroups, npix = gdq.shape
     # the commonest flag value of each group, from a sample: it only picks the fast
     # path for the pixels that match it, so an unlucky sample costs time, not accuracy
-    sample = gdq[:, :: max(1, npix // 4096)]
-    # one bincount for all groups: group g's values are counted at g*256 + value
-    keyed = sample + (np.arange(ngroups, dtype=np.intp) * 256)[:, None]
-    counts = np.bincount(keyed.ravel(), minlength=ngroups * 256).reshape(ngroups, 256)
-    template = counts.argmax(axis=1).astype(np.uint8)
-    regular = np.logical_and.reduce(gdq == template[:, None], axis=0)
+    gdq = np.ascontiguousarray(gdq)
+    template = np.empty(ngroups, dtype=np.uint8)
+    regular = np.empty(npix, dtype=bool)
+    _c_layout(ptr(gdq), ngroups, npix, max(1, npix // 4096), ptr(template), ptr(regular))
     only_first = None
     if not suppress:
         only_first = (np.count_nonzero(gdq == 0, axis=0) == 1) & (gdq[0] == 0)
@@ -473,16 +403,17 @@ def _layout(gdq: np.ndarray, suppress: bool) -> _Layout:
 
 
 def _usable_flags(flags: np.ndarray, setup: _Setup) -> np.ndarray:
-    """Group DQ of one integration as stcal fits it: suppressed, trimmed, group-major."""
-    gdq = flags[setup.n_leading:setup.stop].copy()
-    if setup.suppress:
-        # suppression counts clean groups on the untrimmed ramp, before the discard
-        # clears JUMP_DET on the new first group
-        clean = (flags & _NOT_PERSISTENCE) == 0
-        n_clean = np.add.reduce(clean.view(np.uint8), axis=0, dtype=np.uint32)
-        gdq |= np.where(n_clean == 1, np.uint8(DO_NOT_USE), np.uint8(0))
-    if setup.n_leading > 0:
-        gdq[0] &= np.uint8(~JUMP_DET & 0xFF)
+    """Group DQ of one integration as stcal fits it: suppressed, trimmed, group-major.
+
+    Suppression counts clean groups on the untrimmed ramp, before the discard clears
+    JUMP_DET on the new first group.
+    """
+    ngroups_in, npix = flags.shape
+    gdq = np.empty((setup.ngroups, npix), dtype=np.uint8)
+    gs, ps = strides(flags)
+    keep_first = (~JUMP_DET & 0xFF) if setup.n_leading > 0 else 0xFF
+    _c_usable_flags(ptr(flags), gs, ps, ngroups_in, npix, setup.n_leading, setup.stop,
+                    int(setup.suppress), _PERSISTENCE, DO_NOT_USE, keep_first, ptr(gdq))
     return gdq
 
 
@@ -495,7 +426,9 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints):
     layouts = [_layout(gdq, setup.suppress) for gdq in gdqs]
     median_rate = _median_rate(ramps, gdqs, layouts, setup)
 
-    rate_dq = pdq.copy()
+    # exposure sums and flags, filled integration by integration
+    rate_dq = rate.dq
+    rate_dq[...] = pdq
     sum_inv_p = np.zeros(npix)
     sum_inv_r = np.zeros(npix)
     sum_num = np.zeros(npix)
@@ -503,40 +436,28 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints):
     saturated_everywhere = np.ones(npix, dtype=bool)
     saturated_somewhere = np.zeros(npix, dtype=bool)
     lossy = []
+    # read-noise variances stay double until the CHARGELOSS pass is done with them
     ints_vr = np.empty((nints, npix))
     for integ in range(nints):
-        fit = _fit_integration(setup, ramps[integ], gdqs[integ], layouts[integ], pdq,
-                               rnoise, gain, dark, median_rate)
-        rateints.sci[integ] = fit.sci
-        rateints.err[integ] = fit.err
-        rateints.var_poisson[integ] = fit.var_poisson
-        ints_vr[integ] = fit.var_rnoise
-        rateints.dq[integ] = fit.dq | np.where(fit.any_saturated, np.uint32(SATURATED), 0)
-        rate_dq |= fit.dq & np.uint32(JUMP_DET | _PERSISTENCE)
-        unusable_everywhere &= (fit.dq & np.uint32(DO_NOT_USE)) != 0
-        saturated_everywhere &= (fit.dq & np.uint32(SATURATED)) != 0
-        saturated_somewhere |= fit.any_saturated
-        sum_inv_p += fit.inv_p
-        sum_inv_r += fit.inv_r
-        sum_num += fit.num
-        lossy.append(fit.chargeloss)
+        dq, seen, fitted, inv_r, inv_p, inv_e, num = _fit_integration(
+            setup, ramps[integ], gdqs[integ], layouts[integ], pdq, rnoise, gain, dark,
+            median_rate)
+        _c_finish_integration(
+            npix, ptr(dq), ptr(seen), ptr(fitted), ptr(inv_r), ptr(inv_p), ptr(inv_e),
+            ptr(num), _UNUSABLE, DO_NOT_USE, SATURATED, JUMP_DET | _PERSISTENCE,
+            _HUGE_VARIANCE, _out(rateints.sci[integ]), _out(rateints.err[integ]),
+            _out(rateints.var_poisson[integ]), ptr(ints_vr[integ]),
+            _out(rateints.dq[integ]), ptr(sum_inv_p), ptr(sum_inv_r), ptr(sum_num),
+            _out(rate_dq), ptr(unusable_everywhere), ptr(saturated_everywhere),
+            ptr(saturated_somewhere))
+        lossy.append((seen & np.uint8(_CHARGELOSS)) != 0)
 
-    rate_dq[unusable_everywhere] |= np.uint32(DO_NOT_USE)
-    rate_dq[saturated_everywhere] |= np.uint32(SATURATED)
-    vp = np.where(sum_inv_p > 0, 1.0 / sum_inv_p, 0.0)
-    vp[(vp >= _HUGE_VARIANCE) | (vp < 0)] = 0.0
-    # a sum that is not positive (0 or NaN) is passed through as it is
-    vr = np.where(sum_inv_r > 0, 1.0 / sum_inv_r, sum_inv_r)
-    vr[vr >= _HUGE_VARIANCE] = 0.0
-    err = np.sqrt(vp + vr)
-    sci = sum_num * vr
-    invalid = (rate_dq & np.uint32(_UNUSABLE)) != 0
-    sci[invalid] = np.nan
-    vp[invalid] = 0.0
-    vr[invalid] = 0.0
-    err[invalid] = 0.0
-    # partial saturation is flagged only after the NaN decisions above
-    rate_dq[saturated_somewhere] |= np.uint32(SATURATED)
+    vr = np.empty(npix)
+    _c_finish_exposure(
+        npix, ptr(sum_inv_p), ptr(sum_inv_r), ptr(sum_num), ptr(unusable_everywhere),
+        ptr(saturated_everywhere), ptr(saturated_somewhere), _UNUSABLE, DO_NOT_USE,
+        SATURATED, _HUGE_VARIANCE, _out(rate_dq), _out(rate.sci), _out(rate.err),
+        _out(rate.var_poisson), ptr(vr))
 
     lossy = np.array(lossy)
     if lossy.any():
@@ -545,12 +466,14 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints):
         _redo_chargeloss_rnoise(flags[:, setup.n_leading:setup.stop], lossy, only_first,
                                 ints_vr, vr, rnoise, gain, setup)
     rateints.var_rnoise[...] = ints_vr
-
-    rate.sci[...] = sci
-    rate.err[...] = err
-    rate.dq[...] = rate_dq
-    rate.var_poisson[...] = vp
     rate.var_rnoise[...] = vr
+
+
+def _out(array: np.ndarray) -> int:
+    """Address of an output row the kernels write element by element."""
+    if not array.flags.c_contiguous:
+        raise ValueError("ramp_fit kernels write contiguous rows only")
+    return ptr(array)
 
 
 def _median_rate(ramps, gdqs, layouts, setup):
@@ -572,22 +495,15 @@ def _median_rate(ramps, gdqs, layouts, setup):
             unusable = ((t[1:] | t[:-1]) & np.uint8(_UNUSABLE)) | (t[1:] & np.uint8(JUMP_DET))
             usable = np.flatnonzero(unusable == 0)
             if usable.size:
-                if usable[-1] - usable[0] + 1 == usable.size:
-                    a, b = int(usable[0]), int(usable[-1]) + 1
-                    diffs = ramp[a + 1:b + 1] - ramp[a:b]
-                else:
-                    diffs = ramp[usable + 1] - ramp[usable]
-                ordered = np.ascontiguousarray(diffs.T)
+                # float32 differences, pixel-major for the sort; the kernel sends the
+                # ramps where those are not the exact differences (and NaN ramps, whose
+                # count of valid differences is their own) to the general path
+                ordered = np.empty((npix, usable.size), dtype=np.float32)
+                gs, ps = strides(ramp)
+                _c_regular_diffs(ptr(ramp), gs, ps, ngroups, npix, ptr(usable), usable.size,
+                                 ptr(ordered), ptr(general))
                 ordered.sort(axis=1)
-                n_valid = np.full(npix, usable.size)
-                median[:] = _middle(ordered, n_valid, None, setup.group_time)
-                # NaN samples make the count per pixel: leave those to the general path
-                general |= np.isnan(ordered[:, -1])
-                # float32 differences are exact (Sterbenz) when all samples are positive
-                # and within a factor two; other ramps get double-precision differences
-                low = np.minimum.reduce(ramp, axis=0)
-                high = np.maximum.reduce(ramp, axis=0)
-                general |= ~((low > 0) & (high <= 2 * low))
+                median[:] = _middle(ordered, usable.size, None, setup.group_time)
             else:
                 first = ramp[0].astype(np.float64) / setup.group_time
                 if t[0] & _UNUSABLE:
@@ -595,7 +511,7 @@ def _median_rate(ramps, gdqs, layouts, setup):
                 median[:] = first
         picked = np.flatnonzero(general)
         if picked.size:
-            median[picked] = _median_general(ramp[:, picked], gdq[:, picked], setup)
+            median[picked] = _median_general(ramp, gdq, picked, setup)
         if layout.only_first is not None and layout.only_first.any():
             median = np.where(layout.only_first,
                               ramp[0].astype(np.float64) / setup.first_read_time, median)
@@ -603,213 +519,91 @@ def _median_rate(ramps, gdqs, layouts, setup):
     return total / len(ramps)
 
 
-def _median_general(ramp, gdq, setup):
-    """Median rate of individual ramps (``[ngroups, m]``), any flags."""
+def _median_general(ramp, gdq, picked, setup):
+    """Median rate of the ramps ``picked`` of ``ramp`` (``[ngroups, npix]``), any flags."""
     ngroups = ramp.shape[0]
-    samples = np.ascontiguousarray(ramp.T)
-    flags = np.ascontiguousarray(gdq.T)
-    diffs = np.subtract(samples[:, 1:], samples[:, :-1], dtype=np.float64)
-    unusable = (((flags[:, 1:] | flags[:, :-1]) & np.uint8(_UNUSABLE))
-                | (flags[:, 1:] & np.uint8(JUMP_DET)))
-    np.copyto(diffs, np.nan, where=unusable != 0)
+    picked = np.ascontiguousarray(picked, dtype=np.int64)
+    diffs = np.empty((picked.size, ngroups - 1))
+    n_valid = np.empty(picked.size, dtype=np.int64)
+    first = np.empty(picked.size)
+    gs, ps = strides(ramp)
+    fgs, fps = strides(gdq)
+    _c_general_diffs(ptr(ramp), gs, ps, ptr(gdq), fgs, fps, ptr(picked), picked.size,
+                     ngroups, _UNUSABLE, JUMP_DET, ptr(diffs), ptr(n_valid), ptr(first))
     diffs.sort(axis=1)  # NaNs last
-    n_valid = (ngroups - 1) - np.count_nonzero(np.isnan(diffs), axis=1)
-    first = np.where((flags[:, 0] & np.uint8(_UNUSABLE)) != 0, np.nan,
-                     samples[:, 0].astype(np.float64))
     return _middle(diffs, n_valid, first, setup.group_time)
 
 
 def _middle(ordered, n_valid, first, gtime):
-    """Median of the first ``n_valid`` sorted differences, per row, in DN/s.
+    """Median of the first ``n_valid`` (per row, or one count for all) sorted
+    differences of each row of ``ordered``, in DN/s.
 
     The differences are exact (float32 only where that is guaranteed), so both paths
     pick the same values; stcal divides by group_time before subtracting, a difference
     of rounding only.  With no usable difference stcal falls back on ``first`` (the
     first sample) over group_time.
     """
-    if first is None and n_valid.size and np.all(n_valid == n_valid[0]):
-        # one count for every row: plain columns (the same values as the general path)
-        n = int(n_valid[0])
-        low = ordered[:, max((n - 1) // 2, 0)].astype(np.float64)
-        high = ordered[:, min(n // 2, ordered.shape[1] - 1)].astype(np.float64)
-        return (low + high) / 2.0 / gtime
-    rows = np.arange(ordered.shape[0])
-    low = ordered[rows, np.maximum((n_valid - 1) // 2, 0)].astype(np.float64)
-    high = ordered[rows, np.minimum(n_valid // 2, ordered.shape[1] - 1)].astype(np.float64)
-    # low and high coincide for an odd count, and (a + a) / 2 == a exactly
-    median = (low + high) / 2.0 / gtime
+    ordered = np.ascontiguousarray(ordered)
+    nrows, ncols = ordered.shape
+    n_valid = np.asarray(n_valid, dtype=np.int64)
+    count_stride = 1 if n_valid.ndim else 0
+    n_valid = np.ascontiguousarray(n_valid.reshape(-1))
     if first is not None:
-        median = np.where(n_valid == 0, first / gtime, median)
+        first = np.ascontiguousarray(first, dtype=np.float64)
+    median = np.empty(nrows, dtype=np.float64)
+    _c_middle[ordered.dtype](ptr(ordered), nrows, ncols, ptr(n_valid), count_stride,
+                             None if first is None else ptr(first), gtime, ptr(median))
     return median
 
 
-class _IntegrationFit(NamedTuple):
-    sci: np.ndarray
-    err: np.ndarray
-    dq: np.ndarray             # without the partial-saturation flag
-    var_poisson: np.ndarray
-    var_rnoise: np.ndarray
-    any_saturated: np.ndarray
-    inv_p: np.ndarray          # contributions to the exposure sums
-    inv_r: np.ndarray
-    num: np.ndarray
-    chargeloss: np.ndarray
-
-
 def _fit_integration(setup, ramp, gdq, layout, pdq, rnoise, gain, dark, median_rate):
-    ngroups, npix = ramp.shape
+    """One integration's DQ, the OR of each ramp's group flags, and the per-pixel sums
+    over its fitted segments (see rf_fit_segments)."""
+    npix = ramp.shape[1]
     dq = pdq.copy()
     seen = np.zeros(npix, dtype=np.uint8)
-    sat_first = np.zeros(npix, dtype=bool)
-    all_sat = np.zeros(npix, dtype=bool)
-    all_bad = np.zeros(npix, dtype=bool)
     pieces = []
 
     regular = np.flatnonzero(layout.regular)
     if regular.size:
-        t = layout.template
-        seen[regular] = np.bitwise_or.reduce(t)
-        sat_first[regular] = bool(t[0] & SATURATED)
-        all_bad[regular] = np.count_nonzero(t & np.uint8(_UNUSABLE)) == ngroups
-        all_sat[regular] = np.count_nonzero(t & np.uint8(SATURATED)) == ngroups
-        if not (sat_first[regular[0]] or all_bad[regular[0]]):
-            shapes = _find_segments((t & _NOT_PERSISTENCE)[None, :])
-            for start, length in zip(shapes.start, shapes.length):
-                pieces.append((_Segments(regular, np.full(regular.size, start),
-                                         np.full(regular.size, length)), True))
+        # the template stands for every regular ramp
+        t_seen = np.zeros(1, dtype=np.uint8)
+        t_dq = np.zeros(1, dtype=np.uint32)
+        shapes = _find_segments(layout.template[:, None], np.zeros(1, np.int64),
+                                seen=t_seen, dq=t_dq, fittable_only=True)
+        seen[regular] = t_seen[0]
+        dq[regular] |= t_dq[0]
+        for start, length in zip(shapes.start, shapes.length):
+            # one shape for all: the kernel reads start and length with stride 0
+            pieces.append(_Segments(regular, np.array([start], np.int64),
+                                    np.array([length], np.int64)))
 
-    others = layout.irregular
-    if others.size:
-        flags = np.ascontiguousarray(gdq[:, others].T)
-        seen[others] = np.bitwise_or.reduce(flags, axis=1)
-        sat_first[others] = (flags[:, 0] & np.uint8(SATURATED)) != 0
-        all_bad[others] = np.count_nonzero(flags & np.uint8(_UNUSABLE), axis=1) == ngroups
-        all_sat[others] = np.count_nonzero(flags & np.uint8(SATURATED), axis=1) == ngroups
-        segs = _find_segments(flags & _NOT_PERSISTENCE)
-        segs = _Segments(others[segs.pixel], segs.start, segs.length)
-        fittable = ~(sat_first | all_bad)
-        pieces.append((segs.subset(fittable[segs.pixel]), False))
-
-    dq |= seen & np.uint8(JUMP_DET | _PERSISTENCE)
-    dq[sat_first] |= np.uint32(_UNUSABLE)
-    dq[all_bad] |= np.uint32(DO_NOT_USE)
-    dq[all_bad & all_sat] |= np.uint32(SATURATED)
+    if layout.irregular.size:
+        pieces.append(_find_segments(gdq, layout.irregular, seen=seen, dq=dq,
+                                     fittable_only=True))
 
     fitted = np.zeros(npix, dtype=bool)
     inv_r = np.zeros(npix)
     inv_p = np.zeros(npix)
     inv_e = np.zeros(npix)
     num = np.zeros(npix)
-    for segs, one_per_pixel in pieces:
-        if segs.pixel.size == 0:
+    # per pixel the sums run over its segments in time order, as in stcal: the regular
+    # pieces come in time order, the others are ordered by pixel then time
+    gs, ps = strides(ramp)
+    only_first = layout.only_first
+    table = setup.table
+    for pix, start, length in pieces:
+        if pix.size == 0:
             continue
-        slope, var_p, var_r = _fit_segments(ramp, segs, rnoise, gain, dark, median_rate,
-                                            layout.only_first, setup)
-        # per pixel the sums run over its segments in time order, as in stcal
-        positive = var_p > 0
-        if one_per_pixel:
-            pix = segs.pixel
-            fitted[pix] = True
-            inv_r[pix] += 1.0 / var_r
-            inv_p[pix[positive]] += 1.0 / var_p[positive]
-            inv_e[pix] += 1.0 / (var_p + var_r)
-            num[pix] += slope / var_r
-        else:
-            pix = segs.pixel
-            fitted[pix] = True
-            inv_r += np.bincount(pix, 1.0 / var_r, minlength=npix)
-            inv_p += np.bincount(pix[positive], 1.0 / var_p[positive], minlength=npix)
-            inv_e += np.bincount(pix, 1.0 / (var_p + var_r), minlength=npix)
-            num += np.bincount(pix, slope / var_r, minlength=npix)
+        _c_fit_segments(
+            ptr(ramp), gs, ps, pix.size, ptr(pix), ptr(start), int(start.size > 1),
+            ptr(length), int(length.size > 1), ptr(rnoise), ptr(gain), ptr(dark),
+            ptr(median_rate), None if only_first is None else ptr(only_first),
+            setup.group_time, setup.first_read_time, ptr(table.values), ptr(table.offset),
+            ptr(_EDGES), _EDGES.size, ptr(fitted), ptr(inv_r), ptr(inv_p), ptr(inv_e),
+            ptr(num))
 
-    vp = np.where(inv_p > 0, 1.0 / inv_p, 0.0)
-    vp[vp >= _HUGE_VARIANCE] = 0.0
-    vr = np.where(fitted, 1.0 / inv_r, 0.0)
-    vr[vr >= _HUGE_VARIANCE] = 0.0
-    var_err = 1.0 / inv_e
-    err = np.where(fitted & ~(var_err > _HUGE_VARIANCE), np.sqrt(var_err), 0.0)
-    sci = np.where(fitted, num * vr, 0.0)
-    invalid = (dq & np.uint32(_UNUSABLE)) != 0
-    sci[invalid] = np.nan
-    vp[invalid] = 0.0
-    vr[invalid] = 0.0
-    err[invalid] = 0.0
-
-    return _IntegrationFit(
-        sci, err, dq, vp, vr,
-        any_saturated=(seen & np.uint8(SATURATED)) != 0,
-        inv_p=np.where(inv_p > 0, inv_p, 0.0), inv_r=inv_r, num=num,
-        chargeloss=(seen & np.uint8(_CHARGELOSS)) != 0)
-
-
-def _fit_segments(ramp, segs, rnoise, gain, dark, median_rate, only_first, setup):
-    """Slope (DN/s), Poisson and read-noise variance of each segment.
-
-    ``ramp`` is group-major ``[ngroups, npix]`` float32.
-    """
-    gtime = setup.group_time
-    pix, start, length = segs
-    g = gain[pix]
-    rn = rnoise[pix]
-    if np.all(start == start[0]) and np.all(length == length[0]):
-        first = ramp[start[0]][pix].astype(np.float64)
-        last = ramp[start[0] + length[0] - 1][pix].astype(np.float64)
-    else:
-        first = ramp[start, pix].astype(np.float64)
-        last = ramp[start + length - 1, pix].astype(np.float64)
-
-    slope = np.empty(pix.size, dtype=np.float64)
-    pden = np.empty(pix.size, dtype=np.float64)
-    var_r = np.empty(pix.size, dtype=np.float64)
-
-    one = length == 1
-    if one.any():
-        if only_first is None:
-            timing = np.full(np.count_nonzero(one), gtime)
-        else:
-            timing = np.where(only_first[pix[one]], setup.first_read_time, gtime)
-        slope[one] = first[one] / timing
-        pden[one] = timing * g[one]
-        var_r[one] = _rnoise_short(rn[one], g[one], timing)
-    two = length == 2
-    if two.any():
-        slope[two] = (last[two] - first[two]) / gtime
-        pden[two] = gtime * g[two]
-        var_r[two] = _rnoise_short(rn[two], g[two], gtime)
-    many = np.flatnonzero(length >= 3)
-    if many.size:
-        # a view when every segment is long (the usual case) saves the copies
-        sel = slice(None) if many.size == pix.size else many
-        gm, rnm, n = g[sel], rn[sel], length[sel].astype(np.float64)
-        rise = last[sel] - first[sel]
-        noise2 = rnm * rnm + rise * gm
-        snr = (rise * gm) / np.sqrt(noise2)
-        snr = np.where((noise2 <= 0) | (gm == 0), 0.0, np.where(snr < 0, 0.0, snr))
-        sub = segs if many.size == pix.size else segs.subset(many)
-        fit = _ols_slopes(ramp, sub, _power_code(snr), setup.table) / gtime
-        # stcal's weights carry 1/rn^2: without a finite nonzero noise there is no slope
-        inv_rn2 = 1.0 / (rnm * rnm)
-        fit[~(np.isfinite(inv_rn2) & (inv_rn2 != 0))] = np.nan
-        slope[sel] = fit
-        pden[sel] = gtime * gm * (n - 1.0)
-        var_r[sel] = _rnoise_long(rnm, gm, n, gtime)
-
-    rate = median_rate[pix]
-    var_p = np.where(rate > 0, rate + dark[pix], dark[pix]) / pden
-    return slope, var_p, var_r
-
-
-def _rnoise_short(rn, gain, timing):
-    """Read-noise variance of a one- or two-group segment."""
-    per_time = rn / timing
-    return 12.0 * per_time * per_time / (6.0 * gain * gain)
-
-
-def _rnoise_long(rn, gain, n, gtime):
-    """Read-noise variance of a segment of n >= 3 groups (0 for an unusable gain)."""
-    per_time = rn / gtime
-    var = 12.0 * per_time * per_time / ((n * n * n - n) * gain * gain)
-    return np.where(gain > 0, var, 0.0)
+    return dq, seen, fitted, inv_r, inv_p, inv_e, num
 
 
 def _redo_chargeloss_rnoise(flags, lossy, only_first, ints_vr, rate_vr, rnoise, gain, setup):
@@ -828,18 +622,19 @@ def _redo_chargeloss_rnoise(flags, lossy, only_first, ints_vr, rate_vr, rnoise, 
         if not affected.any():
             continue
         sub = pixels[affected]
-        gdq = np.ascontiguousarray(flags[integ][:, sub].T)
+        gdq = flags[integ][:, sub]
         hit = (gdq & np.uint8(_CHARGELOSS)) != 0
         gdq[hit] ^= np.uint8(DO_NOT_USE | _CHARGELOSS)
-        segs = _find_segments(gdq & _NOT_PERSISTENCE)
+        segs = _find_segments(gdq, np.arange(sub.size))
         g = gain[sub][segs.pixel]
         rn = rnoise[sub][segs.pixel]
         timing = np.full(segs.pixel.size, setup.group_time)
         if only_first[integ] is not None:
             one_first = only_first[integ][sub][segs.pixel] & (segs.length == 1)
             timing[one_first] = setup.first_read_time
-        var = np.where(segs.length <= 2, _rnoise_short(rn, g, timing),
-                       _rnoise_long(rn, g, segs.length.astype(np.float64), setup.group_time))
+        length = np.ascontiguousarray(segs.length, dtype=np.int64)
+        var = np.empty(segs.pixel.size)
+        _c_rnoise_variance(var.size, ptr(rn), ptr(g), ptr(length), ptr(timing), ptr(var))
         use = var > 0
         inv = np.bincount(segs.pixel[use], 1.0 / var[use], minlength=sub.size)
         vr = 1.0 / inv
