@@ -388,3 +388,125 @@ def test_cosmic_ray_keywords_formula():
     assert extended == pytest.approx(1e6 * 2 / seconds_pixels)
     skipped = jump.cosmic_ray_keywords(jump.JumpCounts(skipped=True), dead, 2.5, 10, 20)
     assert skipped[0] == pytest.approx(-99 * 1000 / seconds_pixels)
+
+
+# ----------------------------------------------------------------------------- compiled loops
+
+@pytest.mark.parity
+def test_parity_degenerate_shapes_and_dead_pixels():
+    """One pixel, one row, one column; pixels unusable throughout, all-NaN pixels and
+    stale JUMP_DET bits on unusable groups, in the single-pass and iterative searches."""
+    for seed, shape in ((30, (2, 12, 1, 1)), (31, (2, 12, 1, 70)), (32, (2, 12, 70, 1)),
+                        (33, (3, 5, 1, 9)), (34, (1, 4, 1, 1))):
+        data, groupdq, pixeldq, gain, readnoise = simulate(seed, *shape, cr_fraction=0.1,
+                                                           bad_references=False)
+        nrows, ncols = shape[2:]
+        groupdq[:, 1::3, 0, 0] |= JUMP_DET
+        if nrows * ncols > 1:
+            groupdq[:, :, 0, 0] |= DO_NOT_USE
+            data[:, :, -1, -1] = np.nan
+            groupdq[:, :, -1, -1] |= JUMP_DET
+        assert_parity((data, groupdq, pixeldq, gain, readnoise))
+
+
+def _reference_differences(data, groupdq, gain):
+    """The definition the compiled loop follows, in numpy: [pixels, nints*ndiffs]."""
+    electrons = (data * gain).astype(np.float32)
+    electrons[(groupdq & (SATURATED | DO_NOT_USE)) != 0] = np.nan
+    diffs = electrons[:, 1:] - electrons[:, :-1]
+    nints, ndiffs = diffs.shape[:2]
+    return diffs.reshape(nints * ndiffs, -1).T
+
+
+def test_pixel_major_differences_nan_inf_unusable_and_views():
+    data, groupdq, _, gain, _ = simulate(40, 3, 7, 9, 70, nan_fraction=0.05)
+    data[0, 2, 3, 4] = np.inf
+    data[1, 3:5, 5, 6] = np.inf                          # inf - inf
+    gain[2, 2] = np.nan
+    groupdq[:, :, 4, 4] |= SATURATED                     # a pixel with nothing usable
+    # a row band of a bigger buffer whose integration and group axes are swapped
+    big = np.full((7, 3, 20, 70), -1.0, np.float32)
+    big[:, :, 5:14] = data.transpose(1, 0, 2, 3)
+    big_dq = np.full((7, 3, 20, 70), 255, np.uint8)
+    big_dq[:, :, 5:14] = groupdq.transpose(1, 0, 2, 3)
+    view, view_dq = big[:, :, 5:14].transpose(1, 0, 2, 3), big_dq[:, :, 5:14].transpose(1, 0, 2, 3)
+    with np.errstate(invalid="ignore"):
+        expected = _reference_differences(data, groupdq, gain)
+        for args in ((data, groupdq, gain), (view, view_dq, gain)):
+            diffs, n_valid = jump._pixel_major_differences(*args)
+            assert diffs.flags.c_contiguous
+            np.testing.assert_array_equal(diffs, expected)   # NaN where NaN, bit-equal elsewhere
+            assert np.array_equal(n_valid, np.count_nonzero(~np.isnan(expected), axis=1))
+    assert n_valid[4 * 70 + 4] == 0 and n_valid[2 * 70 + 2] == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_middle_of_sorted(dtype):
+    nan = np.nan
+    ordered = np.array([[1, 2, 3, 4, nan], [1, 2, 3, nan, nan], [5, nan, nan, nan, nan],
+                        [nan] * 5, [-3, 0.1, 7, 8, 9]], dtype)
+    n_used = np.array([4, 3, 1, 0, 5])
+    middle = jump._middle_of_sorted(ordered, n_used)
+    assert middle.dtype == np.float64
+    expected = [2.5, 2.0, 5.0, np.nan, float(dtype(7))]
+    np.testing.assert_array_equal(middle, expected)
+    # the mean of the two middle values is taken in float64
+    big = np.array([[np.float32(16777217.0 - 1), np.float32(16777217.0 + 1)]], np.float32)
+    middle = jump._middle_of_sorted(big, np.array([2]))[0]
+    assert middle == (float(big[0, 0]) + float(big[0, 1])) / 2
+
+
+@pytest.mark.parametrize("shape, params", [
+    ((2, 20, 30, 70), {}),
+    ((3, 5, 30, 70), {}),
+    ((2, 20, 30, 70), dict(after_jump_flag_dn1=100.0, after_jump_flag_time1=8.0)),
+    ((100, 4, 8, 12), {}),
+    ((2, 20, 30, 70), dict(flag_4_neighbors=False)),
+])
+def test_band_views_match_contiguous_arrays(shape, params):
+    """The engine hands over row bands of bigger buffers: the strides must be honoured."""
+    data, groupdq, pixeldq, gain, readnoise = simulate(41, *shape, cr_fraction=0.03)
+    groupdq[np.random.default_rng(41).random(groupdq.shape) < 0.01] |= JUMP_DET
+    reference = ours(data, groupdq, pixeldq, gain, readnoise, **params)
+    nints, ngroups, nrows, ncols = shape
+    pad = 3
+    big = np.zeros((nints, ngroups, nrows + 2 * pad, ncols), np.float32)
+    big_dq = np.full(big.shape, 255, np.uint8)
+    big_gain = np.zeros((nrows + 2 * pad, ncols), np.float32)
+    big_rn = np.zeros_like(big_gain)
+    band = slice(pad, pad + nrows)
+    big[:, :, band], big_dq[:, :, band] = data, groupdq
+    big_gain[band], big_rn[band] = gain, readnoise
+    band_pdq = pixeldq.copy()
+    counts = jump.detect_jumps(big[:, :, band], big_dq[:, :, band], band_pdq, gain=big_gain[band],
+                               readnoise=big_rn[band], nframes=1, group_time=GROUP_TIME, **params)
+    assert np.array_equal(big_dq[:, :, band], reference[0])
+    assert np.all(big_dq[:, :, :pad] == 255) and np.all(big_dq[:, :, pad + nrows:] == 255)
+    assert np.array_equal(band_pdq, reference[1])
+    assert counts.primary_crs == reference[2].primary_crs
+
+
+def test_all_unusable_pixel_loses_stale_flags_and_flags_no_neighbours():
+    data, groupdq, pixeldq, gain, readnoise = flat_exposure(ngroups=12)
+    data[0, 5:, 2, 2] += 50 * sigma_electrons() / 2.0
+    groupdq[0, :, 2, 2] |= SATURATED
+    groupdq[0, 3:6, 2, 2] |= JUMP_DET                  # stale: counted, then removed
+    data[0, :, 0, 0] = np.nan                          # no usable difference at all
+    flags, _, counts = ours(data, groupdq, pixeldq, gain, readnoise)
+    assert not np.any(flags & JUMP_DET)
+    assert counts.primary_crs == 3
+    assert np.array_equal(flags, groupdq & ~np.uint8(JUMP_DET))
+
+
+def test_other_dtypes_and_layouts():
+    exposure = simulate(42, 2, 12, 16, 20, cr_fraction=0.05)
+    data, groupdq, pixeldq, gain, readnoise = exposure
+    reference = ours(*exposure)
+    as_float64 = ours(data.astype(np.float64), groupdq, pixeldq, gain.astype(np.float64),
+                      np.asfortranarray(readnoise))
+    assert np.array_equal(as_float64[0], reference[0])
+    assert as_float64[2].primary_crs == reference[2].primary_crs
+    # groupdq is flagged in place: a layout the loops cannot take is refused, not copied
+    with pytest.raises(ValueError):
+        jump.detect_jumps(data, np.asfortranarray(groupdq), pixeldq.copy(), gain=gain,
+                          readnoise=readnoise, nframes=1, group_time=GROUP_TIME)

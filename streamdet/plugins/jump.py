@@ -60,6 +60,14 @@ How a band of rows is searched
 Arithmetic follows stcal's dtypes: differences are float32 values, medians, sigmas and
 significances float64, the iterative search's deviations rounded to float32.
 
+The per-pixel loops of the common path are C (``streamdet/_ckernels/jump.c``), so that a
+band's thread holds the GIL only between a few calls per block of rows: the differences
+(step 1, laid out pixel by pixel for the median), the median of the sorted differences
+and the significance scan (step 2), the single-pass flags (3), the count (4), the
+neighbour sources and flags (5), the after-jump candidates (6) and step 7.  The sort
+itself stays numpy's (its SIMD sort beats a C selection), as do the rarely run iterative
+and sigma-clip searches and the after-jump spreading.
+
 Banding
 -------
 Every computation is per pixel except steps 3 (mode choice, sigma-clip group reset),
@@ -84,6 +92,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamdet._ckernels import declare, ptr, strides
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, PIXEL, SATURATED
 
 NO_GAIN_VALUE = PIXEL["NO_GAIN_VALUE"]
@@ -92,6 +101,15 @@ _JUMP = np.uint8(JUMP_DET)
 _UNUSABLE = np.uint8(SATURATED | DO_NOT_USE)
 _JUMP_OR_DNU = np.uint8(JUMP_DET | DO_NOT_USE)
 _BAD_GAIN_FLAGS = np.uint32(NO_GAIN_VALUE | DO_NOT_USE)
+
+# the per-pixel loops, in streamdet/_ckernels/jump.c (layouts and semantics described there)
+_c_pixel_major_diffs = declare("jump", "jump_pixel_major_diffs", "piiipiiipiiiiipp", "i")
+_c_middle_f32 = declare("jump", "jump_middle_f32", "piipip")
+_c_middle_f64 = declare("jump", "jump_middle_f64", "piipip")
+_c_scan = declare("jump", "jump_scan", "ppi" "piii" "piii" "pi" "iiii" "fdd" "idd"
+                  "ppiii" "dd" "ip" "piiii" "p")
+_c_settle = declare("jump", "jump_settle", "piiiiiiip", "i")
+_c_flag_neighbours = declare("jump", "jump_flag_neighbours", "piiiiiiipi")
 
 # stcal's value for the count of primary cosmic rays when it gives up on an exposure
 SKIPPED_CR_COUNT = -99
@@ -226,9 +244,13 @@ def detect_jumps(
         raise ValueError("jump detection needs at least 3 groups (jwst skips the step)")
     if groupdq.shape != data.shape or pixeldq.shape != (nrows, ncols):
         raise ValueError("groupdq/pixeldq shapes do not match the ramp")
+    if groupdq.dtype != np.uint8 or not _columns_contiguous(groupdq):
+        raise ValueError("groupdq must be uint8 with contiguous rows (it is flagged in place)")
 
-    gain = np.asarray(gain, dtype=np.float32)
-    readnoise = np.asarray(readnoise, dtype=np.float32)
+    data, gain, readnoise = (
+        array if array.dtype == np.float32 and _columns_contiguous(array)
+        else np.ascontiguousarray(array, dtype=np.float32)
+        for array in (np.asarray(data), np.asarray(gain), np.asarray(readnoise)))
     pixeldq[~(gain > 0)] |= _BAD_GAIN_FLAGS
 
     if all_dnu_groups is None:
@@ -237,7 +259,7 @@ def detect_jumps(
                         min_diffs_single_pass, minimum_groups, minimum_sigclip_groups,
                         only_use_ints)
     if mode == "skip":
-        _drop_jumps_on_unusable(groupdq)
+        _settle_flags(groupdq, None)
         return JumpCounts(skipped=True)
 
     rn_electrons = readnoise * gain
@@ -253,71 +275,63 @@ def detect_jumps(
 
     diff_shape = (nints, ngroups - 1, nrows, ncols)
     after_big = [np.zeros(diff_shape, dtype=bool) for _ in range(2)] if after_on else None
-    neighbour_sources = []
     counted = np.zeros(nrows, dtype=bool)
     counted[count_rows] = True
     counts = JumpCounts()
 
     thresholds = _Thresholds(float(rejection_threshold), float(four_group_rejection_threshold),
                              float(three_group_rejection_threshold))
+    # Neighbour sources and single-pass jumps are both rare: one scan for everything
+    # above the lower of the two limits, then the few survivors are split up.
+    screen_limit = thresholds.normal if mode == "single" else np.inf
+    if flag_4_neighbors:
+        screen_limit = min(screen_limit, float(min_jump_to_flag_neighbors))
+    scan_options = dict(
+        screen_limit=screen_limit,
+        jump_limit=thresholds.normal if mode == "single" else np.inf,
+        neighbours=(float(min_jump_to_flag_neighbors), float(max_jump_to_flag_neighbors))
+        if flag_4_neighbors else None,
+        after_levels=after_levels if after_on else None,
+        # JUMP_DET bits still on unusable groups came with the input; they are counted
+        # (stcal counts before dropping them) and, outside sigma-clip mode, nothing
+        # later looks at them.  Sigma-clip mode settles the flags after its group reset.
+        settle=mode != "sigclip")
     # blocks of rows (and, when one row of all integrations is already too much, of
     # columns), so the temporaries stay bounded however many integrations there are
     per_row = nints * ngroups * ncols
     step = max(1, _SAMPLES_PER_CHUNK // per_row)
     col_step = ncols if per_row <= _SAMPLES_PER_CHUNK else max(1, _SAMPLES_PER_CHUNK // (nints * ngroups))
     blocks = [(r0, c0) for r0 in range(0, nrows, step) for c0 in range(0, ncols, col_step)]
+    block_size = nints * (ngroups - 1) * min(step, nrows) * min(col_step, ncols)
+    sources = np.empty(block_size, np.int64)
+    # one buffer for every block's differences: fresh pages for each would cost more
+    # (page faults) than the step's arithmetic on them
+    scratch = np.empty(block_size, np.float32)
+    neighbour_sources = []
     for start, c0 in blocks:
         rows = slice(start, min(nrows, start + step))
         cols = slice(c0, min(ncols, c0 + col_step))
-        chunk_dq = groupdq[:, :, rows, cols]
-        later_dq = chunk_dq[:, 1:]
-        diffs = _first_differences(data[:, :, rows, cols], chunk_dq, gain[rows, cols])
-        median = _median_over_differences(diffs)
-        sigma = np.sqrt(np.abs(median) + noise_floor[rows, cols])
-        sigma[sigma == 0.0] = np.nan
-
-        # Neighbour sources and single-pass jumps are both rare: one scan for everything
-        # above the lower of the two limits, then the few survivors are split up.
-        floor_limit = thresholds.normal if mode == "single" else np.inf
-        if flag_4_neighbors:
-            floor_limit = min(floor_limit, min_jump_to_flag_neighbors)
-        if after_on:
-            significance = np.subtract(diffs, median, dtype=np.float64)
-            for level, big in zip(after_levels, after_big):
-                np.greater_equal(significance, level, out=big[:, :, rows, cols])
-            np.abs(significance, out=significance)
-            significance /= sigma
-            flat = significance.reshape(-1)
-            above = np.flatnonzero(flat > floor_limit) if floor_limit < np.inf else np.empty(0, np.intp)
-            level = flat[above]
-            del significance, flat
-        else:
-            above, level = _above(diffs, median, sigma, floor_limit)
-        if flag_4_neighbors:
-            chosen = above[(level > min_jump_to_flag_neighbors) & (level < max_jump_to_flag_neighbors)]
-            i, d, r, c = np.unravel_index(chosen, diffs.shape)
-            neighbour_sources.append((i, d, r + start, c + c0))
-
-        if mode == "single":
-            # an infinite significance means an infinite difference, which stcal does not
-            # count as usable
-            chosen = above[(level > thresholds.normal) & np.isfinite(level)]
-            later_dq[np.unravel_index(chosen, diffs.shape)] |= _JUMP
-        elif mode == "iterative":
-            hits = _iterative_search(diffs, noise_floor[rows, cols], thresholds)
+        block = (data[:, :, rows, cols], groupdq[:, :, rows, cols], gain[rows, cols])
+        diffs, n_valid = _pixel_major_differences(*block, scratch)
+        if mode != "single":
+            if mode == "iterative":
+                hits = _iterative_search(diffs, block[0].shape, noise_floor[rows, cols], thresholds)
+            else:
+                hits = _sigma_clip_outliers(diffs, block[0].shape, float(rejection_threshold),
+                                            only_use_ints)
+                hits &= (block[1][:, 1:] & _UNUSABLE) == 0
+            later_dq = block[1][:, 1:]
             np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
-        else:
-            hits = _sigma_clip_outliers(diffs, float(rejection_threshold), only_use_ints)
-            hits &= (later_dq & _UNUSABLE) == 0
-            np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
+            del hits
+        diffs.sort(axis=1)
+        median = _middle_of_sorted(diffs, n_valid)
         del diffs
-
-        if mode != "sigclip":
-            # JUMP_DET bits still on unusable groups came with the input; they are
-            # counted (stcal counts before dropping them) and, outside sigma-clip mode,
-            # nothing later looks at them.
-            counts.primary_crs += _count_jumps(chunk_dq, counted[rows])
-            _drop_jumps_on_unusable(chunk_dq)
+        after = [big[:, :, rows, cols] for big in after_big] if after_on else None
+        n_sources, n_jumps = _scan(*block, median, noise_floor[rows, cols], counted[rows],
+                                   after, sources, (start, c0, nrows, ncols), **scan_options)
+        counts.primary_crs += n_jumps
+        if n_sources:
+            neighbour_sources.append(sources[:n_sources].copy())
 
     if mode == "sigclip":
         everywhere = _flagged_everywhere(groupdq)
@@ -326,11 +340,10 @@ def detect_jumps(
         for i, g in zip(*np.nonzero(reset)):
             plane = groupdq[i, g]
             plane[plane == _JUMP] = 0
-        counts.primary_crs = _count_jumps(groupdq, counted)
-        _drop_jumps_on_unusable(groupdq)
+        counts.primary_crs = _settle_flags(groupdq, counted)
 
-    if flag_4_neighbors:
-        _flag_neighbours(groupdq, neighbour_sources)
+    if neighbour_sources:
+        _flag_neighbours(groupdq, np.concatenate(neighbour_sources))
     if after_on:
         _flag_after_jumps(groupdq, after_big, after_groups)
     return counts
@@ -361,61 +374,76 @@ def _search_mode(all_dnu_groups, nints, ngroups, min_diffs_single_pass, minimum_
     return "iterative"
 
 
-def _above(diffs, median, sigma, limit):
-    """Flat indices into ``diffs`` where the significance ``|diff - median| / sigma``
-    (float64, as stcal computes it) exceeds ``limit``, and those significances.
-
-    A float32 screen with a 0.1 % margin finds the candidates (a superset: its rounding
-    is orders of magnitude below the margin for any median a 16-bit ramp can have), and
-    only they get the exact float64 value, which alone decides."""
-    if not limit < np.inf:
-        return np.empty(0, np.intp), np.empty(0)
-    bound = np.float32(limit * (1 - 1e-3)) * sigma.astype(np.float32)
-    deviation = np.subtract(diffs, median.astype(np.float32))
-    np.abs(deviation, out=deviation)
-    candidates = np.flatnonzero(deviation > bound)
-    del deviation
-    pixel = candidates % median.size
-    level = np.abs(diffs.reshape(-1)[candidates].astype(np.float64) - median.reshape(-1)[pixel])
-    level /= sigma.reshape(-1)[pixel]
-    keep = level > limit
-    return candidates[keep], level[keep]
+def _columns_contiguous(array):
+    return array.shape[-1] <= 1 or array.strides[-1] == array.itemsize
 
 
-def _first_differences(data, groupdq, gain):
-    electrons = np.multiply(data, gain, dtype=np.float32)
-    np.copyto(electrons, np.float32(np.nan), where=(groupdq & _UNUSABLE) != 0)
-    return electrons[:, 1:] - electrons[:, :-1]
+def _row_strides(array):
+    """Element strides of all axes but the columns, which the C loops need contiguous."""
+    if not _columns_contiguous(array):
+        raise ValueError("jump detection needs arrays whose last axis is contiguous")
+    return strides(array)[:-1]
 
 
-def _pixel_major(diffs):
-    """[nints, ndiffs, rows, cols] -> contiguous [rows*cols, nints*ndiffs]."""
-    nints, ndiffs = diffs.shape[:2]
-    # always a copy: callers sort it in place (for one pixel the transpose is already
-    # contiguous, and ascontiguousarray would hand back a view of ``diffs``)
-    return np.array(diffs.reshape(nints * ndiffs, -1).T, order="C")
+def _pixel_major_differences(data, groupdq, gain, scratch=None):
+    """First differences in electrons of a block, pixel-major: float32 [rows*cols,
+    nints*ndiffs] (NaN where unusable; the caller sorts it in place) and the count of
+    usable ones per pixel (int64).  The differences are written to the start of
+    ``scratch`` (flat float32) when it is given."""
+    nints, ngroups, nrows, ncols = data.shape
+    shape = (nrows * ncols, nints * (ngroups - 1))
+    if scratch is None:
+        out = np.empty(shape, np.float32)
+    else:
+        out = scratch[:shape[0] * shape[1]].reshape(shape)
+    n_valid = np.empty(nrows * ncols, np.int64)
+    if _c_pixel_major_diffs(ptr(data), *_row_strides(data), ptr(groupdq), *_row_strides(groupdq),
+                            ptr(gain), *_row_strides(gain), nints, ngroups, nrows, ncols,
+                            ptr(out), ptr(n_valid)):
+        raise MemoryError("no scratch memory for the jump step's differences")
+    return out, n_valid
 
 
 def _middle_of_sorted(ordered, n_used):
     """Median (float64) of the first ``n_used`` entries of each sorted row; NaN if none."""
-    rows = np.arange(ordered.shape[0])
-    low = np.maximum(n_used - 1, 0) // 2
-    high = np.minimum(n_used // 2, ordered.shape[1] - 1)
-    middle = ordered[rows, low].astype(np.float64)
-    middle += ordered[rows, high]
-    middle *= 0.5
-    middle[n_used <= 0] = np.nan
-    return middle
+    kernel = _c_middle_f32 if ordered.dtype == np.float32 else _c_middle_f64
+    ordered = np.asarray(ordered, dtype=np.float32 if ordered.dtype == np.float32 else np.float64)
+    if ordered.strides[1] != ordered.itemsize:
+        ordered = np.ascontiguousarray(ordered)
+    n_used = np.ascontiguousarray(n_used, dtype=np.int64)
+    out = np.empty(ordered.shape[0])
+    kernel(ptr(ordered), strides(ordered)[0], ordered.shape[1], ptr(n_used), ordered.shape[0],
+           ptr(out))
+    return out
 
 
-def _median_over_differences(diffs):
-    """Per-pixel nanmedian of the differences over integrations and groups (float64)."""
-    nints, ndiffs = diffs.shape[:2]
-    missing = np.isnan(diffs).reshape(nints * ndiffs, -1).view(np.uint8)
-    n_valid = nints * ndiffs - np.add.reduce(missing, axis=0, dtype=np.intp)
-    ordered = _pixel_major(diffs)
-    ordered.sort(axis=1)
-    return _middle_of_sorted(ordered, n_valid).reshape(diffs.shape[2:])
+def _scan(data, groupdq, gain, median, noise_floor, counted, after, sources, place, *,
+          screen_limit, jump_limit, neighbours, after_levels, settle):
+    """One pass of jump_scan (see jump.c) over a block; returns (sources written, JUMP_DET
+    count).  ``place`` is (first row, first column, band rows, band columns)."""
+    nb_lo, nb_hi = neighbours if neighbours is not None else (np.inf, np.inf)
+    if after is not None:
+        after_args = (ptr(after[0]), ptr(after[1]), *_row_strides(after[0]),
+                      float(after_levels[0]), float(after_levels[1]))
+    else:
+        after_args = (None, None, 0, 0, 0, 0.0, 0.0)
+    screen_factor = float(np.float32(screen_limit * (1 - 1e-3)))
+    result = np.zeros(2, np.int64)
+    _c_scan(ptr(median), ptr(noise_floor), *_row_strides(noise_floor),
+            ptr(data), *_row_strides(data), ptr(groupdq), *_row_strides(groupdq),
+            ptr(gain), *_row_strides(gain),
+            *data.shape, screen_factor, float(screen_limit), float(jump_limit),
+            neighbours is not None, float(nb_lo), float(nb_hi), *after_args,
+            bool(settle), ptr(counted), ptr(sources), *place, ptr(result))
+    return int(result[0]), int(result[1])
+
+
+def _settle_flags(groupdq, counted):
+    """Count JUMP_DET in the ``counted`` rows (None: none), then remove it from groups
+    that are SATURATED or DO_NOT_USE."""
+    nints, ngroups, nrows, ncols = groupdq.shape
+    return int(_c_settle(ptr(groupdq), *_row_strides(groupdq), nints, ngroups, nrows, ncols,
+                         None if counted is None else ptr(counted)))
 
 
 def _trimmed_abs_median(work):
@@ -437,9 +465,12 @@ def _trimmed_abs_median(work):
     return median
 
 
-def _iterative_search(diffs, noise_floor, thresholds):
-    nints, ndiffs, nrows, ncols = diffs.shape
-    work = np.abs(_pixel_major(diffs))
+def _iterative_search(diffs, shape, noise_floor, thresholds):
+    """JUMP_DET mask [nints, ndiffs, rows, cols] of a block of ramps of ``shape`` from
+    its pixel-major differences (:func:`_pixel_major_differences`)."""
+    nints, ngroups, nrows, ncols = shape
+    ndiffs = ngroups - 1
+    work = np.abs(diffs)
     floor = noise_floor.reshape(-1)
     found = np.zeros(work.shape, dtype=bool)
     pixels = np.arange(work.shape[0])
@@ -478,13 +509,18 @@ def _iterative_search(diffs, noise_floor, thresholds):
     return np.ascontiguousarray(found.T).reshape(nints, ndiffs, nrows, ncols)
 
 
-def _sigma_clip_outliers(diffs, n_sigma, only_use_ints):
-    """Mask of differences rejected by an iterated median/std clip (usable ones only)."""
-    nints, ndiffs, nrows, ncols = diffs.shape
+def _sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints):
+    """Mask [nints, ndiffs, rows, cols] of differences rejected by an iterated median/std
+    clip (usable ones only), from the pixel-major differences of ramps of ``shape``."""
+    nints, ngroups, nrows, ncols = shape
+    ndiffs = ngroups - 1
     if only_use_ints:
-        samples = np.ascontiguousarray(diffs.reshape(nints, -1).T, dtype=np.float64)
+        # one row per (difference, pixel), over the integrations
+        per_int = diffs.reshape(nrows * ncols, nints, ndiffs).transpose(2, 0, 1)
+        samples = np.ascontiguousarray(per_int.reshape(ndiffs * nrows * ncols, nints),
+                                       dtype=np.float64)
     else:
-        samples = _pixel_major(diffs).astype(np.float64)
+        samples = diffs.astype(np.float64)
     usable = np.isfinite(samples)
     kept = usable.copy()
     low = np.full(samples.shape[0], np.nan)
@@ -523,33 +559,12 @@ def _flagged_everywhere(groupdq):
     return np.all((planes & _JUMP_OR_DNU) != 0, axis=2)
 
 
-def _count_jumps(groupdq, counted_rows):
-    if not counted_rows.any():
-        return 0
-    if not counted_rows.all():
-        groupdq = groupdq[:, :, counted_rows]
-    return int(np.count_nonzero(groupdq & _JUMP))
-
-
-def _flag_neighbours(groupdq, candidates):
-    """4-neighbour flagging from candidate positions (integration, difference, row, col).
-
-    All sources are fixed before any neighbour is flagged, so flags do not chain.
-    """
-    if not candidates:
-        return
-    later_dq = groupdq[:, 1:]
-    i, d, r, c = (np.concatenate(axis) for axis in zip(*candidates))
-    is_jump = (later_dq[i, d, r, c] & _JUMP) != 0
-    i, d, r, c = i[is_jump], d[is_jump], r[is_jump], c[is_jump]
-    nrows, ncols = groupdq.shape[2:]
-    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        rr, cc = r + dr, c + dc
-        inside = (rr >= 0) & (rr < nrows) & (cc >= 0) & (cc < ncols)
-        target = (i[inside], d[inside], rr[inside], cc[inside])
-        current = later_dq[target]
-        usable = (current & _UNUSABLE) == 0
-        later_dq[tuple(axis[usable] for axis in target)] = current[usable] | _JUMP
+def _flag_neighbours(groupdq, sources):
+    """4-neighbour flagging from sources (flat indices into the differences' shape)."""
+    nints, ngroups, nrows, ncols = groupdq.shape
+    sources = np.ascontiguousarray(sources, dtype=np.int64)
+    _c_flag_neighbours(ptr(groupdq), *_row_strides(groupdq), nints, ngroups, nrows, ncols,
+                       ptr(sources), sources.size)
 
 
 def _flag_after_jumps(groupdq, after_big, after_groups):
@@ -572,11 +587,6 @@ def _extend_forward(marks, n_after):
     for shift in range(1, min(n_after, last - 1) + 1):
         spread[:, shift:] |= marks[:, :-shift]
     return spread
-
-
-def _drop_jumps_on_unusable(groupdq):
-    np.bitwise_and(groupdq, np.uint8(~_JUMP & 0xFF), out=groupdq,
-                   where=(groupdq & _UNUSABLE) != 0)
 
 
 # --- step plugin (added by the engine work) ---
