@@ -4,13 +4,13 @@ and parity, on the same simulated exposures with the same references.
 Every run is a fresh Python process (imports included), so the numbers are what a user
 waits for. Runs alternate (jwst, streamdet, jwst, ...) so that a slow spell of a shared
 machine hits both. Per run the parent takes the wall time, the child's user+system CPU
-time and its peak resident set (``os.wait4``). streamdet runs with its **built-in steps
-only** (``build_registry(only_builtin=True)``): installed third-party plugins (quicklook
-observers, alternative fits) are left out. jwst runs with the simulation's CRDS cache
-and its step-spec defaults, as in the parity tests.
+time and its peak resident set (``os.wait4``). streamdet runs as the ``streamdet process``
+command itself, with its **built-in steps only** (``STREAMDET_DISABLE_PLUGIN_AUTOLOAD=1``):
+installed third-party plugins (quicklook observers, alternative fits) are left out. jwst
+runs with the simulation's CRDS cache and its step-spec defaults, as in the parity tests.
 
 Per-step seconds: jwst's from its log ("Step X running" .. "Step X done", so they include
-jwst's per-step fixed costs), streamdet's from its timings table. Parity: per extension,
+jwst's per-step fixed costs), streamdet's from the timings table the command prints. Parity: per extension,
 the fraction of pixels where streamdet agrees with jwst within 1e-4 (DQ: bit-identical),
 from ``streamdet.testing.compare_products``, for rate and rateints of the last run, so a
 speed-up can never hide a wrong answer.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -97,18 +98,19 @@ print("BENCH " + json.dumps({"import": t1 - t0, "run": t2 - t1, "steps": steps, 
 """
 
 STREAMDET_RUNNER = r"""
-import json, time
-t0 = time.perf_counter()
-from streamdet.core.engine import RunConfig, process_file
-from streamdet.core.plugins import build_registry
-registry = build_registry(only_builtin=True)
-t1 = time.perf_counter()
-config = RunConfig(output_dir=OUT, overwrite=True, threads=THREADS)
-result = process_file(UNCAL, config, registry=registry)
-t2 = time.perf_counter()
-hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print("BENCH " + json.dumps({"import": t1 - t0, "run": t2 - t1, "steps": result.timings,
-                             "hwm": hwm}))
+# the streamdet command itself, as a user runs it (``streamdet process``), with
+# third-party plugins left out; the high-water mark is reported from an atexit handler,
+# which the command runs before it ends
+import atexit, json, sys
+def _report():
+    hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    print("BENCH " + json.dumps({"hwm": hwm}), flush=True)
+atexit.register(_report)
+sys.argv = ["streamdet", "process", "--overwrite", "-o", OUT, UNCAL]
+if THREADS is not None:
+    sys.argv += ["--threads", str(THREADS)]
+from streamdet.cli import main
+main()
 """
 
 
@@ -146,9 +148,24 @@ def run_child(code: str, env: dict[str, str], logfile: Path, timeout: float) -> 
         raise RuntimeError(f"child failed ({proc.returncode}); log {logfile}:\n{text[-3000:]}")
     line = next(l for l in reversed(text.splitlines()) if l.startswith("BENCH "))
     report = json.loads(line[len("BENCH "):])
+    if "steps" not in report:  # the streamdet command: its printed run time and table
+        report.update(_streamdet_printed(text, wall))
     # the child's own high-water mark (VmHWM): wait4's ru_maxrss would also count the
     # parent's memory, which a vfork()ed child carries until it execs
     return Run(wall, usage.ru_utime + usage.ru_stime, report["hwm"], report)
+
+
+def _streamdet_printed(text: str, wall: float) -> dict:
+    """The run seconds (``NAME: 1.23 s``) and the per-step table that ``streamdet
+    process`` prints; 'import' is the rest of the wall time (interpreter, imports, exit)."""
+    run = next(float(m.group(1)) for m in map(_RUN_LINE.match, text.splitlines()) if m)
+    steps = {m.group(1): float(m.group(2)) for m in map(_STEP_ROW.match, text.splitlines())
+             if m and m.group(1) != "total"}
+    return {"run": run, "import": wall - run, "steps": steps}
+
+
+_RUN_LINE = re.compile(r"^\S+\.fits: ([0-9.]+) s$")
+_STEP_ROW = re.compile(r"^\s*([a-z_0-9]+)\s+│\s+([0-9.]+)\s*$")
 
 
 def code_for(template: str, **values) -> str:
@@ -200,8 +217,9 @@ def run_case(case: Case, workdir: Path, repeat: int, with_jwst: bool, timeout: f
                 else:
                     code = code_for(STREAMDET_RUNNER, UNCAL=str(uncal), OUT=str(out),
                                     THREADS=case.threads)
+                run_env = env if tool == "jwst" else {**env, "STREAMDET_DISABLE_PLUGIN_AUTOLOAD": "1"}
                 try:
-                    run = run_child(code, env, out_root / f"{tool}-{k}.log", timeout)
+                    run = run_child(code, run_env, out_root / f"{tool}-{k}.log", timeout)
                 except (TimeoutError, RuntimeError) as exc:
                     result.notes.append(f"{tool} run {k + 1} failed: {str(exc)[:300]}")
                     if tool == "jwst":

@@ -299,3 +299,27 @@ def test_simulate_does_not_overwrite_without_overwrite(sim, bare_env, tmp_path):
     line = one_error_line(result)
     assert str(sim.outdir) in line and "--overwrite" in line
     assert tree(sim.outdir) == before
+
+
+_WITH_ATEXIT = """
+import atexit, sys
+atexit.register(lambda: print("atexit handler ran", flush=True))
+sys.argv = ["streamdet", *sys.argv[1:]]
+from streamdet.cli import main
+main()
+"""
+
+
+def test_process_ends_quickly_but_runs_atexit_handlers(sim, env, tmp_path):
+    """``process`` skips the interpreter's teardown once its work is on disk, but what
+    was registered with atexit (by a plugin, say) still runs, and the exit code holds."""
+    cmd = [sys.executable, "-c", _WITH_ATEXIT]
+    ok = run_cli(["process", sim.uncal, "-o", tmp_path / "out"], env, tmp_path, cmd=cmd)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[-1] == "atexit handler ran"
+    assert f"{sim.uncal.name}: " in ok.stdout  # the run's seconds, before the table
+    for kind in ("rate", "rateints"):
+        assert (tmp_path / "out" / sim.uncal.name.replace("_uncal", f"_{kind}")).is_file()
+    bad = run_cli(["process", tmp_path / "none_uncal.fits"], env, tmp_path, cmd=cmd)
+    assert bad.returncode == 2
+    assert bad.stdout.splitlines() == ["atexit handler ran"]

@@ -200,3 +200,25 @@ def test_history_line_is_one_card(name, implementation, package, version, expect
     header = fits.Header()
     header.add_history(line)
     assert [str(card) for card in header["HISTORY"]] == [line]  # not continued on a 2nd card
+
+
+def test_plugin_autoload_can_be_switched_off(monkeypatch):
+    """$STREAMDET_DISABLE_PLUGIN_AUTOLOAD leaves the installed third-party packages out
+    (the repository's contrib plugins are installed in the test environment)."""
+    from streamdet.core.plugins import DISABLE_AUTOLOAD_ENV, get_registry
+
+    def packages():
+        get_registry.cache_clear()
+        return {package for package, _, _ in get_registry().plugins.values()}
+
+    try:
+        monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+        everything = packages()
+        monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "0")
+        assert packages() == everything
+        monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+        builtin = packages()
+    finally:
+        get_registry.cache_clear()
+    assert builtin == {"streamdet"}
+    assert "streamdet-likely" in everything and everything > builtin

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -204,10 +205,17 @@ def _order(steps: list[type[Step]], broken: list[str]) -> list[str]:
     return order
 
 
+#: set (to anything but empty or 0) to load streamdet's own steps only, leaving installed
+#: third-party plugins out (reproducing a plain run, benchmarks), like pytest's
+#: PYTEST_DISABLE_PLUGIN_AUTOLOAD
+DISABLE_AUTOLOAD_ENV = "STREAMDET_DISABLE_PLUGIN_AUTOLOAD"
+
+
 @functools.lru_cache(maxsize=1)
 def get_registry() -> Registry:
-    """Build the plugin manager and registry once per process."""
-    return build_registry()
+    """Build the plugin manager and registry once per process (honouring $STREAMDET_DISABLE_PLUGIN_AUTOLOAD)."""
+    value = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip()
+    return build_registry(only_builtin=value not in ("", "0"))
 
 
 def build_registry(extra_plugins: tuple = (), *, only_builtin: bool = False) -> Registry:
