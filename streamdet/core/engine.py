@@ -294,7 +294,7 @@ def _process_file(path, config, registry, on_progress) -> Result:
                 raise PluginError("the chain must end with a step that produces the rate "
                                   "(ramp_fit); it is skipped or followed by another step")
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
-            rate, rateints, ramp, scratch_dir = _run(exposure, active, pixeldq, config, timings,
+            rate, rateints, ramp, scratch_dir = _run(exposure, refs, active, pixeldq, config, timings,
                                                      observers, on_progress)
             try:
                 keywords = _keywords(chain, resolved)
@@ -415,7 +415,7 @@ def _bands(ny: int, rows: int) -> list[slice]:
     return [slice(y0, min(ny, y0 + rows)) for y0 in range(0, ny, rows)]
 
 
-def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
+def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
          timings: dict[str, float], observers: Observers, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
     meta = exposure.meta
     first_exposure = next((i for i, s in enumerate(active)
@@ -487,6 +487,7 @@ def _run(exposure: Exposure, active: list[Step], pixeldq: np.ndarray, config: Ru
                 on_progress("integrations", n // len(bands1), meta.nints)
 
         pass1_buffers.clear()  # the band pass has its own
+        refs.drop_buffers()
 
         # -- products -------------------------------------------------------------------
         rate = RateArrays.allocate((meta.ny, meta.nx))

@@ -247,7 +247,7 @@ class References:
         self._cache: dict[tuple, np.ndarray] = {}
         self._cache_left = cache_bytes
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._buffers: dict[tuple[int, str], np.ndarray] = {}  # (thread, purpose) -> bytes
 
     def path(self, reftype: str) -> str | None:
         return self.resolved[reftype].path
@@ -408,7 +408,8 @@ class References:
         return hit
 
     def block(self, reftype: str, extname: str, index: tuple = (), rows: slice = slice(None), *,
-              nan_to_zero: bool = False, cache: bool = False) -> np.ndarray:
+              nan_to_zero: bool = False, cache: bool = False, transient: bool = False
+              ) -> np.ndarray:
         """Like :meth:`array` (float32, cut to the exposure, ``index`` selecting along the
         leading axes) restricted to the exposure's rows ``rows``, read with positioned
         reads rather than through a memory map, so that reading a large reference (a 4-D
@@ -418,6 +419,9 @@ class References:
         ``cache`` keeps the result for the next identical call while the cache has room
         (for blocks used again and again, such as the last dark integration that every
         later science integration uses); the returned array must then not be modified.
+        ``transient`` (without ``cache``) returns this thread's reusable block buffer,
+        valid until the thread's next transient block: for a block used at once and
+        dropped, which then costs no fresh memory (and its page faults) per call.
         Thread-safe."""
         rows = slice(*rows.indices(self.meta.ny))
         key = (reftype, extname, tuple(_index_key(i) for i in index), rows.start, rows.stop,
@@ -431,7 +435,8 @@ class References:
         scaled = (float(hdu.header.get("BZERO", 0.0)) != 0.0
                   or float(hdu.header.get("BSCALE", 1.0)) != 1.0)
         out = None if scaled else self._positioned(reftype, extname, tuple(index), rows,
-                                                   nan_to_zero=nan_to_zero)
+                                                   nan_to_zero=nan_to_zero,
+                                                   transient=transient and not cache)
         if out is None:
             out = self.array(reftype, extname, index=tuple(index))[..., rows, :]
             if nan_to_zero:
@@ -446,7 +451,7 @@ class References:
         return out
 
     def _positioned(self, reftype: str, extname: str, index: tuple, rows: slice, *,
-                    nan_to_zero: bool = False) -> np.ndarray | None:
+                    nan_to_zero: bool = False, transient: bool = False) -> np.ndarray | None:
         """The stored values (native byte order, not scaled) of an uncompressed image
         extension, cut to the exposure's rows ``rows`` and columns, ``index`` selecting
         along the leading axes (ints drop an axis, slices keep it); read with positioned
@@ -500,7 +505,8 @@ class References:
         # a copy either way (``raw`` is the reused read buffer): float32, the common case,
         # is swapped to native order with NaN replaced in one C pass outside the GIL
         if native is np.float32 and raw.flags.c_contiguous:
-            out = np.empty(raw.shape, np.float32)
+            out = (self._buffer(raw.shape, np.dtype(np.float32), "transient") if transient
+                   else np.empty(raw.shape, np.float32))
             _float32_from_big_endian(ptr(raw), ptr(out), raw.size, nan_to_zero)
         else:
             out = raw.astype(native)  # (numpy releases the GIL for a casting copy)
@@ -508,14 +514,22 @@ class References:
                 np.copyto(out, 0, where=np.isnan(out))
         return out.reshape(*out_lead, nrows, out.shape[-1])
 
-    def _buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """This thread's read buffer, reused from block to block (fresh memory for every
-        block would be paid again in page faults)."""
+    def _buffer(self, shape: tuple[int, ...], dtype: np.dtype, name: str = "buffer"
+                ) -> np.ndarray:
+        """This thread's buffer ``name`` (the read buffer, or the transient block), reused
+        from block to block (fresh memory for every block would be paid again in page
+        faults)."""
         size = int(np.prod(shape)) * dtype.itemsize
-        have = getattr(self._local, "buffer", None)
+        key = (threading.get_ident(), name)
+        have = self._buffers.get(key)
         if have is None or have.size < size:
-            have = self._local.buffer = np.empty(size, np.uint8)
+            have = self._buffers[key] = np.empty(size, np.uint8)
         return have[:size].view(dtype).reshape(shape)
+
+    def drop_buffers(self) -> None:
+        """Free the threads' read and transient-block buffers (the integration pass is
+        over: the band pass reads no blocks, and its memory should not carry them)."""
+        self._buffers.clear()
 
     def _fd(self, reftype: str) -> int:
         with self._lock:

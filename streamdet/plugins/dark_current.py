@@ -279,7 +279,7 @@ class DarkCurrentStep(Step):
         groups = slice(None) if self.raw else slice(0, self.meta.ngroups)
         index = (chosen, groups) if self.ndim == 4 else (groups,)
         return self.refs.block("dark", "SCI", index=index, rows=rows, nan_to_zero=not self.raw,
-                               cache=chosen in self.reused)
+                               cache=chosen in self.reused, transient=True)
 
     def process(self, chunk):
         for k, int_index in enumerate(chunk.int_index):

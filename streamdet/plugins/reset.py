@@ -114,7 +114,8 @@ class ResetStep(Step):
         k = reset_int_for(int_index, self.ref_nints)
         index = (k, slice(0, self.n_corrected))
         return self.refs.block("reset", "SCI", index=index if self.ndim == 4 else index[1:],
-                               rows=rows, nan_to_zero=True, cache=k in self.reused)
+                               rows=rows, nan_to_zero=True, cache=k in self.reused,
+                               transient=True)
 
     def process(self, chunk):
         for k, i in enumerate(chunk.int_index):
