@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
@@ -176,25 +177,35 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
     """Write ``outputs['rate']`` and ``outputs['rateints']``: both go to temporary names
     first and are renamed into place only when both are complete."""
     written: list[tuple[Path, Path]] = []
+
+    def write(kind: str, arrays, model: str, tmp: Path) -> None:
+        primary = fits.PrimaryHDU(header=primary_header(meta, model, outputs[kind].name,
+                                                        keywords, history))
+        if isinstance(arrays, CubeStore):
+            _stream_cube(tmp, primary, arrays, meta)
+            return
+        hdus = [primary]
+        for extname, data in zip(RateArrays.EXTENSIONS, arrays.arrays()):
+            hdus.append(fits.ImageHDU(data=np.asarray(data),
+                                      header=_extension_header(meta, extname), name=extname))
+            if kind == "rateints" and extname == "DQ" and meta.int_times is not None:
+                hdus.append(fits.BinTableHDU(data=meta.int_times.data, name="INT_TIMES"))
+        fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
+
     try:
+        jobs = []
         for kind, arrays, model in (("rate", rate, "ImageModel"), ("rateints", rateints, "CubeModel")):
             path = outputs[kind]
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
-            tmp = Path(name)
-            written.append((tmp, path))
-            primary = fits.PrimaryHDU(header=primary_header(meta, model, path.name, keywords, history))
-            if isinstance(arrays, CubeStore):
-                _stream_cube(tmp, primary, arrays, meta)
-                continue
-            hdus = [primary]
-            for extname, data in zip(RateArrays.EXTENSIONS, arrays.arrays()):
-                hdus.append(fits.ImageHDU(data=np.asarray(data),
-                                          header=_extension_header(meta, extname), name=extname))
-                if kind == "rateints" and extname == "DQ" and meta.int_times is not None:
-                    hdus.append(fits.BinTableHDU(data=meta.int_times.data, name="INT_TIMES"))
-            fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
+            written.append((Path(name), path))
+            jobs.append((kind, arrays, model, Path(name)))
+        # the two files at once: much of writing is byte-swapping and file I/O, which
+        # release the GIL
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            for done in [pool.submit(write, *job) for job in jobs]:
+                done.result()
         umask = os.umask(0)
         os.umask(umask)
         for tmp, _ in written:  # mkstemp makes 0600 files; products get the usual mode
