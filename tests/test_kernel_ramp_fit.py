@@ -344,14 +344,7 @@ def test_chunking_and_paths_are_bit_identical(monkeypatch, chunk):
     monkeypatch.setattr(module, "_CHUNK_PIXELS", chunk)
     chunked = fit_ramps(data, gdq, pdq, discard=discard, **kw)
     # and every pixel through the general (per-pixel flags) path
-    real_layout = module._layout
-
-    def no_template(gdq, suppress):
-        layout = real_layout(gdq, suppress)
-        regular = np.zeros_like(layout.regular)
-        return layout._replace(regular=regular, irregular=np.arange(regular.size))
-
-    monkeypatch.setattr(module, "_layout", no_template)
+    _all_general(monkeypatch, module)
     general = fit_ramps(data, gdq, pdq, discard=discard, **kw)
     for other in (chunked, general):
         for k in (0, 1):
