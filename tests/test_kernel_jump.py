@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from streamdet._ckernels import sorted_row_medians
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, PIXEL, SATURATED
 from streamdet.plugins import jump
 
@@ -446,13 +447,13 @@ def test_middle_of_sorted(dtype):
     ordered = np.array([[1, 2, 3, 4, nan], [1, 2, 3, nan, nan], [5, nan, nan, nan, nan],
                         [nan] * 5, [-3, 0.1, 7, 8, 9]], dtype)
     n_used = np.array([4, 3, 1, 0, 5])
-    middle = jump._middle_of_sorted(ordered, n_used)
+    middle = sorted_row_medians(ordered, n_used)
     assert middle.dtype == np.float64
     expected = [2.5, 2.0, 5.0, np.nan, float(dtype(7))]
     np.testing.assert_array_equal(middle, expected)
     # the mean of the two middle values is taken in float64
     big = np.array([[np.float32(16777217.0 - 1), np.float32(16777217.0 + 1)]], np.float32)
-    middle = jump._middle_of_sorted(big, np.array([2]))[0]
+    middle = sorted_row_medians(big, np.array([2]))[0]
     assert middle == (float(big[0, 0]) + float(big[0, 1])) / 2
 
 

@@ -76,3 +76,29 @@ def group_planes(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     fine = (len({strides(a)[0] for a in arrays}) == 1
             and all(strides(a)[1:] == (a.shape[2], 1) for a in arrays))
     return arrays if fine else tuple(np.ascontiguousarray(a) for a in arrays)
+
+
+@lru_cache(maxsize=None)
+def _median_kernel(dtype: np.dtype):
+    suffix = "f32" if dtype == np.float32 else "f64"
+    return declare("sorted_rows", f"streamdet_sorted_row_medians_{suffix}", "piipiip")
+
+
+def sorted_row_medians(ordered: np.ndarray, counts) -> np.ndarray:
+    """Median (float64) of the first ``counts`` values of each row of ``ordered``
+    ``[rows, width]``, sorted with NaN last (numpy's sort: the one the steps use); NaN
+    for a row with none. ``counts`` is one count per row, or one for every row. The two
+    middle values are averaged in float64, as numpy's median does."""
+    if ordered.dtype not in (np.float32, np.float64):
+        ordered = ordered.astype(np.float64)
+    if ordered.strides[1] != ordered.itemsize:
+        ordered = np.ascontiguousarray(ordered)
+    counts = np.asarray(counts, dtype=np.int64)
+    count_stride = 1 if counts.ndim else 0
+    counts = np.ascontiguousarray(counts.reshape(-1))
+    if counts.size != (ordered.shape[0] if count_stride else 1):
+        raise ValueError(f"{counts.size} counts for {ordered.shape[0]} rows")
+    out = np.empty(ordered.shape[0])
+    _median_kernel(ordered.dtype)(ptr(ordered), strides(ordered)[0], ordered.shape[1],
+                                  ptr(counts), count_stride, ordered.shape[0], ptr(out))
+    return out

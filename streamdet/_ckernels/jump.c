@@ -170,25 +170,6 @@ int64_t jump_pixel_major_diffs(
     return 0;
 }
 
-/* Median of the first n_used[p] entries of each sorted row (NaN sorts last), the mean of
- * the two middle values in double; NaN when n_used[p] <= 0. */
-#define MIDDLE(NAME, T)                                                                 \
-    void NAME(const T *ordered, int64_t row_stride, int64_t width,                      \
-              const int64_t *n_used, int64_t nrows, double *out)                         \
-    {                                                                                   \
-        for (int64_t p = 0; p < nrows; p++) {                                           \
-            const int64_t n = n_used[p];                                                \
-            if (n <= 0) {                                                               \
-                out[p] = NAN;                                                           \
-                continue;                                                               \
-            }                                                                           \
-            const T *row = ordered + p * row_stride;                                    \
-            out[p] = ((double)row[(n - 1) / 2] + (double)row[min64(n / 2, width - 1)]) * 0.5; \
-        }                                                                               \
-    }
-MIDDLE(jump_middle_f32, float)
-MIDDLE(jump_middle_f64, double)
-
 /* One pass over a block's differences with each pixel's median known:
  *
  * - significance |diff - median| / sigma (double, as stcal computes it) of the

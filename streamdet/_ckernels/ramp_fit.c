@@ -287,27 +287,6 @@ void rf_general_diffs(const float *ramp, int64_t gs, int64_t ps, const uint8_t *
     }
 }
 
-/* Median of the first n_valid[r * nv_stride] values of each sorted row of ``ordered``
- * [nrows, ncols], over ``gtime``; rows without a valid value take first[r] / gtime
- * when ``first`` is given (else they read the row's first value, NaN). */
-#define MIDDLE(NAME, T)                                                                 \
-    void NAME(const T *ordered, int64_t nrows, int64_t ncols, const int64_t *n_valid,   \
-              int64_t nv_stride, const double *first, double gtime, double *out)        \
-    {                                                                                   \
-        for (int64_t r = 0; r < nrows; r++) {                                           \
-            const int64_t n = n_valid[r * nv_stride];                                   \
-            const int64_t lo = n >= 1 ? (n - 1) / 2 : 0;                                \
-            const int64_t hi = n / 2 < ncols - 1 ? n / 2 : ncols - 1;                   \
-            const T *row = ordered + r * ncols;                                         \
-            if (first != NULL && n == 0)                                                \
-                out[r] = first[r] / gtime;                                              \
-            else                                                                        \
-                out[r] = ((double)row[lo] + (double)row[hi]) / 2.0 / gtime;             \
-        }                                                                               \
-    }
-MIDDLE(rf_middle_f32, float)
-MIDDLE(rf_middle_f64, double)
-
 /* Read-noise variance of a segment of ``n`` groups (``timing``: its group time, the
  * first read's time for a lone first group). */
 static inline double rnoise_variance(double rn, double gain, int64_t n, double timing)

@@ -92,7 +92,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamdet._ckernels import declare, ptr, strides
+from streamdet._ckernels import declare, ptr, sorted_row_medians, strides
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, PIXEL, SATURATED
 
 NO_GAIN_VALUE = PIXEL["NO_GAIN_VALUE"]
@@ -104,8 +104,6 @@ _BAD_GAIN_FLAGS = np.uint32(NO_GAIN_VALUE | DO_NOT_USE)
 
 # the per-pixel loops, in streamdet/_ckernels/jump.c (layouts and semantics described there)
 _c_pixel_major_diffs = declare("jump", "jump_pixel_major_diffs", "piiipiiipiiiiipp", "i")
-_c_middle_f32 = declare("jump", "jump_middle_f32", "piipip")
-_c_middle_f64 = declare("jump", "jump_middle_f64", "piipip")
 _c_scan = declare("jump", "jump_scan", "ppi" "piii" "piii" "pi" "iiii" "fdd" "idd"
                   "ppiii" "dd" "ip" "piiii" "p")
 _c_settle = declare("jump", "jump_settle", "piiiiiiip", "i")
@@ -324,7 +322,7 @@ def detect_jumps(
             np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
             del hits
         diffs.sort(axis=1)
-        median = _middle_of_sorted(diffs, n_valid)
+        median = sorted_row_medians(diffs, n_valid)
         del diffs
         after = [big[:, :, rows, cols] for big in after_big] if after_on else None
         n_sources, n_jumps = _scan(*block, median, noise_floor[rows, cols], counted[rows],
@@ -404,19 +402,6 @@ def _pixel_major_differences(data, groupdq, gain, scratch=None):
     return out, n_valid
 
 
-def _middle_of_sorted(ordered, n_used):
-    """Median (float64) of the first ``n_used`` entries of each sorted row; NaN if none."""
-    kernel = _c_middle_f32 if ordered.dtype == np.float32 else _c_middle_f64
-    ordered = np.asarray(ordered, dtype=np.float32 if ordered.dtype == np.float32 else np.float64)
-    if ordered.strides[1] != ordered.itemsize:
-        ordered = np.ascontiguousarray(ordered)
-    n_used = np.ascontiguousarray(n_used, dtype=np.int64)
-    out = np.empty(ordered.shape[0])
-    kernel(ptr(ordered), strides(ordered)[0], ordered.shape[1], ptr(n_used), ordered.shape[0],
-           ptr(out))
-    return out
-
-
 def _scan(data, groupdq, gain, median, noise_floor, counted, after, sources, place, *,
           screen_limit, jump_limit, neighbours, after_levels, settle):
     """One pass of jump_scan (see jump.c) over a block; returns (sources written, JUMP_DET
@@ -458,7 +443,7 @@ def _trimmed_abs_median(work):
     largest = ordered[rows, np.maximum(n_valid - 1, 0)]
     ties = np.count_nonzero(ordered == largest[:, None], axis=1)
     n_kept = np.where(n_valid >= 4, n_valid - ties, n_valid)
-    median = _middle_of_sorted(ordered, n_kept)
+    median = sorted_row_medians(ordered, n_kept)
     pairs = n_valid == 2
     median[pairs] = ordered[pairs, 0]
     median[n_valid < 2] = np.nan
@@ -533,7 +518,7 @@ def _sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints):
             n_kept = np.count_nonzero(keep, axis=1)
             ordered = np.where(keep, values, np.nan)
             ordered.sort(axis=1)
-            centre = _middle_of_sorted(ordered, n_kept)
+            centre = sorted_row_medians(ordered, n_kept)
             mean = np.sum(values, axis=1, where=keep) / n_kept
             spread = values - mean[:, None]
             spread *= spread

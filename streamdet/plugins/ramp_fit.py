@@ -77,7 +77,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from streamdet._ckernels import declare, ptr, strides
+from streamdet._ckernels import declare, ptr, sorted_row_medians, strides
 from streamdet.core.products import RateArrays
 from streamdet.core.dqflags import (
     DO_NOT_USE,
@@ -103,8 +103,6 @@ _EDGES = np.array(_SNR_EDGES, dtype=np.float64)
 # the per-pixel loops, in streamdet/_ckernels/ramp_fit.c (arguments: see there)
 _c_usable_flags = declare("ramp_fit", "rf_usable_flags", "piiiiiiiiiip")
 _c_regular_diffs = declare("ramp_fit", "rf_regular_diffs", "piiiipipp")
-_c_middle = {np.dtype(np.float32): declare("ramp_fit", "rf_middle_f32", "piipipdp"),
-             np.dtype(np.float64): declare("ramp_fit", "rf_middle_f64", "piipipdp")}
 _c_rnoise_variance = declare("ramp_fit", "rf_rnoise_variance", "ippppp")
 _c_fit_segments = declare("ramp_fit", "rf_fit_segments", "piiippipipppppddpppippppp")
 _c_general_diffs = declare("ramp_fit", "rf_general_diffs", "piipiipiiiippp")
@@ -543,16 +541,10 @@ def _middle(ordered, n_valid, first, gtime):
     of rounding only.  With no usable difference stcal falls back on ``first`` (the
     first sample) over group_time.
     """
-    ordered = np.ascontiguousarray(ordered)
-    nrows, ncols = ordered.shape
-    n_valid = np.asarray(n_valid, dtype=np.int64)
-    count_stride = 1 if n_valid.ndim else 0
-    n_valid = np.ascontiguousarray(n_valid.reshape(-1))
+    median = sorted_row_medians(ordered, n_valid)
+    median /= gtime
     if first is not None:
-        first = np.ascontiguousarray(first, dtype=np.float64)
-    median = np.empty(nrows, dtype=np.float64)
-    _c_middle[ordered.dtype](ptr(ordered), nrows, ncols, ptr(n_valid), count_stride,
-                             None if first is None else ptr(first), gtime, ptr(median))
+        np.divide(first, gtime, out=median, where=np.asarray(n_valid) == 0)
     return median
 
 
