@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -68,14 +69,21 @@ def strides(array: np.ndarray) -> tuple[int, ...]:
     return tuple(s // array.itemsize for s in array.strides)
 
 
-def group_planes(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+@contextmanager
+def group_planes(*arrays: np.ndarray, modified: tuple[int, ...] | None = None):
     """``[groups, rows, cols]`` arrays as the kernels take them: the arrays themselves when
     each group plane is contiguous and all share one group stride (in elements), as the
-    engine's band views do; otherwise contiguous copies (which a caller that modifies
-    them copies back)."""
+    engine's band views do; otherwise contiguous copies, of which those at positions
+    ``modified`` (default: all) are written back when the block ends."""
     fine = (len({strides(a)[0] for a in arrays}) == 1
             and all(strides(a)[1:] == (a.shape[2], 1) for a in arrays))
-    return arrays if fine else tuple(np.ascontiguousarray(a) for a in arrays)
+    if fine:
+        yield arrays
+        return
+    copies = tuple(np.ascontiguousarray(a) for a in arrays)
+    yield copies
+    for k in range(len(arrays)) if modified is None else modified:
+        arrays[k][...] = copies[k]
 
 
 @lru_cache(maxsize=None)

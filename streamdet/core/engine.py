@@ -40,9 +40,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import references as refmod
 from streamdet._ckernels import declare, ptr
 
+from . import references as refmod
+from .buffers import ThreadBuffers
 from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .plugins import Observers, Registry, get_registry
@@ -373,7 +374,6 @@ class _Pool:
         self.threads = threads
         self.timings, self.observers, self.exposure = timings, observers, exposure
         self.lock = threading.Lock()
-        self.local = threading.local()
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="streamdet") if threads > 1 else None
 
     def map(self, fn, items, at_once: int | None = None):
@@ -451,21 +451,17 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
 
         tall1 = min(ny, rows1 + 2 * margins[0])
         plane1 = meta.ngroups * meta.nx
-        pass1_buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # by thread
+        pass1_buffers = ThreadBuffers()
 
         def pass1_piece(task: tuple[int, slice]) -> None:
             i, core = task
             r0, r1 = max(0, core.start - margins[0]), min(ny, core.stop + margins[0])
             t0 = time.perf_counter()
-            # this thread's buffers, reused from piece to piece (fresh memory for every
-            # piece would be paid again in page faults)
-            have = pass1_buffers.get(threading.get_ident())
-            if have is None:
-                have = pass1_buffers[threading.get_ident()] = (
-                    np.empty(plane1 * tall1, np.float32), np.empty(plane1 * tall1, np.uint8))
             shape = (1, meta.ngroups, r1 - r0, meta.nx)
             size = plane1 * (r1 - r0)
-            data, groupdq = have[0][:size].reshape(shape), have[1][:size].reshape(shape)
+            # sized for the tallest piece, so that a buffer is never grown
+            data = pass1_buffers.get("data", (plane1 * tall1,), np.float32)[:size].reshape(shape)
+            groupdq = pass1_buffers.get("groupdq", (plane1 * tall1,), np.uint8)[:size].reshape(shape)
             exposure.read_into(slice(i, i + 1), slice(r0, r1), data, groupdq)
             pool.add("read", time.perf_counter() - t0)
             for k, step in enumerate(pass1 + [None]):
@@ -486,7 +482,9 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
             if on_progress and n % len(bands1) == 0:
                 on_progress("integrations", n // len(bands1), meta.nints)
 
-        pass1_buffers.clear()  # the band pass has its own
+        # reading is over: the band pass has buffers of its own
+        pass1_buffers.drop()
+        exposure.drop_buffers()
         refs.drop_buffers()
 
         # -- products -------------------------------------------------------------------
@@ -522,15 +520,14 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         bands = _bands(ny, band)
         plane = meta.nints * meta.ngroups * meta.nx
 
+        tall = min(ny, band + 2 * halo)
+        band_buffers = ThreadBuffers()
+
         def buffers(nrows: int) -> tuple[np.ndarray, np.ndarray]:
-            """This thread's band buffers, reused from band to band."""
-            have = getattr(pool.local, "buffers", None)
-            if have is None:
-                rows = min(ny, band + 2 * halo)
-                have = pool.local.buffers = (np.empty(plane * rows, np.float32),
-                                             np.empty(plane * rows, np.uint8))
+            """This thread's band buffers (sized for the tallest band, never grown)."""
             shape = (meta.nints, meta.ngroups, nrows, meta.nx)
-            return have[0][:plane * nrows].reshape(shape), have[1][:plane * nrows].reshape(shape)
+            return (band_buffers.get("data", (plane * tall,), np.float32)[:plane * nrows].reshape(shape),
+                    band_buffers.get("groupdq", (plane * tall,), np.uint8)[:plane * nrows].reshape(shape))
 
         def run_band(core: slice) -> None:
             r0, r1 = max(0, core.start - halo), min(ny, core.stop + halo)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from astropy.io import fits
 
 from streamdet._ckernels import declare, ptr
 
+from .buffers import ThreadBuffers
 from .errors import BadInputError
 
 _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
@@ -134,7 +134,7 @@ class Exposure:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._local = threading.local()  # each thread's SCI read buffer
+        self._buffers = ThreadBuffers()  # each thread's SCI read buffer
         if not self.path.exists():
             raise _bad(self.path, "no such file")
         if self.path.is_dir():
@@ -286,12 +286,8 @@ class Exposure:
         r0, r1, rstep = rows.indices(ny)
         if self._sci_offset is None or istep != 1 or rstep != 1:
             return self._raw[ints, :, rows, :]
-        shape = (max(0, i1 - i0), ngroups, max(0, r1 - r0), nx)
-        size = int(np.prod(shape)) * 2
-        have = getattr(self._local, "buffer", None)
-        if have is None or have.size < size:
-            have = self._local.buffer = np.empty(size, np.uint8)
-        out = have[:size].view(self._raw.dtype).reshape(shape)
+        out = self._buffers.get("sci", (max(0, i1 - i0), ngroups, max(0, r1 - r0), nx),
+                                self._raw.dtype)
         if out.size == 0:
             return out
         plane_bytes = ny * nx * 2
@@ -322,6 +318,10 @@ class Exposure:
             groupdq[...] = self._groupdq[ints, :, rows, :]
         else:
             groupdq.fill(0)
+
+    def drop_buffers(self) -> None:
+        """Free the threads' SCI read buffers (reading is over)."""
+        self._buffers.drop()
 
     def initial_pixeldq(self) -> np.ndarray:
         if self._pixeldq is not None:

@@ -18,6 +18,7 @@ from typing import Iterable
 import numpy as np
 from astropy.io import fits
 
+from .buffers import read_at, write_at
 from .errors import BadInputError
 from .exposure import ExposureMeta
 
@@ -104,8 +105,7 @@ class CubeStore:
             fd = os.open(path, os.O_WRONLY)
             try:
                 for j, piece in enumerate(pieces):
-                    _write_all(fd, memoryview(piece).cast("B"),
-                               j * plane_bytes + r0 * nx * dtype.itemsize)
+                    write_at(fd, piece, j * plane_bytes + r0 * nx * dtype.itemsize)
             finally:
                 os.close(fd)
 
@@ -113,21 +113,10 @@ class CubeStore:
         """Extension ``k``'s integration ``i`` (a fresh array)."""
         path, dtype = self.paths[k]
         out = np.empty(self.shape[1:], dtype)
-        view = memoryview(out).cast("B")
-        offset = i * out.nbytes
         with open(path, "rb", buffering=0) as f:
-            while view.nbytes:
-                n = os.preadv(f.fileno(), [view], offset)
-                if n <= 0:
-                    raise OSError(f"{path} ended early at byte {offset}")
-                view, offset = view[n:], offset + n
+            if not read_at(f.fileno(), out, i * out.nbytes):
+                raise OSError(f"{path} ends before integration {i}")
         return out
-
-
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
-    while view.nbytes:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)

@@ -23,6 +23,7 @@ from astropy.io import fits
 from streamdet._ckernels import declare, ptr
 
 from . import dqflags
+from .buffers import ThreadBuffers, read_at
 from .errors import ReferenceError_
 from .exposure import ExposureMeta
 
@@ -247,7 +248,7 @@ class References:
         self._cache: dict[tuple, np.ndarray] = {}
         self._cache_left = cache_bytes
         self._lock = threading.Lock()
-        self._buffers: dict[tuple[int, str], np.ndarray] = {}  # (thread, purpose) -> bytes
+        self._buffers = ThreadBuffers()  # each thread's read buffer and transient block
 
     def path(self, reftype: str) -> str | None:
         return self.resolved[reftype].path
@@ -489,23 +490,19 @@ class References:
         for axis, picked in enumerate(axes):
             planes = [p * shape[axis] + k for p in planes for k in picked]
         itemsize = np.dtype(native).itemsize
-        raw = self._buffer((len(planes), nrows, nx_ref), np.dtype(native).newbyteorder(">"))
+        raw = self._buffers.get("read", (len(planes), nrows, nx_ref),
+                                np.dtype(native).newbyteorder(">"))
         fd = self._fd(reftype)
         start = hdu.fileinfo()["datLoc"]
         for j, plane in enumerate(planes):
-            offset = start + ((plane * ny_ref + y0) * nx_ref) * itemsize
-            view = memoryview(raw[j]).cast("B")
-            while view.nbytes:
-                n = os.preadv(fd, [view], offset)
-                if n <= 0:
-                    raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is truncated")
-                view, offset = view[n:], offset + n
+            if not read_at(fd, raw[j], start + ((plane * ny_ref + y0) * nx_ref) * itemsize):
+                raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is truncated")
         if ref_cols != slice(None) and (ref_cols.start, ref_cols.stop) != (0, nx_ref):
             raw = raw[:, :, ref_cols]
         # a copy either way (``raw`` is the reused read buffer): float32, the common case,
         # is swapped to native order with NaN replaced in one C pass outside the GIL
         if native is np.float32 and raw.flags.c_contiguous:
-            out = (self._buffer(raw.shape, np.dtype(np.float32), "transient") if transient
+            out = (self._buffers.get("transient", raw.shape, np.float32) if transient
                    else np.empty(raw.shape, np.float32))
             _float32_from_big_endian(ptr(raw), ptr(out), raw.size, nan_to_zero)
         else:
@@ -514,22 +511,10 @@ class References:
                 np.copyto(out, 0, where=np.isnan(out))
         return out.reshape(*out_lead, nrows, out.shape[-1])
 
-    def _buffer(self, shape: tuple[int, ...], dtype: np.dtype, name: str = "buffer"
-                ) -> np.ndarray:
-        """This thread's buffer ``name`` (the read buffer, or the transient block), reused
-        from block to block (fresh memory for every block would be paid again in page
-        faults)."""
-        size = int(np.prod(shape)) * dtype.itemsize
-        key = (threading.get_ident(), name)
-        have = self._buffers.get(key)
-        if have is None or have.size < size:
-            have = self._buffers[key] = np.empty(size, np.uint8)
-        return have[:size].view(dtype).reshape(shape)
-
     def drop_buffers(self) -> None:
         """Free the threads' read and transient-block buffers (the integration pass is
         over: the band pass reads no blocks, and its memory should not carry them)."""
-        self._buffers.clear()
+        self._buffers.drop()
 
     def _fd(self, reftype: str) -> int:
         with self._lock:

@@ -72,11 +72,9 @@ def apply_linearity_polynomial(data: np.ndarray, groupdq: np.ndarray,
     if strides(coeffs)[1:] != (ncols, 1):
         coeffs = np.ascontiguousarray(coeffs)
     for integ in range(nints):
-        ramp, ramp_dq = group_planes(data[integ], groupdq[integ])
-        _linearity(ptr(ramp), ptr(ramp_dq), ptr(coeffs), coeffs.shape[0], ngroups,
-                   nrows * ncols, strides(ramp)[0], strides(coeffs)[0], SATURATED)
-        if not np.shares_memory(ramp, data):
-            data[integ] = ramp
+        with group_planes(data[integ], groupdq[integ], modified=(0,)) as (ramp, ramp_dq):
+            _linearity(ptr(ramp), ptr(ramp_dq), ptr(coeffs), coeffs.shape[0], ngroups,
+                       nrows * ncols, strides(ramp)[0], strides(coeffs)[0], SATURATED)
 
 
 def correct_linearity(

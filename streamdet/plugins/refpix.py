@@ -224,15 +224,13 @@ def apply_reference_drift(data: np.ndarray, corrections: np.ndarray | None, firs
     the subtraction and re-addition of group 0 happen.
     """
     ngroups, nrows, ncols = data.shape
-    (planes,) = group_planes(data)
     table = None
     if corrections is not None and ngroups > 1:
         sets = corrections if odd_even_rows else corrections[:, :1]
         table = np.ascontiguousarray(sets, dtype=np.float64)
-    _apply(ptr(planes), ngroups, nrows, ncols, strides(planes)[0], first_row,
-           None if table is None else ptr(table), 1 if table is None else table.shape[1])
-    if not np.shares_memory(planes, data):
-        data[...] = planes
+    with group_planes(data) as (planes,):
+        _apply(ptr(planes), ngroups, nrows, ncols, strides(planes)[0], first_row,
+               None if table is None else ptr(table), 1 if table is None else table.shape[1])
 
 
 def subtract_reference_drift(data: np.ndarray, pixeldq: np.ndarray, *,

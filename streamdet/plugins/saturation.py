@@ -143,14 +143,12 @@ def flag_saturation(
     work = np.empty(3 * nrows * ncols, np.uint8)
 
     for integ in range(nints):
-        ramp, ramp_dq = group_planes(data[integ], groupdq[integ])
-        _flag_saturation(ptr(ramp), ptr(ramp_dq), ptr(limit), ngroups, nrows, ncols,
-                         strides(ramp)[0], int(n_pix_grow_sat), SATURATED, int(_FLOOR_FLAGS),
-                         DO_NOT_USE, frames is not None, mean0,
-                         last2, n1, None if bias_frame is None else ptr(bias_frame), bias_f,
-                         bias_d, ptr(work))
-        if not np.shares_memory(ramp_dq, groupdq):
-            groupdq[integ] = ramp_dq
+        with group_planes(data[integ], groupdq[integ], modified=(1,)) as (ramp, ramp_dq):
+            _flag_saturation(ptr(ramp), ptr(ramp_dq), ptr(limit), ngroups, nrows, ncols,
+                             strides(ramp)[0], int(n_pix_grow_sat), SATURATED,
+                             int(_FLOOR_FLAGS), DO_NOT_USE, frames is not None, mean0, last2,
+                             n1, None if bias_frame is None else ptr(bias_frame), bias_f,
+                             bias_d, ptr(work))
         if frames is not None:
             _flag_diluted_saturation(data[integ], groupdq[integ], limit, unchecked,
                                      frames, n_pix_grow_sat)
