@@ -18,26 +18,9 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Streaming JWST MIRI Detector1 processing: uncal ramps to rate images.")
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
-
 #: set by the one-shot commands (process, demo): once they return, everything they made
 #: is on disk and closed, so the process may end without the interpreter's teardown
 _one_shot = False
-
-
-def _fail(exc: BaseException, debug: bool) -> "typer.Exit":
-    from .core.errors import BadInputError
-
-    if debug:
-        raise exc
-    code = EXIT_BAD_INPUT if isinstance(exc, BadInputError) else EXIT_INTERNAL
-    if isinstance(exc, BadInputError) or type(exc).__module__.startswith("streamdet"):
-        message = str(exc)
-    else:
-        message = f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)"
-    typer.echo(f"streamdet: error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def _timings_table(timings: dict[str, float]):
@@ -348,12 +331,11 @@ def demo(
     typer.echo(f"processed in {result.seconds:.2f} s")
 
 
-try:  # the watch-folder daemon's commands (streamdet/daemon/cli.py)
-    from .daemon.cli import register as _register_daemon
-except ImportError:  # pragma: no cover - only while the daemon package is being written
-    _register_daemon = None
-if _register_daemon is not None:
-    _register_daemon(app)
+# the watch-folder daemon's commands (streamdet/daemon/cli.py); an import error here is a
+# broken installation and must show, not hide the commands
+from .daemon.cli import register as _register_daemon  # noqa: E402
+
+_register_daemon(app)
 
 
 def _leave(code: int):

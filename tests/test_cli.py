@@ -149,6 +149,24 @@ print(json.dumps({k: str(v) for k, v in result.items()}))
 """
 
 
+def test_a_missing_module_is_an_internal_error_naming_the_install_command(sim, env, tmp_path):
+    """An installation without stdatamodels (which crds' JWST rules import) is not bad
+    input: exit 1, one line naming the module and how to install it. The module is made
+    missing for real: a package of that name on the path that fails as an absent one does."""
+    shadow = tmp_path / "shadow" / "stdatamodels"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'stdatamodels'\", name='stdatamodels')\n")
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(shadow.parent), env.get("PYTHONPATH", "")])}
+    result = run_cli(["process", sim.uncal, "-o", tmp_path / "out"], env, tmp_path)
+    assert result.returncode == 1, result.stderr
+    line = one_error_line(result)
+    assert "'stdatamodels' is not installed" in line, line
+    assert "pip install stdatamodels" in line, line
+    assert "CRDS found no" not in line  # not blamed on CRDS
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_python_api_returns_the_product_paths(sim, env, tmp_path):
     result = run_cli([sim.uncal, tmp_path / "api"], env, tmp_path,
                      cmd=[sys.executable, "-c", _API])

@@ -7,6 +7,7 @@ neither prints a traceback unless ``--debug`` is given (see :func:`report`).
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -34,6 +35,35 @@ class PluginError(StreamdetError):
     """A plugin package is broken or two plugins conflict."""
 
 
+class MissingModuleError(StreamdetError):
+    """A Python module streamdet (or a library it calls) needs is not installed: the
+    installation is incomplete, which is not the input's fault (exit 1)."""
+
+    def __init__(self, module: str, needed_by: str | None = None):
+        self.module = module
+        top = module.split(".")[0]
+        package = _DISTRIBUTIONS.get(top, top)
+        by = f" (needed by {needed_by})" if needed_by else ""
+        super().__init__(f"internal error: the Python module {module!r} is not installed{by}; "
+                         f"install it with: pip install {package}")
+
+
+#: import name -> the distribution to install, where they differ
+_DISTRIBUTIONS = {"yaml": "pyyaml", "skimage": "scikit-image", "erfa": "pyerfa",
+                  "distributed": "distributed", "cv2": "opencv-python-headless"}
+
+_NO_MODULE = re.compile(r"No module named '([A-Za-z_][\w.]*)'")
+
+
+def missing_module(exc: BaseException) -> str | None:
+    """The module whose absence caused ``exc`` (a ModuleNotFoundError, or a library's own
+    error that wraps one in its message, as crds does), else None."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return exc.name
+    found = _NO_MODULE.search(str(exc))
+    return found.group(1) if found else None
+
+
 def one_line(text: object) -> str:
     """``text`` with every run of whitespace (newlines included) made one blank."""
     return " ".join(str(text).split())
@@ -51,6 +81,9 @@ def message(exc: BaseException, where: str | Path | None = None,
     ``where`` (the input being processed) leads the line unless the message already
     names it: a reference's own error then also says which exposure it was for. An
     exception that is not streamdet's own is an internal error, reported with its type."""
+    module = None if isinstance(exc, StreamdetError) else missing_module(exc)
+    if module is not None:
+        exc = MissingModuleError(module)
     text = one_line(exc)
     prefix = f"{where}: " if where is not None and str(where) not in text else ""
     if isinstance(exc, (StreamdetError, *bad_input)):

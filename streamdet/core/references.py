@@ -24,7 +24,7 @@ from streamdet._ckernels import declare, ptr
 
 from . import dqflags
 from .buffers import ThreadBuffers, read_at
-from .errors import ReferenceError_
+from .errors import MissingModuleError, ReferenceError_, missing_module
 from .exposure import ExposureMeta
 
 NA = "N/A"
@@ -156,6 +156,9 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
             f"{where}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
             "configuration (config/jwst/server_config) and no server is reachable") from None
     except Exception as exc:
+        module = missing_module(exc)
+        if module is not None:  # crds reports a broken installation as a lookup failure
+            raise MissingModuleError(module, needed_by="crds' JWST rules") from None
         _missing_from_cache(crds, meta, params, reftypes)
         message = " ".join(str(exc).split())
         bad = next((r for r in reftypes if r.upper() in message.upper()), None)
