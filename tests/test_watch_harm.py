@@ -279,7 +279,7 @@ def test_names_cannot_forge_log_lines_and_impossible_names_are_refused(sim, env,
     assert "too long" in refused["error"] and refused["error_kind"] == "name", refused
     assert (inbox / long).exists()                                  # refused, not moved
     reports = [json.loads(p.read_text()) for p in (state / "quarantine").glob("*.error.json")]
-    assert [r["file"] for r in reports] == [long]
+    assert [r for r in reports if r["file"] == long][0]["kind"] == "name"
     res = subprocess.run(streamdet_cmd() + ["status", str(outbox)], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "too long" in res.stdout
