@@ -306,8 +306,20 @@ def test_completeness_and_safety_rules(sim, tmp_path):
     assert not w.fits_complete(tmp_path / "short_uncal.fits")
     (tmp_path / "junk_uncal.fits").write_bytes(os.urandom(2880 * 3))
     assert not w.fits_complete(tmp_path / "junk_uncal.fits")
-    (tmp_path / "long_uncal.fits").write_bytes(data + b"\0" * 2880)
+    (tmp_path / "long_uncal.fits").write_bytes(data + b"x" * 2880)
     assert not w.fits_complete(tmp_path / "long_uncal.fits")
+    (tmp_path / "padded_uncal.fits").write_bytes(data + b"\0" * 2880)  # as the reader allows
+    assert w.fits_complete(tmp_path / "padded_uncal.fits")
+    # a Level 1B structure: whole, still growing, or never one
+    assert w.structure(good) == "whole"
+    with fits.open(good) as hdul:
+        int_times_at = hdul["INT_TIMES"].fileinfo()["hdrLoc"]
+    (tmp_path / "cut_uncal.fits").write_bytes(data[:int_times_at])   # on an HDU boundary
+    assert w.fits_complete(tmp_path / "cut_uncal.fits")
+    assert w.structure(tmp_path / "cut_uncal.fits") == "partial"
+    assert w.structure(tmp_path / "short_uncal.fits") == "partial"
+    assert w.structure(tmp_path / "junk_uncal.fits") == "foreign"
+    assert w.structure(tmp_path / "long_uncal.fits") == "foreign"
 
     assert w.candidate_name("jw1_uncal.fits", "*_uncal.fits")
     for name in (".jw1_uncal.fits", "jw1_uncal.fits.part", "jw1_uncal.fits.tmp", "jw1_rate.fits"):
