@@ -234,7 +234,8 @@ def test_a_pool_that_cannot_start_workers_stops_the_daemon(sim, env, tmp_path):
             exe.unlink()
             for p in doomed:
                 p.kill()
-            psutil.wait_procs(doomed, timeout=10)
+            wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+                                 for p in doomed), 10, "the workers to die")
             names = ["a_uncal.fits", "b_uncal.fits"]
             for name in names:
                 shutil.copyfile(sim.uncal, inbox / name)

@@ -680,7 +680,8 @@ class Daemon:
         # the worker opens the entry itself, checks it is this very version (or refuses),
         # and reads only through that descriptor
         job = {"id": fid, "attempt": attempt, "path": str(path), "inbox": str(self.inbox),
-               "name": row.name, "expect": list(_version(st)), "staging": str(staging),
+               "name": row.name, "expect": [st.st_ino, st.st_size, st.st_mtime_ns],
+               "staging": str(staging),
                "config": self.opts.config, "env": _crds_env()}
         flight = _Flight(self.journal.get(fid), run_id, attempt, staging)
         self.inflight[fid] = flight
@@ -789,6 +790,7 @@ class Daemon:
                           timings=result.get("timings"), worker=result.get("worker"),
                           moved_to=moved_to)
         self._done_this_run += 1
+        self.hashed.pop(row.id, None)
         if moved_to:
             self._move_input(self.journal.get(row.id), path, Path(moved_to))
         self.log("done", f"{row.name} in {float(result.get('seconds') or 0):.2f} s -> "
@@ -838,6 +840,7 @@ class Daemon:
                 dest = _unique(self.quarantine_dir, row.name)
         except (FileNotFoundError, OSError):
             pass
+        self.hashed.pop(row.id, None)
         if kind == "transient":
             error = f"{error} (gave up after {row.failures + 1} transient failures)"
         self.journal.fail(row.id, flight.run_id, error=error, kind=kind, quarantine=True,

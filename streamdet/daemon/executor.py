@@ -127,16 +127,22 @@ class LocalExecutor:
 
     def check(self) -> str | None:
         """After a worker was lost: None if a worker can still be started and runs the
-        daemon's code, else what is wrong."""
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            pool = self._ensure_pool()
-        except Exception as exc:
-            return self._problem(exc)
-        problem = self._probe(pool)
-        if problem and self.pool is pool:
-            self._reset()
+        daemon's code, else what is wrong. Two tries on fresh pools: a forkserver that died
+        with its workers is started again on the second."""
+        problem = None
+        for attempt in range(2):
+            if attempt:
+                self._reset()
+                time.sleep(0.5)
+            try:
+                pool = self._ensure_pool()
+            except Exception as exc:
+                problem = self._problem(exc)
+                continue
+            problem = self._probe(pool)
+            if problem is None:
+                return None
+        self._reset()
         return problem
 
     def _probe(self, pool, timeout: float = 300.0) -> str | None:
@@ -150,8 +156,13 @@ class LocalExecutor:
         return None
 
     def _problem(self, exc: BaseException) -> str:
+        from multiprocessing import spawn
+
         where = f" (see {self.output})" if self.output else ""
         text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        exe = spawn.get_executable()
+        if not os.access(exe, os.X_OK):
+            text = f"the interpreter {exe} is gone or cannot be run ({text})"
         return f"workers cannot start: {text}{where}"
 
     def capacity(self) -> int:

@@ -43,8 +43,9 @@ def run_job(job: dict) -> dict:
 
     The entry is opened once, as an entry of INBOX itself (:func:`~.watcher.open_entry`:
     a symlink swapped in after the daemon's look is never followed out of INBOX); the
-    opened file must be the very version the daemon checked (``job['expect']``: device,
-    inode, size, mtime), and the engine reads only through that descriptor."""
+    opened file must be the very version the daemon checked (``job['expect']``: inode,
+    size, mtime -- not the device number, which differs between hosts sharing a network
+    filesystem), and the engine reads only through that descriptor."""
     apply_env(job.get("env"))
     import dataclasses
     from pathlib import Path
@@ -75,7 +76,7 @@ def run_job(job: dict) -> dict:
                 return refused(exc.kind, exc.reason)
             except (FileNotFoundError, watcher.NotRegular):
                 return refused("vanished", "the input disappeared before the worker opened it")
-            version = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+            version = [st.st_ino, st.st_size, st.st_mtime_ns]
             if job.get("expect") and version != list(job["expect"]):
                 return refused("changed", "the input was replaced or changed after the daemon "
                                "checked it")
