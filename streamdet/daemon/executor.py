@@ -160,7 +160,7 @@ class LocalExecutor:
 
         where = f" (see {self.output})" if self.output else ""
         text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        exe = spawn.get_executable()
+        exe = os.fsdecode(spawn.get_executable())
         if not os.access(exe, os.X_OK):
             text = f"the interpreter {exe} is gone or cannot be run ({text})"
         return f"workers cannot start: {text}{where}"
