@@ -267,7 +267,8 @@ def test_names_cannot_forge_log_lines_and_impossible_names_are_refused(sim, env,
     state = outbox / ".streamdet"
     forged = "x\n2026-01-01T00:00:00.000Z INFO    done       forged_uncal.fits"
     long = "j" * (255 - len("_uncal.fits")) + "_uncal.fits"          # 255 bytes: allowed
-    for name in (forged, long, "plain_uncal.fits"):
+    latin1 = os.fsdecode(b"caf\xe9_uncal.fits")                      # not UTF-8
+    for name in (forged, long, latin1, "plain_uncal.fits"):
         shutil.copyfile(sim.uncal, inbox / name)
     res = _watch_once(inbox, outbox, env, "--retries", "0")
     assert res.returncode == 0, res.stderr
@@ -279,12 +280,15 @@ def test_names_cannot_forge_log_lines_and_impossible_names_are_refused(sim, env,
     assert refused["state"] == "quarantined", refused
     assert "too long" in refused["error"] and refused["error_kind"] == "name", refused
     assert (inbox / long).exists()                                  # refused, not moved
+    assert rows["caf\\xe9_uncal.fits"]["error_kind"] == "name"      # stored escaped
+    assert "not valid UTF-8" in rows["caf\\xe9_uncal.fits"]["error"]
+    assert (inbox / latin1).exists()
     reports = [json.loads(p.read_text()) for p in (state / "quarantine").glob("*.error.json")]
     assert [r for r in reports if r["file"] == long][0]["kind"] == "name"
     res = subprocess.run(streamdet_cmd() + ["status", str(outbox)], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "too long" in res.stdout
-    assert "forged_uncal.fits\n" not in res.stdout
+    assert not [line for line in res.stdout.splitlines() if line.startswith("2026-01-01")]
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import watcher as w
 from .journal import PENDING, Journal, Row
+from .journal import storable as _storable
 from .log import EventLog
 
 STAGING = ".streamdet-staging"
@@ -78,16 +79,6 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
 def _version(st: os.stat_result) -> tuple[int, int, int, int]:
     """One version of one file: same inode, same size, same mtime."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _storable(text: str) -> str:
-    """``text`` as valid UTF-8 text for the journal and the reports (an undecodable byte
-    of a file name becomes ``\\xNN``)."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return os.fsencode(text).decode("utf-8", errors="backslashreplace")
 
 
 def _move_entry(src: Path, dest: Path) -> None:

@@ -143,6 +143,16 @@ class Row:
         return json.loads(self.products) if self.products else {}
 
 
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8 for the journal and the reports: an undecodable byte of a
+    file name (a surrogate escape) becomes ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", errors="backslashreplace")
+
+
 class JournalError(RuntimeError):
     pass
 
@@ -483,6 +493,8 @@ def rebuild(state_dir: str | os.PathLike, inbox: Path, outbox: Path, pattern: st
         if archive is not None and archive.is_dir():
             sources += [(archive, name) for name in w.scan(archive, pattern)]
         for directory, name in sources:
+            if storable(name) != name:          # refused names are recorded when seen
+                continue
             base = product_base_name(name)
             products = {kind: outbox / f"{base}_{kind}.fits" for kind in ("rateints", "rate")}
             if not all(p.is_file() for p in products.values()) or journal.latest(name):
