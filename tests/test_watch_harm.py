@@ -328,3 +328,55 @@ def test_unwritable_outbox_is_exit_2_before_any_processing(sim, env, tmp_path, r
         assert tree(inbox) == before
         assert not journal_rows(state) or all(r["state"] != "quarantined"
                                                for r in journal_rows(state))
+
+
+# ------------------------------------------------------------------------------------------
+# the pieces behind finding 2: open_entry, and the engine reading through a descriptor
+# ------------------------------------------------------------------------------------------
+
+def test_open_entry_opens_only_entries_of_the_inbox(sim, tmp_path):
+    from streamdet.core.exposure import Exposure
+    from streamdet.daemon import watcher as w
+
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    inbox.mkdir()
+    outside.mkdir()
+    shutil.copyfile(sim.uncal, inbox / "real_uncal.fits")
+    shutil.copyfile(sim.uncal, outside / "secret_uncal.fits")
+    (inbox / "alias_uncal.fits").symlink_to("real_uncal.fits")
+    (inbox / "absolute_uncal.fits").symlink_to(inbox / "real_uncal.fits")
+    (inbox / "out_uncal.fits").symlink_to(outside / "secret_uncal.fits")
+    (inbox / "chain_uncal.fits").symlink_to("out_uncal.fits")
+    (inbox / "dangling_uncal.fits").symlink_to("nothing_uncal.fits")
+    os.mkfifo(inbox / "fifo_uncal.fits")
+    (inbox / "dir_uncal.fits").mkdir()
+
+    real = os.stat(inbox / "real_uncal.fits").st_ino
+    for name in ("real_uncal.fits", "alias_uncal.fits", "absolute_uncal.fits"):
+        fd, st = w.open_entry(inbox, name)
+        os.close(fd)
+        assert st.st_ino == real, name
+    for name in ("out_uncal.fits", "chain_uncal.fits"):
+        with pytest.raises(w.Refused, match="outside the inbox"):
+            w.open_entry(inbox, name)
+    with pytest.raises(w.Refused, match="'..'"):
+        w.open_entry(inbox, "..")
+    with pytest.raises(FileNotFoundError):
+        w.open_entry(inbox, "dangling_uncal.fits")
+    for name in ("fifo_uncal.fits", "dir_uncal.fits"):   # at once: a FIFO does not block
+        with pytest.raises(w.NotRegular):
+            w.open_entry(inbox, name)
+
+    # the engine reads the descriptor's file, whatever the path names by then
+    fd, _ = w.open_entry(inbox, "real_uncal.fits")
+    try:
+        with fits.open(sim.uncal) as hdul:
+            want = hdul["SCI"].data[0, :, :4].astype("float32")
+        (inbox / "real_uncal.fits").unlink()
+        (inbox / "real_uncal.fits").write_bytes(b"replaced" * 1000)
+        with Exposure(inbox / "real_uncal.fits", fd=fd) as exposure:
+            data, _ = exposure.read(slice(0, 1), slice(0, 4))
+        assert exposure.meta.path == inbox / "real_uncal.fits"
+        assert (data[0] == want).all()
+    finally:
+        os.close(fd)
