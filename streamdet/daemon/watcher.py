@@ -85,11 +85,6 @@ def realpath(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path))
 
 
-def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
-    """Whether ``path``, every symlink resolved, lies within ``root`` (resolved)."""
-    return realpath(path).is_relative_to(realpath(root))
-
-
 def name_problem(name: str, name_max: int = 255) -> str | None:
     """Why the daemon cannot handle a name the filesystem allowed, or None: names too
     long to leave room for the product names or the quarantine report (``name_max``: the
@@ -116,11 +111,12 @@ def _entry_in(inbox: Path, target: str) -> str | None:
     """The name of the INBOX entry a symlink's ``target`` designates, or None when it is
     not an entry directly in INBOX. Whatever the answer, the caller opens that name in
     INBOX without following it: a race can only make it read another INBOX entry."""
-    path = os.path.normpath(os.path.join(inbox, target))
+    root = os.path.realpath(inbox)
+    path = os.path.normpath(os.path.join(root, target))
     parent, base = os.path.split(path)
     if not base or base in (".", ".."):
         return None
-    if os.path.realpath(parent) != str(inbox):
+    if os.path.realpath(parent) != root:
         return None
     return base
 
@@ -196,9 +192,9 @@ def open_entry(inbox: Path, name: str) -> tuple[int, os.stat_result]:
 def check_safe_name(name: str) -> str | None:
     """Names refused for safety: ``..`` or a path separator in them."""
     if ".." in name:
-        return f"file name {printable(name)!r} contains '..'; refused"
+        return f"file name '{printable(name)}' contains '..'; refused"
     if "/" in name or os.sep in name or "\x00" in name:
-        return f"file name {printable(name)!r} contains a path separator; refused"
+        return f"file name '{printable(name)}' contains a path separator; refused"
     return None
 
 
