@@ -993,7 +993,9 @@ def _advice(kind: str | None) -> str:
         "transient": "processing failed repeatedly for a reason other than the input; check "
                      "the workers, then drop the file into the inbox again",
         "security": "the inbox entry was refused without being read (a symlink leaving the "
-                    "inbox or a name with '..'); replace it with a regular file",
+                    "inbox, or a name with '..'); replace it with a regular file",
+        "name": "the file name cannot be handled (too long for the product and report names, "
+                "or not UTF-8); rename it and deliver it again",
         "vanished": "the input was removed from the inbox before it was processed",
         "unreadable": "the daemon may not read the file; deliver it again with read "
                       "permission (a new copy is looked at afresh)",
