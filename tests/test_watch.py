@@ -306,8 +306,20 @@ def test_completeness_and_safety_rules(sim, tmp_path):
     assert not w.fits_complete(tmp_path / "short_uncal.fits")
     (tmp_path / "junk_uncal.fits").write_bytes(os.urandom(2880 * 3))
     assert not w.fits_complete(tmp_path / "junk_uncal.fits")
-    (tmp_path / "long_uncal.fits").write_bytes(data + b"\0" * 2880)
+    (tmp_path / "long_uncal.fits").write_bytes(data + b"x" * 2880)
     assert not w.fits_complete(tmp_path / "long_uncal.fits")
+    (tmp_path / "padded_uncal.fits").write_bytes(data + b"\0" * 2880)  # as the reader allows
+    assert w.fits_complete(tmp_path / "padded_uncal.fits")
+    # a Level 1B structure: whole, still growing, or never one
+    assert w.structure(good) == "whole"
+    with fits.open(good) as hdul:
+        int_times_at = hdul["INT_TIMES"].fileinfo()["hdrLoc"]
+    (tmp_path / "cut_uncal.fits").write_bytes(data[:int_times_at])   # on an HDU boundary
+    assert w.fits_complete(tmp_path / "cut_uncal.fits")
+    assert w.structure(tmp_path / "cut_uncal.fits") == "partial"
+    assert w.structure(tmp_path / "short_uncal.fits") == "partial"
+    assert w.structure(tmp_path / "junk_uncal.fits") == "foreign"
+    assert w.structure(tmp_path / "long_uncal.fits") == "foreign"
 
     assert w.candidate_name("jw1_uncal.fits", "*_uncal.fits")
     for name in (".jw1_uncal.fits", "jw1_uncal.fits.part", "jw1_uncal.fits.tmp", "jw1_rate.fits"):
@@ -493,7 +505,9 @@ def test_corrupt_inputs_are_quarantined(sim, env, reference, tmp_path):
     good = [f"good{i}_uncal.fits" for i in range(4)]
     daemon = Daemon(inbox, outbox, env, "--workers", "2", "--retries", "1")
     state = outbox / ".streamdet"
-    wait_for(lambda: (state / "journal.sqlite").exists(), 60, "daemon start", daemon)
+    # watching: a rename seen by the observer is taken at once, whatever the file holds (a
+    # truncated file found only by a scan waits for the stall time, as it may still grow)
+    wait_for(lambda: "workers ready" in daemon.text(), 60, "daemon start", daemon)
     drop(sim.uncal, inbox / good[0])
     for name in expect:
         drop(work / name, inbox / name, "rename")

@@ -240,20 +240,22 @@ def _collector_paused():
 
 
 def process_file(path: str | Path, config: RunConfig | None = None, registry: Registry | None = None,
-                 on_progress: Callable[[str, int, int], None] | None = None) -> Result:
-    """Process one Level 1B file into rate products; returns where they are."""
+                 on_progress: Callable[[str, int, int], None] | None = None, *,
+                 source_fd: int | None = None) -> Result:
+    """Process one Level 1B file into rate products; returns where they are.
+    ``source_fd``: read the file through this open descriptor (``path`` names it)."""
     with _collector_paused():
-        return _process_file(path, config, registry, on_progress)
+        return _process_file(path, config, registry, on_progress, source_fd)
 
 
-def _process_file(path, config, registry, on_progress) -> Result:
+def _process_file(path, config, registry, on_progress, source_fd=None) -> Result:
     config = config or RunConfig()
     registry = registry or get_registry()
     observers = Observers(registry.pm, where=path)
     started = time.perf_counter()
     timings: dict[str, float] = defaultdict(float)
     chain = build_chain(registry, config)
-    with Exposure(path) as exposure:
+    with Exposure(path, fd=source_fd) as exposure:
         meta = exposure.meta
         outputs = output_paths(meta, config.output_dir, config.save_ramp)
         check_writable(outputs.values(), config.overwrite, meta.path)

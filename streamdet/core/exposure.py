@@ -93,10 +93,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _blank_tail(path: Path, start: int) -> bool:
-    """True if the bytes of ``path`` from ``start`` on are only zeros or blanks
-    (padding some writers leave after the last HDU)."""
-    with open(path, "rb") as f:
+def _blank_tail(path: Path, start: int, fd: int | None = None) -> bool:
+    """True if the bytes of ``path`` (or of the open ``fd``) from ``start`` on are only
+    zeros or blanks (padding some writers leave after the last HDU)."""
+    with open(path if fd is None else os.dup(fd), "rb") as f:
         f.seek(start)
         while block := f.read(1 << 20):
             if block.strip(b"\0 "):
@@ -130,20 +130,27 @@ def _float(path, hdr: fits.Header, key: str) -> float:
 
 
 class Exposure:
-    """An open Level 1B file. Use as a context manager."""
+    """An open Level 1B file. Use as a context manager.
 
-    def __init__(self, path: str | os.PathLike):
+    ``fd``: an open descriptor of the file (the watch daemon's workers open and check an
+    inbox entry first); every byte is then read through it, ``path`` only names it."""
+
+    def __init__(self, path: str | os.PathLike, fd: int | None = None):
         self.path = Path(path)
+        self._source_fd = fd
+        self._fileobj = None
         self._buffers = ThreadBuffers()  # each thread's SCI read buffer
-        if not self.path.exists():
+        if fd is None and not self.path.exists():
             raise _bad(self.path, "no such file")
-        if self.path.is_dir():
+        if fd is None and self.path.is_dir():
             raise _bad(self.path, "is a directory, not a FITS file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._hdul = fits.open(self.path, memmap=True, do_not_scale_image_data=True,
-                                       lazy_load_hdus=False)
+                if fd is not None:
+                    self._fileobj = os.fdopen(os.dup(fd), "rb")
+                self._hdul = fits.open(self._fileobj or self.path, memmap=True,
+                                       do_not_scale_image_data=True, lazy_load_hdus=False)
         except PermissionError:
             raise _bad(self.path, "cannot be read (permission denied)") from None
         except Exception as exc:  # astropy raises many kinds of errors on non-FITS bytes
@@ -158,10 +165,15 @@ class Exposure:
             raise
 
     # -- structure ------------------------------------------------------------------------
+    def _size(self) -> int:
+        if self._source_fd is not None:
+            return os.fstat(self._source_fd).st_size
+        return os.path.getsize(self.path)
+
     def _check_extent(self) -> None:
         """The file must end where its last HDU's header says it does: astropy quietly
         drops an extension whose header was cut off and maps data that is not there."""
-        have = os.path.getsize(self.path)
+        have = self._size()
         if not len(self._hdul):
             raise _bad(self.path, "not a readable FITS file (no HDU)")
         last = self._hdul[-1]
@@ -173,7 +185,7 @@ class Exposure:
         if have < need:
             raise _bad(self.path, f"is truncated: its headers describe {need} bytes, "
                                   f"the file has {have}")
-        if have > need and not _blank_tail(self.path, need):
+        if have > need and not _blank_tail(self.path, need, self._source_fd):
             raise _bad(self.path, f"is truncated or damaged: {have - need} bytes after the last "
                                   f"complete extension ({last.name or 'PRIMARY'}) are not a "
                                   "readable FITS extension")
@@ -244,7 +256,7 @@ class Exposure:
     def _check_data_present(self) -> None:
         info = self._sci.fileinfo()
         need = info["datLoc"] + self._sci.size  # size is in bytes
-        have = os.path.getsize(self.path)
+        have = self._size()
         if have < need:
             raise _bad(self.path, f"is truncated: SCI needs {need} bytes, the file has {have}")
         try:
@@ -260,7 +272,8 @@ class Exposure:
         # then removed or replaced (a re-delivery renamed over it)
         self._fd: int | None = None
         if self._sci_offset is not None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fd = (os.dup(self._source_fd) if self._source_fd is not None else
+                        os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
         self._bzero = float(self._sci.header.get("BZERO", 0.0))
         self._bscale = float(self._sci.header.get("BSCALE", 1.0))
         self._groupdq = self._hdul["GROUPDQ"].data if "GROUPDQ" in self._hdul else None
@@ -341,6 +354,9 @@ class Exposure:
             self._hdul.close()
         except Exception:
             pass
+        if getattr(self, "_fileobj", None) is not None:
+            self._fileobj.close()
+            self._fileobj = None
 
     def __enter__(self) -> "Exposure":
         return self

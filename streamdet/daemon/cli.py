@@ -42,6 +42,9 @@ def watch(
     grace: float = typer.Option(30.0, "--grace", min=0.0,
                                 help="on SIGTERM/SIGINT, seconds to let running files finish "
                                      "(the rest are redone at restart)"),
+    rebuild_journal: bool = typer.Option(False, "--rebuild-journal",
+                                         help="move the journal aside (kept) and rebuild it "
+                                              "from OUTBOX and the quarantine"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Watch INBOX and turn each complete *_uncal.fits into rate products in OUTBOX.
@@ -63,6 +66,7 @@ def watch(
 
     from ..core.errors import BadInputError
     from .daemon import Daemon, WatchError, WatchOptions
+    from .journal import JournalBroken
 
     if on_change not in ("reprocess", "ignore"):
         _error(f"--on-change must be reprocess or ignore, not {on_change!r}", EXIT_BAD_INPUT)
@@ -80,11 +84,12 @@ def watch(
         opts = WatchOptions(inbox=inbox, outbox=output, state_dir=state_dir, workers=workers,
                             dask_scheduler=dask_scheduler, config=run, once=once, poll=poll,
                             settle=settle, pattern=pattern, retries=retries, archive=archive,
-                            on_change=on_change, log_format=log_format, grace=grace)
+                            on_change=on_change, log_format=log_format, grace=grace,
+                            rebuild_journal=rebuild_journal)
         daemon = Daemon(opts)
         daemon.early_stop = early
         code = daemon.run()
-    except (WatchError, BadInputError) as exc:
+    except (WatchError, BadInputError, JournalBroken) as exc:
         if debug:
             raise
         _error(str(exc), EXIT_BAD_INPUT)

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import watcher as w
 from .journal import PENDING, Journal, Row
+from .journal import storable as _storable
 from .log import EventLog
 
 STAGING = ".streamdet-staging"
@@ -56,6 +57,10 @@ class WatchOptions:
     summary_interval: float = 60.0
     retry_delay: float = 2.0           # first retry after this, doubling, at most 300 s
     poll_interval: float = 1.0
+    #: quiet time after which a still structurally incomplete file is taken anyway
+    #: (None: max(60 s, 10 x settle); with --once: the settle time)
+    stall: float | None = None
+    rebuild_journal: bool = False      # move a broken journal aside, rebuild from OUTBOX
 
 
 @dataclass
@@ -69,6 +74,77 @@ class _Flight:
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    """One version of one file: same inode, same size, same mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _move_entry(src: Path, dest: Path) -> None:
+    """Move the inbox entry ``src`` itself (a symlink stays a symlink, its target is never
+    read); across filesystems a regular file is copied through one ``O_NOFOLLOW``
+    descriptor and the original unlinked only if it is still that file."""
+    import errno
+
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    if statmod.S_ISLNK(os.lstat(src).st_mode):
+        os.symlink(os.readlink(src), dest)
+        os.unlink(src)
+        return
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not statmod.S_ISREG(st.st_mode):
+            raise OSError(f"{src} is not a regular file")
+        tmp = dest.with_name(f".move-{os.getpid()}-{time.time_ns()}.tmp")
+        try:
+            with open(os.dup(fd), "rb") as fin, open(tmp, "xb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if _version(os.lstat(src)) == _version(st):
+            os.unlink(src)
+    finally:
+        os.close(fd)
+
+
+def _make_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WatchError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise WatchError(f"{what} {path} is not a directory")
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    """Create and remove a file in ``directory``: the one test of writability that holds
+    for root, read-only mounts, ACLs and immutable directories alike."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".streamdet-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise WatchError(f"cannot write in {what} {directory}: {exc.strerror or exc}") from None
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
 
 
 class Daemon:
@@ -86,16 +162,16 @@ class Daemon:
             raise WatchError(f"inbox {inbox} is not a directory")
         self.inbox = w.realpath(inbox)
         outbox = Path(opts.outbox)
-        outbox.mkdir(parents=True, exist_ok=True)
+        _make_dir(outbox, "the outbox")
         self.outbox = w.realpath(outbox)
         state = Path(opts.state_dir) if opts.state_dir else outbox / ".streamdet"
-        state.mkdir(parents=True, exist_ok=True)
+        _make_dir(state, "the state directory")
         self.state_dir = w.realpath(state)
         self.staging_root = self.outbox / STAGING
         self.quarantine_dir = self.state_dir / QUARANTINE
         self.archive = None
         if opts.archive:
-            Path(opts.archive).mkdir(parents=True, exist_ok=True)
+            _make_dir(Path(opts.archive), "the archive")
             self.archive = w.realpath(opts.archive)
             if self.archive == self.inbox:
                 raise WatchError("--archive must not be the inbox")
@@ -103,10 +179,22 @@ class Daemon:
             raise WatchError("the outbox must not be the inbox")
         if self.state_dir == self.inbox:
             raise WatchError("the state directory must not be the inbox")
+        # found now, not after the first file ran: every directory the daemon writes in
+        for directory, what in ((self.outbox, "the outbox"), (self.state_dir, "the state directory"),
+                                (self.archive, "the archive")):
+            if directory is not None:
+                _check_writable(directory, what)
+        #: the longest file name every directory the daemon names files in takes
+        self.name_max = min(_name_max(d) for d in (self.outbox, self.state_dir, self.archive)
+                            if d is not None)
         self.executor = executor
         self.journal: Journal | None = None
         self.watcher: w.InboxWatcher | None = None
-        self.settler = w.Settler(self.inbox, opts.settle)
+        self.settler = w.Settler(self.inbox, opts.settle,
+                                 stall=opts.settle if opts.once else opts.stall)
+        #: (dev, ino, size, mtime_ns) of the version of each row the daemon hashed
+        self.hashed: dict[int, tuple[int, int, int, int]] = {}
+        self.pool_broken: str | None = None
         self.ready: collections.deque[int] = collections.deque()
         self.retry: list[tuple[float, int]] = []
         self.queued: set[int] = set()
@@ -196,6 +284,13 @@ class Daemon:
 
     def _startup(self) -> None:
         opts = self.opts
+        if opts.rebuild_journal:
+            from .journal import rebuild
+
+            aside, summary = rebuild(self.state_dir, self.inbox, self.outbox, opts.pattern,
+                                     archive=self.archive)
+            self.log("rebuilt", (f"journal moved aside to {aside}; " if aside else "")
+                     + f"rebuilt from {self.outbox}: {summary}")
         self.journal = Journal(self.state_dir)
         self.journal.set_meta_many({
             "inbox": str(self.inbox), "outbox": str(self.outbox), "pattern": opts.pattern,
@@ -245,7 +340,7 @@ class Daemon:
                         if name in self.settler:
                             self.settler.observe(name)   # drops it if it is gone
                         continue
-                    self.settler.observe(name, closed=(kind == "close"))
+                    self.settler.observe(name, renamed=(kind == "renamed"))
             if now >= next_rescan and not opts.once:
                 next_rescan = now + opts.rescan_interval
                 if not self.inbox.is_dir():
@@ -379,47 +474,47 @@ class Daemon:
             lst = os.lstat(path)
         except FileNotFoundError:
             return True
-        latest = self.journal.latest(name)
         reason = w.check_safe(self.inbox, name)
+        kind = "security"
+        if reason is None:
+            reason, kind = w.name_problem(name, self.name_max), "name"
         if reason:
-            if not (latest and latest.error_kind == "security"
-                    and (latest.size, latest.mtime_ns) == _ident(lst)):
-                self._refuse(name, path, lst, reason)
-            self.known[name] = _ident(lst)
+            self._refuse(name, path, lst, reason, kind)
+            return True
+        latest = self.journal.latest(name)
+        try:
+            fd, st = w.open_entry(self.inbox, name)
+        except w.Refused as exc:
+            self._refuse(name, path, lst, exc.reason, exc.kind)
+            return True
+        except (FileNotFoundError, w.NotRegular):
+            self.known[name] = _ident(lst)      # dangling link, directory, FIFO...: ignored
+            return True
+        except PermissionError:
+            self._unreadable(name, path, lst, latest)
             return True
         try:
-            st = os.stat(path)
-        except (FileNotFoundError, OSError):
-            return True                         # dangling symlink within the inbox
-        if not statmod.S_ISREG(st.st_mode):
-            self.known[name] = _ident(lst)
-            return True
+            return self._take_open(name, path, lst, fd, st, latest)
+        finally:
+            os.close(fd)
+
+    def _take_open(self, name: str, path: Path, lst: os.stat_result, fd: int,
+                   st: os.stat_result, latest: Row | None) -> bool:
         ident = _ident(st)
-        if not os.access(path, os.R_OK):
-            if not (latest and latest.error_kind == "unreadable"
-                    and (latest.size, latest.mtime_ns) == ident):
-                fid = self.journal.add(name=name, path=str(path), size=ident[0],
-                                       mtime_ns=ident[1], sha256=None, state="quarantined",
-                                       error="cannot read the file (permission denied); "
-                                             "deliver it again readable",
-                                       error_kind="unreadable")
-                self._write_error_report(self.journal.get(fid), None)
-                self.log("failed", f"{name}: cannot read it (permission denied) -> recorded "
-                         "in quarantine", level="error", file=name, id=fid)
-            self.known[name] = _ident(lst)
-            return True
         if latest is not None:
             if latest.state == "running":
                 return True                     # looked at again when the run ends
             if latest.state in PENDING:
-                if (latest.size, latest.mtime_ns) != ident:
-                    sha = self._hash(path, ident)
+                if self.hashed.get(latest.id) != _version(st):
+                    sha = self._hash(fd, st)
                     if sha is None:
                         return False
-                    self.journal.update_identity(latest.id, path=str(path), size=ident[0],
-                                                 mtime_ns=ident[1], sha256=sha)
-                    self.log("changed", f"{name}: changed before it ran; the new content will "
-                             "be processed", file=name, id=latest.id)
+                    if (latest.size, latest.mtime_ns, latest.sha256) != (*ident, sha):
+                        self.journal.update_identity(latest.id, path=str(path), size=ident[0],
+                                                     mtime_ns=ident[1], sha256=sha)
+                        self.log("changed", f"{name}: changed before it ran; the new content "
+                                 "will be processed", file=name, id=latest.id)
+                    self.hashed[latest.id] = _version(st)
                 if latest.id not in self.queued and latest.id not in self.inflight:
                     self._enqueue(latest.id)
                 self.known[name] = _ident(lst)
@@ -427,7 +522,7 @@ class Daemon:
             if (latest.size, latest.mtime_ns) == ident and not latest.moved_to:
                 self.known[name] = _ident(lst)  # the very file already settled
                 return True
-        sha = self._hash(path, ident)
+        sha = self._hash(fd, st)
         if sha is None:
             return False
         self.known[name] = _ident(lst)
@@ -457,12 +552,27 @@ class Daemon:
             return True
         fid = self.journal.add(name=name, path=str(path), size=ident[0], mtime_ns=ident[1],
                                sha256=sha)
+        self.hashed[fid] = _version(st)
         what = "changed content, reprocessing" if changed else "new"
         self.log("taken", f"{name} ({ident[0]} bytes, sha256 {sha[:12]}; {what})",
                  file=name, id=fid, size=ident[0], sha256=sha, changed=changed)
         self._activity = True
         self._enqueue(fid)
         return True
+
+    def _unreadable(self, name: str, path: Path, lst: os.stat_result, latest: Row | None) -> None:
+        ident = _ident(lst)
+        if not (latest and latest.error_kind == "unreadable"
+                and (latest.size, latest.mtime_ns) == ident):
+            fid = self.journal.add(name=name, path=str(path), size=ident[0],
+                                   mtime_ns=ident[1], sha256=None, state="quarantined",
+                                   error="cannot read the file (permission denied); "
+                                         "deliver it again readable",
+                                   error_kind="unreadable")
+            self._write_error_report(self.journal.get(fid), None)
+            self.log("failed", f"{name}: cannot read it (permission denied) -> recorded "
+                     "in quarantine", level="error", file=name, id=fid)
+        self.known[name] = ident
 
     def _internal_error(self, what: str, exc: BaseException) -> None:
         import traceback
@@ -475,23 +585,30 @@ class Daemon:
             except OSError:
                 pass
 
-    def _hash(self, path: Path, ident: tuple[int, int]) -> str | None:
-        """sha256 of the file, or None if it changed while being read (or vanished).
-        An unreadable file raises PermissionError."""
-        try:
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            after = _ident(os.stat(path))
-        except FileNotFoundError:
+    @staticmethod
+    def _hash(fd: int, st: os.stat_result) -> str | None:
+        """sha256 of the open file, read through its descriptor; None if it changed while
+        being read."""
+        digest = hashlib.sha256()
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        if _version(os.fstat(fd)) != _version(st) or offset != st.st_size:
             return None
-        if after != ident:
-            return None
-        return digest
+        return digest.hexdigest()
 
-    def _refuse(self, name: str, path: Path, lst: os.stat_result, reason: str) -> None:
-        fid = self.journal.add(name=name, path=str(path), size=lst.st_size,
+    def _refuse(self, name: str, path: Path, lst: os.stat_result, reason: str,
+                kind: str = "security") -> None:
+        """Record an entry refused without reading it (once per version of the entry)."""
+        self.known[name] = _ident(lst)
+        stored = _storable(name)
+        latest = self.journal.latest(stored)
+        if latest and latest.error_kind == kind and (latest.size, latest.mtime_ns) == _ident(lst):
+            return
+        fid = self.journal.add(name=stored, path=_storable(str(path)), size=lst.st_size,
                                mtime_ns=lst.st_mtime_ns, sha256=None, state="quarantined",
-                               error=reason, error_kind="security")
+                               error=reason, error_kind=kind)
         row = self.journal.get(fid)
         self._write_error_report(row, None)
         self.log("refused", f"{name}: {reason} (recorded in quarantine; nothing read or "
@@ -532,38 +649,63 @@ class Daemon:
         if row.state not in PENDING:
             return
         path = self.inbox / row.name
-        reason = w.check_safe(self.inbox, row.name)
-        if reason:
-            self.journal.set_state(fid, "quarantined", error=reason, error_kind="security")
-            self._write_error_report(self.journal.get(fid), None)
-            self.log("refused", f"{row.name}: {reason}", level="warning", file=row.name, id=fid)
-            return
         try:
-            ident = _ident(os.stat(path))
-        except (FileNotFoundError, OSError):
-            self.journal.set_state(fid, "vanished", error="the input disappeared from the "
-                                   "inbox before it was processed", error_kind="vanished")
-            self.log("vanished", f"{row.name}: disappeared before it was processed",
-                     level="warning", file=row.name, id=fid)
+            fd, st = w.open_entry(self.inbox, row.name)
+            os.close(fd)
+        except w.Refused as exc:
+            self.journal.set_state(fid, "quarantined", error=exc.reason, error_kind=exc.kind)
+            self._write_error_report(self.journal.get(fid), None)
+            self.log("refused", f"{row.name}: {exc.reason}", level="warning", file=row.name,
+                     id=fid)
             return
-        if (row.size, row.mtime_ns) != ident:
-            self.settler.observe(row.name)      # taken again (new hash) once it settles
+        except (OSError, w.NotRegular):
+            self._vanished(row)
+            return
+        hashed = self.hashed.get(fid)
+        if (row.size, row.mtime_ns) != _ident(st) or (hashed and hashed != _version(st)):
+            self.hashed.pop(fid, None)
+            self.settler.observe(row.name)      # hashed again (and run) once it settles
             return
         run_id, attempt = self.journal.start(fid)
         staging = self.staging_root / f"{fid}-{attempt}"
-        job = {"id": fid, "attempt": attempt, "path": str(path), "staging": str(staging),
+        # the worker opens the entry itself, checks it is this very version (or refuses),
+        # and reads only through that descriptor
+        job = {"id": fid, "attempt": attempt, "path": str(path), "inbox": str(self.inbox),
+               "name": row.name, "expect": [st.st_ino, st.st_size, st.st_mtime_ns],
+               "staging": str(staging),
                "config": self.opts.config, "env": _crds_env()}
         flight = _Flight(self.journal.get(fid), run_id, attempt, staging)
+        self.inflight[fid] = flight
         try:
             self.executor.submit(job)
         except Exception as exc:
-            self.inflight[fid] = flight
-            self._failed(flight, {"ok": False, "kind": "transient",
+            self._failed(flight, {"ok": False, "kind": "transient", "lost": True,
                                   "error": f"cannot submit: {type(exc).__name__}: {exc}"})
             return
-        self.inflight[fid] = flight
         self.log("started", f"{row.name} (attempt {attempt})", file=row.name, id=fid,
                  attempt=attempt)
+
+    def _pool_is_broken(self, result: dict) -> bool:
+        """After a lost worker: can the executor still start workers? If not, no file is
+        to blame -- stop (exit 1) and leave every file as it is for the next start."""
+        if self.pool_broken is None:
+            check = getattr(self.executor, "check", None)
+            problem = check() if check is not None else None
+            if problem is None:
+                return False
+            self.pool_broken = problem
+            self.log("error", f"the worker pool is broken: {problem}; stopping with exit code "
+                     "1 (no file is failed or moved: they are processed at the next start)",
+                     level="error", reason=problem)
+            self.exit_code = 1
+            self.stop_requested = self.stop_requested or signal.SIGTERM
+        return True
+
+    def _vanished(self, row: Row) -> None:
+        self.journal.set_state(row.id, "vanished", error="the input disappeared from the "
+                               "inbox before it was processed", error_kind="vanished")
+        self.log("vanished", f"{row.name}: disappeared before it was processed",
+                 level="warning", file=row.name, id=row.id)
 
     def _wait_completions(self, timeout: float) -> None:
         import queue
@@ -639,6 +781,7 @@ class Daemon:
                           timings=result.get("timings"), worker=result.get("worker"),
                           moved_to=moved_to)
         self._done_this_run += 1
+        self.hashed.pop(row.id, None)
         if moved_to:
             self._move_input(self.journal.get(row.id), path, Path(moved_to))
         self.log("done", f"{row.name} in {float(result.get('seconds') or 0):.2f} s -> "
@@ -650,6 +793,22 @@ class Daemon:
         self.inflight.pop(flight.row.id, None)
         row = self.journal.get(flight.row.id)
         kind = result.get("kind", "transient")
+        if result.get("lost") and self._pool_is_broken(result):
+            # not the file's fault: it is left as it is for the next start
+            self.journal.abandon(row.id, flight.run_id)
+            return
+        if kind == "changed":       # replaced between the daemon's look and the worker's
+            self.journal.abandon(row.id, flight.run_id, outcome="interrupted")
+            self.hashed.pop(row.id, None)
+            self.known.pop(row.name, None)
+            self.settler.observe(row.name)
+            self.log("changed", f"{row.name}: changed before the worker opened it; taken "
+                     "again once it settles", file=row.name, id=row.id)
+            return
+        if kind == "vanished":
+            self.journal.abandon(row.id, flight.run_id, outcome="interrupted")
+            self._vanished(self.journal.get(row.id))
+            return
         error = str(result.get("error") or "unknown error")
         counted = kind == "transient"
         final = kind != "transient" or row.failures + 1 > self.opts.retries
@@ -667,10 +826,12 @@ class Daemon:
         path = self.inbox / row.name
         dest = None
         try:
-            if _ident(os.stat(path)) == (row.size, row.mtime_ns):
+            # refused entries (kind security) stay where they are, like at the first look
+            if kind != "security" and _ident(os.lstat(path)) == (row.size, row.mtime_ns):
                 dest = _unique(self.quarantine_dir, row.name)
         except (FileNotFoundError, OSError):
             pass
+        self.hashed.pop(row.id, None)
         if kind == "transient":
             error = f"{error} (gave up after {row.failures + 1} transient failures)"
         self.journal.fail(row.id, flight.run_id, error=error, kind=kind, quarantine=True,
@@ -696,7 +857,7 @@ class Daemon:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if dest.exists() or dest.is_symlink():
                     dest = _unique(dest.parent, row.name)
-                shutil.move(str(src), str(dest))
+                _move_entry(src, dest)
                 moved = str(dest)
         except FileNotFoundError:
             moved = str(dest) if dest.exists() else None
@@ -712,7 +873,12 @@ class Daemon:
         """``<name>.error.json`` in the quarantine directory (beside the moved input)."""
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         base = moved_to.name if moved_to is not None else row.name
-        report = self.quarantine_dir / f"{base}.error.json"
+        if len(os.fsencode(base)) + len(".error.json") > self.name_max:
+            # a name refused as too long: the report gets a shortened one (the journal
+            # row and the report's "file" hold the whole name)
+            digest = hashlib.sha256(os.fsencode(base)).hexdigest()[:12]
+            base = os.fsencode(base)[: self.name_max - 40].decode("utf-8", "ignore") + "-" + digest
+        report = self.quarantine_dir / _storable(f"{base}.error.json")
         if w.realpath(report.parent) != w.realpath(self.quarantine_dir):
             raise OSError(f"refusing to write {report}")
         runs = self.journal.runs(row.id)
@@ -735,7 +901,7 @@ class Daemon:
             "journal_id": row.id,
             "what_to_do": _advice(row.error_kind),
         }
-        tmp = report.with_name(f".{report.name}.{os.getpid()}.tmp")
+        tmp = report.with_name(f".report-{row.id}-{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(body, indent=2) + "\n")
             os.replace(tmp, report)
@@ -827,7 +993,9 @@ def _advice(kind: str | None) -> str:
         "transient": "processing failed repeatedly for a reason other than the input; check "
                      "the workers, then drop the file into the inbox again",
         "security": "the inbox entry was refused without being read (a symlink leaving the "
-                    "inbox or a name with '..'); replace it with a regular file",
+                    "inbox, or a name with '..'); replace it with a regular file",
+        "name": "the file name cannot be handled (too long for the product and report names, "
+                "or not UTF-8); rename it and deliver it again",
         "vanished": "the input was removed from the inbox before it was processed",
         "unreadable": "the daemon may not read the file; deliver it again with read "
                       "permission (a new copy is looked at afresh)",

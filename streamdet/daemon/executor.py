@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from .worker import daemon_env, init_local_worker, run_job
+from .worker import daemon_env, init_local_worker, probe, run_job
 
 
 class ExecutorError(RuntimeError):
@@ -27,8 +27,30 @@ class ExecutorError(RuntimeError):
 
 
 def _lost(exc: BaseException) -> dict:
-    return {"ok": False, "kind": "transient", "worker": None,
+    return {"ok": False, "kind": "transient", "worker": None, "lost": True,
             "error": f"worker lost: {type(exc).__name__}: {exc}".rstrip(": ")}
+
+
+def _pin_worker_imports() -> str:
+    """Make the local workers import the streamdet the daemon runs, whatever the working
+    directory: multiprocessing starts its forkserver (and spawned children) with
+    ``python -c``, which puts the working directory first on ``sys.path`` -- a source
+    tree there (a clone) would be imported instead. ``PYTHONSAFEPATH`` (Python >= 3.11)
+    keeps it off; a streamdet that is not in site-packages (an editable install, a tree
+    on PYTHONPATH) has its directory put first. Returns the daemon's ``streamdet`` path,
+    which every worker checks against its own."""
+    import site
+
+    import streamdet
+
+    package = os.path.dirname(os.path.abspath(streamdet.__file__))
+    root = os.path.dirname(package)
+    os.environ["PYTHONSAFEPATH"] = "1"
+    system = {os.path.abspath(p) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    if root not in system:
+        rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *rest])
+    return package
 
 
 def _start_resource_tracker(output: str) -> None:
@@ -64,6 +86,7 @@ class LocalExecutor:
 
         self.workers = max(1, int(workers))
         self.output = output
+        self.package = _pin_worker_imports()     # before any helper process starts
         self.completions: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         methods = mp.get_all_start_methods()
         if output:
@@ -88,14 +111,59 @@ class LocalExecutor:
 
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx,
                                             initializer=init_local_worker,
-                                            initargs=(os.getpid(), daemon_env(), self.output))
+                                            initargs=(os.getpid(), daemon_env(), self.output,
+                                                      self.package))
         return self.pool
 
     def start(self) -> None:
+        """Start the workers now (their imports overlap the inbox scan) and make sure they
+        can: a pool that cannot start a worker is an :class:`ExecutorError`."""
         pool = self._ensure_pool()
-        # start the workers now, so that their imports overlap the inbox scan
-        for _ in range(self.workers):
+        for _ in range(self.workers - 1):
             pool.submit(os.getpid)
+        problem = self._probe(pool)
+        if problem:
+            raise ExecutorError(f"the worker pool is broken: {problem}")
+
+    def check(self) -> str | None:
+        """After a worker was lost: None if a worker can still be started and runs the
+        daemon's code, else what is wrong. Two tries on fresh pools: a forkserver that died
+        with its workers is started again on the second."""
+        problem = None
+        for attempt in range(2):
+            if attempt:
+                self._reset()
+                time.sleep(0.5)
+            try:
+                pool = self._ensure_pool()
+            except Exception as exc:
+                problem = self._problem(exc)
+                continue
+            problem = self._probe(pool)
+            if problem is None:
+                return None
+        self._reset()
+        return problem
+
+    def _probe(self, pool, timeout: float = 300.0) -> str | None:
+        try:
+            info = pool.submit(probe).result(timeout)
+        except Exception as exc:
+            return self._problem(exc)
+        if info.get("package") != self.package:
+            return (f"workers import streamdet from {info.get('package')}, the daemon runs "
+                    f"{self.package}")
+        return None
+
+    def _problem(self, exc: BaseException) -> str:
+        from multiprocessing import spawn
+
+        where = f" (see {self.output})" if self.output else ""
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        exe = os.fsdecode(spawn.get_executable())
+        if not os.access(exe, os.X_OK):
+            text = f"the interpreter {exe} is gone or cannot be run ({text})"
+        return f"workers cannot start: {text}{where}"
 
     def capacity(self) -> int:
         return self.workers

@@ -143,8 +143,32 @@ class Row:
         return json.loads(self.products) if self.products else {}
 
 
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8 for the journal and the reports: an undecodable byte of a
+    file name (a surrogate escape) becomes ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", errors="backslashreplace")
+
+
 class JournalError(RuntimeError):
     pass
+
+
+class JournalBroken(JournalError):
+    """The journal file is corrupt, or not a streamdet journal (exit code 2: the file is
+    kept as it is; ``streamdet watch --rebuild-journal`` moves it aside)."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path}: {what}; the file was left as it is. Move it aside, or run "
+                         "'streamdet watch INBOX --output OUTBOX --rebuild-journal' to move it "
+                         "aside and rebuild the journal from OUTBOX")
+        self.path = path
+
+
+_OUR_TABLES = {"meta", "files", "runs"}
 
 
 class Journal:
@@ -162,8 +186,31 @@ class Journal:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
                                   check_same_thread=False)
+        try:
+            self._open(readonly)
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise JournalBroken(self.path, f"not a readable SQLite database ({exc})") from None
+        except JournalError:
+            self.db.close()
+            raise
+
+    def _open(self, readonly: bool) -> None:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout = 30000")
+        # looked at before anything is written: a foreign database is never changed
+        tables = {r[0] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables or readonly:
+            if not _OUR_TABLES <= tables:
+                what = (f"holds the tables {', '.join(sorted(tables))}" if tables else
+                        "is empty")
+                raise JournalBroken(self.path, f"not a streamdet journal (it {what})")
+            check = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise JournalBroken(self.path, f"the database is damaged ({check})")
+            if self.get_meta("schema_version") is None:
+                raise JournalBroken(self.path, "not a streamdet journal (no schema version)")
         if not readonly:
             mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -173,9 +220,10 @@ class Journal:
             version = self.get_meta("schema_version")
             if version is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
-            elif int(version) > SCHEMA_VERSION:
-                raise JournalError(f"{self.path}: schema version {version} is newer than "
-                                   f"this streamdet understands ({SCHEMA_VERSION})")
+            elif not str(version).isdigit() or int(version) > SCHEMA_VERSION:
+                raise JournalBroken(self.path, f"schema version {version!r} is not one this "
+                                    f"streamdet understands ({SCHEMA_VERSION}: a newer "
+                                    "streamdet wrote it?)")
 
     def close(self) -> None:
         self.db.close()
@@ -403,3 +451,88 @@ class _Transaction:
         else:
             self.db.execute("ROLLBACK")
         return False
+
+
+def move_aside(state_dir: str | os.PathLike) -> Path | None:
+    """Rename the journal (and its WAL files) to ``journal.sqlite.broken-<UTC time>``;
+    returns the new name, or None when there was no journal. Never deletes anything."""
+    path = Path(state_dir) / Journal.FILENAME
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.broken-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.broken-{stamp}.{n}")
+        n += 1
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            os.replace(extra, aside.with_name(aside.name + suffix))
+    os.replace(path, aside)
+    return aside
+
+
+def rebuild(state_dir: str | os.PathLike, inbox: Path, outbox: Path, pattern: str,
+            archive: Path | None = None) -> tuple[Path | None, str]:
+    """``streamdet watch --rebuild-journal``: move the journal aside and write a new one
+    from what is on disk -- an input (in INBOX or the archive) whose products
+    ``<base>_rate.fits`` and ``<base>_rateints.fits`` are in OUTBOX is done (a product
+    is trusted to belong to the input of its base name); every ``*.error.json`` of the
+    quarantine gives back its quarantined row. Everything else is processed afresh."""
+    import hashlib
+
+    from ..core.exposure import product_base_name
+    from . import watcher as w
+
+    aside = move_aside(state_dir)
+    journal = Journal(state_dir)
+    done = quarantined = 0
+    try:
+        sources = [(inbox, name) for name in w.scan(inbox, pattern)]
+        if archive is not None and archive.is_dir():
+            sources += [(archive, name) for name in w.scan(archive, pattern)]
+        for directory, name in sources:
+            if storable(name) != name:          # refused names are recorded when seen
+                continue
+            base = product_base_name(name)
+            products = {kind: outbox / f"{base}_{kind}.fits" for kind in ("rateints", "rate")}
+            if not all(p.is_file() for p in products.values()) or journal.latest(name):
+                continue
+            try:
+                fd, st = w.open_entry(directory, name)
+            except (OSError, w.Refused, w.NotRegular):
+                continue
+            try:
+                digest = hashlib.sha256()
+                offset = 0
+                while chunk := os.pread(fd, 1 << 20, offset):
+                    digest.update(chunk)
+                    offset += len(chunk)
+            finally:
+                os.close(fd)
+            fid = journal.add(name=name, path=str(inbox / name), size=st.st_size,
+                              mtime_ns=st.st_mtime_ns, sha256=digest.hexdigest())
+            run_id, _ = journal.start(fid)
+            moved_to = str(directory / name) if directory != inbox else None
+            journal.done(fid, run_id, products={k: str(p) for k, p in products.items()},
+                         seconds=0.0, timings=None, worker="rebuilt", moved_to=moved_to)
+            journal.move_finished(fid, moved_to)
+            done += 1
+        quarantine = Path(state_dir) / "quarantine"
+        reports = sorted(quarantine.glob("*.error.json")) if quarantine.is_dir() else []
+        for report in reports:
+            try:
+                body = json.loads(report.read_text())
+                name = str(body["file"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            fid = journal.add(name=name, path=str(body.get("inbox_path") or inbox / name),
+                              size=body.get("size"), mtime_ns=None, sha256=body.get("sha256"),
+                              state="quarantined", error=body.get("reason"),
+                              error_kind=body.get("kind"))
+            journal.move_finished(fid, body.get("quarantined_input"))
+            quarantined += 1
+    finally:
+        journal.close()
+    return aside, f"{done} done, {quarantined} quarantined"

@@ -9,6 +9,30 @@ import threading
 from typing import Any, TextIO
 
 
+def printable(text: str) -> str:
+    """``text`` as one encodable line: control characters, line and paragraph separators
+    and undecodable bytes (surrogate escapes of a file name) written as escapes, so that
+    a file name cannot forge log lines or make a line unwritable."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif 0xDC80 <= code < 0xDD00:          # an undecodable byte (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 class EventLog:
     def __init__(self, fmt: str = "text", stream: TextIO | None = None):
         if fmt not in ("text", "json"):
@@ -23,9 +47,9 @@ class EventLog:
         if self.fmt == "json":
             obj = {"time": stamp, "level": level, "event": event, "message": message}
             obj.update({k: v for k, v in fields.items() if v is not None})
-            line = json.dumps(obj, default=str, separators=(",", ":"))
+            line = json.dumps(obj, default=str, separators=(",", ":"))  # escapes all
         else:
-            line = f"{stamp} {level.upper():<7} {event:<10} {message}"
+            line = f"{stamp} {level.upper():<7} {event:<10} {printable(message)}"
         stream = self.stream or sys.stderr
         with self._lock:
             try:

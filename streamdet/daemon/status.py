@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from . import watcher as w
-from .journal import STATES, Journal
+from .log import printable
+from .journal import STATES, Journal, storable
 
 
 def daemon_pid(state_dir: Path) -> int | None:
@@ -43,7 +44,7 @@ def collect(state_dir: Path, n_errors: int = 5) -> dict:
         untaken = 0
         if inbox and Path(inbox).is_dir():
             for name in w.scan(Path(inbox), pattern):
-                latest = journal.latest(name)
+                latest = journal.latest(storable(name))
                 try:
                     st = os.stat(Path(inbox) / name)
                 except OSError:
@@ -101,7 +102,8 @@ def render(info: dict) -> str:
         lines.append("")
         lines.append("last errors:")
         for e in info["last_errors"]:
-            lines.append(f"  {e['time']}  {e['file']}  [{e['kind']}, {e['state']}] {e['error']}")
+            lines.append(printable(f"  {e['time']}  {e['file']}  [{e['kind']}, {e['state']}] "
+                                   f"{e['error']}"))
     if info["problems"]:
         lines.append("")
         lines.append("journal problems:")

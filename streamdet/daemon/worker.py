@@ -39,7 +39,13 @@ def daemon_env() -> dict[str, str]:
 
 
 def run_job(job: dict) -> dict:
-    """Process ``job['path']`` into ``job['staging']`` with ``job['config']``."""
+    """Process the inbox entry ``job['name']`` into ``job['staging']`` with ``job['config']``.
+
+    The entry is opened once, as an entry of INBOX itself (:func:`~.watcher.open_entry`:
+    a symlink swapped in after the daemon's look is never followed out of INBOX); the
+    opened file must be the very version the daemon checked (``job['expect']``: inode,
+    size, mtime -- not the device number, which differs between hosts sharing a network
+    filesystem), and the engine reads only through that descriptor."""
     apply_env(job.get("env"))
     import dataclasses
     from pathlib import Path
@@ -48,10 +54,32 @@ def run_job(job: dict) -> dict:
     from streamdet.core.errors import BadInputError
     from streamdet.core.plugins import PluginWarning
 
+    from . import watcher
+
     worker = f"{socket.gethostname()}:{os.getpid()}"
     started = time.perf_counter()
+    if _WRONG_CODE:
+        return {"ok": False, "kind": "transient", "lost": True, "error": _WRONG_CODE,
+                "worker": worker}
+
+    def refused(kind: str, error: str) -> dict:
+        return {"ok": False, "kind": kind, "error": error, "worker": worker,
+                "seconds": time.perf_counter() - started}
+
     staging = Path(job["staging"])
+    fd = None
     try:
+        if "inbox" in job:
+            try:
+                fd, st = watcher.open_entry(Path(job["inbox"]), job["name"])
+            except watcher.Refused as exc:
+                return refused(exc.kind, exc.reason)
+            except (FileNotFoundError, watcher.NotRegular):
+                return refused("vanished", "the input disappeared before the worker opened it")
+            version = [st.st_ino, st.st_size, st.st_mtime_ns]
+            if job.get("expect") and version != list(job["expect"]):
+                return refused("changed", "the input was replaced or changed after the daemon "
+                               "checked it")
         staging.mkdir(parents=True, exist_ok=True)
         config = job.get("config") or RunConfig()
         config = dataclasses.replace(config, output_dir=staging, overwrite=True,
@@ -59,7 +87,7 @@ def run_job(job: dict) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             # a misbehaving observer plugin is reported with the file, in the daemon's log
             warnings.simplefilter("always", PluginWarning)
-            result = process_file(job["path"], config)
+            result = process_file(job["path"], config, source_fd=fd)
         plugin_warnings = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
         for w in caught:
             if not issubclass(w.category, PluginWarning):
@@ -75,6 +103,9 @@ def run_job(job: dict) -> dict:
                 "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=20),
                 "seconds": time.perf_counter() - started}
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 # -- local pool workers ---------------------------------------------------------------------
@@ -92,7 +123,19 @@ def redirect_output(output: str | None) -> None:
         pass
 
 
-def init_local_worker(daemon_pid: int, env: dict[str, str], output: str | None = None) -> None:
+def probe() -> dict:
+    """What a worker runs: its pid and the streamdet package it imports."""
+    import streamdet
+
+    return {"pid": os.getpid(), "package": os.path.dirname(os.path.abspath(streamdet.__file__))}
+
+
+#: set in a local worker whose streamdet is not the daemon's: it then runs no file
+_WRONG_CODE: str | None = None
+
+
+def init_local_worker(daemon_pid: int, env: dict[str, str], output: str | None = None,
+                      package: str | None = None) -> None:
     """Initializer of a local pool process: the daemon's CRDS env before any crds import,
     SIGINT ignored (the daemon decides when work stops), stdout/stderr appended to
     ``output`` (so library chatter never mixes into the daemon's log lines), warm imports,
@@ -102,6 +145,10 @@ def init_local_worker(daemon_pid: int, env: dict[str, str], output: str | None =
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     redirect_output(output)
     apply_env(env)
+    global _WRONG_CODE
+    mine = probe()["package"]
+    if package and mine != package:
+        _WRONG_CODE = f"this worker imports streamdet from {mine}, the daemon runs {package}"
     parent = os.getppid()
 
     def guard() -> None:
