@@ -174,6 +174,73 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
     return out
 
 
+@dataclass(frozen=True)
+class ParsReference:
+    """A CRDS step-parameter reference (``pars-jumpstep``) selected for an exposure."""
+
+    reftype: str
+    step: str | None          # the step alias, None for the pipeline's
+    path: str
+    context: str | None
+    #: the file's contents (see streamdet.core.jwstparams.ParameterFile)
+    parameters: object
+
+    @property
+    def header_value(self) -> str:
+        return f"crds://{Path(self.path).name}"
+
+
+#: values of STPIPE_DISABLE_CRDS_STEPPARS that switch the lookup off (stpipe's own list)
+_STPIPE_TRUE = ("true", "True", "t", "yes", "y")
+
+
+def crds_pars_disabled() -> bool:
+    """Whether the environment switches CRDS parameter references off, as it does for
+    stpipe (``STPIPE_DISABLE_CRDS_STEPPARS``)."""
+    return os.environ.get("STPIPE_DISABLE_CRDS_STEPPARS", "") in _STPIPE_TRUE
+
+
+def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
+    """The CRDS step-parameter references for the exposure, as stpipe's ``Step.call``
+    looks them up: ``pars-<class>`` for every jwst Detector1 step and then for the
+    pipeline (whose ``steps`` section wins over the steps' own files), with the
+    exposure's selectors. None when CRDS is not configured, a type the context does not
+    know or declares N/A is simply absent (stpipe goes on without it too); a selected
+    file missing from the cache or unreadable is an error naming it."""
+    from . import jwstparams  # noqa: PLC0415
+
+    if "CRDS_PATH" not in os.environ:
+        return []
+    crds = _crds()
+    params = crds_parameters(meta.header)
+    wanted = {jwstparams.pars_reftype(a): a for a in jwstparams.STEP_CLASSES}
+    wanted[jwstparams.pars_reftype(None)] = None
+    try:
+        chosen = crds.getrecommendations(params, reftypes=list(wanted), observatory="jwst",
+                                         context=os.environ.get("CRDS_CONTEXT"))
+    except SystemExit:
+        raise ReferenceError_(
+            f"{meta.path}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
+            "configuration (config/jwst/server_config) and no server is reachable") from None
+    except Exception:  # the rules select nothing for this exposure: no parameters
+        return []
+    found = [r for r in wanted if not str(chosen.get(r, "NOT FOUND")).upper().startswith("NOT FOUND")]
+    if not found:
+        return []
+    paths = _from_crds(meta, found)
+    out = []
+    for reftype in found:
+        res = paths[reftype]
+        if res.path is None:
+            continue
+        try:
+            content = jwstparams.read_parameter_file(res.path)
+        except Exception as exc:
+            raise ReferenceError_(f"{meta.path}: CRDS {reftype} reference: {exc}") from None
+        out.append(ParsReference(reftype, wanted[reftype], res.path, res.context, content))
+    return out
+
+
 def _missing_from_cache(crds, meta: ExposureMeta, params: dict, reftypes: list[str]) -> None:
     """After ``crds.getreferences`` failed: if it was because a file the rules select is
     not in the local cache (crds then tries to download it, which fails offline), raise

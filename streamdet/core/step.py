@@ -153,7 +153,15 @@ class Step:
 
     @classmethod
     def validate_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        from .jwstparams import ENGINE_PARAMS, refuse_unimplemented, threads_for
+
         spec = cls.all_params()
+        given = dict(given)
+        for name in sorted(set(given) - set(spec)):
+            if cls.name in ENGINE_PARAMS.get(name, ()):  # served by the engine (threads)
+                threads_for(given.pop(name), 1)
+            elif refuse_unimplemented(cls.name, name, given[name]):
+                del given[name]  # jwst's default: the behaviour is the same
         unknown = sorted(set(given) - set(spec))
         if unknown:
             raise BadInputError(
