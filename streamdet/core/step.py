@@ -47,10 +47,15 @@ class Param:
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
+    #: None is a value too (jwst's ``integer(default=None)``); given as text: "None"
+    optional: bool = False
 
     def coerce(self, step: str, name: str, value: Any) -> Any:
         """Return ``value`` as this parameter's type, or raise a one-line BadInputError."""
         where = f"parameter {step}.{name}"
+        if self.optional and (value is None or (isinstance(value, str)
+                                                and value.strip().lower() in ("none", "null"))):
+            return None
         try:
             if self.type is bool:
                 if isinstance(value, bool):
