@@ -186,3 +186,15 @@ def test_parity_with_jwst_call_applying_the_same_pars(sim, tmp_path, monkeypatch
     assert _jump_pixels(theirs["rate"]) > _jump_pixels(
         streamdet.process(sim.uncal, tmp_path / "defaults",
                           steps={"jump": {"rejection_threshold": 4.0}})["rate"])
+
+
+def test_a_selected_pars_file_missing_from_the_cache_is_an_error(tmp_path):
+    gone = _sim_with(tmp_path / "sim", {"JumpStep": {"rejection_threshold": 3.0}})
+    asdf_file = next((gone.crds_path / "references" / "jwst" / "miri").glob("*pars-jumpstep*"))
+    asdf_file.unlink()
+    done = _cli(["process", gone.uncal, "-o", tmp_path / "out"], gone.env)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert asdf_file.name in line and "--no-crds-pars" in line
+    done = _cli(["process", gone.uncal, "-o", tmp_path / "out", "--no-crds-pars"], gone.env)
+    assert done.returncode == 0, done.stderr

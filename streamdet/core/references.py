@@ -227,7 +227,12 @@ def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
     found = [r for r in wanted if not str(chosen.get(r, "NOT FOUND")).upper().startswith("NOT FOUND")]
     if not found:
         return []
-    paths = _from_crds(meta, found)
+    try:
+        paths = _from_crds(meta, found)
+    except ReferenceError_ as exc:
+        # stpipe would go on with the step defaults, silently changing the results
+        raise ReferenceError_(f"{exc} (step-parameter references; --no-crds-pars or "
+                              "STPIPE_DISABLE_CRDS_STEPPARS=true goes without them)") from None
     out = []
     for reftype in found:
         res = paths[reftype]
