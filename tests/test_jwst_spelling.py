@@ -155,3 +155,20 @@ def test_save_parameters_refuses_what_jwst_cannot_say(tmp_path):
     assert back.class_name == jwstparams.PIPELINE_CLASS
     with pytest.raises(BadInputError, match="no jwst equivalent"):
         configmod.save_parameters(tmp_path / "bad.asdf", RunConfig(params={"row_median": {"skip": False}}))
+
+
+def test_python_api_refuses_what_it_cannot_honour(sim, tmp_path, monkeypatch):
+    import streamdet
+
+    for key, value in sim.env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(BadInputError, match="persistence"):
+        streamdet.process(sim.uncal, tmp_path, steps={"persistence": {"skip": False}})
+    with pytest.raises(BadInputError, match="no_such_step"):
+        streamdet.process(sim.uncal, tmp_path, steps={"no_such_step": {"skip": True}})
+    with pytest.raises(BadInputError, match="use_ellipses"):
+        streamdet.process(sim.uncal, tmp_path, steps={"jump": {"use_ellipses": True}})
+    assert not list(tmp_path.glob("*.fits"))
+    done = streamdet.process(sim.uncal, tmp_path, steps={"ipc": {"skip": True},
+                                                         "jump": {"use_ellipses": False}})
+    assert done["rate"].exists()

@@ -112,6 +112,10 @@ def effective(config, meta, registry, cpus: int = 1) -> Parameters:
     threads = []
     for step, values in merged.items():
         if step not in installed:  # a jwst step streamdet does not have: checked, inert
+            if step not in jwstparams.STEP_CLASSES:
+                raise BadInputError(f"unknown step {step!r} in parameters (steps: "
+                                    f"{', '.join(installed)})")
+            jwstparams.check_missing_step(step, values)
             continue
         spec = installed[step].all_params()
         kept = {}
