@@ -198,3 +198,26 @@ def test_a_selected_pars_file_missing_from_the_cache_is_an_error(tmp_path):
     assert asdf_file.name in line and "--no-crds-pars" in line
     done = _cli(["process", gone.uncal, "-o", tmp_path / "out", "--no-crds-pars"], gone.env)
     assert done.returncode == 0, done.stderr
+
+
+def test_rules_selecting_on_other_header_keywords_still_match(tmp_path, monkeypatch):
+    """A pars rmap may select on any header value (here PROGRAM): it is matched like
+    stpipe matches it, from the whole header."""
+    from streamdet.simulate import _mapping_text
+
+    other = _sim_with(tmp_path / "sim", {"JumpStep": {"rejection_threshold": 3.5}})
+    program = str(fits.getval(other.uncal, "PROGRAM"))
+    rmap = next((other.crds_path / "mappings" / "jwst").glob("*pars-jumpstep*.rmap"))
+    asdf_name = next((other.crds_path / "references" / "jwst" / "miri").glob("*pars-jumpstep*")).name
+    header = {"classes": ("Match", "UseAfter"), "derived_from": "test", "file_ext": ".asdf",
+              "filekind": "PARS-JUMPSTEP", "instrument": "MIRI", "mapping": "REFERENCE",
+              "name": rmap.name, "observatory": "JWST",
+              "parkey": (("META.INSTRUMENT.DETECTOR", "META.OBSERVATION.PROGRAM_NUMBER"),
+                         ("META.OBSERVATION.DATE", "META.OBSERVATION.TIME"))}
+    sel = ("Match({\n    ('MIRIMAGE', " + repr(program) + ") : UseAfter({\n        "
+           "'2000-01-01 00:00:00' : " + repr(asdf_name) + ",\n    }),\n})")
+    rmap.write_text(_mapping_text(header, sel))
+    for key, value in other.env.items():
+        monkeypatch.setenv(key, value)
+    result = process_file(other.uncal, RunConfig(output_dir=tmp_path / "out"))
+    assert next(s for s in result.chain if s.name == "jump").params["rejection_threshold"] == 3.5

@@ -139,14 +139,15 @@ def resolve_optional(meta: ExposureMeta, reftypes: list[str], overrides: dict[st
     return out
 
 
-def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
+def _from_crds(meta: ExposureMeta, reftypes: list[str], params: dict | None = None
+               ) -> dict[str, Resolved]:
     where = meta.path
     if "CRDS_PATH" not in os.environ:
         raise ReferenceError_(
             f"{where}: no reference for {', '.join(reftypes)}: set CRDS_PATH to a CRDS cache "
             "(streamdet simulate makes one) or pass --override REFTYPE=PATH")
     crds = _crds()
-    params = crds_parameters(meta.header)
+    params = crds_parameters(meta.header) if params is None else params
     try:
         # the context is passed explicitly: crds caches the first CRDS_CONTEXT it sees
         best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst",
@@ -224,11 +225,21 @@ def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
             "configuration (config/jwst/server_config) and no server is reachable") from None
     except Exception:  # the rules select nothing for this exposure: no parameters
         return []
+    if any("UNDEFINED" in str(v) for v in chosen.values()):
+        # a rule selects on a header value outside CRDS_KEYWORDS: ask again with the whole
+        # header, as stpipe (which passes the whole model's metadata) would (crds then
+        # translates the FITS keywords, which costs a second, so only in this case)
+        params = {**_whole_header(meta), **params}
+        try:
+            chosen = crds.getrecommendations(params, reftypes=list(wanted), observatory="jwst",
+                                             context=os.environ.get("CRDS_CONTEXT"))
+        except Exception:
+            return []
     found = [r for r in wanted if not str(chosen.get(r, "NOT FOUND")).upper().startswith("NOT FOUND")]
     if not found:
         return []
     try:
-        paths = _from_crds(meta, found)
+        paths = _from_crds(meta, found, params)
     except ReferenceError_ as exc:
         # stpipe would go on with the step defaults, silently changing the results
         raise ReferenceError_(f"{exc} (step-parameter references; --no-crds-pars or "
@@ -243,6 +254,18 @@ def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
         except Exception as exc:
             raise ReferenceError_(f"{meta.path}: CRDS {reftype} reference: {exc}") from None
         out.append(ParsReference(reftype, wanted[reftype], res.path, res.context, content))
+    return out
+
+
+def _whole_header(meta: ExposureMeta) -> dict[str, str]:
+    """Every scalar card of the exposure's primary and SCI headers, as crds takes FITS
+    keywords."""
+    out: dict[str, str] = {}
+    for header in (meta.extra.get("sci_header") or {}, meta.header):
+        for key in header:
+            value = header[key]
+            if key and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                out[str(key)] = str(value)
     return out
 
 
