@@ -164,7 +164,10 @@ class Step:
         given = dict(given)
         for name in sorted(set(given) - set(spec)):
             if cls.name in ENGINE_PARAMS.get(name, ()):  # served by the engine (threads)
-                threads_for(given.pop(name), 1)
+                try:
+                    threads_for(given.pop(name), 1)
+                except BadInputError as exc:
+                    raise BadInputError(f"parameter {cls.name}.{exc}") from None
             elif refuse_unimplemented(cls.name, name, given[name]):
                 del given[name]  # jwst's default: the behaviour is the same
         unknown = sorted(set(given) - set(spec))
