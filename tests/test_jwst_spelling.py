@@ -172,3 +172,19 @@ def test_python_api_refuses_what_it_cannot_honour(sim, tmp_path, monkeypatch):
     done = streamdet.process(sim.uncal, tmp_path, steps={"ipc": {"skip": True},
                                                          "jump": {"use_ellipses": False}})
     assert done["rate"].exists()
+
+
+def test_parameter_files_that_are_not_for_detector1_are_bad_input(tmp_path):
+    import asdf
+
+    other = tmp_path / "resample.asdf"
+    asdf.AsdfFile({"class": "jwst.resample.resample_step.ResampleStep", "name": "resample",
+                   "parameters": {"pixfrac": 0.5}}).write_to(str(other))
+    with pytest.raises(BadInputError, match="ResampleStep"):
+        configmod.load(other)
+    broken = tmp_path / "broken.asdf"
+    broken.write_bytes(b"#ASDF 1.0.0\n%YAML 1.1\n--- [unclosed\n")
+    with pytest.raises(BadInputError, match="broken.asdf"):
+        configmod.load(broken)
+    done = _cli(["process", "nothing_uncal.fits", "--config", broken])
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

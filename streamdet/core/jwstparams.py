@@ -295,6 +295,9 @@ def read_parameter_file(path: str | Path) -> ParameterFile:
             substeps.append((str(sub_name), sub | {"__class": sub_class}))
     out = ParameterFile(path, str(cls) if cls else None, str(name) if name else None)
     own_alias = alias_of(str(cls or "")) or alias_of(str(name or ""))
+    if cls and own_alias is None and str(cls).rsplit(".", 1)[-1] != PIPELINE_NAME:
+        raise BadInputError(f"{path}: parameters of {cls}, not of {PIPELINE_NAME} or one "
+                            "of its steps")
     if own_alias is not None and not substeps:
         out.steps[own_alias] = params
         return out
