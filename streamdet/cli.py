@@ -67,7 +67,7 @@ def process(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS, else all usable CPUs)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="print only errors"),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="print references and skip reasons"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="print references, parameters (and where each came from) and skip reasons"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Turn Level 1B exposures into _rate.fits and _rateints.fits."""
