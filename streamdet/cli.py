@@ -39,16 +39,18 @@ def _timings_table(timings: dict[str, float]):
 def process(
     files: List[Path] = typer.Argument(..., help="Level 1B *_uncal.fits files"),
     output_dir: Optional[Path] = typer.Option(None, "-o", "--output-dir", help="where products go (default: beside each input)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file"),
+    config: Optional[Path] = typer.Option(None, "--config", help="configuration file: TOML, or a jwst ASDF parameter file"),
     skip: List[str] = typer.Option([], "--skip", help="skip STEP (repeatable)"),
-    set_: List[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE (repeatable)"),
+    set_: List[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE (repeatable; jwst's --steps.STEP.PARAM=VALUE works too)"),
+    no_crds_pars: bool = typer.Option(False, "--no-crds-pars", help="do not apply the CRDS step-parameter references (pars-*)"),
+    save_parameters: Optional[Path] = typer.Option(None, "--save-parameters", help="write the run's parameters as a jwst ASDF parameter file (FILE.asdf) and go on"),
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A (repeatable)"),
     use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable)"),
     save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS, else all usable CPUs)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="print only errors"),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="print references and skip reasons"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="print references, parameters (and where each came from) and skip reasons"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Turn Level 1B exposures into _rate.fits and _rateints.fits."""
@@ -73,10 +75,15 @@ def process(
             for message in registry.broken:
                 typer.echo(f"streamdet: warning: {message}", err=True)
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
-                             output_dir=output_dir, overwrite=overwrite, registry=registry)
-        run.save_ramp = save_ramp
+                             output_dir=output_dir, overwrite=overwrite, registry=registry,
+                             crds_pars=not no_crds_pars)
+        run.save_ramp = save_ramp or run.save_ramp
         if threads is not None:
             run.threads = threads
+        if save_parameters is not None:
+            configmod.save_parameters(save_parameters, run, registry)
+            if not quiet:
+                typer.echo(f"parameters: {save_parameters}")
     except Exception as exc:
         raise typer.Exit(errors.report(exc, debug=debug, where=config))
     failures = 0
@@ -115,6 +122,12 @@ def process(
                 for reftype, res in result.references.items():
                     console.print(f"  {reftype:<11} {res.path or 'N/A'} [{res.source}]",
                                   soft_wrap=True, highlight=False, markup=False)
+                if result.parameters is not None:
+                    for pars in result.parameters.pars:
+                        console.print(f"  {pars.reftype:<11} {pars.path} [crds]",
+                                      soft_wrap=True, highlight=False, markup=False)
+                    for line in result.parameters.lines():
+                        console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
             typer.echo(f"{path.name}: {result.seconds:.2f} s")
             console.print(_timings_table(result.timings))
     if failures:
@@ -230,27 +243,34 @@ def refs(
     config: Optional[Path] = typer.Option(None, "--config"),
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A"),
     skip: List[str] = typer.Option([], "--skip"),
+    set_: List[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE (repeatable)"),
     use: List[str] = typer.Option([], "--use"),
+    no_crds_pars: bool = typer.Option(False, "--no-crds-pars", help="leave the CRDS step-parameter references out"),
     debug: bool = typer.Option(False, "--debug"),
 ):
-    """Print the reference resolved for each step and where it came from."""
+    """Print the reference resolved for each step and where it came from, and the
+    parameters set by CRDS parameter references, the configuration or the command line."""
     from . import config as configmod
     from .core import errors
     from .core import references as refmod
     from .core.engine import build_chain
     from .core.exposure import Exposure
+    from .core.parameters import effective as effective_parameters
     from .core.plugins import get_registry
 
     if not debug:  # crds logs its own copy of a lookup failure we report
         os.environ.setdefault("CRDS_VERBOSITY", "-3")
     lines: list[str] = []
     try:
-        run = configmod.load(config, skip=skip, overrides=override, use=use)
-        chain = build_chain(get_registry(), run)
+        run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
+                             crds_pars=not no_crds_pars)
+        registry = get_registry()
     except Exception as exc:
         raise typer.Exit(errors.report(exc, debug=debug, where=config))
     try:
         with Exposure(file) as exposure:
+            parameters = effective_parameters(run, exposure.meta, registry)
+            chain = build_chain(registry, run, parameters.steps)
             for step in chain:
                 if step.skip:
                     lines.append(f"{step.name:<13} (skipped)")
@@ -265,6 +285,10 @@ def refs(
                     where = {"override": "override", "none": "optional, none found"}.get(
                         res.source, f"crds {res.context}")
                     lines.append(f"{step.name:<13} {reftype:<11} {res.path or 'N/A'}  [{where}]")
+            for pars in parameters.pars:
+                lines.append(f"{pars.step or 'pipeline':<13} {pars.reftype:<11} {pars.path}  "
+                             f"[crds {pars.context}]")
+            lines += [f"parameter     {line}" for line in parameters.lines()]
     except Exception as exc:
         raise typer.Exit(errors.report(exc, debug=debug, where=file))
     for line in lines:  # all or nothing: no half listing before an error
@@ -351,10 +375,24 @@ def _leave(code: int):
     os._exit(code)
 
 
+def _jwst_spelling(argv: list[str]) -> list[str]:
+    """``--steps.STEP.PARAM=VALUE`` (jwst's spelling) as ``--set STEP.PARAM=VALUE``."""
+    if not any(a.startswith("--steps.") for a in argv):
+        return argv
+    from .config import jwst_spelling
+    from .core.errors import BadInputError
+
+    try:
+        return jwst_spelling(argv)
+    except BadInputError as exc:
+        typer.echo(f"streamdet: error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def main() -> None:
     try:
         # without standalone mode click returns a command's exit code instead of exiting
-        code = app(standalone_mode=False)
+        code = app(args=_jwst_spelling(sys.argv[1:]), standalone_mode=False)
         _leave(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         _leave(exc.exit_code)

@@ -13,6 +13,16 @@ File layout (every table optional)::
     [output]
     dir = "products"
     overwrite = false
+
+The file may also be one of jwst's ASDF parameter files (what ``strun
+--save-parameters`` and ``Step.export_config`` write, and CRDS ``pars-*`` references):
+a Detector1Pipeline file's ``steps`` become ``[steps.X]``, its ``output_dir`` the output
+directory and ``save_calibrated_ramp`` ``--save-ramp``; a single step's file sets that
+step. jwst parameters streamdet does not implement are accepted at jwst's defaults and
+refused otherwise (core/jwstparams.py).
+
+On the command line, jwst's spelling ``--steps.jump.rejection_threshold=5`` is the same
+as ``--set jump.rejection_threshold=5`` (see :func:`jwst_spelling`).
 """
 
 from __future__ import annotations
@@ -21,8 +31,56 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .core import jwstparams
 from .core.engine import RunConfig
 from .core.errors import BadInputError
+
+
+def jwst_spelling(argv: list[str]) -> list[str]:
+    """Command-line arguments with jwst's ``--steps.STEP.PARAM=VALUE`` (or
+    ``--steps.STEP.PARAM VALUE``) rewritten as ``--set STEP.PARAM=VALUE``; everything
+    else, and everything after ``--``, is left as it is."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            out.append(arg)
+            out.extend(args)
+            break
+        if arg.startswith("--steps."):
+            key, sep, value = arg[len("--steps."):].partition("=")
+            if not sep:
+                value = next(args, None)
+                if value is None:
+                    raise BadInputError(f"{arg}: expected {arg}=VALUE")
+            out += ["--set", f"{key}={value}"]
+        else:
+            out.append(arg)
+    return out
+
+
+def _from_parameter_file(config_file: Path) -> tuple[dict[str, Any], bool | None]:
+    """A jwst ASDF parameter file as this module's configuration tables, and its
+    ``save_calibrated_ramp`` (None when absent)."""
+    content = jwstparams.read_parameter_file(config_file)
+    data: dict[str, Any] = {"steps": {k: dict(v) for k, v in content.steps.items()}}
+    save_ramp = None
+    for name, value in content.pipeline.items():
+        if name == "save_calibrated_ramp":
+            save_ramp = jwstparams.same_value(value, True)
+        elif name == "output_dir":
+            if value is not None and str(value).strip():
+                data.setdefault("output", {})["dir"] = str(value)
+        elif name in ("save_results", "skip"):
+            continue  # streamdet always writes its products; a pipeline is not skipped
+        elif name in jwstparams.COMMON:
+            if not jwstparams.same_value(value, jwstparams.COMMON[name]):
+                raise BadInputError(f"{config_file}: Detector1Pipeline parameter "
+                                    f"{name}={value!r} is not supported (only jwst's "
+                                    f"default {jwstparams.COMMON[name]!r})")
+        else:
+            raise BadInputError(f"{config_file}: Detector1Pipeline has no parameter {name!r}")
+    return data, save_ramp
 
 
 def _pair(option: str, text: str) -> tuple[str, str]:
@@ -34,7 +92,8 @@ def _pair(option: str, text: str) -> tuple[str, str]:
 
 def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[str] = (),
          overrides: list[str] = (), use: list[str] = (), output_dir: Path | None = None,
-         overwrite: bool = False, registry=None, whole_chain: bool = True) -> RunConfig:
+         overwrite: bool = False, registry=None, whole_chain: bool = True,
+         crds_pars: bool = True) -> RunConfig:
     """Build a RunConfig: the file first, command-line options on top.
 
     Everything is checked against the installed steps (``registry``, the process's own
@@ -45,7 +104,10 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     leaves out the checks that need the whole chain decided (for ``streamdet steps``,
     which shows an undecided chain)."""
     data: dict[str, Any] = {}
-    if config_file is not None:
+    save_ramp = None
+    if config_file is not None and jwstparams.is_asdf(Path(config_file)):
+        data, save_ramp = _from_parameter_file(Path(config_file))
+    elif config_file is not None:
         try:
             data = tomllib.loads(Path(config_file).read_text())
         except FileNotFoundError:
@@ -110,9 +172,17 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     run = RunConfig(
         params=params, use=chosen, overrides=refs, output_dir=directory,
         overwrite=overwrite or bool(out.get("overwrite", False)),
+        save_ramp=bool(save_ramp), crds_pars=crds_pars,
+        param_origins={key[1:]: where for key, where in origin.items() if key[0] == "param"},
     )
     _validate(run, origin, registry, whole_chain)
     return run
+
+
+def _file_or_option(where: str) -> str:
+    """The configuration file of an origin text (``run.toml: [steps.jump] x``), or the
+    option text itself."""
+    return where if where.startswith("--") else where.split(": [", 1)[0]
 
 
 def _check_output_dir(directory: Path, where: str) -> None:
@@ -144,6 +214,12 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
     for step, values in run.params.items():
         if step not in registry.implementations:
             where = origin.get(("param", step, next(iter(values), "")), f"step {step}")
+            if step in jwstparams.STEP_CLASSES:  # jwst has it, streamdet does not
+                try:
+                    jwstparams.check_missing_step(step, values)
+                except BadInputError as exc:
+                    raise BadInputError(f"{_file_or_option(where)}: {exc}") from None
+                continue
             raise BadInputError(f"{where}: no step named {step!r} (steps: {known})")
     if not whole_chain:
         return
@@ -154,6 +230,8 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
     except Exception as exc:  # two implementations and no choice: the user must choose
         raise BadInputError(str(exc)) from None
     for step, values in run.params.items():
+        if step not in classes:
+            continue  # a jwst step streamdet does not have, checked above
         cls = classes[step]
         for name, value in values.items():
             try:
@@ -161,7 +239,7 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
             except BadInputError as exc:
                 where = origin.get(("param", step, name), "")
                 if where and not where.startswith("--"):  # from the configuration file
-                    raise BadInputError(f"{where.split(': [', 1)[0]}: {exc}") from None
+                    raise BadInputError(f"{_file_or_option(where)}: {exc}") from None
                 raise
     reftypes = sorted({r for impls in registry.implementations.values() for cls in impls
                        for r in (*cls.reftypes, *cls.optional_reftypes)})
@@ -180,3 +258,41 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
             raise BadInputError(f"{where}: step {skipped[0]!r} makes the rate images and "
                                 "cannot be skipped")
         # otherwise an installed plugin put a step after the rate: the engine reports it
+
+
+def save_parameters(path: Path, run: RunConfig, registry=None) -> None:
+    """Write the run's settings as a jwst Detector1Pipeline ASDF parameter file, which
+    ``strun calwebb_detector1 --config FILE`` and ``--config FILE`` here both read.
+
+    Every jwst parameter is written, the run's values over jwst's defaults. A setting
+    jwst has no name for (a plugin's step or parameter) cannot be expressed there: it is
+    a one-line error naming it, not a file that silently differs."""
+    from .core.plugins import get_registry
+
+    registry = registry if registry is not None else get_registry()
+    classes = {cls.name: cls for cls in registry.chain(run.use)}
+    steps: dict[str, dict[str, Any]] = {}
+    for step, values in run.params.items():
+        if step not in jwstparams.STEP_CLASSES:
+            raise BadInputError(f"--save-parameters {path}: step {step!r} has no jwst "
+                                "equivalent and cannot be written to a jwst parameter file")
+        typed = classes[step].validate_params(values) if step in classes else {}
+        for name, value in values.items():
+            known, default = jwstparams.jwst_default(step, name)
+            if not known:
+                raise BadInputError(f"--save-parameters {path}: parameter {step}.{name} has "
+                                    "no jwst equivalent")
+            if name in typed:
+                value = typed[name]
+            elif isinstance(default, bool):
+                value = jwstparams.same_value(value, True)
+            elif isinstance(default, str) and default:
+                value = str(value)
+            steps.setdefault(step, {})[name] = value
+    pipeline: dict[str, Any] = {"save_calibrated_ramp": bool(run.save_ramp)}
+    if run.output_dir is not None:
+        pipeline["output_dir"] = str(run.output_dir)
+    try:
+        jwstparams.write_parameter_file(path, pipeline, steps)
+    except OSError as exc:
+        raise BadInputError(f"--save-parameters {path}: cannot write ({exc.strerror})") from None

@@ -420,6 +420,13 @@ class SimParams:
     #: references that the steps cut to the subarray, as CRDS ships them. False writes
     #: them at the subarray size instead (smaller and faster for tiny cases).
     fullframe_refs: bool = True
+    #: CRDS step-parameter references to ship in the cache, as operations do: jwst step
+    #: class name -> the parameters its ``pars-<class>`` file sets, e.g.
+    #: ``{"JumpStep": {"rejection_threshold": 3.0}}`` (``"Detector1Pipeline"`` may hold a
+    #: ``"steps"`` mapping). Written as stpipe ASDF parameter files selected by an rmap;
+    #: every other pars type stays N/A. Empty (the default): none, and the outputs are
+    #: those of a simulator without this option.
+    crds_pars: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     # --- electromagnetic interference (EMI); off by default ----------------------------
     #: MIRI's readout electronics pick up sinusoidal interference (390.625 Hz in most
@@ -448,6 +455,8 @@ class SimParams:
         if not self.has_emi:
             for key in _EMI_FIELDS:
                 out.pop(key, None)
+        if not self.crds_pars:
+            out.pop("crds_pars", None)
         return out
 
 
@@ -1551,6 +1560,39 @@ _CRDS_PARKEYS = {
 }
 
 
+def _write_pars_file(path: Path, step: str, reftype: str, parameters: dict[str, Any],
+                     date_obs: str) -> None:
+    """An stpipe parameter reference: ``class``, ``name``, ``parameters`` (only the values
+    that differ from the step's defaults; a pipeline's ``steps`` as a list of such
+    trees) and the CRDS ``meta`` that ``Step.export_config(include_metadata=True)``
+    writes."""
+    import asdf  # noqa: PLC0415 - only caches that ship parameter references need it
+
+    from streamdet.core import jwstparams  # noqa: PLC0415
+
+    alias = jwstparams.alias_of(step)
+    if step == jwstparams.PIPELINE_NAME:
+        full = jwstparams.PIPELINE_CLASS
+    elif alias is not None:
+        full = jwstparams.STEP_CLASSES[alias]
+    else:
+        raise SimulationError(f"crds_pars: {step!r} is not a jwst Detector1 step class")
+    params = dict(parameters)
+    tree: dict[str, Any] = {"class": full, "name": step if alias is None else alias}
+    substeps = params.pop("steps", None)
+    tree["parameters"] = params
+    if substeps:
+        tree["steps"] = [{"class": jwstparams.STEP_CLASSES[a], "name": a,
+                          "parameters": dict(v)} for a, v in substeps.items()]
+    tree["meta"] = {
+        "author": "streamdet.simulate", "date": f"{date_obs}T00:00:00",
+        "description": f"Parameters for calibration step {full}",
+        "instrument": {"name": "MIRI"}, "origin": "streamdet", "pedigree": "GROUND",
+        "reftype": reftype, "telescope": "JWST", "useafter": "2000-01-01T00:00:00",
+    }
+    asdf.AsdfFile(tree).write_to(str(path))
+
+
 def _mapping_text(header: dict, selector_text: str) -> str:
     """Mapping file text with a correct sha1sum (crds: sha1 of the text without the lines
     that contain 'sha1sum')."""
@@ -1610,6 +1652,28 @@ def _write_crds_cache(m: _Model, p: SimParams, root: Path, serial: str, ref_file
         imap_sel[reftype] = "N/A"
     for step in PARS_STEPS:
         imap_sel["pars-" + step.lower()] = "N/A"
+    for step, parameters in sorted(p.crds_pars.items()):
+        reftype = "pars-" + step.lower()
+        asdf_name = f"jwst_miri_{reftype}_{serial}.asdf"
+        _write_pars_file(root / "references" / "jwst" / "miri" / asdf_name, step,
+                         reftype, parameters, p.date_obs)
+        rmap = f"jwst_miri_{reftype}_{serial}.rmap"
+        header = {
+            "classes": ("Match", "UseAfter"),
+            "derived_from": derived,
+            "file_ext": ".asdf",
+            "filekind": reftype.upper(),
+            "instrument": "MIRI",
+            "mapping": "REFERENCE",
+            "name": rmap,
+            "observatory": "JWST",
+            "parkey": (("META.INSTRUMENT.DETECTOR",),
+                       ("META.OBSERVATION.DATE", "META.OBSERVATION.TIME")),
+        }
+        sel = ("Match({\n    ('MIRIMAGE',) : UseAfter({\n        "
+               + repr("2000-01-01 00:00:00") + " : " + repr(asdf_name) + ",\n    }),\n})")
+        (mapdir / rmap).write_text(_mapping_text(header, sel))
+        imap_sel[reftype] = rmap
     header = {"derived_from": derived, "instrument": "MIRI", "mapping": "INSTRUMENT",
               "name": imap, "observatory": "JWST", "parkey": ("REFTYPE",)}
     sel = "{\n" + "".join(f"    {k!r} : {v!r},\n" for k, v in sorted(imap_sel.items())) + "}"

@@ -17,7 +17,7 @@ import pytest
 from streamdet.simulate import simulate
 
 TIMEOUT = 180
-MIRI_ORDER = ["dq_init", "saturation", "firstframe", "lastframe", "reset", "linearity",
+MIRI_ORDER = ["group_scale", "dq_init", "saturation", "firstframe", "lastframe", "reset", "linearity",
               "rscd", "dark_current", "refpix", "jump", "ramp_fit"]
 CLI = [sys.executable, "-m", "streamdet.cli"]
 

@@ -34,7 +34,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,10 +42,12 @@ import numpy as np
 
 from streamdet._ckernels import declare, ptr
 
+from . import jwstparams
 from . import references as refmod
 from .buffers import ThreadBuffers
 from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
+from .parameters import Parameters, effective as effective_parameters
 from .plugins import Observers, Registry, get_registry
 from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
 from .step import Chunk, Granularity, Step
@@ -113,6 +115,13 @@ class RunConfig:
     threads: int | None = None
     pass1_band_bytes: int = DEFAULT_PASS1_BAND_BYTES
     scratch_in_memory_bytes: int = SCRATCH_IN_MEMORY_BYTES
+    #: apply the CRDS step-parameter references (``pars-*``) selected for each exposure
+    #: (``--no-crds-pars``: False; ``STPIPE_DISABLE_CRDS_STEPPARS=true`` also switches
+    #: them off)
+    crds_pars: bool = True
+    #: (step, parameter) -> the option or file that set it in ``params`` (for messages
+    #: and the record of where each value came from)
+    param_origins: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,15 +131,26 @@ class Result:
     chain: list[Step]
     references: dict[str, refmod.Resolved]
     seconds: float
+    #: the parameters applied, each non-default value with where it came from, and the
+    #: CRDS parameter references selected (core/parameters.py)
+    parameters: Parameters | None = None
 
 
-def build_chain(registry: Registry, config: RunConfig) -> list[Step]:
+def build_chain(registry: Registry, config: RunConfig,
+                params: dict[str, dict[str, Any]] | None = None) -> list[Step]:
+    """One instance of each step of the chain, built with ``params`` (default: the
+    run's own ``config.params``). Settings for jwst steps streamdet does not have are
+    accepted when they leave them skipped or at jwst's defaults (core/jwstparams.py)."""
     classes = registry.chain(config.use)
     known = {cls.name for cls in classes}
-    for name in config.params:
+    params = config.params if params is None else params
+    for name, values in params.items():
         if name not in known:
+            if name in jwstparams.STEP_CLASSES:
+                jwstparams.check_missing_step(name, values)
+                continue
             raise BadInputError(f"unknown step {name!r} in parameters (steps: {', '.join(known)})")
-    return [cls(config.params.get(cls.name, {})) for cls in classes]
+    return [cls(params.get(cls.name, {})) for cls in classes]
 
 
 class _Scratch:
@@ -254,9 +274,16 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
     observers = Observers(registry.pm, where=path)
     started = time.perf_counter()
     timings: dict[str, float] = defaultdict(float)
-    chain = build_chain(registry, config)
     with Exposure(path, fd=source_fd) as exposure:
         meta = exposure.meta
+        t0 = time.perf_counter()
+        parameters = effective_parameters(config, meta, registry, usable_cpus())
+        timings["parameters"] += time.perf_counter() - t0
+        chain = build_chain(registry, config, parameters.steps)
+        if config.threads is None and parameters.threads is not None:
+            config = replace(config, threads=parameters.threads)
+        if parameters.save_ramp and not config.save_ramp:
+            config = replace(config, save_ramp=True)
         outputs = output_paths(meta, config.output_dir, config.save_ramp)
         check_writable(outputs.values(), config.overwrite, meta.path)
 
@@ -302,6 +329,8 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
             try:
                 keywords = _keywords(chain, resolved)
                 history = [history_line(s) for s in chain if not s.skip]
+                history += [_cut(f"streamdet: {p.reftype}={p.header_value}", HISTORY_WIDTH)
+                            for p in parameters.pars]
                 t0 = time.perf_counter()
                 write_products(meta, outputs, rate, rateints, keywords, history)
                 if ramp is not None:
@@ -314,7 +343,8 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
             refs.close()
     observers.notify("streamdet_exposure_finished", exposure=exposure, products=outputs,
                      timings=dict(timings))
-    return Result(outputs, dict(timings), chain, resolved, time.perf_counter() - started)
+    return Result(outputs, dict(timings), chain, resolved, time.perf_counter() - started,
+                  parameters)
 
 
 def history_line(step: Step) -> str:

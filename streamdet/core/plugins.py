@@ -271,7 +271,9 @@ def build_registry(extra_plugins: tuple = (), *, only_builtin: bool = False) -> 
                 if not getattr(cls, "name", None):
                     raise PluginError(f"{cls.__name__} declares no step name")
                 for pname, p in cls.params_spec.items():
-                    if not isinstance(p.default, p.type) and not (p.type is float and isinstance(p.default, int)):
+                    if (not isinstance(p.default, p.type)
+                            and not (p.type is float and isinstance(p.default, int))
+                            and not (p.optional and p.default is None)):
                         raise PluginError(f"{cls.__name__} parameter {pname!r}: default "
                                           f"{p.default!r} is not a {p.type.__name__}")
         except Exception as exc:

@@ -139,14 +139,15 @@ def resolve_optional(meta: ExposureMeta, reftypes: list[str], overrides: dict[st
     return out
 
 
-def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
+def _from_crds(meta: ExposureMeta, reftypes: list[str], params: dict | None = None
+               ) -> dict[str, Resolved]:
     where = meta.path
     if "CRDS_PATH" not in os.environ:
         raise ReferenceError_(
             f"{where}: no reference for {', '.join(reftypes)}: set CRDS_PATH to a CRDS cache "
             "(streamdet simulate makes one) or pass --override REFTYPE=PATH")
     crds = _crds()
-    params = crds_parameters(meta.header)
+    params = crds_parameters(meta.header) if params is None else params
     try:
         # the context is passed explicitly: crds caches the first CRDS_CONTEXT it sees
         best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst",
@@ -174,6 +175,100 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str]) -> dict[str, Resolved]:
                 continue
             raise ReferenceError_(f"{where}: CRDS found no reference type {reftype!r}: {value}")
         out[reftype] = Resolved(reftype, value, "crds", context)
+    return out
+
+
+@dataclass(frozen=True)
+class ParsReference:
+    """A CRDS step-parameter reference (``pars-jumpstep``) selected for an exposure."""
+
+    reftype: str
+    step: str | None          # the step alias, None for the pipeline's
+    path: str
+    context: str | None
+    #: the file's contents (see streamdet.core.jwstparams.ParameterFile)
+    parameters: object
+
+    @property
+    def header_value(self) -> str:
+        return f"crds://{Path(self.path).name}"
+
+
+#: values of STPIPE_DISABLE_CRDS_STEPPARS that switch the lookup off (stpipe's own list)
+_STPIPE_TRUE = ("true", "True", "t", "yes", "y")
+
+
+def crds_pars_disabled() -> bool:
+    """Whether the environment switches CRDS parameter references off, as it does for
+    stpipe (``STPIPE_DISABLE_CRDS_STEPPARS``)."""
+    return os.environ.get("STPIPE_DISABLE_CRDS_STEPPARS", "") in _STPIPE_TRUE
+
+
+def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
+    """The CRDS step-parameter references for the exposure, as stpipe's ``Step.call``
+    looks them up: ``pars-<class>`` for every jwst Detector1 step and then for the
+    pipeline (whose ``steps`` section wins over the steps' own files), with the
+    exposure's selectors. None when CRDS is not configured, a type the context does not
+    know or declares N/A is simply absent (stpipe goes on without it too); a selected
+    file missing from the cache or unreadable is an error naming it."""
+    from . import jwstparams  # noqa: PLC0415
+
+    if "CRDS_PATH" not in os.environ:
+        return []
+    crds = _crds()
+    params = crds_parameters(meta.header)
+    wanted = {jwstparams.pars_reftype(a): a for a in jwstparams.STEP_CLASSES}
+    wanted[jwstparams.pars_reftype(None)] = None
+    try:
+        chosen = crds.getrecommendations(params, reftypes=list(wanted), observatory="jwst",
+                                         context=os.environ.get("CRDS_CONTEXT"))
+    except SystemExit:
+        raise ReferenceError_(
+            f"{meta.path}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
+            "configuration (config/jwst/server_config) and no server is reachable") from None
+    except Exception:  # the rules select nothing for this exposure: no parameters
+        return []
+    if any("UNDEFINED" in str(v) for v in chosen.values()):
+        # a rule selects on a header value outside CRDS_KEYWORDS: ask again with the whole
+        # header, as stpipe (which passes the whole model's metadata) would (crds then
+        # translates the FITS keywords, which costs a second, so only in this case)
+        params = {**_whole_header(meta), **params}
+        try:
+            chosen = crds.getrecommendations(params, reftypes=list(wanted), observatory="jwst",
+                                             context=os.environ.get("CRDS_CONTEXT"))
+        except Exception:
+            return []
+    found = [r for r in wanted if not str(chosen.get(r, "NOT FOUND")).upper().startswith("NOT FOUND")]
+    if not found:
+        return []
+    try:
+        paths = _from_crds(meta, found, params)
+    except ReferenceError_ as exc:
+        # stpipe would go on with the step defaults, silently changing the results
+        raise ReferenceError_(f"{exc} (step-parameter references; --no-crds-pars or "
+                              "STPIPE_DISABLE_CRDS_STEPPARS=true goes without them)") from None
+    out = []
+    for reftype in found:
+        res = paths[reftype]
+        if res.path is None:
+            continue
+        try:
+            content = jwstparams.read_parameter_file(res.path)
+        except Exception as exc:
+            raise ReferenceError_(f"{meta.path}: CRDS {reftype} reference: {exc}") from None
+        out.append(ParsReference(reftype, wanted[reftype], res.path, res.context, content))
+    return out
+
+
+def _whole_header(meta: ExposureMeta) -> dict[str, str]:
+    """Every scalar card of the exposure's primary and SCI headers, as crds takes FITS
+    keywords."""
+    out: dict[str, str] = {}
+    for header in (meta.extra.get("sci_header") or {}, meta.header):
+        for key in header:
+            value = header[key]
+            if key and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                out[str(key)] = str(value)
     return out
 
 

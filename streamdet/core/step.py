@@ -47,10 +47,15 @@ class Param:
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
+    #: None is a value too (jwst's ``integer(default=None)``); given as text: "None"
+    optional: bool = False
 
     def coerce(self, step: str, name: str, value: Any) -> Any:
         """Return ``value`` as this parameter's type, or raise a one-line BadInputError."""
         where = f"parameter {step}.{name}"
+        if self.optional and (value is None or (isinstance(value, str)
+                                                and value.strip().lower() in ("none", "null"))):
+            return None
         try:
             if self.type is bool:
                 if isinstance(value, bool):
@@ -153,7 +158,18 @@ class Step:
 
     @classmethod
     def validate_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        from .jwstparams import ENGINE_PARAMS, refuse_unimplemented, threads_for
+
         spec = cls.all_params()
+        given = dict(given)
+        for name in sorted(set(given) - set(spec)):
+            if cls.name in ENGINE_PARAMS.get(name, ()):  # served by the engine (threads)
+                try:
+                    threads_for(given.pop(name), 1)
+                except BadInputError as exc:
+                    raise BadInputError(f"parameter {cls.name}.{exc}") from None
+            elif refuse_unimplemented(cls.name, name, given[name]):
+                del given[name]  # jwst's default: the behaviour is the same
         unknown = sorted(set(given) - set(spec))
         if unknown:
             raise BadInputError(

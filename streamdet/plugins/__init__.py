@@ -8,7 +8,7 @@ its predecessor in :data:`MIRI_ORDER`.
 
 from __future__ import annotations
 
-MIRI_ORDER = ("dq_init", "saturation", "firstframe", "lastframe", "reset", "linearity",
+MIRI_ORDER = ("group_scale", "dq_init", "saturation", "firstframe", "lastframe", "reset", "linearity",
               "rscd", "dark_current", "refpix", "jump", "ramp_fit")
 
 

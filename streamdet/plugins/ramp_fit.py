@@ -648,6 +648,25 @@ from streamdet.core.step import Granularity, Param, Step  # noqa: E402
 from . import follows  # noqa: E402
 
 
+def ignored_groups(ngroups: int, firstgroup: int | None, lastgroup: int | None
+                   ) -> np.ndarray | None:
+    """Per group, DO_NOT_USE for the groups jwst's ``firstgroup``/``lastgroup`` leave
+    out, or None when none is left out. As jwst 3.0: a negative firstgroup counts as 0,
+    a lastgroup past the end as the last group, and firstgroup >= lastgroup makes both
+    ignored."""
+    if firstgroup is None and lastgroup is None:
+        return None
+    first = 0 if firstgroup is None else max(0, firstgroup)
+    last = ngroups - 1 if lastgroup is None else lastgroup
+    if first >= last:
+        return None
+    flags = np.zeros(ngroups, np.uint8)
+    flags[:first] = DO_NOT_USE
+    if last < ngroups - 1:
+        flags[last + 1:] = DO_NOT_USE
+    return flags if flags.any() else None
+
+
 class RampFitStep(Step):
     """OLS ramp fitting with optimal weighting (jwst 3.0 ``ramp_fit``, OLS_C).
 
@@ -664,6 +683,8 @@ class RampFitStep(Step):
     produces_rate = True
     params_spec = {
         "suppress_one_group": Param(bool, True, "give no rate from a ramp with only its first group usable"),
+        "firstgroup": Param(int, None, "ignore the groups before this one (0-based; None: from the first)", optional=True),
+        "lastgroup": Param(int, None, "ignore the groups after this one (0-based; None: to the last)", optional=True),
     }
 
     def prepare(self, meta, refs, pixeldq):
@@ -674,10 +695,14 @@ class RampFitStep(Step):
         self.common = np.full(meta.ngroups, 0xFF, dtype=np.uint8)
         self.discard = None
         self.lock = threading.Lock()
+        self.ignored = ignored_groups(meta.ngroups, self.params["firstgroup"],
+                                      self.params["lastgroup"])
         return None
 
     def survey(self, chunk):
         piece = np.bitwise_and.reduce(chunk.groupdq, axis=(0, 2, 3))
+        if self.ignored is not None:  # as if already flagged (see process)
+            piece = piece | self.ignored
         with self.lock:
             self.common &= piece
 
@@ -698,6 +723,10 @@ class RampFitStep(Step):
                 if self.discard is None:
                     self.discard = self._plan()
         core = chunk.core
+        if self.ignored is not None:
+            # jwst flags the groups outside firstgroup..lastgroup DO_NOT_USE in the ramp
+            # before fitting, so the MIRI discard and suppression see them too
+            np.bitwise_or(chunk.groupdq, self.ignored[None, :, None, None], out=chunk.groupdq)
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
         dark = self.meta.state.get("average_dark_current")
         return fit_ramps(
