@@ -133,6 +133,8 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
 
     registry = registry if registry is not None else get_registry()
     known = ", ".join(registry.order)
+    # a parameter that chooses the implementation (ramp_fit.algorithm) joins --use
+    run.use = registry.resolve_use(run.use, run.params, origin)
     for step, impl in run.use.items():
         where = origin.get(("use", step), f"--use {step}={impl}")
         if step not in registry.implementations:

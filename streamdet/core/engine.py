@@ -125,7 +125,7 @@ class Result:
 
 
 def build_chain(registry: Registry, config: RunConfig) -> list[Step]:
-    classes = registry.chain(config.use)
+    classes = registry.chain(registry.resolve_use(config.use, config.params))
     known = {cls.name for cls in classes}
     for name in config.params:
         if name not in known:

@@ -180,7 +180,7 @@ def solve_weights(diffs: np.ndarray, use: np.ndarray, read_var: np.ndarray,
     return _Sums(S, N, Q2, Q11)
 
 
-def fit_likely(
+def fit_joint(
     data: np.ndarray,
     groupdq: np.ndarray,
     pixeldq: np.ndarray,

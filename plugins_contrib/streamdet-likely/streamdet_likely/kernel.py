@@ -56,8 +56,6 @@ chunk of pixels it falls in, so bands stitch bit-identically.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, SATURATED
@@ -355,6 +353,8 @@ def _nan_median(values: np.ndarray, finite: np.ndarray) -> np.ndarray:
     """Median over integrations ignoring NaN (NaN where all are)."""
     if finite.all():
         return np.median(values, axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: NaN is right
-        return np.nanmedian(values, axis=0)
+    # nanmedian warns on all-NaN pixels (and warning filters are not thread-safe)
+    none = ~finite.any(axis=0)
+    median = np.nanmedian(np.where(none[None, :], np.float32(0), values), axis=0)
+    median[none] = np.nan
+    return median
