@@ -18,15 +18,11 @@ from streamdet.core.plugins import hookimpl
 from streamdet.core.step import Granularity, Param
 from streamdet.plugins.ramp_fit import ALGORITHMS, RampFitStep
 
-from .joint import JUMP_MASKS, fit_joint
 from .kernel import MIN_GROUPS, fit_likely
 
 #: the built-in's parameters this implementation honours: ``suppress_one_group`` applies
 #: to the OLS_C fit of short exposures only, as in jwst (LIKELY ignores it)
 _HONOURED = {"suppress_one_group", "algorithm"}
-
-#: how the ramps are fitted: as jwst does, or the joint fit of every integration
-METHODS = ("jwst", "joint")
 
 
 class LikelyRampFitStep(RampFitStep):
@@ -45,13 +41,6 @@ class LikelyRampFitStep(RampFitStep):
         "algorithm": Param(str, "LIKELY", "jwst's choice of fit; this implementation is "
                            "LIKELY (OLS_C and OLS choose the built-in)",
                            choices=tuple(ALGORITHMS)),
-        "method": Param(str, "jwst", "jwst: as jwst's LIKELY (default); joint: one fit of "
-                        "all integrations of a pixel with the jump step's flags only (see "
-                        "the package README)", choices=METHODS),
-        "iterations": Param(int, 2, "method=joint: solves per pixel, each after the first "
-                            "with the covariance of the previous rate", min=1, max=10),
-        "jump_mask": Param(str, "read", "method=joint: what a JUMP_DET group removes: its "
-                           "read, or only the difference ending on it", choices=JUMP_MASKS),
     }
 
     def prepare(self, meta, refs, pixeldq):
@@ -63,18 +52,17 @@ class LikelyRampFitStep(RampFitStep):
         if self.params["algorithm"] != "LIKELY":
             raise BadInputError(f"{where}: ramp_fit 'likely' is algorithm LIKELY, not "
                                 f"{self.params['algorithm']!r}")
+        super().prepare(meta, refs, pixeldq)
+        # jwst: "the ngroups needs to be a minimum of 4 ... changed to OLS_C"
+        self.ols = meta.ngroups < MIN_GROUPS
+        if self.ols:
+            return None
         if meta.nframes != 1:
             raise BadInputError(
                 f"{where}: ramp_fit 'likely' supports one read per group (NFRAMES=1, as "
                 f"MIRI reads out); this exposure has NFRAMES={meta.nframes}")
         if not meta.group_time > 0:
             raise BadInputError(f"{where}: group time TGROUP={meta.group_time!r} is not positive")
-        super().prepare(meta, refs, pixeldq)
-        # jwst: "the ngroups needs to be a minimum of 4 ... changed to OLS_C"
-        self.ols = self.params["method"] == "jwst" and meta.ngroups < MIN_GROUPS
-        if self.params["method"] == "joint" and meta.ngroups < 2:
-            raise BadInputError(f"{where}: ramp_fit 'likely' needs at least 2 groups per "
-                                f"integration; this exposure has {meta.ngroups}")
         return None
 
     def process(self, chunk):
@@ -83,15 +71,11 @@ class LikelyRampFitStep(RampFitStep):
         core = chunk.core
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
         dark = self.meta.state.get("average_dark_current")
-        arrays = dict(readnoise=self.readnoise[rows], gain=self.gain[rows],
-                      group_time=self.meta.group_time,
-                      average_dark_current=None if dark is None else np.asarray(dark)[rows])
-        data, groupdq, pixeldq = chunk.data[:, :, core], chunk.groupdq[:, :, core], chunk.pixeldq[core]
-        if self.params["method"] == "joint":
-            return fit_joint(data, groupdq, pixeldq, **arrays,
-                             iterations=self.params["iterations"],
-                             jump_mask=self.params["jump_mask"])
-        return fit_likely(data, groupdq, pixeldq, **arrays)
+        return fit_likely(
+            chunk.data[:, :, core], chunk.groupdq[:, :, core], chunk.pixeldq[core],
+            readnoise=self.readnoise[rows], gain=self.gain[rows],
+            group_time=self.meta.group_time,
+            average_dark_current=None if dark is None else np.asarray(dark)[rows])
 
 
 @hookimpl
