@@ -27,10 +27,15 @@ costs time linear in its length and no determinant is formed.
    lowers the chi-square by ``(p_k - a q_k)^2 / (P_kk - q_k^2 / S)`` (``p = P d``,
    ``q = P 1``, ``S = 1' q``); the difference with the largest improvement is dropped
    if that improvement exceeds 20.25 (4.5 sigma), its end group gets JUMP_DET, and the
-   ramp is searched again while it keeps at least 4 used differences.  No search on a
-   ramp with one used difference or with only two adjacent ones (stcal's two-difference
-   omission is undefined there, which stops the search); pairs of differences are never
-   dropped together (one read per group: stcal allows that only for multi-read groups).
+   ramp is searched again while it keeps at least 4 used differences.  A ramp with one
+   used difference is not searched.  With two, leaving out either improves the
+   chi-square equally: stcal's choice then follows its rounding (either one, now and
+   then both); ours is the larger difference.  Pairs of differences are never dropped
+   together (one read per group: stcal allows that only for multi-read groups), but
+   stcal's search stops when its formula for omitting a pair gives NaN: besides
+   a ramp of two adjacent differences (sometimes, by rounding, see above), that happens
+   by rounding on a 0/0 of that formula, for a zero-rate covariance on a single run of
+   4 or 6 used differences; we search those ramps as any other.
 3. *Rate for the covariance of the fit*: the rate of step 2's last fit (the one without
    the dropped differences), clipped at 0, plus the average dark current; NaN when
    nothing is usable.
@@ -188,10 +193,6 @@ def find_jumps(d: np.ndarray, use: np.ndarray, diag: np.ndarray, off: np.ndarray
             rate[:] = a
             first = False
         count = u.sum(axis=0)
-        # two used differences side by side: stcal's search stops there (its omission
-        # of both is undefined and spoils the comparison); one: nothing to compare
-        adjacent_pair = (count == 2) & (u[:-1] & u[1:]).any(axis=0)
-        searchable = (count >= 3) | ((count == 2) & ~adjacent_pair)
         # chi-square improvement from leaving each used difference out
         with np.errstate(divide="ignore", invalid="ignore"):
             resid = sol.p - a * sol.q
@@ -200,7 +201,13 @@ def find_jumps(d: np.ndarray, use: np.ndarray, diag: np.ndarray, off: np.ndarray
         best = np.argmax(gain, axis=0)
         take = np.arange(cols.size)
         best_gain = gain[best, take]
-        drop = searchable & (best_gain > threshold)
+        drop = (count >= 2) & (best_gain > threshold)
+        # Two used differences: leaving out either one improves the chi-square by the
+        # same amount, and stcal's pick follows its rounding (either, sometimes both).
+        # Ours: the larger difference, where a cosmic ray's charge would be.
+        pair = drop & (count == 2)
+        if pair.any():
+            best[pair] = np.argmax(np.where(u[:, pair], dc[:, pair], -np.inf), axis=0)
         if not drop.any():
             break
         k, t = best[drop], take[drop]
