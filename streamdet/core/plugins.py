@@ -107,7 +107,9 @@ class Registry:
             try:
                 value = cls.all_params()[pname].coerce(name, pname, given[pname])
             except BadInputError as exc:
-                raise BadInputError(f"{where}: {exc}") from None
+                near = [v for v in mapping if v.upper() == str(given[pname]).strip().upper()]
+                hint = f" (values are case-sensitive, as in jwst: {near[0]})" if near else ""
+                raise BadInputError(f"{where}: {exc}{hint}") from None
             impl = mapping[value]
             if name in chosen and chosen[name] != impl:
                 other = origin.get(("use", name), f"use {name}={chosen[name]}")
