@@ -52,18 +52,15 @@ class LikelyRampFitStep(RampFitStep):
         if self.params["algorithm"] != "LIKELY":
             raise BadInputError(f"{where}: ramp_fit 'likely' is algorithm LIKELY, not "
                                 f"{self.params['algorithm']!r}")
-        super().prepare(meta, refs, pixeldq)
         # jwst: "the ngroups needs to be a minimum of 4 ... changed to OLS_C"
         self.ols = meta.ngroups < MIN_GROUPS
-        if self.ols:
-            return None
-        if meta.nframes != 1:
+        if not self.ols and meta.nframes != 1:
             raise BadInputError(
                 f"{where}: ramp_fit 'likely' supports one read per group (NFRAMES=1, as "
                 f"MIRI reads out); this exposure has NFRAMES={meta.nframes}")
-        if not meta.group_time > 0:
+        if not self.ols and not meta.group_time > 0:
             raise BadInputError(f"{where}: group time TGROUP={meta.group_time!r} is not positive")
-        return None
+        return super().prepare(meta, refs, pixeldq)
 
     def process(self, chunk):
         if self.ols:
