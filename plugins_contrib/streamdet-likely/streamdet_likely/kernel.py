@@ -61,6 +61,11 @@ chunk of pixels it falls in, so bands stitch bit-identically.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.machinery
+from pathlib import Path
+
 import numpy as np
 
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, SATURATED
@@ -84,141 +89,71 @@ def differences_used(groupdq: np.ndarray) -> np.ndarray:
     return clean[..., 1:, :] & clean[..., :-1, :]
 
 
-class Solution:
-    """One tridiagonal solve over ``[n, m]`` columns: ``q = P 1`` and its sums ``S``
-    (``1' P 1``) and ``N`` (``d' P 1``); with ``detect``, also ``p = P d`` and ``Pdiag``
-    (the diagonal of ``P``); with ``moments``, ``Q2 = sum q_k^2`` and
-    ``Q11 = sum q_k q_{k+1}``."""
-
-    __slots__ = ("q", "p", "Pdiag", "S", "N", "Q2", "Q11")
+class KernelsNotBuilt(ImportError):
+    """The compiled loops are missing (the package was installed without building them)."""
 
 
-def solve(d: np.ndarray, use: np.ndarray, diag: np.ndarray, off: np.ndarray, *,
-          detect: bool = False, moments: bool = False) -> Solution:
-    """Solve with the covariance ``C_kk = diag``, ``C_k,k+1 = off`` (per column, the same
-    for every used difference) restricted to the used differences.
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_likely{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+            lib.lk_find_jumps.argtypes = [i, i, p, p, p, p, d, i, p, p]
+            lib.lk_fit.argtypes = [i, i, p, p, p, p, p, d, i, p, p, p, p, p]
+            lib.lk_gls.argtypes = [i, i, p, p, p, p, p, p, p, p]
+            for fn in (lib.lk_find_jumps, lib.lk_fit, lib.lk_gls):
+                fn.restype = i
+            return lib
+    raise KernelsNotBuilt(f"streamdet-likely's compiled loops are not built in {here}: "
+                          "reinstall streamdet-likely with a C compiler available")
 
-    ``d`` float64 ``[n, m]`` (anything where unused), ``use`` bool ``[n, m]``; ``diag``
-    and ``off`` ``[m]``.  An unused difference is a decoupled row with right-hand sides 0,
-    so its ``q``, ``p`` are 0 exactly.
-    """
-    n, m = use.shape
-    ones = use.astype(np.float64)
-    dd = np.where(use, d, 0.0) if detect else None
-    coupling = np.zeros((max(n - 1, 0), m))
-    if n > 1:
-        np.copyto(coupling, off, where=use[:-1] & use[1:])
-    pivots = np.where(use, diag, 1.0)
-    factor = np.empty(m)
-    tmp = np.empty(m)
-    for k in range(1, n):  # forward elimination, both right-hand sides
-        np.divide(coupling[k - 1], pivots[k - 1], out=factor)
-        np.multiply(factor, coupling[k - 1], out=tmp)
-        pivots[k] -= tmp
-        np.multiply(factor, ones[k - 1], out=tmp)
-        ones[k] -= tmp
-        if detect:
-            np.multiply(factor, dd[k - 1], out=tmp)
-            dd[k] -= tmp
-    out = Solution()
-    q = ones  # back substitution in place
-    S = np.zeros(m)
-    N = np.zeros(m)
-    if detect:
-        p = dd
-        Pdiag = np.empty((n, m))
-        back = np.empty(m)  # pivot of the backward elimination
-    if moments:
-        Q2 = np.zeros(m)
-        Q11 = np.zeros(m)
-    for k in range(n - 1, -1, -1):
-        if k < n - 1:
-            np.multiply(coupling[k], q[k + 1], out=tmp)
-            q[k] -= tmp
-        q[k] /= pivots[k]
-        S += q[k]
-        np.multiply(q[k], d[k], out=tmp)
-        np.copyto(tmp, 0.0, where=~use[k])  # keep unused NaN/inf samples out
-        N += tmp
-        if moments:
-            np.multiply(q[k], q[k], out=tmp)
-            Q2 += tmp
-            if k < n - 1:
-                np.multiply(q[k], q[k + 1], out=tmp)
-                Q11 += tmp
-        if detect:
-            if k < n - 1:
-                np.multiply(coupling[k], p[k + 1], out=tmp)
-                p[k] -= tmp
-            p[k] /= pivots[k]
-            own = np.where(use[k], diag, 1.0)
-            if k == n - 1:
-                back[:] = own
-            else:
-                np.multiply(coupling[k], coupling[k], out=tmp)
-                tmp /= back
-                np.subtract(own, tmp, out=back)
-            # diagonal of the inverse from the forward and backward pivots
-            np.add(pivots[k], back, out=tmp)
-            tmp -= own
-            np.divide(1.0, tmp, out=Pdiag[k])
-    out.q, out.S, out.N = q, S, N
-    out.p = p if detect else None
-    out.Pdiag = Pdiag if detect else None
-    out.Q2 = Q2 if moments else None
-    out.Q11 = Q11 if moments else None
-    return out
+
+def _call(name, *args):
+    if getattr(_library(), name)(*args) != 0:
+        raise MemoryError(f"streamdet-likely: {name} could not allocate its scratch")
+
+
+def _f64(a):
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
 def find_jumps(d: np.ndarray, use: np.ndarray, diag: np.ndarray, off: np.ndarray,
                threshold: float = JUMP_CHISQ_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
-    """Brandt's iterative likelihood jump search (step 2 of the module notes).
-
-    ``use`` ``[n, m]`` is updated in place (dropped differences become False).  Returns
+    """Brandt's iterative likelihood jump search (step 2 of the module notes) on given
+    covariances: ``d`` float64 ``[n, m]`` (DN/s), ``use`` bool ``[n, m]`` (updated in
+    place: dropped differences become False), ``diag``/``off`` ``[m]``.  Returns
     ``(rate, jumps)``: the rate of the last fit without the dropped differences (NaN when
-    none is used), and bool ``[n, m]``, True where a difference was dropped (its end
-    group is the jump)."""
+    none is used), and bool ``[n, m]``, True where a difference was dropped."""
     n, m = use.shape
-    rate = np.full(m, np.nan)
-    jumps = np.zeros((n, m), dtype=bool)
-    cols = np.arange(m)
-    first = True
-    while cols.size:
-        u = use[:, cols]
-        dc = d[:, cols]
-        sol = solve(dc, u, diag[cols], off[cols], detect=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            a = sol.N / sol.S
-        if first:
-            rate[:] = a
-            first = False
-        count = u.sum(axis=0)
-        # chi-square improvement from leaving each used difference out
-        with np.errstate(divide="ignore", invalid="ignore"):
-            resid = sol.p - a * sol.q
-            spread = sol.Pdiag - sol.q * sol.q / sol.S
-            gain = np.where(u, resid * resid / spread, 0.0)
-        best = np.argmax(gain, axis=0)
-        take = np.arange(cols.size)
-        best_gain = gain[best, take]
-        drop = (count >= 2) & (best_gain > threshold)
-        # Two used differences: leaving out either one improves the chi-square by the
-        # same amount, and stcal's pick follows its rounding (either, sometimes both).
-        # Ours: the larger difference, where a cosmic ray's charge would be.
-        pair = drop & (count == 2)
-        if pair.any():
-            best[pair] = np.argmax(np.where(u[:, pair], dc[:, pair], -np.inf), axis=0)
-        if not drop.any():
-            break
-        k, t = best[drop], take[drop]
-        pd_, qk, pk = sol.Pdiag[k, t], sol.q[k, t], sol.p[k, t]
-        # the rate with difference k left out (a fit with a free offset for it)
-        rate[cols[drop]] = (pd_ * sol.N[t] - qk * pk) / (sol.S[t] * pd_ - qk * qk)
-        use[k, cols[drop]] = False
-        jumps[k, cols[drop]] = True
-        again = count[drop] - 1 >= MIN_DIFFS_TO_SEARCH
-        cols = cols[drop][again]
-    return rate, jumps
+    d = _f64(d)
+    flags = np.ascontiguousarray(use, dtype=np.uint8)
+    diag, off = _f64(diag), _f64(off)
+    rate = np.empty(m)
+    jumps = np.zeros((n, m), np.uint8)
+    _call("lk_find_jumps", n, m, _ptr(d), _ptr(flags), _ptr(diag), _ptr(off),
+          float(threshold), MIN_DIFFS_TO_SEARCH, _ptr(rate), _ptr(jumps))
+    use[...] = flags.astype(bool)
+    return rate, jumps.astype(bool)
+
+
+def gls_sums(d: np.ndarray, use: np.ndarray, diag: np.ndarray, off: np.ndarray):
+    """One generalised least-squares solve per column on the used differences:
+    ``(S, N, Q2, Q11)`` with ``q = C^-1 1``: ``S = sum q``, ``N = sum q d``,
+    ``Q2 = sum q^2``, ``Q11 = sum q_k q_{k+1}`` (rate ``N / S``, variance ``1 / S``)."""
+    n, m = use.shape
+    d = _f64(d)
+    flags = np.ascontiguousarray(use, dtype=np.uint8)
+    diag, off = _f64(diag), _f64(off)
+    out = [np.empty(m) for _ in range(4)]
+    _call("lk_gls", n, m, _ptr(d), _ptr(flags), _ptr(diag), _ptr(off), *map(_ptr, out))
+    return tuple(out)
+
+
+def _ptr(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
 
 
 def fit_likely(
@@ -272,7 +207,7 @@ def fit_likely(
 
 def _fit_chunk(values, flags, pdq, rn, gain, dark, dt, rateints, part):
     """All integrations of ``m`` pixels at once, as ``[n, nints * m]`` columns
-    (integration-major)."""
+    (integration-major); the per-ramp loops are C (``_likely.c``)."""
     nints, ngroups, m = values.shape
     n = ngroups - 1
     # the difference in single precision (as the ramp is stored), then the rate
@@ -280,36 +215,25 @@ def _fit_chunk(values, flags, pdq, rn, gain, dark, dt, rateints, part):
     d = np.ascontiguousarray(d32.transpose(1, 0, 2), dtype=np.float64).reshape(n, nints * m)
     d /= dt
     gdq = np.ascontiguousarray(flags.transpose(1, 0, 2)).reshape(ngroups, nints * m)
-    use = differences_used(gdq)
+    use = differences_used(gdq).view(np.uint8)
 
     rn_cols = np.tile(rn, nints)
-    gain_cols = np.tile(gain, nints)
     read_var = rn_cols * rn_cols / (dt * dt)  # a difference's read noise, (DN/s)^2
-    off = -0.5 * read_var                     # neighbours share one read
     with np.errstate(divide="ignore", invalid="ignore"):
-        photon_per_rate = 1.0 / (gain_cols * dt)
-        median = np.median(d, axis=0)
-        median = np.where(median > 0, median, 0.0 * median)  # NaN stays NaN
-        rate, jumps = find_jumps(d, use, median * photon_per_rate + read_var, off)
-        current = np.where(rate > 0, rate, 0.0 * rate) + np.tile(dark, nints)
-        photon = current * photon_per_rate
-        sol = solve(d, use, photon + read_var, off, moments=True)
-        sci = sol.N / sol.S
-        err = np.sqrt(1.0 / sol.S)
-        scale = 1.0 / (sol.S * sol.S)
-        vp = photon * sol.Q2 * scale
-        vr = read_var * (sol.Q2 - sol.Q11) * scale
-    empty = ~use.any(axis=0) | ~np.isfinite(sci) | ~np.isfinite(err)
-    for arr in (sci, err, vp, vr):
-        arr[empty] = np.nan
+        photon_per_rate = 1.0 / (np.tile(gain, nints) * dt)
+    dark_cols = np.ascontiguousarray(np.tile(dark, nints))
+    columns = nints * m
+    sci, err, vp, vr = (np.empty(columns) for _ in range(4))
+    jumped = np.zeros(columns, np.uint8)
+    _call("lk_fit", n, columns, _ptr(d), _ptr(use), _ptr(read_var), _ptr(photon_per_rate),
+          _ptr(dark_cols), JUMP_CHISQ_THRESHOLD, MIN_DIFFS_TO_SEARCH, _ptr(sci), _ptr(err),
+          _ptr(vp), _ptr(vr), _ptr(jumped))
 
-    jump_groups = np.zeros((ngroups, nints * m), dtype=bool)
-    jump_groups[1:] = jumps
     seen_any = np.bitwise_or.reduce(gdq, axis=0).astype(np.uint32)
     unusable_all = np.bitwise_and.reduce((gdq & np.uint8(SATURATED | DO_NOT_USE)) != 0, axis=0)
     dq = np.tile(pdq, nints)
     dq |= seen_any & np.uint32(SATURATED | JUMP_DET)
-    dq[jump_groups.any(axis=0)] |= np.uint32(JUMP_DET)
+    dq[jumped != 0] |= np.uint32(JUMP_DET)
     dq[unusable_all] |= np.uint32(DO_NOT_USE)
 
     for mine, arr in ((rateints.sci, sci), (rateints.err, err), (rateints.dq, dq),
