@@ -15,7 +15,9 @@
 
 /* scratch for one column's solve */
 typedef struct {
-    double *d, *piv, *q, *p, *pdiag, *coupling;
+    double *d, *piv, *q, *p, *coupling;
+    /* 1 / diagonal of C^-1, from the forward and backward pivots (detect only) */
+    double *inv_pdiag;
     uint8_t *use;
 } Work;
 
@@ -23,9 +25,11 @@ typedef struct {
     double S, N, Q2, Q11;
 } Sums;
 
-/* Solve C x = 1 (and C x = d with `detect`, plus the diagonal of C^-1) on the used
+/* Solve C x = 1 (and C x = d with `detect`, plus the diagonal of C^-1 as its
+ * reciprocal f_k + b_k - C_kk from the forward and backward pivots) on the used
  * differences; C_kk = diag, C_k,k+1 = off between used neighbours.  An unused
- * difference is a decoupled row with right-hand sides 0. */
+ * difference is a decoupled row with right-hand sides 0.  Divisions are what this
+ * costs, so pivots are kept as reciprocals where they are multiplied. */
 static Sums solve(int64_t n, Work *w, double diag, double off, int detect, int moments)
 {
     const double *d = w->d;
@@ -34,22 +38,28 @@ static Sums solve(int64_t n, Work *w, double diag, double off, int detect, int m
     for (int64_t k = 0; k + 1 < n; k++)
         c[k] = (use[k] && use[k + 1]) ? off : 0.0;
     piv[0] = use[0] ? diag : 1.0;
+    if (detect)
+        w->inv_pdiag[0] = piv[0];
     q[0] = use[0] ? 1.0 : 0.0;
     if (detect)
         p[0] = use[0] ? d[0] : 0.0;
     for (int64_t k = 1; k < n; k++) {  /* forward elimination */
-        const double f = c[k - 1] / piv[k - 1];
+        piv[k - 1] = 1.0 / piv[k - 1];  /* kept as its reciprocal from here on */
+        const double f = c[k - 1] * piv[k - 1];
         piv[k] = (use[k] ? diag : 1.0) - f * c[k - 1];
+        if (detect)
+            w->inv_pdiag[k] = piv[k];  /* the forward pivot, completed below */
         q[k] = (use[k] ? 1.0 : 0.0) - f * q[k - 1];
         if (detect)
             p[k] = (use[k] ? d[k] : 0.0) - f * p[k - 1];
     }
+    piv[n - 1] = 1.0 / piv[n - 1];
     Sums s = {0.0, 0.0, 0.0, 0.0};
     double back = 0.0;  /* pivot of the backward elimination */
     for (int64_t k = n - 1; k >= 0; k--) {  /* back substitution */
         if (k < n - 1)
             q[k] -= c[k] * q[k + 1];
-        q[k] /= piv[k];
+        q[k] *= piv[k];
         s.S += q[k];
         if (use[k])
             s.N += q[k] * d[k];
@@ -61,10 +71,10 @@ static Sums solve(int64_t n, Work *w, double diag, double off, int detect, int m
         if (detect) {
             if (k < n - 1)
                 p[k] -= c[k] * p[k + 1];
-            p[k] /= piv[k];
+            p[k] *= piv[k];
             const double own = use[k] ? diag : 1.0;
             back = (k == n - 1) ? own : own - c[k] * c[k] / back;
-            w->pdiag[k] = 1.0 / (piv[k] + back - own);
+            w->inv_pdiag[k] += back - own;
         }
     }
     return s;
@@ -86,24 +96,22 @@ static double search(int64_t n, Work *w, double diag, double off, double thresho
             rate = a;
             first = 0;
         }
+        /* chi-square improvement of leaving k out: resid^2 / (P_kk - q_k^2 / S)
+         * = resid^2 D S / (S - q_k^2 D) with D = 1 / P_kk; compared without dividing */
         int64_t count = 0, best = -1;
-        double best_gain = -INFINITY;
-        int undefined = 0;
+        double best_gain = 0.0;
         for (int64_t k = 0; k < n; k++) {
-            double gain = 0.0;
-            if (w->use[k]) {
-                count++;
-                const double resid = w->p[k] - a * w->q[k];
-                gain = resid * resid / (w->pdiag[k] - w->q[k] * w->q[k] / s.S);
-            }
-            if (isnan(gain))
-                undefined = 1;
-            else if (gain > best_gain) {
-                best_gain = gain;
+            if (!w->use[k])
+                continue;
+            count++;
+            const double resid = w->p[k] - a * w->q[k], D = w->inv_pdiag[k];
+            const double num = resid * resid * D * s.S, den = s.S - w->q[k] * w->q[k] * D;
+            if (den > 0 ? num > best_gain * den : num / den > best_gain) {
+                best_gain = num / den;
                 best = k;
             }
         }
-        if (undefined || count < 2 || !(best_gain > threshold))
+        if (isnan(a) || count < 2 || !(best_gain > threshold))
             break;
         if (count == 2) {  /* a tie: the larger difference (kernel.py, step 2) */
             best = -1;
@@ -111,8 +119,8 @@ static double search(int64_t n, Work *w, double diag, double off, double thresho
                 if (w->use[k] && (best < 0 || w->d[k] > w->d[best]))
                     best = k;
         }
-        const double pd = w->pdiag[best], qk = w->q[best], pk = w->p[best];
-        rate = (pd * s.N - qk * pk) / (s.S * pd - qk * qk);
+        const double D = w->inv_pdiag[best], qk = w->q[best], pk = w->p[best];
+        rate = (s.N - qk * pk * D) / (s.S - qk * qk * D);
         w->use[best] = 0;
         *found = 1;
         if (jumps)
@@ -135,7 +143,7 @@ static int setup(Work *w, int64_t n)
     w->piv = w->d + n;
     w->q = w->d + 2 * n;
     w->p = w->d + 3 * n;
-    w->pdiag = w->d + 4 * n;
+    w->inv_pdiag = w->d + 4 * n;
     w->coupling = w->d + 5 * n;
     return 0;
 }
@@ -148,10 +156,31 @@ static void load(Work *w, int64_t n, int64_t m, int64_t j, const double *d, cons
     }
 }
 
-static int cmp_double(const void *a, const void *b)
+/* the k-th smallest of v[0..n) moved to v[k], smaller ones before it (quickselect) */
+static void select_kth(double *v, int64_t n, int64_t k)
 {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const double pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] < pivot)
+                i++;
+            while (v[j] > pivot)
+                j--;
+            if (i <= j) {
+                const double t = v[i];
+                v[i++] = v[j];
+                v[j--] = t;
+            }
+        }
+        if (k <= j)
+            hi = j;
+        else if (k >= i)
+            lo = i;
+        else
+            return;
+    }
 }
 
 /* numpy's median: NaN if any value is; the mean of the middle two for even counts */
@@ -162,20 +191,14 @@ static double median(int64_t n, const double *values, double *tmp)
             return NAN;
         tmp[k] = values[k];
     }
-    if (n > 64) {
-        qsort(tmp, (size_t)n, sizeof(double), cmp_double);
-    } else {  /* short ramps: insertion sort beats qsort's calls */
-        for (int64_t i = 1; i < n; i++) {
-            const double v = tmp[i];
-            int64_t k = i - 1;
-            while (k >= 0 && tmp[k] > v) {
-                tmp[k + 1] = tmp[k];
-                k--;
-            }
-            tmp[k + 1] = v;
-        }
-    }
-    return n % 2 ? tmp[n / 2] : (tmp[n / 2 - 1] + tmp[n / 2]) / 2.0;
+    const int64_t half = n / 2;
+    select_kth(tmp, n, half);
+    if (n % 2)
+        return tmp[half];
+    double below = tmp[0];  /* the largest of the lower half */
+    for (int64_t k = 1; k < half; k++)
+        below = tmp[k] > below ? tmp[k] : below;
+    return (below + tmp[half]) / 2.0;
 }
 
 /* The jump search alone, on given covariances (for the tests against stcal). */

@@ -18,8 +18,11 @@ removes their rows and columns from ``C``; the generalised least-squares rate of
 ones is ``a = (1' P d) / (1' P 1)`` with ``P = C^-1``, its variance ``1 / (1' P 1)``.
 ``P d``, ``P 1`` and the diagonal of ``P`` come from one forward elimination and one
 backward sweep over the differences (the diagonal from the forward and backward pivots:
-``P_kk = 1 / (f_k + b_k - C_kk)``), vectorised over pixels and integrations, so a ramp
-costs time linear in its length and no determinant is formed.
+``P_kk = 1 / (f_k + b_k - C_kk)``), so a ramp costs time linear in its length and no
+determinant is formed (stcal evaluates Brandt's closed-form recursions instead; the
+numbers agree to rounding).  The per-ramp loops are C (``_likely.c``, called through
+ctypes, which releases the GIL for the band threads); this module prepares the buffers
+and does the DQ and the combination of integrations with numpy.
 
 1. *Covariance for jump detection*: ``c`` is the median of all the integration's
    differences (unused ones included, as stcal does), clipped at 0.
