@@ -105,7 +105,7 @@ def _library() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(path))
             p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
             lib.lk_find_jumps.argtypes = [i, i, p, p, p, p, d, i, p, p]
-            lib.lk_fit.argtypes = [i, i, p, p, p, p, p, d, i, p, p, p, p, p]
+            lib.lk_fit.argtypes = [i, i, i, p, i, i, p, i, i, d, p, p, p, d, i, p, p, p, p, p]
             lib.lk_gls.argtypes = [i, i, p, p, p, p, p, p, p, p]
             for fn in (lib.lk_find_jumps, lib.lk_fit, lib.lk_gls):
                 fn.restype = i
@@ -209,34 +209,29 @@ def fit_likely(
 
 
 def _fit_chunk(values, flags, pdq, rn, gain, dark, dt, rateints, part):
-    """All integrations of ``m`` pixels at once, as ``[n, nints * m]`` columns
-    (integration-major); the per-ramp loops are C (``_likely.c``)."""
+    """All integrations of ``m`` pixels at once; the per-ramp loops are C
+    (``_likely.c``), which reads the samples and flags where they are."""
     nints, ngroups, m = values.shape
-    n = ngroups - 1
-    # the difference in single precision (as the ramp is stored), then the rate
-    d32 = np.subtract(values[:, 1:], values[:, :-1])
-    d = np.ascontiguousarray(d32.transpose(1, 0, 2), dtype=np.float64).reshape(n, nints * m)
-    d /= dt
-    gdq = np.ascontiguousarray(flags.transpose(1, 0, 2)).reshape(ngroups, nints * m)
-    use = differences_used(gdq).view(np.uint8)
-
-    rn_cols = np.tile(rn, nints)
-    read_var = rn_cols * rn_cols / (dt * dt)  # a difference's read noise, (DN/s)^2
+    if values.strides[2] != values.itemsize or values.dtype != np.float32:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+    if flags.strides[2] != 1:
+        flags = np.ascontiguousarray(flags)
+    read_var = rn * rn / (dt * dt)  # a difference's read noise, (DN/s)^2
     with np.errstate(divide="ignore", invalid="ignore"):
-        photon_per_rate = 1.0 / (np.tile(gain, nints) * dt)
-    dark_cols = np.ascontiguousarray(np.tile(dark, nints))
-    columns = nints * m
-    sci, err, vp, vr = (np.empty(columns) for _ in range(4))
-    jumped = np.zeros(columns, np.uint8)
-    _call("lk_fit", n, columns, _ptr(d), _ptr(use), _ptr(read_var), _ptr(photon_per_rate),
-          _ptr(dark_cols), JUMP_CHISQ_THRESHOLD, MIN_DIFFS_TO_SEARCH, _ptr(sci), _ptr(err),
-          _ptr(vp), _ptr(vr), _ptr(jumped))
+        photon_per_rate = 1.0 / (gain * dt)
+    sci, err, vp, vr = (np.empty(nints * m) for _ in range(4))
+    jumped = np.zeros(nints * m, np.uint8)
+    vs, fs = values.strides, flags.strides
+    _call("lk_fit", nints, ngroups, m, _ptr(values), vs[0] // 4, vs[1] // 4, _ptr(flags),
+          fs[0], fs[1], dt, _ptr(_f64(read_var)), _ptr(_f64(photon_per_rate)),
+          _ptr(_f64(dark)), JUMP_CHISQ_THRESHOLD, MIN_DIFFS_TO_SEARCH, _ptr(sci),
+          _ptr(err), _ptr(vp), _ptr(vr), _ptr(jumped))
 
-    seen_any = np.bitwise_or.reduce(gdq, axis=0).astype(np.uint32)
-    unusable_all = np.bitwise_and.reduce((gdq & np.uint8(SATURATED | DO_NOT_USE)) != 0, axis=0)
-    dq = np.tile(pdq, nints)
-    dq |= seen_any & np.uint32(SATURATED | JUMP_DET)
-    dq[jumped != 0] |= np.uint32(JUMP_DET)
+    seen_any = np.bitwise_or.reduce(flags, axis=1).astype(np.uint32)
+    unusable_all = np.bitwise_and.reduce((flags & np.uint8(SATURATED | DO_NOT_USE)) != 0,
+                                         axis=1)
+    dq = np.broadcast_to(pdq, (nints, m)) | (seen_any & np.uint32(SATURATED | JUMP_DET))
+    dq[jumped.reshape(nints, m) != 0] |= np.uint32(JUMP_DET)
     dq[unusable_all] |= np.uint32(DO_NOT_USE)
 
     for mine, arr in ((rateints.sci, sci), (rateints.err, err), (rateints.dq, dq),
