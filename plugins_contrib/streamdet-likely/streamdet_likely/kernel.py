@@ -38,7 +38,9 @@ and does the DQ and the combination of integrations with numpy.
    stcal's search stops when its formula for omitting a pair gives NaN: besides
    a ramp of two adjacent differences (sometimes, by rounding, see above), that happens
    by rounding on a 0/0 of that formula, for a zero-rate covariance on a single run of
-   4 or 6 used differences; we search those ramps as any other.
+   4 or 6 used differences (before or after a drop; a zero rate is common for pixels
+   that saturate early, whose flat saturated differences set the median); we search
+   those ramps as any other.
 3. *Rate for the covariance of the fit*: the rate of step 2's last fit (the one without
    the dropped differences), clipped at 0, plus the average dark current; NaN when
    nothing is usable.
