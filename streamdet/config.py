@@ -6,8 +6,8 @@ File layout (every table optional)::
     rejection_threshold = 5.0
     [steps.firstframe]
     skip = false
-    [use]                      # implementation per step, as with --use
-    ramp_fit = "likely"
+    [use]                      # implementation per step, as with --use (for ramp_fit,
+    ramp_fit = "likely"        # [steps.ramp_fit] algorithm = "LIKELY" is the same choice)
     [override]                 # reference files, as with --override (a path or "N/A")
     dark = "/refs/my_dark.fits"
     [output]

@@ -137,7 +137,7 @@ def test_refuses_multi_frame_groups():
         LikelyRampFitStep().prepare(meta, refs=None, pixeldq=None)
 
 
-def test_refuses_parameters_jwst_ols_only():
+def test_likely_step_refuses_algorithm_ols_c():
     with pytest.raises(BadInputError, match="is algorithm LIKELY, not 'OLS_C'"):
         meta = SimpleNamespace(path="x_uncal.fits", nframes=1, ngroups=10, group_time=2.775)
         LikelyRampFitStep({"algorithm": "OLS_C"}).prepare(meta, refs=None, pixeldq=None)
