@@ -6,7 +6,7 @@ spelling) or ``--use ramp_fit=likely``; the array kernel is
 :func:`streamdet_likely.kernel.fit_likely`.
 """
 
-from .kernel import differences_used, find_jumps, fit_likely, gls_sums
+from .kernel import combine_integrations, find_jumps, fit_likely, gls_sums
 
 __version__ = "0.2.0"
-__all__ = ["differences_used", "find_jumps", "fit_likely", "gls_sums", "__version__"]
+__all__ = ["combine_integrations", "find_jumps", "fit_likely", "gls_sums", "__version__"]

@@ -87,13 +87,6 @@ MIN_GROUPS = 4
 DEFAULT_CHUNK_ELEMENTS = 1 << 19
 
 
-def differences_used(groupdq: np.ndarray) -> np.ndarray:
-    """``[..., ngroups, npix]`` group DQ -> bool ``[..., ngroups - 1, npix]``: the
-    differences whose two groups both carry no flag at all."""
-    clean = np.asarray(groupdq) == 0
-    return clean[..., 1:, :] & clean[..., :-1, :]
-
-
 class KernelsNotBuilt(ImportError):
     """The compiled loops are missing (the package was installed without building them)."""
 

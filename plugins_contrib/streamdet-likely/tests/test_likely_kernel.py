@@ -12,7 +12,6 @@ from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, PIXEL, SATURATED
 from streamdet_likely.kernel import (
     JUMP_CHISQ_THRESHOLD,
     combine_integrations,
-    differences_used,
     find_jumps,
     fit_likely,
     gls_sums,
@@ -233,20 +232,6 @@ def test_rate_combination_matches_stcal_compute_image_info():
     np.testing.assert_array_equal(ours.dq, theirs["dq"])
 
 
-def test_differences_used_any_flag_removes_both_neighbours():
-    gdq = np.zeros((6, 4), np.uint8)
-    gdq[2, 0] = JUMP_DET
-    gdq[0, 1] = DO_NOT_USE
-    gdq[5, 2] = SATURATED
-    gdq[3, 3] = PIXEL["PERSISTENCE"]
-    used = differences_used(gdq)
-    assert used.shape == (5, 4)
-    assert used[:, 0].tolist() == [True, False, False, True, True]
-    assert used[:, 1].tolist() == [False, True, True, True, True]
-    assert used[:, 2].tolist() == [True, True, True, True, False]
-    assert used[:, 3].tolist() == [True, True, False, False, True]
-
-
 def test_noiseless_ramps_give_their_rate_and_no_jumps():
     rates = np.array([0.0, 1.0, 40.0, 2000.0])
     t = (np.arange(8) + 1.0) * DT
@@ -275,7 +260,7 @@ def test_a_big_unflagged_jump_is_found_flagged_and_left_out():
                             gain=np.full((1, 2), 5.5, np.float32), group_time=DT)
     assert ints.dq[0, 0].tolist() == [0, JUMP_DET]
     np.testing.assert_allclose(ints.sci[0, 0], 10.0, rtol=1e-5)
-    used = differences_used(gdq[0, :, 0])
+    used = np.ones((9, 2), bool)
     diag, off = _covariance(np.full(2, 10.0), np.full(2, 20.0), np.full(2, 5.5))
     d = np.diff(data[0, :, 0].astype(np.float64), axis=0) / DT
     _, jumps = find_jumps(d, used, diag, off, JUMP_CHISQ_THRESHOLD)
