@@ -83,7 +83,8 @@ MIN_DIFFS_TO_SEARCH = 4
 #: jwst runs LIKELY only from this many groups on (fewer: its OLS_C fit)
 MIN_GROUPS = 4
 
-#: float64 elements of (differences x integrations x pixels) handled at once
+#: samples (integrations x groups x pixels) per call of the C loops: bounds the
+#: temporaries of the DQ reductions around it
 DEFAULT_CHUNK_ELEMENTS = 1 << 19
 
 
