@@ -45,6 +45,7 @@ CASES = {
     "full_12x2": dict(subarray="FULL", ngroups=12, nints=2, seed=3),
     "sub256_20x3": dict(subarray="SUB256", ngroups=20, nints=3, seed=5),
     "sub128_10x1": dict(subarray="SUB128", ngroups=10, nints=1, seed=6),
+    "sub64_10x100": dict(subarray="SUB64", ngroups=10, nints=100, seed=9),
     "sub64_3x2_ols_fallback": dict(subarray="SUB64", ngroups=3, nints=2, seed=8),
 }
 
