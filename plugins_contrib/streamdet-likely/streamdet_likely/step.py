@@ -20,9 +20,11 @@ from streamdet.plugins.ramp_fit import ALGORITHMS, RampFitStep
 
 from .kernel import MIN_GROUPS, fit_likely
 
-#: the built-in's parameters this implementation honours: ``suppress_one_group`` applies
-#: to the OLS_C fit of short exposures only, as in jwst (LIKELY ignores it)
-_HONOURED = {"suppress_one_group", "algorithm"}
+#: the built-in's parameters this implementation honours (any other one set to a value
+#: of its own is refused, never ignored): ``suppress_one_group`` applies to the OLS_C fit
+#: of short exposures only, as in jwst (LIKELY ignores it); ``maximum_cores``, should the
+#: built-in declare it, is jwst's process count, which threads replace
+_HONOURED = {"suppress_one_group", "algorithm", "maximum_cores"}
 
 
 class LikelyRampFitStep(RampFitStep):
