@@ -6,8 +6,8 @@ File layout (every table optional)::
     rejection_threshold = 5.0
     [steps.firstframe]
     skip = false
-    [use]                      # implementation per step, as with --use
-    ramp_fit = "likely"
+    [use]                      # implementation per step, as with --use (for ramp_fit,
+    ramp_fit = "likely"        # [steps.ramp_fit] algorithm = "LIKELY" is the same choice)
     [override]                 # reference files, as with --override (a path or "N/A")
     dark = "/refs/my_dark.fits"
     [output]
@@ -203,6 +203,8 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
 
     registry = registry if registry is not None else get_registry()
     known = ", ".join(registry.order)
+    # a parameter that chooses the implementation (ramp_fit.algorithm) joins --use
+    run.use = registry.resolve_use(run.use, run.params, origin)
     for step, impl in run.use.items():
         where = origin.get(("use", step), f"--use {step}={impl}")
         if step not in registry.implementations:

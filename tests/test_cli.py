@@ -198,6 +198,13 @@ BAD_OPTIONS = {
     "use_unknown_impl": (["--use", "ramp_fit=nope"],
                          ["--use ramp_fit=nope", "no implementation 'nope'"]),
     "skip_rate_step": (["--skip", "ramp_fit"], ["--skip ramp_fit", "cannot be skipped"]),
+    "algorithm_spelling": (["--set", "ramp_fit.algorithm=likely"],
+                           ["--set ramp_fit.algorithm=likely", "'likely'", "case-sensitive",
+                            "LIKELY"]),
+    "algorithm_and_use_disagree": (["--set", "ramp_fit.algorithm=LIKELY", "--use",
+                                    "ramp_fit=builtin"],
+                                   ["--set ramp_fit.algorithm=LIKELY", "--use ramp_fit=builtin",
+                                    "give only one"]),
     "output_dir_is_a_file": (["-o", "@FILE@"], ["a_file", "not a directory"]),
 }
 

@@ -14,7 +14,7 @@ from streamdet import hookimpl
 from streamdet.core.engine import HISTORY_WIDTH, history_line
 from streamdet.core.errors import BadInputError, PluginError
 from streamdet.core.plugins import Observers, PluginWarning, build_registry
-from streamdet.core.step import Param, Step
+from streamdet.core.step import Granularity, Param, Step
 from streamdet.plugins import MIRI_ORDER
 
 
@@ -222,3 +222,66 @@ def test_plugin_autoload_can_be_switched_off(monkeypatch):
         get_registry.cache_clear()
     assert builtin == {"streamdet"}
     assert "streamdet-likely" in everything and everything > builtin
+
+
+# -- a parameter that chooses the implementation (jwst's ramp_fit.algorithm) ---------------
+
+class _OtherFit(Step):
+    """A second ramp_fit implementation, as the streamdet-likely package provides one."""
+
+    name = "ramp_fit"
+    implementation = "likely"
+    produces_rate = True
+    granularity = Granularity.EXPOSURE
+    params_spec = {"algorithm": Param(str, "LIKELY", "", choices=("OLS_C", "OLS", "LIKELY"))}
+
+
+def test_algorithm_parameter_chooses_the_implementation():
+    registry = build_registry((plugin(_OtherFit),), only_builtin=True)
+    resolve = registry.resolve_use
+    assert resolve({}, {"ramp_fit": {"algorithm": "LIKELY"}}) == {"ramp_fit": "likely"}
+    assert resolve({}, {"ramp_fit": {"algorithm": "OLS_C"}}) == {"ramp_fit": "builtin"}
+    assert resolve({}, {"ramp_fit": {"algorithm": "OLS"}}) == {"ramp_fit": "builtin"}
+    assert resolve({"ramp_fit": "likely"}, {"ramp_fit": {"algorithm": "LIKELY"}}) == {
+        "ramp_fit": "likely"}
+    assert resolve({"ramp_fit": "likely"}, {}) == {"ramp_fit": "likely"}
+    with pytest.raises(BadInputError, match="case-sensitive, as in jwst: LIKELY"):
+        resolve({}, {"ramp_fit": {"algorithm": "Likely"}})
+    with pytest.raises(BadInputError, match="'CAS22' is not one of"):
+        resolve({}, {"ramp_fit": {"algorithm": "CAS22"}})
+    with pytest.raises(BadInputError, match="chooses 'builtin'; give only one of them"):
+        resolve({"ramp_fit": "builtin"}, {"ramp_fit": {"algorithm": "LIKELY"}})
+    with pytest.raises(BadInputError, match="chooses 'likely'; give only one of them"):
+        resolve({"ramp_fit": "likely"}, {"ramp_fit": {"algorithm": "OLS_C"}})
+    # the engine's chain and the configuration reach the same choice
+    from streamdet import config
+    from streamdet.core.engine import RunConfig, build_chain
+
+    chain = build_chain(registry, RunConfig(params={"ramp_fit": {"algorithm": "LIKELY"}}))
+    assert type(chain[-1]) is _OtherFit
+    assert config.load(sets=["ramp_fit.algorithm=LIKELY"], registry=registry).use == {
+        "ramp_fit": "likely"}
+
+
+def test_algorithm_from_a_config_file_and_conflicts_name_their_origin(tmp_path):
+    from streamdet import config
+
+    registry = build_registry((plugin(_OtherFit),), only_builtin=True)
+    run = tmp_path / "run.toml"
+    run.write_text('[steps.ramp_fit]\nalgorithm = "LIKELY"\n')
+    assert config.load(run, registry=registry).use == {"ramp_fit": "likely"}
+    with pytest.raises(BadInputError, match=r"run.toml: \[steps.ramp_fit\] algorithm chooses "
+                                            r"the ramp_fit implementation 'likely', but --use "
+                                            r"ramp_fit=builtin chooses 'builtin'"):
+        config.load(run, use=["ramp_fit=builtin"], registry=registry)
+    # the command line's --set wins over the file, and then agrees with --use
+    assert config.load(run, sets=["ramp_fit.algorithm=OLS_C"], use=["ramp_fit=builtin"],
+                       registry=registry).use == {"ramp_fit": "builtin"}
+
+
+def test_algorithm_naming_a_missing_implementation_says_what_to_install():
+    registry = build_registry(only_builtin=True)
+    with pytest.raises(BadInputError, match=r"ramp_fit.algorithm=LIKELY needs the ramp_fit "
+                                            r"implementation 'likely', which is not installed: "
+                                            r"install streamdet-likely"):
+        registry.resolve_use({}, {"ramp_fit": {"algorithm": "LIKELY"}})

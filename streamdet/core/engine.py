@@ -140,10 +140,11 @@ def build_chain(registry: Registry, config: RunConfig,
                 params: dict[str, dict[str, Any]] | None = None) -> list[Step]:
     """One instance of each step of the chain, built with ``params`` (default: the
     run's own ``config.params``). Settings for jwst steps streamdet does not have are
-    accepted when they leave them skipped or at jwst's defaults (core/jwstparams.py)."""
-    classes = registry.chain(config.use)
-    known = {cls.name for cls in classes}
+    accepted when they leave them skipped or at jwst's defaults (core/jwstparams.py); a
+    parameter that chooses the implementation (ramp_fit.algorithm) does so here."""
     params = config.params if params is None else params
+    classes = registry.chain(registry.resolve_use(config.use, params))
+    known = {cls.name for cls in classes}
     for name, values in params.items():
         if name not in known:
             if name in jwstparams.STEP_CLASSES:

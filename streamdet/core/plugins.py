@@ -79,6 +79,51 @@ class Registry:
         raise PluginError(
             f"step {name!r} is provided by {names}; choose one with --use {name}=IMPL")
 
+    def resolve_use(self, use: dict[str, str] | None, params: dict[str, dict] | None,
+                    origin: dict[tuple[str, ...], str] | None = None) -> dict[str, str]:
+        """``use`` completed with the choices that step parameters make (a step's
+        ``implementation_parameter``, e.g. ``ramp_fit.algorithm=LIKELY`` -> ``likely``).
+
+        A value the parameter does not allow, a choice that contradicts ``use`` for the
+        same step, or an implementation that is not installed is a one-line
+        BadInputError; ``origin`` names where each setting came from (as
+        :func:`streamdet.config.load` records it)."""
+        from .errors import BadInputError
+
+        chosen = dict(use or {})
+        origin = origin or {}
+        for name, given in (params or {}).items():
+            impls = self.implementations.get(name, [])
+            declaring = ([c for c in impls if c.package == BUILTIN_PACKAGE
+                          and c.implementation_parameter]
+                         or [c for c in impls if c.implementation_parameter])
+            if not declaring:
+                continue
+            cls = declaring[0]
+            pname, mapping = cls.implementation_parameter
+            if pname not in given:
+                continue
+            where = origin.get(("param", name, pname), f"{name}.{pname}={given[pname]}")
+            try:
+                value = cls.all_params()[pname].coerce(name, pname, given[pname])
+            except BadInputError as exc:
+                near = [v for v in mapping if v.upper() == str(given[pname]).strip().upper()]
+                hint = f" (values are case-sensitive, as in jwst: {near[0]})" if near else ""
+                raise BadInputError(f"{where}: {exc}{hint}") from None
+            impl = mapping[value]
+            if name in chosen and chosen[name] != impl:
+                other = origin.get(("use", name), f"use {name}={chosen[name]}")
+                raise BadInputError(
+                    f"{where} chooses the {name} implementation {impl!r}, but {other} "
+                    f"chooses {chosen[name]!r}; give only one of them")
+            if impl not in {c.implementation for c in impls}:
+                source = cls.implementation_sources.get(impl, f"a package providing {impl!r}")
+                raise BadInputError(
+                    f"{where} needs the {name} implementation {impl!r}, which is not "
+                    f"installed: install {source}")
+            chosen[name] = impl
+        return chosen
+
     def chain(self, use: dict[str, str] | None = None) -> list[type[Step]]:
         for step_name in (use or {}):
             if step_name not in self.implementations:

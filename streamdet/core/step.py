@@ -130,6 +130,13 @@ class Step:
     optional_reftypes: ClassVar[tuple[str, ...]] = ()
     #: parameter declarations; every step also has ``skip``.
     params_spec: ClassVar[dict[str, Param]] = {}
+    #: a parameter whose value chooses the implementation, as jwst's
+    #: ``ramp_fit.algorithm`` does: ``(parameter, {value: implementation})``. Setting it
+    #: is the same choice as ``--use``; the built-in implementation's declaration counts.
+    implementation_parameter: ClassVar[tuple[str, dict[str, str]] | None] = None
+    #: what to install for an implementation this package does not provide (the message
+    #: when the parameter above asks for it and it is missing): ``{implementation: text}``
+    implementation_sources: ClassVar[dict[str, str]] = {}
     granularity: ClassVar[Granularity] = Granularity.GROUP
     #: rows of neighbours needed above and below each chunk (band chunks only).
     halo: ClassVar[int] = 0

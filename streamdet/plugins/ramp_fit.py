@@ -648,6 +648,11 @@ from streamdet.core.step import Granularity, Param, Step  # noqa: E402
 from . import follows  # noqa: E402
 
 
+#: jwst's ``ramp_fit.algorithm`` values (spelt, and case-sensitive, as jwst checks them)
+#: and the implementation each selects
+ALGORITHMS = {"OLS_C": "builtin", "OLS": "builtin", "LIKELY": "likely"}
+
+
 def ignored_groups(ngroups: int, firstgroup: int | None, lastgroup: int | None
                    ) -> np.ndarray | None:
     """Per group, DO_NOT_USE for the groups jwst's ``firstgroup``/``lastgroup`` leave
@@ -685,7 +690,14 @@ class RampFitStep(Step):
         "suppress_one_group": Param(bool, True, "give no rate from a ramp with only its first group usable"),
         "firstgroup": Param(int, None, "ignore the groups before this one (0-based; None: from the first)", optional=True),
         "lastgroup": Param(int, None, "ignore the groups after this one (0-based; None: to the last)", optional=True),
+        "algorithm": Param(str, "OLS_C", "jwst's choice of fit: OLS_C (this implementation; "
+                           "OLS, jwst's older name, means the same) or LIKELY (the 'likely' "
+                           "implementation, package streamdet-likely)", choices=tuple(ALGORITHMS)),
     }
+    implementation_parameter = ("algorithm", ALGORITHMS)
+    implementation_sources = {"likely": "streamdet-likely (pip install "
+                                        "./plugins_contrib/streamdet-likely from streamdet's "
+                                        "repository)"}
 
     def prepare(self, meta, refs, pixeldq):
         self.meta = meta

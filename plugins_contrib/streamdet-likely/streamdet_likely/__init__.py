@@ -1,11 +1,12 @@
-"""streamdet-likely: the likelihood-based optimal ramp fit of Brandt (2024, PASP 136,
-045004) as an alternative implementation of streamdet's ``ramp_fit`` step.
+"""streamdet-likely: jwst's LIKELY ramp fit (the likelihood fit of Brandt 2024, PASP 136,
+045004/045005) as an implementation of streamdet's ``ramp_fit`` step.
 
-Select it with ``streamdet process FILE --use ramp_fit=likely``; the array kernel is
+Select it with ``streamdet process FILE --set ramp_fit.algorithm=LIKELY`` (jwst's
+spelling) or ``--use ramp_fit=likely``; the array kernel is
 :func:`streamdet_likely.kernel.fit_likely`.
 """
 
-from .kernel import fit_likely, solve_weights, used_differences
+from .kernel import combine_integrations, find_jumps, fit_likely, gls_sums
 
-__version__ = "0.1.0"
-__all__ = ["fit_likely", "solve_weights", "used_differences", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["combine_integrations", "find_jumps", "fit_likely", "gls_sums", "__version__"]

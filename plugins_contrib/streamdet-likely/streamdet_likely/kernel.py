@@ -1,183 +1,158 @@
-"""Likelihood-based ("optimal") ramp fitting, after Brandt (2024, PASP 136, 045004).
+"""Likelihood ramp fitting as jwst 3.0 runs it (``ramp_fit.algorithm = 'LIKELY'``, stcal
+1.20's ``likely_fit``), after Brandt (2024, PASP 136, 045004 and 045005), for ramps with
+one read per group (MIRI).
 
-The model
----------
-A ramp read out up-the-ramp with one read per group (MIRI, NFRAMES = 1) is a series of
-reads ``y_0 .. y_{n-1}`` taken ``dt`` (the group time) apart.  Work with the
-differences ``d_k = y_{k+1} - y_k`` (DN): each has expectation ``a * dt`` for a count
-rate ``a`` (DN/s), whatever the pedestal.  Two noise sources:
+What is computed, per pixel and integration (our formulation of the same estimator)
+-----------------------------------------------------------------------------------
+Reads ``y_0 .. y_{n}`` are ``dt`` (the group time) apart; the fit works on the rates of
+the differences ``d_k = (y_{k+1} - y_k) / dt`` (the subtraction in single precision, as
+the ramp is stored).  Their covariance is tridiagonal: with ``R`` the READNOISE reference
+(the noise of a difference of two reads), a gain ``g`` and a rate ``c`` for the photon
+noise,
 
-* read noise: every read carries independent noise of variance ``s2`` (DN^2); the
-  READNOISE reference holds the noise of a difference of two reads (CDS), so
-  ``s2 = readnoise^2 / 2``.  A difference gets ``2 s2``; two neighbouring differences
-  share one read and so covary by ``-s2``;
-* photon (Poisson) noise: the charge collected between two reads is independent of
-  all other intervals, variance ``a dt / gain`` (DN^2) on the diagonal only.
+    C_kk = c / (g dt) + R^2 / dt^2,    C_k,k+1 = -R^2 / (2 dt^2).
 
-The covariance matrix of the differences is therefore tridiagonal,
-``C = (2 s2 + p) I - s2 (sub- and super-diagonal)`` with ``p = a dt / gain``, and the
-best linear unbiased estimate of the rate is the generalised least-squares one::
+A difference is used when both its groups have a group DQ of exactly 0 (any flag,
+JUMP_DET included, removes both differences touching the group).  Dropping differences
+removes their rows and columns from ``C``; the generalised least-squares rate of the used
+ones is ``a = (1' P d) / (1' P 1)`` with ``P = C^-1``, its variance ``1 / (1' P 1)``.
+``P d``, ``P 1`` and the diagonal of ``P`` come from one forward elimination and one
+backward sweep over the differences (the diagonal from the forward and backward pivots:
+``P_kk = 1 / (f_k + b_k - C_kk)``), so a ramp costs time linear in its length and no
+determinant is formed (stcal evaluates Brandt's closed-form recursions instead; the
+numbers agree to rounding).  The per-ramp loops are C (``_likely.c``, called through
+ctypes, which releases the GIL for the band threads); this module prepares the buffers
+and does the DQ and the combination of integrations with numpy.
 
-    z = C^-1 u,   a_hat = (z . d) / (z . u) / dt,   Var(a_hat) = 1 / (z . u) / dt^2
+1. *Covariance for jump detection*: ``c`` is the median of all the integration's
+   differences (unused ones included, as stcal does), clipped at 0.
+2. *Jump detection* (Brandt's paper II, stcal's defaults): leaving difference ``k`` out
+   lowers the chi-square by ``(p_k - a q_k)^2 / (P_kk - q_k^2 / S)`` (``p = P d``,
+   ``q = P 1``, ``S = 1' q``); the difference with the largest improvement is dropped
+   if that improvement exceeds 20.25 (4.5 sigma), its end group gets JUMP_DET, and the
+   ramp is searched again while it keeps at least 4 used differences.  A ramp with one
+   used difference is not searched.  With two, leaving out either improves the
+   chi-square equally: stcal's choice then follows its rounding (either one, now and
+   then both); ours is the larger difference.  Pairs of differences are never dropped
+   together (one read per group: stcal allows that only for multi-read groups), but
+   stcal's search stops when its formula for omitting a pair gives NaN: besides
+   a ramp of two adjacent differences (sometimes, by rounding, see above), that happens
+   by rounding on a 0/0 of that formula, for a zero-rate covariance on a single run of
+   4 or 6 used differences (before or after a drop; a zero rate is common for pixels
+   that saturate early, whose flat saturated differences set the median); we search
+   those ramps as any other.
+3. *Rate for the covariance of the fit*: the rate of step 2's last fit (the one without
+   the dropped differences), clipped at 0, plus the average dark current; NaN when
+   nothing is usable.
+4. *Fit* with that covariance: SCI ``a``, ERR ``sqrt(1 / S)``, with normalised weights
+   ``w = q / S``: VAR_POISSON ``sum w_k^2 c / (g dt)``, VAR_RNOISE
+   ``(sum w_k^2 - sum w_k w_{k+1}) R^2 / dt^2``.  An integration with no used difference
+   is NaN in all four.
+5. *DQ per integration*: pixel DQ, DO_NOT_USE when every group is SATURATED or
+   DO_NOT_USE, SATURATED when any group is, JUMP_DET when any group has it (the jump
+   step's flags and step 2's).
+6. *Exposure* (more than one integration): starting from the NaN-ignoring median of the
+   integrations' rates, twice: each integration's VAR_POISSON is rescaled to that rate
+   (scale ``rate / rate_i``, 0 when negative or undefined), weights
+   ``1 / (VAR_POISSON' + VAR_RNOISE)`` normalised over the finite ones, rate = weighted
+   mean; VAR_* the weighted sums with squared weights, ERR their root; DQ the OR of the
+   integrations' without DO_NOT_USE, which is set when every integration has it.  In
+   single precision, as stcal keeps the per-integration products.  With one integration
+   the rate is the integration's.
 
-(``u`` is the vector of ones over the differences used).  Brandt writes the inverse of
-such a tridiagonal matrix in closed form with recursions whose cost is linear in the
-number of groups; here the same linear cost comes from solving ``C z = u`` by
-forward elimination and back substitution (the Thomas algorithm; ``C`` is symmetric
-positive definite, so it needs no pivoting, and no determinant is ever formed, so long
-ramps need no rescaling).  The solve is vectorised over pixels and integrations; the
-loop runs over the differences.
-
-Flags.  A group is usable when its DQ carries nothing but JUMP_DET (and PERSISTENCE,
-which the built-in fit also ignores); DO_NOT_USE, SATURATED and any other bit make it
-unusable, and a difference is used only when both its groups are usable.  A jump
-flagged on group ``g`` lies in ``y_g - y_{g-1}``, so that difference is always dropped
-and the ramp is split there.  By default (``jump_mask="read"``, the convention of
-stcal's likelihood fit) the difference ``y_{g+1} - y_g`` is dropped too, i.e. the read
-of the flagged group is left out: the jump step also flags single-read noise
-excursions, and such a read pulls the next difference the other way, so keeping that
-difference would bias the fit of every falsely flagged ramp; the price on a real jump
-is one difference.  ``jump_mask="difference"`` keeps it (the built-in fit's segments
-also start on the flagged group).  Dropping differences removes their rows and columns
-from ``C``; the remaining blocks (the segments) are uncorrelated, so one solve fits all
-segments of a ramp jointly with one common rate and a free offset per segment - the
-likelihood-optimal way to combine segments, rather than a fit per segment followed by
-a weighted average.
-
-The covariance depends on the rate being measured.  The rate used in ``C`` starts from
-the plain mean of the used differences of every integration of the pixel, and each
-further iteration uses the previous joint estimate (negative rates clipped to 0, the
-average dark current added, as stcal does).  Brandt shows that estimating ``C`` from
-the data biases the fit, to first order by ``c^T C dw/da`` where ``c`` are the weights
-of the estimate that fed ``C`` and ``w(a)`` the optimal weights.  When ``c`` is itself
-the optimal estimate this vanishes (``C w`` is proportional to ``u`` and the weights
-always sum to one, so ``u . dw/da = 0``); hence the default of two iterations: the
-second one's covariance comes from an optimal estimate, which removes the first-order
-bias without an explicit correction term.
-
-Integrations.  Every integration of a pixel uses the same exposure-level rate in its
-covariance, so the inverse variances ``S_i = z_i . u_i`` used to combine integrations
-do not correlate with each integration's own fluctuations (the debiasing stcal's
-likelihood fit does by rescaling Poisson variances to a common rate).  The exposure
-rate is ``sum_i z_i . d_i / sum_i S_i`` - the joint fit of all integrations.
-
-Variances.  With normalised weights ``w = z / S``: ``VAR_RNOISE = s2 (2 sum w_k^2 -
-2 sum w_k w_{k+1}) / dt^2`` and ``VAR_POISSON = p sum w_k^2 / dt^2``; they add up to
-``1 / S / dt^2``, and ERR is the root of their sum.  Across integrations the variances
-combine with the weights ``S_i / sum S``.
-
-Every per-pixel number is computed by the same operations in the same order whatever
-band or chunk of pixels it falls in (sums run explicitly over the differences), so
-bands stitch bit-identically.
+Each pixel's numbers come from the same operations in the same order whatever band or
+chunk of pixels it falls in, so bands stitch bit-identically.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.machinery
+from pathlib import Path
+
 import numpy as np
 
-from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, NO_GAIN_VALUE, PIXEL, SATURATED
+from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, SATURATED
 from streamdet.core.products import RateArrays
 
-_PERSISTENCE = PIXEL["PERSISTENCE"]
-#: group DQ bits that leave a group usable (JUMP_DET cuts the ramp: see used_differences)
-_HARMLESS = JUMP_DET | _PERSISTENCE
-_BAD_GROUP = np.uint8(~_HARMLESS & 0xFF)
-_UNUSABLE = DO_NOT_USE | SATURATED
+#: chi-square improvement above which a difference is a jump (stcal's default, 4.5^2)
+JUMP_CHISQ_THRESHOLD = 20.25
+#: a ramp is searched again after a drop only while it keeps this many used differences
+MIN_DIFFS_TO_SEARCH = 4
+#: jwst runs LIKELY only from this many groups on (fewer: its OLS_C fit)
+MIN_GROUPS = 4
 
-#: float64 elements of (integrations x groups x pixels) handled at once
+#: samples (integrations x groups x pixels) per call of the C loops: bounds the
+#: temporaries of the DQ reductions around it
 DEFAULT_CHUNK_ELEMENTS = 1 << 19
 
 
-#: how a JUMP_DET group cuts the ramp: drop its read (both differences touching it) or
-#: only the difference ending on it
-JUMP_MASKS = ("read", "difference")
+class KernelsNotBuilt(ImportError):
+    """The compiled loops are missing (the package was installed without building them)."""
 
 
-def used_differences(groupdq: np.ndarray, jump_mask: str = "read") -> np.ndarray:
-    """Which group differences enter the fit.
-
-    ``groupdq`` is ``[..., ngroups, npix]``; returns bool ``[..., ngroups - 1, npix]``.
-    A difference is used when both its groups are usable (nothing but JUMP_DET or
-    PERSISTENCE set) and, for a group flagged JUMP_DET, not if it ends on that group;
-    with ``jump_mask="read"`` (the default) not if it starts on it either, so the read
-    of the flagged group is left out altogether.
-    """
-    if jump_mask not in JUMP_MASKS:
-        raise ValueError(f"jump_mask must be one of {JUMP_MASKS}, got {jump_mask!r}")
-    groupdq = np.asarray(groupdq, dtype=np.uint8)
-    good = (groupdq & _BAD_GROUP) == 0
-    use = good[..., 1:, :] & good[..., :-1, :]
-    jump = (groupdq & np.uint8(JUMP_DET)) != 0
-    use &= ~jump[..., 1:, :]
-    if jump_mask == "read":
-        use &= ~jump[..., :-1, :]
-    return use
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_likely{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+            lib.lk_find_jumps.argtypes = [i, i, p, p, p, p, d, i, p, p]
+            lib.lk_fit.argtypes = [i, i, i, p, i, i, p, i, i, d, p, p, p, d, i, p, p, p, p, p]
+            lib.lk_gls.argtypes = [i, i, p, p, p, p, p, p, p, p]
+            for fn in (lib.lk_find_jumps, lib.lk_fit, lib.lk_gls):
+                fn.restype = i
+            return lib
+    raise KernelsNotBuilt(f"streamdet-likely's compiled loops are not built in {here}: "
+                          "reinstall streamdet-likely with a C compiler available")
 
 
-class _Sums:
-    """Per-pixel sums of one integration's solve: ``S = sum z``, ``N = sum z d``,
-    ``Q2 = sum z^2`` and ``Q11 = sum z_k z_{k+1}``."""
-
-    __slots__ = ("S", "N", "Q2", "Q11")
-
-    def __init__(self, S, N, Q2, Q11):  # noqa: N803
-        self.S, self.N, self.Q2, self.Q11 = S, N, Q2, Q11
+def _call(name, *args):
+    if getattr(_library(), name)(*args) != 0:
+        raise MemoryError(f"streamdet-likely: {name} could not allocate its scratch")
 
 
-def solve_weights(diffs: np.ndarray, use: np.ndarray, read_var: np.ndarray,
-                  poisson_var: np.ndarray, want_moments: bool = True) -> _Sums:
-    """Solve ``C z = u`` for every pixel and return the sums the fit needs.
+def _f64(a):
+    return np.ascontiguousarray(a, dtype=np.float64)
 
-    ``diffs`` float64 ``[n, m]`` (DN, anything where unused), ``use`` bool ``[n, m]``,
-    ``read_var`` (variance of one read) and ``poisson_var`` (Poisson variance of one
-    difference), both DN^2 ``[m]``.  A pixel whose noise is zero altogether gets
-    uniform weights.  ``Q2`` and ``Q11`` are only computed with ``want_moments``.
-    """
+
+def find_jumps(d: np.ndarray, use: np.ndarray, diag: np.ndarray, off: np.ndarray,
+               threshold: float = JUMP_CHISQ_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """Brandt's iterative likelihood jump search (step 2 of the module notes) on given
+    covariances: ``d`` float64 ``[n, m]`` (DN/s), ``use`` bool ``[n, m]`` (updated in
+    place: dropped differences become False), ``diag``/``off`` ``[m]``.  Returns
+    ``(rate, jumps)``: the rate of the last fit without the dropped differences (NaN when
+    none is used), and bool ``[n, m]``, True where a difference was dropped."""
     n, m = use.shape
-    base = 2.0 * read_var + poisson_var
-    base = np.where(base > 0, base, 1.0)
-    # couplings between neighbouring used differences (0 where either is dropped)
-    off = np.zeros((max(n - 1, 0), m))
-    if n > 1:
-        np.copyto(off, -read_var, where=use[:-1] & use[1:])
-    # diagonal: the noise of a used difference; 1 for a dropped one (decoupled, rhs 0)
-    pivot = np.where(use, base, 1.0)
-    y = use.astype(np.float64)  # right-hand side, eliminated in place
-    factor = np.empty(m)
-    tmp = np.empty(m)
-    for k in range(1, n):
-        b = off[k - 1]
-        np.divide(b, pivot[k - 1], out=factor)
-        np.multiply(factor, b, out=tmp)
-        pivot[k] -= tmp
-        np.multiply(factor, y[k - 1], out=tmp)
-        y[k] -= tmp
-    S = np.zeros(m)
-    N = np.zeros(m)
-    Q2 = np.zeros(m) if want_moments else None
-    Q11 = np.zeros(m) if want_moments else None
-    z = np.empty(m)
-    z_next = np.empty(m)
-    for k in range(n - 1, -1, -1):
-        if k == n - 1:
-            np.divide(y[k], pivot[k], out=z)
-        else:
-            np.multiply(off[k], z_next, out=z)
-            np.subtract(y[k], z, out=z)
-            z /= pivot[k]
-        S += z
-        np.multiply(z, diffs[k], out=tmp)
-        # a dropped difference has z = 0 exactly; keep a NaN or inf there out of the sum
-        np.copyto(tmp, 0.0, where=~use[k])
-        N += tmp
-        if want_moments:
-            np.multiply(z, z, out=tmp)
-            Q2 += tmp
-            if k < n - 1:
-                np.multiply(z, z_next, out=tmp)
-                Q11 += tmp
-        z, z_next = z_next, z
-    return _Sums(S, N, Q2, Q11)
+    d = _f64(d)
+    flags = np.ascontiguousarray(use, dtype=np.uint8)
+    diag, off = _f64(diag), _f64(off)
+    rate = np.empty(m)
+    jumps = np.zeros((n, m), np.uint8)
+    _call("lk_find_jumps", n, m, _ptr(d), _ptr(flags), _ptr(diag), _ptr(off),
+          float(threshold), MIN_DIFFS_TO_SEARCH, _ptr(rate), _ptr(jumps))
+    use[...] = flags.astype(bool)
+    return rate, jumps.astype(bool)
+
+
+def gls_sums(d: np.ndarray, use: np.ndarray, diag: np.ndarray, off: np.ndarray):
+    """One generalised least-squares solve per column on the used differences:
+    ``(S, N, Q2, Q11)`` with ``q = C^-1 1``: ``S = sum q``, ``N = sum q d``,
+    ``Q2 = sum q^2``, ``Q11 = sum q_k q_{k+1}`` (rate ``N / S``, variance ``1 / S``)."""
+    n, m = use.shape
+    d = _f64(d)
+    flags = np.ascontiguousarray(use, dtype=np.uint8)
+    diag, off = _f64(diag), _f64(off)
+    out = [np.empty(m) for _ in range(4)]
+    _call("lk_gls", n, m, _ptr(d), _ptr(flags), _ptr(diag), _ptr(off), *map(_ptr, out))
+    return tuple(out)
+
+
+def _ptr(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
 
 
 def fit_likely(
@@ -189,24 +164,14 @@ def fit_likely(
     gain: np.ndarray,
     group_time: float,
     average_dark_current: np.ndarray | None = None,
-    iterations: int = 2,
-    jump_mask: str = "read",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[RateArrays, RateArrays]:
-    """Fit every ramp of a band of rows; returns ``(rate, rateints)``.
+    """Fit every ramp of a band of rows as jwst's LIKELY does; returns ``(rate, rateints)``.
 
     ``data`` float32 and ``groupdq`` uint8 ``[nints, ngroups, nrows, nx]`` span every
     integration; ``pixeldq`` uint32, ``readnoise`` (CDS, DN), ``gain`` (e/DN) and
     ``average_dark_current`` (DN/s, None = 0) are ``[nrows, nx]``.  One read per group
-    (NFRAMES = 1) ``group_time`` seconds apart.  ``iterations`` (>= 1) is the number of
-    solves; each after the first takes its covariance from the previous joint rate.
-    ``jump_mask`` says what a JUMP_DET group removes (see :func:`used_differences`).
-
-    DQ follows the built-in fit: the pixel DQ, JUMP_DET / PERSISTENCE where any group
-    had them, SATURATED where any group saturated, DO_NOT_USE (SCI NaN, variances and
-    ERR 0) for an integration with no usable difference and for the rate where no
-    integration is usable; a pixel whose DQ already says DO_NOT_USE or SATURATED, or
-    whose gain is not positive (then also NO_GAIN_VALUE), is NaN everywhere.
+    ``group_time`` seconds apart.
     """
     data = np.asarray(data)
     groupdq = np.asarray(groupdq, dtype=np.uint8)
@@ -218,132 +183,103 @@ def fit_likely(
         raise ValueError(f"likelihood ramp fitting needs at least 2 groups, got {ngroups}")
     if not group_time > 0:
         raise ValueError(f"group_time must be positive, got {group_time!r}")
-    if jump_mask not in JUMP_MASKS:
-        raise ValueError(f"jump_mask must be one of {JUMP_MASKS}, got {jump_mask!r}")
-    iterations = int(iterations)
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
     npix = nrows * ncols
-    dt = float(group_time)
-
     values = data.reshape(nints, ngroups, npix)
     flags = groupdq.reshape(nints, ngroups, npix)
     gain64 = np.asarray(gain, dtype=np.float64).reshape(npix)
-    rn = np.asarray(readnoise, dtype=np.float64).reshape(npix)
-    rn = np.where(np.isfinite(rn), np.abs(rn), 0.0)
-    read_var = rn * rn / 2.0  # one read: the reference is the noise of a CDS pair
-    if average_dark_current is None:
-        dark = np.zeros(npix)
-    else:
-        dark = np.asarray(average_dark_current, dtype=np.float64).reshape(npix)
-        dark = np.where(np.isfinite(dark), dark, 0.0)
-    pdq = np.array(np.asarray(pixeldq).reshape(npix), dtype=np.uint32)
-    good_gain = np.isfinite(gain64) & (gain64 > 0)
-    pdq[~good_gain] |= np.uint32(DO_NOT_USE | NO_GAIN_VALUE)
-    # Poisson variance of one difference per DN/s of rate
-    p_per_rate = np.where(good_gain, dt / np.where(good_gain, gain64, 1.0), 0.0)
+    rn64 = np.asarray(readnoise, dtype=np.float64).reshape(npix)
+    dark = (np.zeros(npix) if average_dark_current is None else
+            np.asarray(average_dark_current, dtype=np.float64).reshape(npix))
+    pdq = np.asarray(pixeldq, dtype=np.uint32).reshape(npix)
 
-    rate = RateArrays(np.empty(npix, np.float32), np.empty(npix, np.float32),
-                      np.empty(npix, np.uint32), np.empty(npix, np.float32),
-                      np.empty(npix, np.float32))
-    rateints = RateArrays(*(np.empty((nints, npix), dt_) for dt_ in
+    rateints = RateArrays(*(np.empty((nints, npix), t) for t in
                             (np.float32, np.float32, np.uint32, np.float32, np.float32)))
-
-    step = max(64, int(chunk_elements) // max(1, nints * ngroups))
-    with np.errstate(all="ignore"):
-        for lo in range(0, npix, step):
-            part = slice(lo, min(npix, lo + step))
-            _fit_chunk(values[:, :, part], flags[:, :, part], pdq[part], read_var[part],
-                       p_per_rate[part], dark[part], dt, iterations, jump_mask,
-                       rate, rateints, part)
-
+    step = max(64, int(chunk_elements) // max(1, nints * (ngroups - 1)))
+    for lo in range(0, npix, step):
+        part = slice(lo, min(npix, lo + step))
+        _fit_chunk(values[:, :, part], flags[:, :, part], pdq[part], rn64[part],
+                   gain64[part], dark[part], float(group_time), rateints, part)
+    rate = combine_integrations(rateints)
     return (RateArrays(*(a.reshape(nrows, ncols) for a in rate.arrays())),
             RateArrays(*(a.reshape(nints, nrows, ncols) for a in rateints.arrays())))
 
 
-def _fit_chunk(values, flags, pdq, read_var, p_per_rate, dark, dt, iterations, jump_mask,
-               rate, rateints, part):
-    """Fit ``m`` pixels, all integrations at once: the solve runs over
-    ``[ndiffs, nints * m]`` columns (integration-major), so the Python loops depend on
-    the number of groups only."""
+def _fit_chunk(values, flags, pdq, rn, gain, dark, dt, rateints, part):
+    """All integrations of ``m`` pixels at once; the per-ramp loops are C
+    (``_likely.c``), which reads the samples and flags where they are."""
     nints, ngroups, m = values.shape
-    n = ngroups - 1
-    d = np.subtract(values[:, 1:], values[:, :-1], dtype=np.float64)
-    d = np.ascontiguousarray(d.transpose(1, 0, 2)).reshape(n, nints * m)
-    use = used_differences(
-        np.ascontiguousarray(flags.transpose(1, 0, 2)).reshape(ngroups, nints * m), jump_mask)
-    use &= np.isfinite(d)
-    read_var_cols = np.tile(read_var, nints)
+    if values.strides[2] != values.itemsize or values.dtype != np.float32:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+    if flags.strides[2] != 1:
+        flags = np.ascontiguousarray(flags)
+    read_var = rn * rn / (dt * dt)  # a difference's read noise, (DN/s)^2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        photon_per_rate = 1.0 / (gain * dt)
+    sci, err, vp, vr = (np.empty(nints * m) for _ in range(4))
+    jumped = np.zeros(nints * m, np.uint8)
+    vs, fs = values.strides, flags.strides
+    _call("lk_fit", nints, ngroups, m, _ptr(values), vs[0] // 4, vs[1] // 4, _ptr(flags),
+          fs[0], fs[1], dt, _ptr(_f64(read_var)), _ptr(_f64(photon_per_rate)),
+          _ptr(_f64(dark)), JUMP_CHISQ_THRESHOLD, MIN_DIFFS_TO_SEARCH, _ptr(sci),
+          _ptr(err), _ptr(vp), _ptr(vr), _ptr(jumped))
 
-    def per_pixel_total(cols):
-        """Sum of a ``[nints * m]`` vector over integrations, always in the same order."""
-        cols = cols.reshape(nints, m)
-        total = cols[0].copy()
-        for i in range(1, nints):
-            total += cols[i]
-        return total
+    seen_any = np.bitwise_or.reduce(flags, axis=1).astype(np.uint32)
+    unusable_all = np.bitwise_and.reduce((flags & np.uint8(SATURATED | DO_NOT_USE)) != 0,
+                                         axis=1)
+    dq = np.broadcast_to(pdq, (nints, m)) | (seen_any & np.uint32(SATURATED | JUMP_DET))
+    dq[jumped.reshape(nints, m) != 0] |= np.uint32(JUMP_DET)
+    dq[unusable_all] |= np.uint32(DO_NOT_USE)
 
-    # starting rate: the plain mean of the used differences of all integrations
-    total = np.zeros(nints * m)
-    count = np.zeros(nints * m)
-    for k in range(n):  # explicit order: the same sums in any chunk
-        total += np.where(use[k], d[k], 0.0)
-        count += use[k]
-    total, count = per_pixel_total(total), per_pixel_total(count)
-    guess = np.where(count > 0, total / np.where(count > 0, count, 1.0) / dt, 0.0)
+    for mine, arr in ((rateints.sci, sci), (rateints.err, err), (rateints.dq, dq),
+                      (rateints.var_poisson, vp), (rateints.var_rnoise, vr)):
+        mine[:, part] = arr.reshape(nints, m)
 
-    for it in range(iterations):
-        current = np.maximum(guess, 0.0) + dark
-        current = np.where(np.isfinite(current), current, dark)
-        poisson_var = current * p_per_rate
-        sums = solve_weights(d, use, read_var_cols, np.tile(poisson_var, nints),
-                             want_moments=it == iterations - 1)
-        S_tot = per_pixel_total(sums.S)
-        N_tot = per_pixel_total(sums.N)
-        fitted = S_tot > 0
-        guess = np.where(fitted, N_tot / np.where(fitted, S_tot, 1.0) / dt, 0.0)
 
-    # -- per integration: [nints, m] ----------------------------------------------------
-    S = sums.S.reshape(nints, m)
-    usable = use.reshape(n, nints, m).any(axis=0) & (S > 0)
-    seen = np.bitwise_or.reduce(flags, axis=1)
-    sat = (seen & np.uint8(SATURATED)) != 0
-    dq = pdq[None, :] | (seen & np.uint8(JUMP_DET | _PERSISTENCE)).astype(np.uint32)
-    dq[~usable] |= np.uint32(DO_NOT_USE)
-    invalid_pixel = (pdq & np.uint32(_UNUSABLE)) != 0
-    invalid = invalid_pixel[None, :] | ~usable
-    S = np.where(usable, S, 1.0)
-    scale = 1.0 / (S * S * (dt * dt))
-    vr = read_var[None, :] * (2.0 * sums.Q2.reshape(nints, m)
-                              - 2.0 * sums.Q11.reshape(nints, m)) * scale
-    vp = poisson_var[None, :] * sums.Q2.reshape(nints, m) * scale
-    sci = sums.N.reshape(nints, m) / S / dt
-    err = np.sqrt(vp + vr)
-    sci[invalid] = np.nan
-    for arr in (vp, vr, err):
-        arr[invalid] = 0.0
-    rateints.sci[:, part] = sci
-    rateints.err[:, part] = err
-    rateints.var_poisson[:, part] = vp
-    rateints.var_rnoise[:, part] = vr
-    rateints.dq[:, part] = dq | np.where(sat, np.uint32(SATURATED), np.uint32(0))
+def combine_integrations(ints: RateArrays) -> RateArrays:
+    """The exposure's rate from the integrations' (step 6 of the module notes); each
+    argument ``[nints, npix]``, the result ``[npix]``."""
+    nints = ints.sci.shape[0]
+    if nints == 1:
+        return RateArrays(*(a[0].copy() for a in ints.arrays()))
+    data = ints.sci
+    vp_i, vr_i = ints.var_poisson, ints.var_rnoise
+    finite = ~np.isnan(data)
+    any_finite = finite.any(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = _nan_median(data, finite)
+        for _ in range(2):
+            ratio = slope[None, :] / data
+            ratio[~np.isfinite(ratio) | (ratio < 0)] = 0
+            vp_scaled = vp_i * ratio
+            weight = np.float32(1.0) / (vp_scaled + vr_i)
+            weight /= _nan_sum(weight)[None, :]
+            slope = _nan_sum(data * weight)
+            slope[~any_finite] = np.nan
+        vp = _nan_sum(vp_scaled * weight * weight)
+        vr = _nan_sum(vr_i * weight * weight)
+        vp[~any_finite] = np.nan
+        vr[~any_finite] = np.nan
+        err = np.sqrt(vp + vr)
+    dq = np.bitwise_or.reduce(ints.dq, axis=0) & np.uint32(~DO_NOT_USE & 0xFFFFFFFF)
+    dq[np.bitwise_and.reduce((ints.dq & np.uint32(DO_NOT_USE)) != 0, axis=0)] |= np.uint32(DO_NOT_USE)
+    return RateArrays(slope.astype(np.float32), err.astype(np.float32), dq,
+                      vp.astype(np.float32), vr.astype(np.float32))
 
-    # -- exposure: integrations weighted by S_i / sum S (one covariance rate for all) ---
-    w = np.where(usable, S, 0.0) / np.where(S_tot > 0, S_tot, 1.0)[None, :]
-    vp_tot = per_pixel_total(w * w * vp)
-    vr_tot = per_pixel_total(w * w * vr)
-    rate_dq = pdq | np.bitwise_or.reduce(dq & np.uint32(JUMP_DET | _PERSISTENCE), axis=0)
-    usable_anywhere = usable.any(axis=0)
-    rate_dq[~usable_anywhere] |= np.uint32(DO_NOT_USE)
-    invalid = invalid_pixel | ~usable_anywhere
-    sci = np.where(usable_anywhere, guess, np.nan)
-    err = np.sqrt(vp_tot + vr_tot)
-    sci[invalid] = np.nan
-    for arr in (vp_tot, vr_tot, err):
-        arr[invalid] = 0.0
-    rate_dq[sat.any(axis=0)] |= np.uint32(SATURATED)
-    rate.sci[part] = sci
-    rate.err[part] = err
-    rate.dq[part] = rate_dq
-    rate.var_poisson[part] = vp_tot
-    rate.var_rnoise[part] = vr_tot
+
+def _nan_sum(values: np.ndarray) -> np.ndarray:
+    """Sum over integrations (axis 0) in their order, NaN counted as 0."""
+    total = np.where(np.isnan(values[0]), np.float32(0), values[0])
+    for row in values[1:]:
+        total = total + np.where(np.isnan(row), np.float32(0), row)
+    return total
+
+
+def _nan_median(values: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Median over integrations ignoring NaN (NaN where all are)."""
+    if finite.all():
+        return np.median(values, axis=0)
+    # nanmedian warns on all-NaN pixels (and warning filters are not thread-safe)
+    none = ~finite.any(axis=0)
+    median = np.nanmedian(np.where(none[None, :], np.float32(0), values), axis=0)
+    median[none] = np.nan
+    return median
