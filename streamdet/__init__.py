@@ -19,10 +19,20 @@ def process(path: str | Path, output_dir: str | Path | None = None, *,
 
     ``steps`` maps step name to parameters (``{"jump": {"rejection_threshold": 5}}``,
     ``{"firstframe": {"skip": False}}``), ``use`` picks implementations, ``overrides``
-    maps reference type to a path or ``"N/A"``.
+    maps reference type to a path or ``"N/A"``. As in jwst, ``{"jump": {"post_hooks":
+    ["snowblind.SnowblindStep"]}}`` runs published stpipe steps after (``pre_hooks``:
+    before) a step, and ``use={"refpix": "stpipe:jwst.refpix.RefPixStep"}`` replaces one.
     """
     from .core.engine import RunConfig, process_file
 
-    config = RunConfig(params=steps or {}, use=use or {}, overrides=overrides or {},
-                       output_dir=Path(output_dir) if output_dir else None, overwrite=overwrite)
+    params, hooks = {}, []
+    for step, values in (steps or {}).items():
+        values = dict(values)
+        for when in ("pre", "post"):
+            listed = values.pop(f"{when}_hooks", [])
+            hooks += [(when, step, path) for path in ([listed] if isinstance(listed, str) else listed)]
+        params[step] = values
+    config = RunConfig(params=params, use=use or {}, overrides=overrides or {},
+                       output_dir=Path(output_dir) if output_dir else None, overwrite=overwrite,
+                       hooks=hooks)
     return process_file(path, config).products

@@ -43,7 +43,9 @@ def process(
     skip: List[str] = typer.Option([], "--skip", help="skip STEP (repeatable)"),
     set_: List[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE (repeatable)"),
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A (repeatable)"),
-    use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable)"),
+    use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable); STEP=stpipe:pkg.Class runs a published stpipe step instead"),
+    pre_hook: List[str] = typer.Option([], "--pre-hook", help="STEP=pkg.Class: run an stpipe step before STEP, as jwst's pre_hooks (repeatable). It gets one integration at a time; --set ALIAS.granularity=exposure gives it the whole exposure, which then sits in memory at once (several times over)"),
+    post_hook: List[str] = typer.Option([], "--post-hook", help="STEP=pkg.Class: run an stpipe step after STEP, as jwst's post_hooks (repeatable; e.g. jump=snowblind.SnowblindStep); parameters with --set ALIAS.PARAM=VALUE, ALIAS the class's class_alias"),
     save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS, else all usable CPUs)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
@@ -73,7 +75,9 @@ def process(
             for message in registry.broken:
                 typer.echo(f"streamdet: warning: {message}", err=True)
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
-                             output_dir=output_dir, overwrite=overwrite, registry=registry)
+                             output_dir=output_dir, overwrite=overwrite, registry=registry,
+                             pre_hooks=pre_hook, post_hooks=post_hook)
+        _log_to_stderr(quiet, verbose or debug)
         run.save_ramp = save_ramp
         if threads is not None:
             run.threads = threads
@@ -119,6 +123,30 @@ def process(
             console.print(_timings_table(result.timings))
     if failures:
         raise typer.Exit(failures)
+
+
+def _log_to_stderr(quiet: bool, verbose: bool) -> None:
+    """The ``streamdet.*`` loggers (an stpipe step's records arrive as
+    ``streamdet.ALIAS``) as ``streamdet: NAME: message`` lines on stderr: warnings and
+    errors, INFO too with -v, nothing with -q."""
+    import logging
+
+    logger = logging.getLogger("streamdet")
+    if quiet or any(getattr(h, "_streamdet_cli", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._streamdet_cli = True
+    handler.setFormatter(logging.Formatter("streamdet: %(short)s: %(message)s"))
+    handler.addFilter(_ShortName())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+class _ShortName:
+    def filter(self, record) -> bool:
+        record.short = record.name.split(".", 1)[1] if "." in record.name else record.name
+        return True
 
 
 @contextlib.contextmanager
@@ -168,6 +196,9 @@ def _process_one(path: Path, run, console, quiet: bool):
 @app.command()
 def steps(
     use: List[str] = typer.Option([], "--use", help="STEP=IMPL, to show a choice"),
+    pre_hook: List[str] = typer.Option([], "--pre-hook", help="STEP=pkg.Class, to show a hooked stpipe step"),
+    post_hook: List[str] = typer.Option([], "--post-hook", help="STEP=pkg.Class, to show a hooked stpipe step"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file (its hooks and choices)"),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Show the chain: each step, its implementations, default skip and parameters."""
@@ -179,8 +210,10 @@ def steps(
     from .core.plugins import get_registry
 
     try:
-        registry = get_registry()
-        chosen = configmod.load(use=use, registry=registry, whole_chain=False).use
+        run = configmod.load(config, use=use, registry=get_registry(), whole_chain=False,
+                             pre_hooks=pre_hook, post_hooks=post_hook)
+        registry = get_registry().for_run(run)
+        chosen = run.use
         rows = []
         for name in registry.order:
             try:

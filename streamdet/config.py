@@ -6,8 +6,9 @@ File layout (every table optional)::
     rejection_threshold = 5.0
     [steps.firstframe]
     skip = false
+    post_hooks = ["snowblind.SnowblindStep"]   # stpipe steps after jump (--post-hook)
     [use]                      # implementation per step, as with --use
-    ramp_fit = "likely"
+    ramp_fit = "likely"        # "stpipe:pkg.Class" runs an stpipe step instead
     [override]                 # reference files, as with --override (a path or "N/A")
     dark = "/refs/my_dark.fits"
     [output]
@@ -34,7 +35,8 @@ def _pair(option: str, text: str) -> tuple[str, str]:
 
 def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[str] = (),
          overrides: list[str] = (), use: list[str] = (), output_dir: Path | None = None,
-         overwrite: bool = False, registry=None, whole_chain: bool = True) -> RunConfig:
+         overwrite: bool = False, registry=None, whole_chain: bool = True,
+         pre_hooks: list[str] = (), post_hooks: list[str] = ()) -> RunConfig:
     """Build a RunConfig: the file first, command-line options on top.
 
     Everything is checked against the installed steps (``registry``, the process's own
@@ -62,12 +64,26 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     # where each setting came from, for the messages: (kind, key) -> option text
     origin: dict[tuple[str, ...], str] = {}
     params: dict[str, dict[str, Any]] = {}
+    hooks: list[tuple[str, str, str]] = []
     for step, values in (data.get("steps") or {}).items():
         if not isinstance(values, dict):
             raise BadInputError(f"{config_file}: [steps.{step}] must be a table of parameters")
-        params[step] = dict(values)
+        values = dict(values)
+        for when in ("pre", "post"):  # jwst's spelling: stpipe step classes to run around it
+            listed = values.pop(f"{when}_hooks", [])
+            if isinstance(listed, str):
+                listed = [listed]
+            if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
+                raise BadInputError(f"{config_file}: [steps.{step}] {when}_hooks must be a "
+                                    "list of class names (\"pkg.Class\")")
+            hooks += [(when, step, path) for path in listed]
+        params[step] = values
         for name in values:
             origin[("param", step, name)] = f"{config_file}: [steps.{step}] {name}"
+    for when, given in (("pre", pre_hooks), ("post", post_hooks)):
+        for text in given:
+            step, path = _pair(f"--{when}-hook", text)
+            hooks.append((when, step, path))
     for name in skip:
         params.setdefault(name, {})["skip"] = True
         origin[("param", name, "skip")] = f"--skip {name}"
@@ -108,8 +124,9 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
         raise BadInputError(f"{config_file}: [output] overwrite must be true or false, "
                             f"not {out['overwrite']!r}")
     run = RunConfig(
-        params=params, use=chosen, overrides=refs, output_dir=directory,
-        overwrite=overwrite or bool(out.get("overwrite", False)),
+        params=params,
+        use=chosen, overrides=refs, output_dir=directory,
+        overwrite=overwrite or bool(out.get("overwrite", False)), hooks=hooks,
     )
     _validate(run, origin, registry, whole_chain)
     return run
@@ -132,6 +149,8 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
     from .core.plugins import get_registry
 
     registry = registry if registry is not None else get_registry()
+    registry = registry.for_run(run)  # with the stpipe steps the run hooks in
+    _params_by_alias(run, registry)
     known = ", ".join(registry.order)
     for step, impl in run.use.items():
         where = origin.get(("use", step), f"--use {step}={impl}")
@@ -180,3 +199,14 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
             raise BadInputError(f"{where}: step {skipped[0]!r} makes the rate images and "
                                 "cannot be skipped")
         # otherwise an installed plugin put a step after the rate: the engine reports it
+
+
+def _params_by_alias(run: RunConfig, registry) -> None:
+    """Parameters given under an stpipe class's alias (``--set jump_plus.x=1``) for the
+    step it replaces (``--use jump=stpipe:snowblind.JumpPlusStep``) go to that step."""
+    for step, impl in run.use.items():
+        cls = next((c for c in registry.implementations.get(step, [])
+                    if c.implementation == impl), None)
+        alias = getattr(getattr(cls, "stpipe_class", None), "class_alias", None)
+        if alias and alias != step and alias in run.params and alias not in registry.implementations:
+            run.params.setdefault(step, {}).update(run.params.pop(alias))

@@ -114,6 +114,10 @@ class RunConfig:
     #: process that runs the file
     threads: int | None = None
     pass1_band_bytes: int = DEFAULT_PASS1_BAND_BYTES
+    #: published stpipe steps run through the adapter (streamdet/plugins/stpipe_adapter.py):
+    #: ``(when, step, "pkg.Class")``, ``when`` being ``"pre"`` or ``"post"`` (a hook of
+    #: chain step ``step``, in the order given, like jwst's pre_hooks/post_hooks)
+    hooks: list[tuple[str, str, str]] = field(default_factory=list)
     scratch_in_memory_bytes: int = SCRATCH_IN_MEMORY_BYTES
 
 
@@ -127,6 +131,7 @@ class Result:
 
 
 def build_chain(registry: Registry, config: RunConfig) -> list[Step]:
+    registry = registry.for_run(config)
     classes = registry.chain(config.use)
     known = {cls.name for cls in classes}
     for name in config.params:
