@@ -57,19 +57,27 @@ MEMORY_PROBE = """
 import json, resource, tracemalloc, os
 from streamdet.core.engine import RunConfig, process_file
 tracemalloc.start()
-process_file({uncal!r}, RunConfig(output_dir={out!r}, band_bytes=2_000_000, rateints_in_memory_bytes=0))
+process_file({uncal!r}, RunConfig(output_dir={out!r}, band_bytes=2_000_000, rateints_in_memory_bytes=0,
+                                  hooks={hooks!r}))
 peak = tracemalloc.get_traced_memory()[1]
 print(json.dumps({{"traced_peak": peak, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
 """
 
 
-def test_peak_memory_does_not_grow_with_integrations(tmp_path):
+@pytest.mark.parametrize("hooks", [[], [("post", "jump", "snowblind.SnowblindStep")]],
+                         ids=["builtin", "stpipe_hook_after_jump"])
+def test_peak_memory_does_not_grow_with_integrations(tmp_path, hooks):
     """2 and 20 integrations of the same frame: Python-heap peak (tracemalloc, numpy
-    arrays included) within 20 %, and the process's peak RSS as well."""
+    arrays included) within 20 %, and the process's peak RSS as well. Also with an
+    stpipe step hooked after jump, which is handed one whole integration at a time (an
+    integration pass after the band pass)."""
+    if hooks:
+        pytest.importorskip("snowblind")
     peaks = {}
     for nints in (2, 20):
         sim = simulate(tmp_path / f"sim{nints}", subarray="SUB256", ngroups=10, nints=nints, seed=5)
-        code = MEMORY_PROBE.format(uncal=str(sim.uncal), out=str(tmp_path / f"out{nints}"))
+        code = MEMORY_PROBE.format(uncal=str(sim.uncal), out=str(tmp_path / f"out{nints}"),
+                                   hooks=hooks)
         from .oracle import last_json
         peaks[nints] = last_json(run_python(code, sim.env))
     small, large = peaks[2], peaks[20]
