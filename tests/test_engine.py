@@ -237,3 +237,62 @@ def test_garbage_collector_is_off_during_a_run_and_restored_after(sim_sub256, tm
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _LateIntegrationStep:
+    """Plugin: a step needing whole integrations placed after jump (an integration pass
+    between two band passes), which marks one pixel's group as a jump in integration 2
+    and records what it was handed."""
+
+    def __init__(self):
+        from streamdet.core.step import Granularity, Step
+
+        seen = self.seen = []
+
+        class MarkAfterJump(Step):
+            name = "mark_after_jump"
+            implementation = "test"
+            after = "jump"
+            granularity = Granularity.INTEGRATION
+            thread_safe = True
+
+            def process(self, chunk):
+                seen.append((tuple(chunk.int_index), chunk.data.shape, chunk.rows))
+                if chunk.int_index[0] == 1:
+                    chunk.groupdq[0, 3, 10, 20] |= 4
+
+        self.cls = MarkAfterJump
+
+    def plugin(self):
+        import types
+
+        from streamdet import hookimpl
+
+        return types.SimpleNamespace(__name__="late_integration_step",
+                                     streamdet_steps=hookimpl(lambda: [self.cls]))
+
+
+def test_integration_step_after_jump_gets_a_pass_of_its_own(sim_sub256, tmp_path):
+    """The late INTEGRATION step sees each integration whole, once, after jump; its flag
+    reaches ramp_fit (rateints DQ of integration 2 only); products are the same with the
+    scratch in memory or in files, with one band or many, on one thread or two."""
+    from streamdet.core.plugins import build_registry
+
+    results = {}
+    for label, kwargs in (("memory", dict(band_bytes=1 << 30, threads=1)),
+                          ("files", dict(band_bytes=150_000, scratch_in_memory_bytes=0,
+                                         rateints_in_memory_bytes=0, threads=2))):
+        plugin = _LateIntegrationStep()
+        registry = build_registry((plugin.plugin(),), only_builtin=True)
+        assert registry.order.index("mark_after_jump") == registry.order.index("jump") + 1
+        with crds_environment(sim_sub256):
+            results[label] = process_file(sim_sub256.uncal,
+                                          RunConfig(output_dir=tmp_path / label, **kwargs),
+                                          registry=registry)
+        ny, nx = 256, 256
+        assert sorted(plugin.seen) == [((i,), (1, 20, ny, nx), slice(0, ny)) for i in range(3)]
+    with fits.open(results["files"].products["rateints"]) as hdul:
+        dq = hdul["DQ"].data
+        assert dq[1, 10, 20] & 4 and not dq[0, 10, 20] & 4 and not dq[2, 10, 20] & 4
+    for kind in ("rate", "rateints"):
+        assert_identical_products(results["memory"].products[kind], results["files"].products[kind])
