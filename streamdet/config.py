@@ -190,7 +190,7 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
                                 f"no step reads a reference of type {reftype!r} "
                                 f"(types: {', '.join(reftypes)})")
     chain = build_chain(registry, run)
-    active = [s for s in chain if not s.skip]
+    active = [s for s in chain if not s.skip and not getattr(s, "on_products", False)]
     producers = [s for s in active if getattr(s, "produces_rate", False)]
     if not producers or producers[-1] is not active[-1]:
         skipped = [s.name for s in chain if s.skip and getattr(s, "produces_rate", False)]

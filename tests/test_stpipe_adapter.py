@@ -214,3 +214,35 @@ def test_bad_hooks_are_one_line(small_sim, tmp_path, args, code, words):
     for word in words:
         assert word in line, line
     assert not list((tmp_path / "out").glob("*.fits")) if (tmp_path / "out").exists() else True
+
+
+def test_post_hook_of_ramp_fit_gets_the_rate_models(snowball_sim, tmp_path):
+    """A hook after ramp_fit is handed the rate image (ImageModel) and the rateints cube
+    (CubeModel, one integration at a time, from memory or from the scratch files): the
+    products equal snowblind run by hand on the products of a plain run."""
+    import snowblind
+    from stdatamodels.jwst import datamodels
+
+    from streamdet.core.engine import RunConfig, process_file
+    from streamdet.testing import crds_environment
+
+    sim = snowball_sim
+    by_cli = run_cli(["process", sim.uncal, "-o", tmp_path / "cli", "-q",
+                      "--post-hook", "ramp_fit=snowblind.SnowblindStep"], sim.env, tmp_path)
+    assert by_cli.returncode == 0, by_cli.stderr
+    with crds_environment(sim):
+        spilled = process_file(sim.uncal, RunConfig(
+            output_dir=tmp_path / "spilled", rateints_in_memory_bytes=0,
+            hooks=[("post", "ramp_fit", "snowblind.SnowblindStep")])).products
+        plain = process_file(sim.uncal, RunConfig(output_dir=tmp_path / "plain")).products
+    stem = sim.uncal.name.replace("_uncal.fits", "")
+    for kind, model_class in (("rate", datamodels.ImageModel), ("rateints", datamodels.CubeModel)):
+        with model_class(str(plain[kind])) as model:
+            by_hand = snowblind.SnowblindStep.call(model)
+            grown = np.count_nonzero(by_hand.dq & 4) - np.count_nonzero(model.dq & 4)
+            assert grown > 100, kind  # snowblind grew the large events on the rate products
+            for ours in (tmp_path / "cli" / f"{stem}_{kind}.fits", spilled[kind]):
+                with fits.open(ours) as hdul:
+                    assert np.array_equal(hdul["DQ"].data, by_hand.dq), (kind, ours)
+                    assert np.array_equal(hdul["SCI"].data, by_hand.data, equal_nan=True)
+                    assert hdul[0].header["S_SNOWBL"] == "COMPLETE"

@@ -302,7 +302,9 @@ def _process_file(path, config, registry, on_progress) -> Result:
                 timings[step.name] += time.perf_counter() - t0
                 if reason:
                     step.skip, step.skip_reason = True, reason
-            active = [s for s in chain if not s.skip]
+            # steps on the rate products run after the passes, not in them
+            on_products = [s for s in chain if not s.skip and getattr(s, "on_products", False)]
+            active = [s for s in chain if not s.skip and s not in on_products]
             producers = [s for s in active if getattr(s, "produces_rate", False)]
             if not producers or producers[-1] is not active[-1]:
                 # a rate producer skipped for want of a reference: the input's fault
@@ -321,6 +323,10 @@ def _process_file(path, config, registry, on_progress) -> Result:
             rate, rateints, ramp, scratch_dir = _run(exposure, refs, active, pixeldq, config, timings,
                                                      observers, on_progress)
             try:
+                for step in on_products:
+                    t0 = time.perf_counter()
+                    step.process_products(rate, rateints)
+                    timings[step.name] += time.perf_counter() - t0
                 keywords = _keywords(chain, resolved)
                 history = [history_line(s) for s in chain if not s.skip]
                 t0 = time.perf_counter()

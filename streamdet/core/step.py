@@ -143,6 +143,11 @@ class Step:
     #: through every integration), at the memory cost of holding it all; the other
     #: steps of the same band pass then see that one band too.
     needs_whole_exposure: ClassVar[bool] = False
+    #: a step placed after the rate producer, working on the rate products rather than
+    #: the ramp: the engine calls ``process_products(rate, rateints)`` once the band
+    #: pass is over (``rate`` RateArrays 2-D; ``rateints`` RateArrays or CubeStore, see
+    #: :func:`streamdet.core.products.rateints_by_integration`), before writing them.
+    on_products: ClassVar[bool] = False
     #: filled by the plugin manager: the distribution that provided the class.
     package: ClassVar[str] = "?"
     package_version: ClassVar[str] = "?"
@@ -182,6 +187,10 @@ class Step:
         pieces may arrive concurrently (see ``thread_safe``)."""
 
     def process(self, chunk: Chunk) -> Any:
+        raise NotImplementedError
+
+    def process_products(self, rate, rateints) -> None:
+        """``on_products`` steps: modify the rate products in place."""
         raise NotImplementedError
 
     def rerun_rows(self) -> list[slice]:

@@ -14,7 +14,7 @@ replacement keeps the name of the step it replaces), and its parameters come fro
 ``spec`` (``--set snowblind.min_radius=2``), checked by stpipe's own validator.
 
 **What the step is handed.** A stdatamodels ``RampModel`` whose meta is the exposure's
-(made from the Level 1B primary header, see :func:`ramp_meta_template`), holding one
+(made from the Level 1B primary header, see :func:`meta_template`), holding one
 whole integration by default (``meta.exposure.integration_start``/``integration_end``
 say which, as in a segmented file): memory stays one integration, whatever the number
 of integrations. The engine gives such an INTEGRATION step a pass of its own when it
@@ -29,6 +29,9 @@ status (``meta.cal_step.ALIAS``) as its ``S_*`` keyword; primary-header keywords
 exposure (PRIMECRS, EXTNCRS: counts per pixel per second of usable groups) are
 combined over the integrations as the step would have computed them on the whole
 exposure: each piece's value weighted by the group time it counted.
+
+A post-hook of ramp_fit is handed the rate products instead: an ImageModel of the rate,
+then CubeModels of rateints, one integration at a time (engine: ``Step.on_products``).
 
 **References.** The types in the class's ``reference_file_types`` are resolved by
 streamdet (``--override``, then CRDS; N/A when neither has one) and handed to the step
@@ -53,6 +56,7 @@ import numpy as np
 from streamdet import hookimpl
 from streamdet.core import dqflags
 from streamdet.core.errors import BadInputError, PluginError, one_line
+from streamdet.core.products import rateints_by_integration
 from streamdet.core.step import Granularity, Param, Step
 
 #: ``--use STEP=stpipe:pkg.Class``
@@ -165,22 +169,22 @@ def _schema_keywords() -> dict[str, str]:
         return _keywords_cache
 
 
-def ramp_meta_template(meta):
-    """A RampModel without arrays whose meta is the exposure's, made from its Level 1B
+def meta_template(meta, model_class):
+    """A datamodel of ``model_class`` (RampModel; ImageModel/CubeModel for a hook after
+    ramp_fit) without arrays, whose meta is the exposure's, made from its Level 1B
     primary header by stdatamodels' own FITS reading (keywords the schema does not know
     stay in ``extra_fits``, as when jwst opens the file). The product writer builds the
     same kind of tree for the rate products; this one is kept small on purpose."""
     from astropy.io import fits  # noqa: PLC0415
-    from stdatamodels.jwst.datamodels import RampModel  # noqa: PLC0415
 
     header = meta.header.copy()
     for key in ("NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4"):
         header.remove(key, ignore_missing=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = RampModel(fits.HDUList([fits.PrimaryHDU(header=header)]))
+        model = model_class(fits.HDUList([fits.PrimaryHDU(header=header)]))
     model.meta.filename = meta.path.name
-    if meta.int_times is not None:
+    if meta.int_times is not None and model_class.__name__ != "ImageModel":
         model.int_times = np.asarray(meta.int_times.data)
     return model
 
@@ -256,22 +260,28 @@ class StpipeStep(Step):
     def __init__(self, params=None):
         super().__init__(params)
         self.mode = self.params.pop("granularity")
-        if self.mode == "exposure":
+        if self.mode == "exposure" and not self.on_products:
             self.granularity = Granularity.EXPOSURE
             self.needs_whole_exposure = True
         self.logger = logging.getLogger(f"streamdet.{self.name}")
 
     def prepare(self, meta, refs, pixeldq):
         if self.mode == "exposure":
-            nbytes = meta.nints * meta.ngroups * meta.ny * meta.nx * 5
+            planes = meta.ngroups * 5 if not self.on_products else 4 * 5
             self.logger.warning(
-                "%s.granularity=exposure: the whole exposure is in memory at once "
-                "(%.0f MB of ramp, and the step's copies of it)", self.name, nbytes / 1e6)
+                "%s.granularity=exposure: the whole %s is in memory at once "
+                "(%.0f MB, and the step's copies of it)", self.name,
+                "rateints cube" if self.on_products else "exposure",
+                meta.nints * planes * meta.ny * meta.nx / 1e6)
         self.meta = meta
-        self.template = ramp_meta_template(meta)
+        from stdatamodels.jwst.datamodels import CubeModel, ImageModel, RampModel  # noqa: PLC0415
+
+        self.templates = ({"rate": meta_template(meta, ImageModel),
+                           "rateints": meta_template(meta, CubeModel)} if self.on_products
+                          else {"ramp": meta_template(meta, RampModel)})
         self.overrides = {f"override_{r}": (refs.resolved[r].path or "N/A")
                           for r in self.optional_reftypes if r in refs.resolved}
-        # values of the keywords the step set, per piece, with the group time each counted
+        # the keywords the step set, per piece, with the group time each piece counted
         self.pieces: list[tuple[dict[str, Any], float]] = []
         self.statuses: list[str] = []
         with self._running("setting up"):
@@ -292,24 +302,44 @@ class StpipeStep(Step):
                               f"{type(exc).__name__}: {one_line(exc)}") from exc
 
     def process(self, chunk):
-        model = self.template.copy()
         first, last = int(chunk.int_index[0]) + 1, int(chunk.int_index[-1]) + 1
-        model.meta.exposure.integration_start = first
-        model.meta.exposure.integration_end = last
-        model.data = chunk.data
-        model.groupdq = chunk.groupdq
-        model.pixeldq = chunk.pixeldq
+        result = self._run_on("ramp", first, last, {"data": chunk.data, "groupdq": chunk.groupdq,
+                                                    "pixeldq": chunk.pixeldq})
+        self._keep(result[0], result[1], chunk.groupdq)
+
+    def process_products(self, rate, rateints):
+        """A hook after ramp_fit: the rate image as an ImageModel, then rateints as
+        CubeModels of one integration at a time (the whole cube with granularity
+        exposure), as jwst hands the rate and rateints models to a step run on them."""
+        names = ("data", "err", "dq", "var_poisson", "var_rnoise")
+        changed, status = self._run_on("rate", None, None, dict(zip(names, rate.arrays())))
+        self._keep(changed, status, None)
+        for first, piece in rateints_by_integration(rateints, whole=self.mode == "exposure"):
+            n = piece.sci.shape[0]
+            start = int(self.meta.int_index[first]) + 1
+            self._run_on("rateints", start, start + n - 1, dict(zip(names, piece.arrays())))
+
+    def _run_on(self, kind: str, first: int | None, last: int | None,
+                arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], str | None]:
+        """Run the step on a model of ``kind`` holding ``arrays`` (views of the engine's),
+        copy back what it returns; the keywords it changed and its status."""
+        model = self.templates[kind].copy()
+        if first is not None:
+            model.meta.exposure.integration_start = first
+            model.meta.exposure.integration_end = last
+        for name, array in arrays.items():
+            setattr(model, name, array)
         before = _flat(model.meta.instance)
         cards_before = _extra_cards(model)
-        where = (f"on integration {first}" if first == last
+        where = ("on the rate image" if first is None
+                 else f"on integration {first}" if first == last
                  else f"on integrations {first}-{last}")
         with self._running(where):
             result = self.stpipe.run(model)
         if result is None:
             result = model
-        for name in ("data", "groupdq", "pixeldq"):
+        for name, mine in arrays.items():
             theirs = getattr(result, name, None)
-            mine = getattr(chunk, name)
             if theirs is None or np.shape(theirs) != mine.shape:
                 raise PluginError(
                     f"stpipe step {self.stpipe_path} returned no {name} of shape {mine.shape} "
@@ -325,16 +355,19 @@ class StpipeStep(Step):
                                     "meta.exposure.integration_end")}
         changed.update({k: v for k, v in _extra_cards(result).items()
                         if cards_before.get(k) != v})
-        status = after.get(f"meta.cal_step.{alias_of(self.stpipe_class)}")
-        if status is not None:
-            self.statuses.append(str(status))
         changed.pop(self.status_keyword, None)
-        weight = counted_group_time(chunk.groupdq, self.meta.group_time) \
-            if any(k in changed for k in RATE_KEYWORDS) else 0.0
-        self.pieces.append((changed, weight))
+        status = after.get(f"meta.cal_step.{alias_of(self.stpipe_class)}")
         if result is not model:
             result.close()
         model.close()
+        return changed, None if status is None else str(status)
+
+    def _keep(self, changed: dict[str, Any], status: str | None, groupdq) -> None:
+        if status is not None:
+            self.statuses.append(status)
+        weight = (counted_group_time(groupdq, self.meta.group_time)
+                  if groupdq is not None and any(k in changed for k in RATE_KEYWORDS) else 0.0)
+        self.pieces.append((changed, weight))
 
     def finish(self):
         out: dict[str, Any] = {}
@@ -351,8 +384,13 @@ class StpipeStep(Step):
         return out
 
 
+def _after_rate(step: str, when: str) -> bool:
+    """A post-hook of the rate producer works on the rate products."""
+    return when == "post" and step == "ramp_fit"
+
+
 def make_step(cls, path: str, *, name: str, after: str | None = None,
-              before: str | None = None) -> type[StpipeStep]:
+              before: str | None = None, on_products: bool = False) -> type[StpipeStep]:
     """A streamdet Step class running the stpipe class ``cls`` (named ``path``)."""
     package, version = _distribution(cls)
     params = {"granularity": Param(
@@ -363,7 +401,7 @@ def make_step(cls, path: str, *, name: str, after: str | None = None,
     attrs = dict(name=name, implementation=PREFIX + path, after=after, before=before,
                  stpipe_class=cls, stpipe_path=path, params_spec=params,
                  optional_reftypes=tuple(getattr(cls, "reference_file_types", ()) or ()),
-                 status_keyword=_status_keyword(cls), package=package,
+                 status_keyword=_status_keyword(cls), package=package, on_products=on_products,
                  package_version=version, __doc__=f"stpipe step {path}, through the adapter")
     return type(f"Stpipe_{cls.__name__}", (StpipeStep,), attrs)
 
@@ -378,9 +416,6 @@ def streamdet_run_steps(config):
     out = []
     names: set[str] = set()
     for when, step, path in hooks:
-        if step == "ramp_fit" and when == "post":
-            raise BadInputError(f"--post-hook ramp_fit={path}: hooks after ramp_fit are "
-                                "not supported yet")
         cls = load_class(path, f"--{when}-hook {step}={path}")
         name = alias_of(cls)
         if name in names:
@@ -389,8 +424,9 @@ def streamdet_run_steps(config):
                 n += 1
             name = f"{name}_{n}"
         names.add(name)
-        out.append(make_step(cls, path, name=name, **({"after": step} if when == "post"
-                                                        else {"before": step})))
+        where = {"after": step} if when == "post" else {"before": step}
+        out.append(make_step(cls, path, name=name, on_products=_after_rate(step, when),
+                             **where))
     for step, impl in chosen.items():
         path = impl[len(PREFIX):]
         cls = load_class(path, f"--use {step}={impl}")
