@@ -25,13 +25,10 @@ def process(path: str | Path, output_dir: str | Path | None = None, *,
     """
     from .core.engine import RunConfig, process_file
 
-    params, hooks = {}, []
-    for step, values in (steps or {}).items():
-        values = dict(values)
-        for when in ("pre", "post"):
-            listed = values.pop(f"{when}_hooks", [])
-            hooks += [(when, step, path) for path in ([listed] if isinstance(listed, str) else listed)]
-        params[step] = values
+    from .config import take_hooks
+
+    params = {step: dict(values) for step, values in (steps or {}).items()}
+    hooks = take_hooks(params)
     config = RunConfig(params=params, use=use or {}, overrides=overrides or {},
                        output_dir=Path(output_dir) if output_dir else None, overwrite=overwrite,
                        hooks=hooks)

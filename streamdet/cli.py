@@ -132,7 +132,13 @@ def _log_to_stderr(quiet: bool, verbose: bool) -> None:
     import logging
 
     logger = logging.getLogger("streamdet")
-    if quiet or any(getattr(h, "_streamdet_cli", False) for h in logger.handlers):
+    if any(getattr(h, "_streamdet_cli", False) for h in logger.handlers):
+        return
+    logger.propagate = False  # not also through Python's last-resort handler
+    if quiet:
+        handler = logging.NullHandler()
+        handler._streamdet_cli = True
+        logger.addHandler(handler)
         return
     handler = logging.StreamHandler(sys.stderr)
     handler._streamdet_cli = True
@@ -140,7 +146,6 @@ def _log_to_stderr(quiet: bool, verbose: bool) -> None:
     handler.addFilter(_ShortName())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    logger.propagate = False
 
 
 class _ShortName:

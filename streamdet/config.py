@@ -68,22 +68,9 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     for step, values in (data.get("steps") or {}).items():
         if not isinstance(values, dict):
             raise BadInputError(f"{config_file}: [steps.{step}] must be a table of parameters")
-        values = dict(values)
-        for when in ("pre", "post"):  # jwst's spelling: stpipe step classes to run around it
-            listed = values.pop(f"{when}_hooks", [])
-            if isinstance(listed, str):
-                listed = [listed]
-            if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
-                raise BadInputError(f"{config_file}: [steps.{step}] {when}_hooks must be a "
-                                    "list of class names (\"pkg.Class\")")
-            hooks += [(when, step, path) for path in listed]
-        params[step] = values
+        params[step] = dict(values)
         for name in values:
             origin[("param", step, name)] = f"{config_file}: [steps.{step}] {name}"
-    for when, given in (("pre", pre_hooks), ("post", post_hooks)):
-        for text in given:
-            step, path = _pair(f"--{when}-hook", text)
-            hooks.append((when, step, path))
     for name in skip:
         params.setdefault(name, {})["skip"] = True
         origin[("param", name, "skip")] = f"--skip {name}"
@@ -95,6 +82,13 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
         step, param = step.strip(), param.strip()
         params.setdefault(step, {})[param] = value
         origin[("param", step, param)] = f"--set {text}"
+    # jwst's spelling, from the file or --set STEP.post_hooks=...: stpipe step classes to
+    # run around a step; then the options', after them
+    hooks += take_hooks(params, where=str(config_file) if config_file else "--set")
+    for when, given in (("pre", pre_hooks), ("post", post_hooks)):
+        for text in given:
+            step, path = _pair(f"--{when}-hook", text)
+            hooks.append((when, step, path))
     chosen: dict[str, str] = {}
     for k, v in (data.get("use") or {}).items():
         chosen[k] = str(v)
@@ -130,6 +124,25 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     )
     _validate(run, origin, registry, whole_chain)
     return run
+
+
+def take_hooks(params: dict[str, dict[str, Any]], where: str = "steps"
+               ) -> list[tuple[str, str, str]]:
+    """Remove jwst's ``pre_hooks``/``post_hooks`` step parameters from ``params`` and
+    return them as :attr:`RunConfig.hooks` entries ``(when, step, "pkg.Class")``, in order.
+    A value is a list of class names, or one string of them (``"a.B, c.D"``, ``"[a.B]"``,
+    as strun takes them)."""
+    hooks = []
+    for step, values in params.items():
+        for when in ("pre", "post"):
+            listed = values.pop(f"{when}_hooks", [])
+            if isinstance(listed, str):
+                listed = [p.strip(" '\"") for p in listed.strip().strip("[]").split(",")]
+            if not isinstance(listed, (list, tuple)) or not all(isinstance(v, str) for v in listed):
+                raise BadInputError(f"{where}: {step}.{when}_hooks must be a list of class "
+                                    "names (\"pkg.Class\")")
+            hooks += [(when, step, path) for path in listed if path]
+    return hooks
 
 
 def _check_output_dir(directory: Path, where: str) -> None:

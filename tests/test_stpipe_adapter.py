@@ -109,7 +109,8 @@ def test_snowblind_post_hook_matches_jwst(snowball_sim, tmp_path, hook_args):
 
 
 def test_config_file_hooks_and_whole_exposure_granularity(snowball_sim, tmp_path):
-    """``[steps.jump] post_hooks`` in the configuration file is the same hook; handing
+    """``[steps.jump] post_hooks`` in the configuration file (or ``--set
+    jump.post_hooks=...``) is the same hook as ``--post-hook``; handing
     snowblind the whole exposure at once (with a warning saying what it costs) gives the
     same products as one integration at a time."""
     sim = snowball_sim
@@ -119,6 +120,10 @@ def test_config_file_hooks_and_whole_exposure_granularity(snowball_sim, tmp_path
     by_file = run_cli(["process", sim.uncal, "-o", tmp_path / "file", "--config", config],
                       sim.env, tmp_path)
     assert by_file.returncode == 0, by_file.stderr
+    by_set = run_cli(["process", sim.uncal, "-o", tmp_path / "set", "--set",
+                      "jump.post_hooks=snowblind.SnowblindStep", "--set", "snowblind.min_radius=2"],
+                     sim.env, tmp_path)
+    assert by_set.returncode == 0, by_set.stderr
     whole = run_cli(["process", sim.uncal, "-o", tmp_path / "whole", "--post-hook", HOOK,
                      "--set", "snowblind.min_radius=2", "--set", "snowblind.granularity=exposure"],
                     sim.env, tmp_path)
@@ -127,8 +132,8 @@ def test_config_file_hooks_and_whole_exposure_granularity(snowball_sim, tmp_path
            "memory at once" in whole.stderr
     assert "memory at once" not in by_file.stderr
     stem = sim.uncal.name.replace("_uncal.fits", "")
-    for kind in ("rate", "rateints"):
-        a, b = tmp_path / "file" / f"{stem}_{kind}.fits", tmp_path / "whole" / f"{stem}_{kind}.fits"
+    for kind, other in [(k, o) for k in ("rate", "rateints") for o in ("whole", "set")]:
+        a, b = tmp_path / "file" / f"{stem}_{kind}.fits", tmp_path / other / f"{stem}_{kind}.fits"
         with fits.open(a) as ha, fits.open(b) as hb:
             for ext in ("SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE"):
                 assert np.array_equal(ha[ext].data, hb[ext].data, equal_nan=True), ext
@@ -183,6 +188,9 @@ def test_references_logs_and_pieces(small_sim, tmp_path):
                         "--override", f"gain={own}"], sim.env, tmp_path)
     assert override.returncode == 0, override.stderr
     assert f"gain reference {own}, integrations 1-1" in override.stderr
+    quiet = run_cli(["process", sim.uncal, "-o", tmp_path / "c", "-q", "--post-hook", hook],
+                    sim.env, tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
 def test_steps_lists_the_hooked_step(small_sim, tmp_path):
