@@ -254,3 +254,23 @@ def test_post_hook_of_ramp_fit_gets_the_rate_models(snowball_sim, tmp_path):
                     assert np.array_equal(hdul["DQ"].data, by_hand.dq), (kind, ours)
                     assert np.array_equal(hdul["SCI"].data, by_hand.data, equal_nan=True)
                     assert hdul[0].header["S_SNOWBL"] == "COMPLETE"
+
+
+def test_jwst_dq_init_replaces_builtin_bit_for_bit(small_sim, tmp_path):
+    """jwst's DQInitStep through ``--use`` (its mask from CRDS through streamdet's
+    resolver) gives the built-in dq_init's products exactly, and the product records the
+    reference as streamdet resolved it (crds://...), not the path stpipe was handed."""
+    sim = small_sim
+    for name, extra in (("adapter", ["--use", "dq_init=stpipe:jwst.dq_init.DQInitStep"]),
+                        ("builtin", [])):
+        result = run_cli(["process", sim.uncal, "-o", tmp_path / name, "-q", *extra],
+                         sim.env, tmp_path)
+        assert result.returncode == 0, result.stderr
+    for kind in ("rate", "rateints"):
+        name = sim.uncal.name.replace("_uncal", f"_{kind}")
+        with fits.open(tmp_path / "adapter" / name) as a, fits.open(tmp_path / "builtin" / name) as b:
+            for ext in ("SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE"):
+                assert np.array_equal(a[ext].data, b[ext].data, equal_nan=True), ext
+            for key in ("S_DQINIT", "R_MASK", "CRDS_CTX"):
+                assert a[0].header[key] == b[0].header[key], key
+            assert a[0].header["R_MASK"].startswith("crds://")

@@ -217,6 +217,13 @@ def counted_group_time(groupdq: np.ndarray, group_time: float) -> float:
 
 _ROUTED = ("stpipe", "jwst", "stcal")
 
+#: meta the step's run sets that streamdet records itself: which integrations a piece
+#: holds, and stpipe's finalize_result records (R_* from the override_ parameters
+#: streamdet passed, CRDS_CTX, CAL_VER): streamdet's resolver knows where each
+#: reference came from, and the products are streamdet's
+_NOT_TAKEN_BACK = ("meta.exposure.integration_start", "meta.exposure.integration_end",
+                   "meta.ref_file.", "meta.calibration_software_")
+
 
 class _Forward(logging.Handler):
     def __init__(self, target: logging.Logger):
@@ -351,8 +358,7 @@ class StpipeStep(Step):
         schema = _schema_keywords()
         changed = {schema[path]: value for path, value in after.items()
                    if path in schema and before.get(path) != value
-                   and path not in ("meta.exposure.integration_start",
-                                    "meta.exposure.integration_end")}
+                   and not path.startswith(_NOT_TAKEN_BACK)}
         changed.update({k: v for k, v in _extra_cards(result).items()
                         if cards_before.get(k) != v})
         changed.pop(self.status_keyword, None)
