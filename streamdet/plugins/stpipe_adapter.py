@@ -72,9 +72,6 @@ _FRAMEWORK_PARAMS = {"pre_hooks", "post_hooks", "output_file", "output_dir", "ou
 #: whole exposure's value is the pieces' values weighted by the group time each counted
 RATE_KEYWORDS = ("PRIMECRS", "EXTNCRS")
 
-log = logging.getLogger("streamdet.stpipe_adapter")
-
-
 def load_class(path: str, option: str):
     """The stpipe Step class named ``pkg.Class`` (a one-line BadInputError otherwise)."""
     module_name, _, class_name = path.strip().rpartition(".")
