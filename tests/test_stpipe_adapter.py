@@ -274,3 +274,32 @@ def test_jwst_dq_init_replaces_builtin_bit_for_bit(small_sim, tmp_path):
             for key in ("S_DQINIT", "R_MASK", "CRDS_CTX"):
                 assert a[0].header[key] == b[0].header[key], key
             assert a[0].header["R_MASK"].startswith("crds://")
+
+
+@pytest.mark.parity
+def test_exotic_miri_pre_hook_matches_jwst(tmp_path):
+    """ExoTiC-MIRI's DropGroupsStep (LRS slitless only) as jwst's pre-hook of jump, its
+    list parameter given as strun takes it (``2,3``): at parity with jwst running it."""
+    pytest.importorskip("exotic_miri")
+    sim = simulate(tmp_path / "sim", subarray="SUB128", ngroups=10, nints=2, seed=7)
+    with fits.open(sim.uncal, mode="update") as hdul:
+        hdul[0].header["EXP_TYPE"] = "MIR_LRS-SLITLESS"
+    (tmp_path / "jwst").mkdir()
+    run_python(f"""
+    from exotic_miri.stage_1 import DropGroupsStep
+    from jwst.pipeline import Detector1Pipeline
+    hook = DropGroupsStep(drop_groups=[2, 3])
+    Detector1Pipeline.call({str(sim.uncal)!r}, output_dir={str(tmp_path / 'jwst')!r},
+                           save_results=True, steps={{"jump": {{"pre_hooks": [hook]}}}})
+    """, sim.env)
+    result = run_cli(["process", sim.uncal, "-o", tmp_path / "sd", "-q", "--pre-hook",
+                      "jump=exotic_miri.stage_1.DropGroupsStep",
+                      "--set", "dropgroupsstep.drop_groups=2,3"], sim.env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    plain = run_cli(["process", sim.uncal, "-o", tmp_path / "plain", "-q"], sim.env, tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    for kind in ("rate", "rateints"):
+        name = sim.uncal.name.replace("_uncal", f"_{kind}")
+        assert_parity(tmp_path / "sd" / name, tmp_path / "jwst" / name)
+        with pytest.raises(AssertionError):  # dropping the groups changed the products
+            assert_parity(tmp_path / "plain" / name, tmp_path / "jwst" / name)

@@ -120,6 +120,12 @@ class SpecParam(Param):
 
         spec = config_parser.ConfigObj([f"{name} = {self.help}"], list_values=False)
         try:
+            if isinstance(value, str):  # from the command line: as strun parses it
+                is_list = self.help.split("(", 1)[0].endswith("list")
+                text = value.strip().strip("[]") if is_list else value
+                value = config_parser.ConfigObj([f"{name} = {text}"])[name]
+                if is_list and isinstance(value, str):
+                    value = [value] if value.strip() else []
             return config_parser.config_from_dict({name: value}, spec)[name]
         except Exception as exc:
             raise BadInputError(f"parameter {step}.{name}: {value!r} is not valid for "
