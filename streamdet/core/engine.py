@@ -473,9 +473,12 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
          timings: dict[str, float], observers: Observers, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
     meta = exposure.meta
     passes = stages(active)
-    if passes[-1][1][-1].granularity == Granularity.INTEGRATION:
-        raise PluginError(f"step {passes[-1][1][-1].name!r} produces the rate but needs whole "
-                          "integrations; a rate producer must run on bands of rows")
+    producer = active[-1]
+    if producer.granularity == Granularity.INTEGRATION and any(
+            s.granularity == Granularity.EXPOSURE for s in active[:-1]):
+        raise PluginError(f"step {producer.name!r} produces the rate and needs whole "
+                          "integrations, but comes after a step that needs all integrations; "
+                          "this order is not supported")
     int_index = meta.int_index
     ny = meta.ny
     pool = _Pool(max(1, int(config.threads or default_threads())), timings, observers, exposure)
