@@ -303,3 +303,16 @@ def test_exotic_miri_pre_hook_matches_jwst(tmp_path):
         assert_parity(tmp_path / "sd" / name, tmp_path / "jwst" / name)
         with pytest.raises(AssertionError):  # dropping the groups changed the products
             assert_parity(tmp_path / "plain" / name, tmp_path / "jwst" / name)
+
+
+def test_replacement_takes_parameters_by_its_alias(small_sim, tmp_path):
+    """``--use refpix=stpipe:...RecordGain``: the step serves refpix (its log lines come
+    as ``refpix``) and takes ``--set record_gain.PARAM`` (its class_alias) as well as
+    ``--set refpix.PARAM``."""
+    sim = small_sim
+    for key in ("record_gain", "refpix"):
+        result = run_cli(["process", sim.uncal, "-o", tmp_path / key, "--use",
+                          "refpix=stpipe:tests.stpipe_steps.RecordGain",
+                          "--set", f"{key}.label=BY_{key.upper()}"], sim.env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"streamdet: refpix: BY_{key.upper()} reference " in result.stderr, result.stderr
