@@ -269,6 +269,8 @@ def refs(
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A"),
     skip: List[str] = typer.Option([], "--skip"),
     use: List[str] = typer.Option([], "--use"),
+    pre_hook: List[str] = typer.Option([], "--pre-hook", help="STEP=pkg.Class (an stpipe step's references too)"),
+    post_hook: List[str] = typer.Option([], "--post-hook", help="STEP=pkg.Class (an stpipe step's references too)"),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Print the reference resolved for each step and where it came from."""
@@ -283,7 +285,8 @@ def refs(
         os.environ.setdefault("CRDS_VERBOSITY", "-3")
     lines: list[str] = []
     try:
-        run = configmod.load(config, skip=skip, overrides=override, use=use)
+        run = configmod.load(config, skip=skip, overrides=override, use=use,
+                             pre_hooks=pre_hook, post_hooks=post_hook)
         chain = build_chain(get_registry(), run)
     except Exception as exc:
         raise typer.Exit(errors.report(exc, debug=debug, where=config))
