@@ -19,10 +19,17 @@ def process(path: str | Path, output_dir: str | Path | None = None, *,
 
     ``steps`` maps step name to parameters (``{"jump": {"rejection_threshold": 5}}``,
     ``{"firstframe": {"skip": False}}``), ``use`` picks implementations, ``overrides``
-    maps reference type to a path or ``"N/A"``.
+    maps reference type to a path or ``"N/A"``. As in jwst, ``{"jump": {"post_hooks":
+    ["snowblind.SnowblindStep"]}}`` runs published stpipe steps after (``pre_hooks``:
+    before) a step, and ``use={"refpix": "stpipe:jwst.refpix.RefPixStep"}`` replaces one.
     """
     from .core.engine import RunConfig, process_file
 
-    config = RunConfig(params=steps or {}, use=use or {}, overrides=overrides or {},
-                       output_dir=Path(output_dir) if output_dir else None, overwrite=overwrite)
+    from .config import take_hooks
+
+    params = {step: dict(values) for step, values in (steps or {}).items()}
+    hooks = take_hooks(params)
+    config = RunConfig(params=params, use=use or {}, overrides=overrides or {},
+                       output_dir=Path(output_dir) if output_dir else None, overwrite=overwrite,
+                       hooks=hooks)
     return process_file(path, config).products

@@ -45,7 +45,9 @@ def process(
     no_crds_pars: bool = typer.Option(False, "--no-crds-pars", help="do not apply the CRDS step-parameter references (pars-*)"),
     save_parameters: Optional[Path] = typer.Option(None, "--save-parameters", help="write the run's parameters as a jwst ASDF parameter file (FILE.asdf) and go on"),
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A (repeatable)"),
-    use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable)"),
+    use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable); STEP=stpipe:pkg.Class runs a published stpipe step instead"),
+    pre_hook: List[str] = typer.Option([], "--pre-hook", help="STEP=pkg.Class: run an stpipe step before STEP, as jwst's pre_hooks (repeatable). Like --post-hook"),
+    post_hook: List[str] = typer.Option([], "--post-hook", help="STEP=pkg.Class: run an stpipe step after STEP, as jwst's post_hooks (repeatable; e.g. jump=snowblind.SnowblindStep; after ramp_fit it gets the rate models). Parameters: --set ALIAS.PARAM=VALUE, ALIAS its class_alias. It gets one integration at a time (memory: one integration); --set ALIAS.granularity=exposure gives it the whole exposure at once, which then sits in memory whole, several times over (the ramp, the model, the step's copies)"),
     save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS, else all usable CPUs)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
@@ -76,7 +78,9 @@ def process(
                 typer.echo(f"streamdet: warning: {message}", err=True)
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
                              output_dir=output_dir, overwrite=overwrite, registry=registry,
-                             crds_pars=not no_crds_pars)
+                             crds_pars=not no_crds_pars, pre_hooks=pre_hook,
+                             post_hooks=post_hook)
+        _log_to_stderr(quiet, verbose or debug)
         run.save_ramp = save_ramp or run.save_ramp
         if threads is not None:
             run.threads = threads
@@ -134,6 +138,35 @@ def process(
         raise typer.Exit(failures)
 
 
+def _log_to_stderr(quiet: bool, verbose: bool) -> None:
+    """The ``streamdet.*`` loggers (an stpipe step's records arrive as
+    ``streamdet.ALIAS``) as ``streamdet: NAME: message`` lines on stderr: warnings and
+    errors, INFO too with -v, nothing with -q."""
+    import logging
+
+    logger = logging.getLogger("streamdet")
+    if any(getattr(h, "_streamdet_cli", False) for h in logger.handlers):
+        return
+    logger.propagate = False  # not also through Python's last-resort handler
+    if quiet:
+        handler = logging.NullHandler()
+        handler._streamdet_cli = True
+        logger.addHandler(handler)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._streamdet_cli = True
+    handler.setFormatter(logging.Formatter("streamdet: %(short)s: %(message)s"))
+    handler.addFilter(_ShortName())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class _ShortName:
+    def filter(self, record) -> bool:
+        record.short = record.name.split(".", 1)[1] if "." in record.name else record.name
+        return True
+
+
 @contextlib.contextmanager
 def _plugin_warnings_as_lines(quiet: bool):
     """Show what a plugin did wrong during a run (a
@@ -181,6 +214,9 @@ def _process_one(path: Path, run, console, quiet: bool):
 @app.command()
 def steps(
     use: List[str] = typer.Option([], "--use", help="STEP=IMPL, to show a choice"),
+    pre_hook: List[str] = typer.Option([], "--pre-hook", help="STEP=pkg.Class, to show a hooked stpipe step"),
+    post_hook: List[str] = typer.Option([], "--post-hook", help="STEP=pkg.Class, to show a hooked stpipe step"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file (its hooks and choices)"),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Show the chain: each step, its implementations, default skip and parameters."""
@@ -192,8 +228,10 @@ def steps(
     from .core.plugins import get_registry
 
     try:
-        registry = get_registry()
-        chosen = configmod.load(use=use, registry=registry, whole_chain=False).use
+        run = configmod.load(config, use=use, registry=get_registry(), whole_chain=False,
+                             pre_hooks=pre_hook, post_hooks=post_hook)
+        registry = get_registry().for_run(run)
+        chosen = run.use
         rows = []
         for name in registry.order:
             try:
@@ -246,6 +284,8 @@ def refs(
     set_: List[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE (repeatable)"),
     use: List[str] = typer.Option([], "--use"),
     no_crds_pars: bool = typer.Option(False, "--no-crds-pars", help="leave the CRDS step-parameter references out"),
+    pre_hook: List[str] = typer.Option([], "--pre-hook", help="STEP=pkg.Class (an stpipe step's references too)"),
+    post_hook: List[str] = typer.Option([], "--post-hook", help="STEP=pkg.Class (an stpipe step's references too)"),
     debug: bool = typer.Option(False, "--debug"),
 ):
     """Print the reference resolved for each step and where it came from, and the
@@ -263,7 +303,8 @@ def refs(
     lines: list[str] = []
     try:
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
-                             crds_pars=not no_crds_pars)
+                             crds_pars=not no_crds_pars, pre_hooks=pre_hook,
+                             post_hooks=post_hook)
         registry = get_registry()
     except Exception as exc:
         raise typer.Exit(errors.report(exc, debug=debug, where=config))

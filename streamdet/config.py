@@ -4,10 +4,12 @@ File layout (every table optional)::
 
     [steps.jump]               # parameters of one step, as with --set jump.NAME=VALUE
     rejection_threshold = 5.0
+    post_hooks = ["snowblind.SnowblindStep"]   # stpipe steps after jump (--post-hook)
     [steps.firstframe]
     skip = false
-    [use]                      # implementation per step, as with --use (for ramp_fit,
-    ramp_fit = "likely"        # [steps.ramp_fit] algorithm = "LIKELY" is the same choice)
+    [use]                      # implementation per step, as with --use ("stpipe:pkg.Class"
+    ramp_fit = "likely"        # runs an stpipe step instead; for ramp_fit,
+                               # [steps.ramp_fit] algorithm = "LIKELY" is the same choice)
     [override]                 # reference files, as with --override (a path or "N/A")
     dark = "/refs/my_dark.fits"
     [output]
@@ -93,7 +95,8 @@ def _pair(option: str, text: str) -> tuple[str, str]:
 def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[str] = (),
          overrides: list[str] = (), use: list[str] = (), output_dir: Path | None = None,
          overwrite: bool = False, registry=None, whole_chain: bool = True,
-         crds_pars: bool = True) -> RunConfig:
+         crds_pars: bool = True, pre_hooks: list[str] = (),
+         post_hooks: list[str] = ()) -> RunConfig:
     """Build a RunConfig: the file first, command-line options on top.
 
     Everything is checked against the installed steps (``registry``, the process's own
@@ -124,6 +127,7 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     # where each setting came from, for the messages: (kind, key) -> option text
     origin: dict[tuple[str, ...], str] = {}
     params: dict[str, dict[str, Any]] = {}
+    hooks: list[tuple[str, str, str]] = []
     for step, values in (data.get("steps") or {}).items():
         if not isinstance(values, dict):
             raise BadInputError(f"{config_file}: [steps.{step}] must be a table of parameters")
@@ -141,6 +145,13 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
         step, param = step.strip(), param.strip()
         params.setdefault(step, {})[param] = value
         origin[("param", step, param)] = f"--set {text}"
+    # jwst's spelling, from the file or --set STEP.post_hooks=...: stpipe step classes to
+    # run around a step; then the options', after them
+    hooks += take_hooks(params, where=str(config_file) if config_file else "--set")
+    for when, given in (("pre", pre_hooks), ("post", post_hooks)):
+        for text in given:
+            step, path = _pair(f"--{when}-hook", text)
+            hooks.append((when, step, path))
     chosen: dict[str, str] = {}
     for k, v in (data.get("use") or {}).items():
         chosen[k] = str(v)
@@ -172,7 +183,7 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     run = RunConfig(
         params=params, use=chosen, overrides=refs, output_dir=directory,
         overwrite=overwrite or bool(out.get("overwrite", False)),
-        save_ramp=bool(save_ramp), crds_pars=crds_pars,
+        save_ramp=bool(save_ramp), crds_pars=crds_pars, hooks=hooks,
         param_origins={key[1:]: where for key, where in origin.items() if key[0] == "param"},
     )
     _validate(run, origin, registry, whole_chain)
@@ -183,6 +194,25 @@ def _file_or_option(where: str) -> str:
     """The configuration file of an origin text (``run.toml: [steps.jump] x``), or the
     option text itself."""
     return where if where.startswith("--") else where.split(": [", 1)[0]
+
+
+def take_hooks(params: dict[str, dict[str, Any]], where: str = "steps"
+               ) -> list[tuple[str, str, str]]:
+    """Remove jwst's ``pre_hooks``/``post_hooks`` step parameters from ``params`` and
+    return them as :attr:`RunConfig.hooks` entries ``(when, step, "pkg.Class")``, in order.
+    A value is a list of class names, or one string of them (``"a.B, c.D"``, ``"[a.B]"``,
+    as strun takes them)."""
+    hooks = []
+    for step, values in params.items():
+        for when in ("pre", "post"):
+            listed = values.pop(f"{when}_hooks", [])
+            if isinstance(listed, str):
+                listed = [p.strip(" '\"") for p in listed.strip().strip("[]").split(",")]
+            if not isinstance(listed, (list, tuple)) or not all(isinstance(v, str) for v in listed):
+                raise BadInputError(f"{where}: {step}.{when}_hooks must be a list of class "
+                                    "names (\"pkg.Class\")")
+            hooks += [(when, step, path) for path in listed if path]
+    return hooks
 
 
 def _check_output_dir(directory: Path, where: str) -> None:
@@ -202,6 +232,8 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
     from .core.plugins import get_registry
 
     registry = registry if registry is not None else get_registry()
+    registry = registry.for_run(run)  # with the stpipe steps the run hooks in
+    _params_by_alias(run, registry)
     known = ", ".join(registry.order)
     # a parameter that chooses the implementation (ramp_fit.algorithm) joins --use
     run.use = registry.resolve_use(run.use, run.params, origin)
@@ -251,7 +283,7 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
                                 f"no step reads a reference of type {reftype!r} "
                                 f"(types: {', '.join(reftypes)})")
     chain = build_chain(registry, run)
-    active = [s for s in chain if not s.skip]
+    active = [s for s in chain if not s.skip and not getattr(s, "on_products", False)]
     producers = [s for s in active if getattr(s, "produces_rate", False)]
     if not producers or producers[-1] is not active[-1]:
         skipped = [s.name for s in chain if s.skip and getattr(s, "produces_rate", False)]
@@ -298,3 +330,14 @@ def save_parameters(path: Path, run: RunConfig, registry=None) -> None:
         jwstparams.write_parameter_file(path, pipeline, steps)
     except OSError as exc:
         raise BadInputError(f"--save-parameters {path}: cannot write ({exc.strerror})") from None
+
+
+def _params_by_alias(run: RunConfig, registry) -> None:
+    """Parameters given under an stpipe class's alias (``--set jump_plus.x=1``) for the
+    step it replaces (``--use jump=stpipe:snowblind.JumpPlusStep``) go to that step."""
+    for step, impl in run.use.items():
+        cls = next((c for c in registry.implementations.get(step, [])
+                    if c.implementation == impl), None)
+        alias = getattr(getattr(cls, "stpipe_class", None), "class_alias", None)
+        if alias and alias != step and alias in run.params and alias not in registry.implementations:
+            run.params.setdefault(step, {}).update(run.params.pop(alias))

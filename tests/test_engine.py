@@ -57,19 +57,27 @@ MEMORY_PROBE = """
 import json, resource, tracemalloc, os
 from streamdet.core.engine import RunConfig, process_file
 tracemalloc.start()
-process_file({uncal!r}, RunConfig(output_dir={out!r}, band_bytes=2_000_000, rateints_in_memory_bytes=0))
+process_file({uncal!r}, RunConfig(output_dir={out!r}, band_bytes=2_000_000, rateints_in_memory_bytes=0,
+                                  hooks={hooks!r}))
 peak = tracemalloc.get_traced_memory()[1]
 print(json.dumps({{"traced_peak": peak, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
 """
 
 
-def test_peak_memory_does_not_grow_with_integrations(tmp_path):
+@pytest.mark.parametrize("hooks", [[], [("post", "jump", "snowblind.SnowblindStep")]],
+                         ids=["builtin", "stpipe_hook_after_jump"])
+def test_peak_memory_does_not_grow_with_integrations(tmp_path, hooks):
     """2 and 20 integrations of the same frame: Python-heap peak (tracemalloc, numpy
-    arrays included) within 20 %, and the process's peak RSS as well."""
+    arrays included) within 20 %, and the process's peak RSS as well. Also with an
+    stpipe step hooked after jump, which is handed one whole integration at a time (an
+    integration pass after the band pass)."""
+    if hooks:
+        pytest.importorskip("snowblind")
     peaks = {}
     for nints in (2, 20):
         sim = simulate(tmp_path / f"sim{nints}", subarray="SUB256", ngroups=10, nints=nints, seed=5)
-        code = MEMORY_PROBE.format(uncal=str(sim.uncal), out=str(tmp_path / f"out{nints}"))
+        code = MEMORY_PROBE.format(uncal=str(sim.uncal), out=str(tmp_path / f"out{nints}"),
+                                   hooks=hooks)
         from .oracle import last_json
         peaks[nints] = last_json(run_python(code, sim.env))
     small, large = peaks[2], peaks[20]
@@ -229,3 +237,62 @@ def test_garbage_collector_is_off_during_a_run_and_restored_after(sim_sub256, tm
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _LateIntegrationStep:
+    """Plugin: a step needing whole integrations placed after jump (an integration pass
+    between two band passes), which marks one pixel's group as a jump in integration 2
+    and records what it was handed."""
+
+    def __init__(self):
+        from streamdet.core.step import Granularity, Step
+
+        seen = self.seen = []
+
+        class MarkAfterJump(Step):
+            name = "mark_after_jump"
+            implementation = "test"
+            after = "jump"
+            granularity = Granularity.INTEGRATION
+            thread_safe = True
+
+            def process(self, chunk):
+                seen.append((tuple(chunk.int_index), chunk.data.shape, chunk.rows))
+                if chunk.int_index[0] == 1:
+                    chunk.groupdq[0, 3, 10, 20] |= 4
+
+        self.cls = MarkAfterJump
+
+    def plugin(self):
+        import types
+
+        from streamdet import hookimpl
+
+        return types.SimpleNamespace(__name__="late_integration_step",
+                                     streamdet_steps=hookimpl(lambda: [self.cls]))
+
+
+def test_integration_step_after_jump_gets_a_pass_of_its_own(sim_sub256, tmp_path):
+    """The late INTEGRATION step sees each integration whole, once, after jump; its flag
+    reaches ramp_fit (rateints DQ of integration 2 only); products are the same with the
+    scratch in memory or in files, with one band or many, on one thread or two."""
+    from streamdet.core.plugins import build_registry
+
+    results = {}
+    for label, kwargs in (("memory", dict(band_bytes=1 << 30, threads=1)),
+                          ("files", dict(band_bytes=150_000, scratch_in_memory_bytes=0,
+                                         rateints_in_memory_bytes=0, threads=2))):
+        plugin = _LateIntegrationStep()
+        registry = build_registry((plugin.plugin(),), only_builtin=True)
+        assert registry.order.index("mark_after_jump") == registry.order.index("jump") + 1
+        with crds_environment(sim_sub256):
+            results[label] = process_file(sim_sub256.uncal,
+                                          RunConfig(output_dir=tmp_path / label, **kwargs),
+                                          registry=registry)
+        ny, nx = 256, 256
+        assert sorted(plugin.seen) == [((i,), (1, 20, ny, nx), slice(0, ny)) for i in range(3)]
+    with fits.open(results["files"].products["rateints"]) as hdul:
+        dq = hdul["DQ"].data
+        assert dq[1, 10, 20] & 4 and not dq[0, 10, 20] & 4 and not dq[2, 10, 20] & 4
+    for kind in ("rate", "rateints"):
+        assert_identical_products(results["memory"].products[kind], results["files"].products[kind])

@@ -66,7 +66,6 @@ def test_steps_spelling_on_the_command_line(sim, tmp_path):
     ("jump.use_ellipses=true", "use_ellipses"),
     ("refpix.side_gain=2", "side_gain"),
     ("persistence.skip=false", "persistence"),
-    ("jump.pre_hooks=['x']", "pre_hooks"),
 ])
 def test_unimplemented_jwst_parameters_are_refused_by_name(setting, named):
     with pytest.raises(BadInputError, match=named):

@@ -95,3 +95,28 @@ int64_t streamdet_scratch_write(int64_t fd, const char *src, int64_t i, int64_t 
     }
     return 0;
 }
+
+/* Integration i, rows row0 .. row0+nrows, from the file into `dest` (line (g, k) at
+ * dest + g*s_group + k*s_row): the read that mirrors streamdet_scratch_write, for an
+ * integration pass that follows a band pass (a step needing whole integrations after
+ * one needing all integrations). */
+int64_t streamdet_scratch_read_integration(int64_t fd, char *dest, int64_t i, int64_t row0,
+                                           int64_t nrows, int64_t nints, int64_t ngroups,
+                                           int64_t line_bytes, int64_t s_group, int64_t s_row)
+{
+    struct iovec iov[BATCH];
+    for (int64_t k = 0; k < nrows; k++) {
+        int64_t offset = ((row0 + k) * nints + i) * ngroups * line_bytes;
+        for (int64_t g0 = 0; g0 < ngroups; g0 += BATCH) {
+            int n = 0;
+            for (int64_t g = g0; g < ngroups && n < BATCH; g++, n++) {
+                iov[n].iov_base = dest + g * s_group + k * s_row;
+                iov[n].iov_len = (size_t)line_bytes;
+            }
+            int64_t rc = transfer((int)fd, iov, n, offset + g0 * line_bytes, 0);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}

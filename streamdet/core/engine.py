@@ -55,6 +55,8 @@ from .step import Chunk, Granularity, Step
 # the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
 _scratch_read = declare("scratch", "streamdet_scratch_read", "ipiiiiiiii", "i")
 _scratch_write = declare("scratch", "streamdet_scratch_write", "ipiiiiiiii", "i")
+_scratch_read_integration = declare("scratch", "streamdet_scratch_read_integration",
+                                    "ipiiiiiiii", "i")
 
 #: default memory for the bands of the band pass in flight at once (data + groupdq, all
 #: integrations; shared among the threads)
@@ -114,6 +116,10 @@ class RunConfig:
     #: process that runs the file
     threads: int | None = None
     pass1_band_bytes: int = DEFAULT_PASS1_BAND_BYTES
+    #: published stpipe steps run through the adapter (streamdet/plugins/stpipe_adapter.py):
+    #: ``(when, step, "pkg.Class")``, ``when`` being ``"pre"`` or ``"post"`` (a hook of
+    #: chain step ``step``, in the order given, like jwst's pre_hooks/post_hooks)
+    hooks: list[tuple[str, str, str]] = field(default_factory=list)
     scratch_in_memory_bytes: int = SCRATCH_IN_MEMORY_BYTES
     #: apply the CRDS step-parameter references (``pars-*``) selected for each exposure
     #: (``--no-crds-pars``: False; ``STPIPE_DISABLE_CRDS_STEPPARS=true`` also switches
@@ -139,9 +145,11 @@ class Result:
 def build_chain(registry: Registry, config: RunConfig,
                 params: dict[str, dict[str, Any]] | None = None) -> list[Step]:
     """One instance of each step of the chain, built with ``params`` (default: the
-    run's own ``config.params``). Settings for jwst steps streamdet does not have are
-    accepted when they leave them skipped or at jwst's defaults (core/jwstparams.py); a
-    parameter that chooses the implementation (ramp_fit.algorithm) does so here."""
+    run's own ``config.params``), with the steps the run adds (stpipe hooks) in place.
+    Settings for jwst steps streamdet does not have are accepted when they leave them
+    skipped or at jwst's defaults (core/jwstparams.py); a parameter that chooses the
+    implementation (ramp_fit.algorithm) does so here."""
+    registry = registry.for_run(config)
     params = config.params if params is None else params
     classes = registry.chain(registry.resolve_use(config.use, params))
     known = {cls.name for cls in classes}
@@ -210,6 +218,22 @@ class _Scratch:
                 raise ValueError("scratch rows are read into arrays with contiguous lines")
             _check(_scratch_read(self.fds[name], ptr(array), rows.start, rows.stop - rows.start,
                                  nints, ngroups, nx * array.itemsize, step[0], step[1], step[2]),
+                   self.dir)
+
+    def read_integration(self, i: int, data: np.ndarray, groupdq: np.ndarray) -> None:
+        """Integration ``i``, every row, into ``data``/``groupdq`` ``[ngroups, ny, nx]``
+        (for an integration pass after a band pass)."""
+        if self.dir is None:
+            data[...] = self.data[i]
+            groupdq[...] = self.groupdq[i]
+            return
+        nints, ngroups, ny, nx = self.shape
+        for name, array in (("data", data), ("groupdq", groupdq)):
+            step = array.strides
+            if step[2] != array.itemsize:
+                raise ValueError("scratch rows are read into arrays with contiguous lines")
+            _check(_scratch_read_integration(self.fds[name], ptr(array), i, 0, ny, nints,
+                                             ngroups, nx * array.itemsize, step[0], step[1]),
                    self.dir)
 
     def close(self) -> None:
@@ -309,7 +333,9 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                 timings[step.name] += time.perf_counter() - t0
                 if reason:
                     step.skip, step.skip_reason = True, reason
-            active = [s for s in chain if not s.skip]
+            # steps on the rate products run after the passes, not in them
+            on_products = [s for s in chain if not s.skip and getattr(s, "on_products", False)]
+            active = [s for s in chain if not s.skip and s not in on_products]
             producers = [s for s in active if getattr(s, "produces_rate", False)]
             if not producers or producers[-1] is not active[-1]:
                 # a rate producer skipped for want of a reference: the input's fault
@@ -328,6 +354,10 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
             rate, rateints, ramp, scratch_dir = _run(exposure, refs, active, pixeldq, config, timings,
                                                      observers, on_progress)
             try:
+                for step in on_products:
+                    t0 = time.perf_counter()
+                    step.process_products(rate, rateints)
+                    timings[step.name] += time.perf_counter() - t0
                 keywords = _keywords(chain, resolved)
                 history = [history_line(s) for s in chain if not s.skip]
                 history += [_cut(f"streamdet: {p.reftype}={p.header_value}", HISTORY_WIDTH)
@@ -448,35 +478,65 @@ def _bands(ny: int, rows: int) -> list[slice]:
     return [slice(y0, min(ny, y0 + rows)) for y0 in range(0, ny, rows)]
 
 
+def stages(active: list[Step]) -> list[tuple[str, list[Step]]]:
+    """The active steps cut into the passes that run them, as ``(kind, steps)``.
+
+    The first pass is always an ``"integration"`` pass (the steps before the first
+    EXPOSURE step, possibly none); from the first EXPOSURE step on a ``"band"`` pass
+    (bands of rows spanning every integration). A step needing whole integrations after
+    that (an INTEGRATION step: an stpipe step hooked after jump, say) starts another
+    integration pass, which reads each integration back from the band pass's output; the
+    next EXPOSURE step starts another band pass, and so on. The rate producer (the last
+    step) always runs in a band pass."""
+    out: list[tuple[str, list[Step]]] = []
+    kind, steps = "integration", []
+    for k, step in enumerate(active):
+        last = k == len(active) - 1
+        if kind == "integration" and (step.granularity == Granularity.EXPOSURE or last):
+            out.append((kind, steps))
+            kind, steps = "band", []
+        elif kind == "band" and step.granularity == Granularity.INTEGRATION and not last:
+            out.append((kind, steps))
+            kind, steps = "integration", []
+        steps.append(step)
+    out.append((kind, steps))
+    return out
+
+
 def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
          timings: dict[str, float], observers: Observers, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
     meta = exposure.meta
-    first_exposure = next((i for i, s in enumerate(active)
-                           if s.granularity == Granularity.EXPOSURE), len(active) - 1)
-    pass1, pass2 = active[:first_exposure], active[first_exposure:]
-    late = [s.name for s in pass2 if s.granularity == Granularity.INTEGRATION]
-    if late:
-        raise PluginError(f"step {late[0]!r} needs whole integrations but comes after a step "
-                          "that needs all integrations; this order is not supported")
+    passes = stages(active)
+    producer = active[-1]
+    if producer.granularity == Granularity.INTEGRATION and any(
+            s.granularity == Granularity.EXPOSURE for s in active[:-1]):
+        raise PluginError(f"step {producer.name!r} produces the rate and needs whole "
+                          "integrations, but comes after a step that needs all integrations; "
+                          "this order is not supported")
     int_index = meta.int_index
     ny = meta.ny
-    threads = max(1, int(config.threads or default_threads()))
-    if threads > 1 and not all(getattr(s, "thread_safe", False) for s in active):
-        threads = 1
-    pool = _Pool(threads, timings, observers, exposure)
+    pool = _Pool(max(1, int(config.threads or default_threads())), timings, observers, exposure)
+
+    def threads_for(steps: list[Step]) -> int:
+        """Threads for one pass: several only when every step in it says it may."""
+        return pool.threads if all(getattr(s, "thread_safe", False) for s in steps) else 1
+
     # in memory only when no bigger than what one band of the band pass may hold anyway
-    scratch = _Scratch(meta, config.scratch_dir,
-                       min(config.scratch_in_memory_bytes, config.band_bytes))
+    in_memory = min(config.scratch_in_memory_bytes, config.band_bytes)
+    scratch = _Scratch(meta, config.scratch_dir, in_memory)
+    other: _Scratch | None = None  # a second one, when a band pass is not the last pass
     spill_dir = None
     try:
         # -- pass 1: integrations, in bands of rows when every step is pixel-local -------
+        pass1, pass2 = passes[0][1], passes[1][1]
+        threads1 = threads_for(pass1 + pass2)  # the next pass's steps survey on these threads
         # margins[k]: rows beyond the core that step k's chunk must cover so that the
         # halos of it and of every later step are correct
         halos = [max(0, int(getattr(s, "halo", 0) or 0)) for s in pass1]
         margins = [sum(halos[k:]) for k in range(len(pass1))] + [0]
         if all(s.granularity == Granularity.GROUP for s in pass1):
             row_bytes = meta.ngroups * meta.nx * 5
-            rows1 = max(1, int(config.pass1_band_bytes // (row_bytes * pool.threads))
+            rows1 = max(1, int(config.pass1_band_bytes // (row_bytes * threads1))
                         - 2 * margins[0])
         else:
             rows1 = ny
@@ -511,7 +571,7 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
             pool.add("scratch", time.perf_counter() - t0)
 
         tasks = [(i, core) for i in range(meta.nints) for core in bands1]
-        for n, _ in enumerate(pool.map(pass1_piece, tasks), start=1):
+        for n, _ in enumerate(pool.map(pass1_piece, tasks, at_once=threads1), start=1):
             if on_progress and n % len(bands1) == 0:
                 on_progress("integrations", n // len(bands1), meta.nints)
 
@@ -537,55 +597,24 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
             ramp = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx), ramp_dir,
                              extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
 
-        # -- pass 2: bands of rows spanning all integrations ------------------------------
-        halo = max((s.halo for s in pass2), default=0)
-        row_bytes = meta.nints * meta.ngroups * meta.nx * 5
-        # the band budget is for all bands in flight, so memory does not grow with the
-        # number of threads; an exposure so thick that a thread's share would be mostly
-        # halo (recomputed) rows runs its bands on fewer threads instead
-        def rows_each(sharing: int) -> int:
-            return int(config.band_bytes // (row_bytes * sharing)) - 2 * halo
-
-        sharing = pool.threads
-        while sharing > 1 and rows_each(sharing) < max(2, 2 * halo):
-            sharing -= 1
-        band = max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing)))
-        bands = _bands(ny, band)
-        plane = meta.nints * meta.ngroups * meta.nx
-
-        tall = min(ny, band + 2 * halo)
-        band_buffers = ThreadBuffers()
-
-        def buffers(nrows: int) -> tuple[np.ndarray, np.ndarray]:
-            """This thread's band buffers (sized for the tallest band, never grown)."""
-            shape = (meta.nints, meta.ngroups, nrows, meta.nx)
-            return (band_buffers.get("data", (plane * tall,), np.float32)[:plane * nrows].reshape(shape),
-                    band_buffers.get("groupdq", (plane * tall,), np.uint8)[:plane * nrows].reshape(shape))
-
-        def run_band(core: slice) -> None:
-            r0, r1 = max(0, core.start - halo), min(ny, core.stop + halo)
-            data, groupdq = buffers(r1 - r0)
-            t0 = time.perf_counter()
-            scratch.read(slice(r0, r1), data, groupdq)
-            pool.add("scratch", time.perf_counter() - t0)
-            chunk = Chunk(data, groupdq, pixeldq[r0:r1], int_index, slice(r0, r1),
-                          core=slice(core.start - r0, core.stop - r0))
-            result = None
-            for step in pass2:
-                if ramp is not None and step is pass2[-1]:
-                    local = chunk.core
-                    ramp.put(np.s_[:, :, core], (data[:, :, local], groupdq[:, :, local]))
-                result = pool.step(step, chunk)
-            band_rate, band_rateints = result
-            rate.put(np.s_[core], band_rate)
-            rateints.put(np.s_[:, core], band_rateints)
-
-        for b, _ in enumerate(pool.map(run_band, bands, at_once=sharing), start=1):
-            if on_progress:
-                on_progress("bands", b, len(bands))
-        redo = {(s.start, s.stop) for step in pass2 for s in step.rerun_rows()}
-        for start, stop in sorted(redo):
-            run_band(slice(start, stop))
+        # -- the passes after the first: band passes, and integration passes between them
+        for n, (kind, steps) in enumerate(passes[1:], start=1):
+            last = n == len(passes) - 1
+            label = "" if n == 1 else f" ({steps[0].name}...)"
+            if kind == "band":
+                target = None
+                if not last:
+                    if other is None:
+                        other = _Scratch(meta, config.scratch_dir, in_memory)
+                    target = other
+                _band_pass(meta, steps, scratch, target, pixeldq, config, pool,
+                           threads_for(steps), rate, rateints, ramp, on_progress, label)
+                if target is not None:
+                    scratch, other = target, scratch
+            else:
+                surveyors = passes[n + 1][1]
+                _integration_pass(meta, steps, surveyors, scratch, pixeldq, pool,
+                                  threads_for(steps + surveyors), on_progress, label)
         return rate, rateints, ramp, spill_dir
     except BaseException:
         if spill_dir is not None:
@@ -594,3 +623,108 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
     finally:
         pool.close()
         scratch.close()
+        if other is not None:
+            other.close()
+
+
+def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: _Scratch | None,
+               pixeldq: np.ndarray, config: RunConfig, pool: "_Pool", threads: int,
+               rate: RateArrays, rateints, ramp: CubeStore | None, on_progress, label: str) -> None:
+    """Bands of rows spanning every integration, read from ``source``, through ``steps``.
+    The last band pass ends with the rate producer, whose results land in ``rate`` and
+    ``rateints``; an earlier one writes its bands' core rows to ``target`` (``source``
+    stays as it was, so that the bands a step asks to re-run start from the same data)."""
+    ny = meta.ny
+    int_index = meta.int_index
+    halo = max((s.halo for s in steps), default=0)
+    row_bytes = meta.nints * meta.ngroups * meta.nx * 5
+    # the band budget is for all bands in flight, so memory does not grow with the
+    # number of threads; an exposure so thick that a thread's share would be mostly
+    # halo (recomputed) rows runs its bands on fewer threads instead
+    def rows_each(sharing: int) -> int:
+        return int(config.band_bytes // (row_bytes * sharing)) - 2 * halo
+
+    sharing = threads
+    while sharing > 1 and rows_each(sharing) < max(2, 2 * halo):
+        sharing -= 1
+    band = max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing)))
+    if any(getattr(s, "needs_whole_exposure", False) for s in steps):
+        # a step that asked for the whole exposure at once (at that memory cost)
+        band, sharing = ny, 1
+    bands = _bands(ny, band)
+    plane = meta.nints * meta.ngroups * meta.nx
+
+    tall = min(ny, band + 2 * halo)
+    band_buffers = ThreadBuffers()
+
+    def buffers(nrows: int) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's band buffers (sized for the tallest band, never grown)."""
+        shape = (meta.nints, meta.ngroups, nrows, meta.nx)
+        return (band_buffers.get("data", (plane * tall,), np.float32)[:plane * nrows].reshape(shape),
+                band_buffers.get("groupdq", (plane * tall,), np.uint8)[:plane * nrows].reshape(shape))
+
+    def run_band(core: slice) -> None:
+        r0, r1 = max(0, core.start - halo), min(ny, core.stop + halo)
+        data, groupdq = buffers(r1 - r0)
+        t0 = time.perf_counter()
+        source.read(slice(r0, r1), data, groupdq)
+        pool.add("scratch", time.perf_counter() - t0)
+        chunk = Chunk(data, groupdq, pixeldq[r0:r1], int_index, slice(r0, r1),
+                      core=slice(core.start - r0, core.stop - r0))
+        result = None
+        for step in steps:
+            if ramp is not None and target is None and step is steps[-1]:
+                local = chunk.core
+                ramp.put(np.s_[:, :, core], (data[:, :, local], groupdq[:, :, local]))
+            result = pool.step(step, chunk)
+        if target is not None:
+            t0 = time.perf_counter()
+            local = chunk.core
+            for i in range(meta.nints):
+                target.write(i, core, data[i, :, local], groupdq[i, :, local])
+            pool.add("scratch", time.perf_counter() - t0)
+            return
+        band_rate, band_rateints = result
+        rate.put(np.s_[core], band_rate)
+        rateints.put(np.s_[:, core], band_rateints)
+
+    for b, _ in enumerate(pool.map(run_band, bands, at_once=sharing), start=1):
+        if on_progress:
+            on_progress("bands" + label, b, len(bands))
+    redo = {(s.start, s.stop) for step in steps for s in step.rerun_rows()}
+    for start, stop in sorted(redo):
+        run_band(slice(start, stop))
+    band_buffers.drop()
+
+
+def _integration_pass(meta: ExposureMeta, steps: list[Step], surveyors: list[Step],
+                      scratch: _Scratch, pixeldq: np.ndarray, pool: "_Pool", threads: int,
+                      on_progress, label: str) -> None:
+    """Each integration, whole, read back from ``scratch`` (the output of the band pass
+    before), through ``steps``; the next band pass's steps survey it; written back in
+    place (integrations are independent: nothing re-reads the old values). Memory: one
+    integration per thread."""
+    buffers = ThreadBuffers()
+    shape = (1, meta.ngroups, meta.ny, meta.nx)
+    int_index = meta.int_index
+
+    def piece(i: int) -> None:
+        data = buffers.get("data", shape, np.float32)
+        groupdq = buffers.get("groupdq", shape, np.uint8)
+        t0 = time.perf_counter()
+        scratch.read_integration(i, data[0], groupdq[0])
+        pool.add("scratch", time.perf_counter() - t0)
+        chunk = Chunk(data, groupdq, pixeldq, int_index[i:i + 1], slice(0, meta.ny),
+                      core=slice(0, meta.ny))
+        for step in steps:
+            pool.step(step, chunk)
+        for step in surveyors:
+            pool.step(step, chunk, survey=True)
+        t0 = time.perf_counter()
+        scratch.write(i, slice(0, meta.ny), data[0], groupdq[0])
+        pool.add("scratch", time.perf_counter() - t0)
+
+    for n, _ in enumerate(pool.map(piece, range(meta.nints), at_once=threads), start=1):
+        if on_progress:
+            on_progress("integrations" + label, n, meta.nints)
+    buffers.drop()

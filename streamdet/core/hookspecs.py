@@ -37,6 +37,20 @@ def streamdet_steps():
 
 
 @hookspec
+def streamdet_run_steps(config):
+    """Return Step subclasses that one run adds to the chain, decided by its
+    configuration (a :class:`~streamdet.core.engine.RunConfig`), not by what is installed.
+
+    streamdet's stpipe adapter uses it for ``--pre-hook``/``--post-hook`` and
+    ``--use STEP=stpipe:pkg.Class``. The classes follow the rules of
+    :func:`streamdet_steps` (a new ``name`` with ``after``/``before``, or a known
+    ``name`` with an ``implementation`` of its own); raise
+    :class:`~streamdet.core.errors.BadInputError` for a configuration that names
+    something unusable. Called when the chain of a run is built.
+    """
+
+
+@hookspec
 def streamdet_exposure_started(exposure, chain):
     """An exposure is about to be processed.
 

@@ -58,7 +58,8 @@ def effective(config, meta, registry, cpus: int = 1) -> Parameters:
     parameter it does not implement, set to another value than jwst's default) is a
     one-line BadInputError naming the reference file and the parameter."""
     out = Parameters()
-    installed = {cls.name: cls for cls in registry.chain(config.use)}
+    # the run's own steps (stpipe hooks) included: their parameters are the run's too
+    installed = {cls.name: cls for cls in registry.for_run(config).chain(config.use)}
     crds_values: dict[str, dict[str, Any]] = {}
     crds_origin: dict[tuple[str, str], str] = {}
     use_crds = getattr(config, "crds_pars", True) and not refmod.crds_pars_disabled()

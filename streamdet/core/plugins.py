@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, one_line
+from .errors import BadInputError, PluginError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover - the step module (and numpy) load with the plugins
     from .step import Step
@@ -123,6 +123,26 @@ class Registry:
                     f"installed: install {source}")
             chosen[name] = impl
         return chosen
+
+    def for_run(self, config) -> "Registry":
+        """This registry with the steps that the run ``config`` adds
+        (:func:`~streamdet.core.hookspecs.streamdet_run_steps`, e.g. stpipe hooks)
+        placed in the chain; ``self`` when it adds none."""
+        added = [cls for classes in self.pm.hook.streamdet_run_steps(config=config)
+                 for cls in (classes or [])]
+        if not added:
+            return self
+        implementations = {name: list(impls) for name, impls in self.implementations.items()}
+        for cls in added:
+            impls = implementations.setdefault(cls.name, [])
+            if all(i.implementation != cls.implementation for i in impls):  # not yet added
+                impls.append(cls)
+        broken: list[str] = []
+        order = _order([cls for impls in implementations.values() for cls in impls], broken)
+        if broken:  # an anchor the configuration named does not exist
+            raise BadInputError(broken[0].split(": ", 1)[1])
+        return Registry(self.pm, {name: implementations[name] for name in order}, order,
+                        self.broken, self.plugins)
 
     def chain(self, use: dict[str, str] | None = None) -> list[type[Step]]:
         for step_name in (use or {}):

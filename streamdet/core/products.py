@@ -119,7 +119,37 @@ class CubeStore:
         return out
 
 
+    def write_plane(self, k: int, i: int, plane: np.ndarray) -> None:
+        """Extension ``k``'s integration ``i`` replaced by ``plane``."""
+        path, dtype = self.paths[k]
+        plane = np.ascontiguousarray(plane, dtype=dtype)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            write_at(fd, plane, i * plane.nbytes)
+        finally:
+            os.close(fd)
+
+
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
+
+
+def rateints_by_integration(rateints: "RateArrays | CubeStore", whole: bool = False):
+    """The rateints products piece by piece, for a step that modifies them in place:
+    yields ``(first, RateArrays [n, ny, nx])``, one integration at a time (``whole``:
+    every integration in one piece). Changes made before the next piece is asked for
+    are kept (written back to the scratch files of a CubeStore)."""
+    nints = (rateints.shape if isinstance(rateints, CubeStore) else rateints.sci.shape)[0]
+    pieces = [(0, nints)] if whole else [(i, i + 1) for i in range(nints)]
+    for a, b in pieces:
+        if not isinstance(rateints, CubeStore):
+            yield a, RateArrays(*(array[a:b] for array in rateints.arrays()))
+            continue
+        piece = RateArrays(*(np.stack([rateints.plane(k, i) for i in range(a, b)])
+                             for k in range(len(rateints.paths))))
+        yield a, piece
+        for k, array in enumerate(piece.arrays()):
+            for j, i in enumerate(range(a, b)):
+                rateints.write_plane(k, i, array[j])
 
 
 def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None:

@@ -27,7 +27,9 @@ class Granularity(str, enum.Enum):
 
     #: pixel-local and integration-local: any chunk will do.
     GROUP = "group"
-    #: all rows and groups of one integration at once (e.g. refpix's frame statistics).
+    #: all rows and groups of one integration at once (e.g. emicorr's frame statistics).
+    #: After an EXPOSURE step such a step gets a pass of its own: each integration is
+    #: read back whole from the band pass's output (see core/engine.py ``stages``).
     INTEGRATION = "integration"
     #: all integrations of a pixel at once (e.g. jump's median over every difference).
     EXPOSURE = "exposure"
@@ -149,6 +151,15 @@ class Step:
     #: True when ``process`` and ``survey`` may run concurrently on disjoint rows
     #: (``--threads``); the run stays serial unless every active step says so.
     thread_safe: ClassVar[bool] = False
+    #: EXPOSURE steps: every chunk must be the whole exposure (one band of every row
+    #: through every integration), at the memory cost of holding it all; the other
+    #: steps of the same band pass then see that one band too.
+    needs_whole_exposure: ClassVar[bool] = False
+    #: a step placed after the rate producer, working on the rate products rather than
+    #: the ramp: the engine calls ``process_products(rate, rateints)`` once the band
+    #: pass is over (``rate`` RateArrays 2-D; ``rateints`` RateArrays or CubeStore, see
+    #: :func:`streamdet.core.products.rateints_by_integration`), before writing them.
+    on_products: ClassVar[bool] = False
     #: filled by the plugin manager: the distribution that provided the class.
     package: ClassVar[str] = "?"
     package_version: ClassVar[str] = "?"
@@ -199,6 +210,10 @@ class Step:
         pieces may arrive concurrently (see ``thread_safe``)."""
 
     def process(self, chunk: Chunk) -> Any:
+        raise NotImplementedError
+
+    def process_products(self, rate, rateints) -> None:
+        """``on_products`` steps: modify the rate products in place."""
         raise NotImplementedError
 
     def rerun_rows(self) -> list[slice]:
