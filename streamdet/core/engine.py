@@ -48,7 +48,7 @@ from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .plugins import Observers, Registry, get_registry
 from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
-from .step import Chunk, Granularity, Step
+from .step import Chunk, FrameContext, Granularity, Step
 
 # the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
 _scratch_read = declare("scratch", "streamdet_scratch_read", "ipiiiiiiii", "i")
@@ -506,21 +506,27 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
 
         # -- pass 2: bands of rows spanning all integrations ------------------------------
         halo = max((s.halo for s in pass2), default=0)
+        # extra band passes for steps that need frame-wide work on their band results
+        # (jump's shower search): (index in pass2, step, stage, halo of that pass)
+        frame_stages = [(k, step, j, max(max(s.halo for s in pass2[:k + 1]),
+                                         step.halo + max(0, int(step.gather_halo(j)))))
+                        for k, step in enumerate(pass2) for j in range(step.frame_passes())]
+        sizing_halo = max([halo] + [h for *_, h in frame_stages])
         row_bytes = meta.nints * meta.ngroups * meta.nx * 5
         # the band budget is for all bands in flight, so memory does not grow with the
         # number of threads; an exposure so thick that a thread's share would be mostly
         # halo (recomputed) rows runs its bands on fewer threads instead
         def rows_each(sharing: int) -> int:
-            return int(config.band_bytes // (row_bytes * sharing)) - 2 * halo
+            return int(config.band_bytes // (row_bytes * sharing)) - 2 * sizing_halo
 
         sharing = pool.threads
-        while sharing > 1 and rows_each(sharing) < max(2, 2 * halo):
+        while sharing > 1 and rows_each(sharing) < max(2, 2 * sizing_halo):
             sharing -= 1
         band = max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing)))
         bands = _bands(ny, band)
         plane = meta.nints * meta.ngroups * meta.nx
 
-        tall = min(ny, band + 2 * halo)
+        tall = min(ny, band + 2 * sizing_halo)
         band_buffers = ThreadBuffers()
 
         def buffers(nrows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -529,14 +535,21 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
             return (band_buffers.get("data", (plane * tall,), np.float32)[:plane * nrows].reshape(shape),
                     band_buffers.get("groupdq", (plane * tall,), np.uint8)[:plane * nrows].reshape(shape))
 
-        def run_band(core: slice) -> None:
-            r0, r1 = max(0, core.start - halo), min(ny, core.stop + halo)
+        def run_band(core: slice, stage: tuple | None = None) -> None:
+            band_halo = halo if stage is None else stage[3]
+            r0, r1 = max(0, core.start - band_halo), min(ny, core.stop + band_halo)
             data, groupdq = buffers(r1 - r0)
             t0 = time.perf_counter()
             scratch.read(slice(r0, r1), data, groupdq)
             pool.add("scratch", time.perf_counter() - t0)
             chunk = Chunk(data, groupdq, pixeldq[r0:r1], int_index, slice(r0, r1),
                           core=slice(core.start - r0, core.stop - r0))
+            if stage is not None:  # an extra pass: up to the gathering step only
+                k, gatherer, j, _ = stage
+                for step in pass2[:k + 1]:
+                    pool.step(step, chunk)
+                gatherer.gather(chunk, j, context)
+                return
             result = None
             for step in pass2:
                 if ramp is not None and step is pass2[-1]:
@@ -547,6 +560,15 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
             rate.put(np.s_[core], band_rate)
             rateints.put(np.s_[:, core], band_rateints)
 
+        context = FrameContext(config.scratch_dir, lambda fn, items: pool.map(fn, items))
+        for stage in frame_stages:
+            k, gatherer, j, _ = stage
+            for _ in pool.map(lambda core: run_band(core, stage), bands, at_once=sharing):
+                pass
+            redo = {(s.start, s.stop) for step in pass2[:k + 1] for s in step.rerun_rows()}
+            for start, stop in sorted(redo):
+                run_band(slice(start, stop), stage)
+            gatherer.between_passes(j, context)
         for b, _ in enumerate(pool.map(run_band, bands, at_once=sharing), start=1):
             if on_progress:
                 on_progress("bands", b, len(bands))

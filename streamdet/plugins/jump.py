@@ -87,6 +87,9 @@ is the caller's business; this kernel refuses such ramps.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -581,7 +584,7 @@ from streamdet.core.plugins import hookimpl  # noqa: E402
 from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Granularity, Param, Step  # noqa: E402
 
-from . import follows  # noqa: E402
+from . import follows, jump_showers  # noqa: E402
 
 
 def _core_rows(chunk) -> tuple[int, int]:
@@ -605,6 +608,7 @@ class JumpStep(Step):
         "rejection_threshold": Param(float, 4.0, "sigma threshold with 4+ usable differences", min=0),
         "three_group_rejection_threshold": Param(float, 6.0, "sigma threshold with 2 differences", min=0),
         "four_group_rejection_threshold": Param(float, 5.0, "sigma threshold with 3 differences", min=0),
+        "maximum_cores": Param(str, "1", "jwst's process count; accepted, streamdet uses --threads"),
         "flag_4_neighbors": Param(bool, True, "flag the 4 neighbours of mid-sized jumps"),
         "max_jump_to_flag_neighbors": Param(float, 1000.0, "largest jump (sigma) whose neighbours are flagged", min=0),
         "min_jump_to_flag_neighbors": Param(float, 10.0, "smallest jump (sigma) whose neighbours are flagged", min=0),
@@ -612,18 +616,43 @@ class JumpStep(Step):
         "after_jump_flag_time1": Param(float, 0.0, "... for this many seconds", min=0),
         "after_jump_flag_dn2": Param(float, 0.0, "second after-jump threshold (DN)", min=0),
         "after_jump_flag_time2": Param(float, 0.0, "... and its time (s)", min=0),
+        "expand_large_events": Param(bool, False, "snowball flagging (near-IR detectors; not implemented)"),
+        "min_sat_area": Param(float, 1.0, "snowballs: least area of the saturated core"),
+        "min_jump_area": Param(float, 5.0, "snowballs: least area of a jump patch"),
+        "expand_factor": Param(float, 2.0, "snowballs: expansion of the enclosing ellipse"),
+        "use_ellipses": Param(bool, False, "deprecated in jwst; no effect"),
+        "sat_required_snowball": Param(bool, True, "snowballs: require a saturated core"),
+        "min_sat_radius_extend": Param(float, 2.5, "snowballs: least core radius to extend the core"),
+        "sat_expand": Param(int, 2, "snowballs: pixels added to the core's radius"),
+        "edge_size": Param(int, 25, "snowballs: distance from the edge where no core is required"),
+        "mask_snowball_core_next_int": Param(bool, True, "snowballs: flag saturated cores in the next integration"),
+        "snowball_time_masked_next_int": Param(int, 4000, "snowballs: seconds of the next integration flagged"),
+        "find_showers": Param(bool, False, "MIRI shower flagging"),
+        "max_shower_amplitude": Param(float, 4.0, "showers: largest rate change (DN/s); jwst 3.0 ignores "
+                                      "it and uses 6, so does streamdet"),
+        "extend_snr_threshold": Param(float, 1.2, "showers: least ring-averaged significance"),
+        "extend_min_area": Param(int, 90, "showers: least area of the emission patch"),
+        "extend_inner_radius": Param(float, 1.0, "showers: inner radius of the ring kernel", min=0),
+        "extend_outer_radius": Param(float, 2.6, "showers: outer radius of the ring kernel", min=0),
+        "extend_ellipse_expand_ratio": Param(float, 1.1, "showers: expansion of the fitted ellipse"),
+        "time_masked_after_shower": Param(float, 15.0, "showers: seconds flagged after a shower", min=0),
         "min_diffs_single_pass": Param(int, 10, "below this many usable differences, search iteratively", min=1),
+        "max_extended_radius": Param(int, 200, "largest radius of a flagged shower or snowball", min=0),
         "minimum_groups": Param(int, 3, "fewest groups for jump detection", min=2),
         "minimum_sigclip_groups": Param(int, 100, "integrations needed to sigma-clip across integrations", min=1),
         "only_use_ints": Param(bool, True, "sigma-clip each group across integrations only"),
-        "expand_large_events": Param(bool, False, "snowball flagging (near-IR detectors; not implemented)"),
-        "find_showers": Param(bool, False, "MIRI shower flagging (not implemented)"),
     }
 
+    #: parameters of the two-point search (detect_jumps)
+    _TWO_POINT = ("rejection_threshold", "three_group_rejection_threshold",
+                  "four_group_rejection_threshold", "flag_4_neighbors", "max_jump_to_flag_neighbors",
+                  "min_jump_to_flag_neighbors", "after_jump_flag_dn1", "after_jump_flag_time1",
+                  "after_jump_flag_dn2", "after_jump_flag_time2", "min_diffs_single_pass",
+                  "minimum_groups", "minimum_sigclip_groups", "only_use_ints")
+
     def prepare(self, meta, refs, pixeldq):
-        for name in ("find_showers", "expand_large_events"):
-            if self.params[name]:
-                raise BadInputError(f"jump.{name}=true is not implemented in streamdet's built-in jump")
+        if self.params["expand_large_events"]:
+            raise BadInputError("jump.expand_large_events=true is not implemented in streamdet's built-in jump")
         if meta.ngroups <= 2:
             return "needs at least 3 groups"
         self.meta = meta
@@ -635,7 +664,23 @@ class JumpStep(Step):
         self.counts: dict[tuple[int, int], JumpCounts] = {}
         self.global_flagged = None
         self.lock = threading.Lock()
+        self.showers = ShowerSearch(self.params, meta) if self.params["find_showers"] else None
         return None
+
+    def frame_passes(self):
+        return 1 if self.showers is not None else 0
+
+    def gather_halo(self, stage):
+        # the ring average of a core row reads ring.halo rows around it, whose flags need
+        # their own neighbours
+        return self.showers.kernel.halo
+
+    def gather(self, chunk, stage, context):
+        self.showers.gather(chunk, self.all_dnu, self.gain[chunk.rows], self.readnoise[chunk.rows],
+                            context)
+
+    def between_passes(self, stage, context):
+        self.showers.search(self.all_dnu, context)
 
     def survey(self, chunk):
         local = chunk.int_index - self.meta.int_index[0]
@@ -645,20 +690,23 @@ class JumpStep(Step):
 
     def process(self, chunk):
         rows = chunk.rows
-        options = {k: v for k, v in self.params.items() if k not in ("expand_large_events", "find_showers")}
+        options = {k: self.params[k] for k in self._TWO_POINT}
         self.counts[_core_rows(chunk)] = detect_jumps(
             chunk.data, chunk.groupdq, chunk.pixeldq,
             gain=self.gain[rows], readnoise=self.readnoise[rows],
             nframes=self.meta.nframes, group_time=self.meta.group_time,
             all_dnu_groups=self.all_dnu, median_gain=self.median_gain,
             all_flagged_groups=self.global_flagged, count_rows=chunk.core, **options)
+        if self.showers is not None and self.showers.regions is not None:
+            self.showers.apply(chunk, self.gain[rows])
 
     def rerun_rows(self):
         """Sigma-clip mode clears lone flags in integration-groups flagged in every pixel
         of the frame; a band that judged that on its own rows alone is redone."""
         verdicts = {key: c.all_flagged_groups for key, c in self.counts.items()
                     if c.all_flagged_groups is not None}
-        if not verdicts:
+        if not verdicts or self.global_flagged is not None:
+            # known from an earlier pass (the shower search's): every band since used it
             return []
         self.global_flagged = np.logical_and.reduce(list(verdicts.values()))
         return [slice(*key) for key, v in verdicts.items() if not np.array_equal(v, self.global_flagged)]
@@ -668,6 +716,8 @@ class JumpStep(Step):
             if self.counts else None
         if total is None:
             return {}
+        if self.showers is not None:
+            total.extended_events = self.showers.found
         primecrs, extncrs = cosmic_ray_keywords(total, self.all_dnu, self.meta.group_time,
                                                 self.meta.ny, self.meta.nx)
         out = {}
@@ -676,6 +726,169 @@ class JumpStep(Step):
         if extncrs is not None:
             out["EXTNCRS"] = extncrs
         return out
+
+
+class ShowerSearch:
+    """The jump step's MIRI shower search across the engine's passes (algorithm:
+    :mod:`streamdet.plugins.jump_showers`).
+
+    Extra band pass: each band (with ``kernel.halo`` + 1 rows of context, after the
+    two-point search) yields the emission masks of its rows for every difference plane,
+    kept bit-packed ([integration, difference, row, column/8], in memory or in a scratch
+    file). Between the passes: one plane at a time, the patches become shower regions.
+    Band pass proper: each band ORs the regions' flags into its rows and checks their
+    amplitude before ramp_fit sees them."""
+
+    #: bit-packed emission planes larger than this go to a scratch file
+    IN_MEMORY_BYTES = 32 * 1024**2
+
+    def __init__(self, params, meta):
+        self.meta = meta
+        self.kernel = jump_showers.ring(params["extend_inner_radius"], params["extend_outer_radius"])
+        self.threshold = params["extend_snr_threshold"]
+        self.min_area = params["extend_min_area"]
+        self.expand_ratio = params["extend_ellipse_expand_ratio"]
+        # jwst's JumpStep passes twice the radius as stcal's largest full width
+        self.max_width = 2 * params["max_extended_radius"]
+        self.groups_masked = jump_showers.groups_masked_after_shower(
+            params["time_masked_after_shower"], meta.group_time)
+        self.max_amplitude = jump_showers.max_amplitude_electrons(meta.group_time)
+        self.sigma_clip = meta.nints >= params["minimum_sigclip_groups"]
+        self.dnu_or_refpix = np.ones((meta.nints, meta.ngroups), bool)
+        self.pixels = np.zeros((meta.nints, meta.ngroups), np.int64)  # emission pixels per plane
+        self.row_bytes = (meta.nx + 7) // 8
+        self.store = None
+        self.regions = None
+        self.by_rows = None
+        self.found = 0
+        self.lock = threading.Lock()
+
+    # -- extra pass ----------------------------------------------------------------------
+    def _open_store(self, context):
+        shape = (self.meta.nints, self.meta.ngroups, self.meta.ny, self.row_bytes)
+        with self.lock:
+            if self.store is None:
+                self.store = _PlaneStore(shape, context.scratch_dir, self.IN_MEMORY_BYTES)
+        return self.store
+
+    def gather(self, chunk, all_dnu, gain, readnoise, context):
+        meta = self.meta
+        core = chunk.core
+        c0, c1, _ = core.indices(chunk.nrows)
+        dnu_ref = jump_showers.dnu_or_refpix_groups(chunk.groupdq[:, :, core], chunk.pixeldq[core])
+        with self.lock:
+            self.dnu_or_refpix &= dnu_ref
+        if not jump_showers.shower_search_possible(all_dnu):
+            return
+        store = self._open_store(context)
+        gain = np.ascontiguousarray(gain, np.float32)
+        if self.sigma_clip:
+            stats = jump_showers.sigma_clipped_median_std(chunk.data, chunk.groupdq, gain)
+        else:
+            stats = jump_showers.median_and_sigma(chunk.data, chunk.groupdq, gain,
+                                                  np.ascontiguousarray(readnoise, np.float32),
+                                                  meta.nframes)
+        frame_row = chunk.rows.start + c0
+        counts = np.zeros((meta.nints, meta.ngroups), np.int64)
+        buffer = np.empty((chunk.nrows, meta.nx), np.float32) if not self.sigma_clip else None
+        for i in range(meta.nints):
+            for g in range(1, meta.ngroups):
+                if all_dnu[i, g]:  # masked everywhere: no emission
+                    continue
+                ratio = jump_showers.ratio_plane(chunk.data, chunk.groupdq, chunk.pixeldq, gain,
+                                                 i, g, stats, out=buffer)
+                plane, n = jump_showers.emission(ratio, self.kernel, self.threshold,
+                                                 row0=chunk.rows.start, frame_ny=meta.ny, core=core)
+                if n:
+                    counts[i, g] = n
+                    store.write(i, g, frame_row, np.packbits(plane, axis=1))
+        with self.lock:
+            self.pixels += counts
+
+    # -- between the passes ----------------------------------------------------------------
+    def search(self, all_dnu, context):
+        meta = self.meta
+        self.regions = []
+        try:
+            if not jump_showers.shower_search_possible(all_dnu):
+                return
+            first = jump_showers.first_searched_groups(self.dnu_or_refpix)
+            planes = [(i, g) for i in range(meta.nints) for g in range(first[i], meta.ngroups)
+                      if jump_showers.could_hold_shower(int(self.pixels[i, g]), self.min_area)]
+
+            def search_plane(plane):
+                i, g = plane
+                bits = np.unpackbits(self.store.read(i, g), axis=1, count=meta.nx)
+                return i, g, jump_showers.find_ellipses(bits, self.min_area)
+
+            for i, g, ellipses in context.map(search_plane, planes):
+                self.found += len(ellipses)
+                for ellipse in ellipses:
+                    region = jump_showers.draw_region(ellipse, i, g, self.expand_ratio, self.max_width,
+                                                      (meta.ny, meta.nx))
+                    if region is not None:
+                        self.regions.append(region)
+        finally:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+
+    # -- band pass proper --------------------------------------------------------------------
+    def apply(self, chunk, gain):
+        lo = chunk.rows.start + chunk.core.indices(chunk.nrows)[0]
+        hi = chunk.rows.start + chunk.core.indices(chunk.nrows)[1]
+        regions = [r for r in self.regions if r.rows.start < hi and r.rows.stop > lo]
+        if not regions:
+            return
+        core = chunk.core
+        after = chunk.groupdq[:, :, core]
+        before = after.copy()
+        jump_showers.apply_regions(after, chunk.pixeldq[core], regions, self.groups_masked, row0=lo)
+        jump_showers.revert_large_changes(chunk.data[:, :, core], gain[core], before, after,
+                                          self.max_amplitude)
+
+
+class _PlaneStore:
+    """Bit-packed emission planes [nints, ngroups, ny, row_bytes]: a numpy array when
+    small, else a scratch file moved with positioned reads and writes (its own directory,
+    removed on close)."""
+
+    def __init__(self, shape, directory, in_memory_bytes):
+        self.shape = shape
+        self.plane_bytes = shape[2] * shape[3]
+        self.dir = None
+        if int(np.prod(shape)) <= in_memory_bytes:
+            self.array = np.zeros(shape, np.uint8)
+            return
+        self.dir = tempfile.mkdtemp(prefix="streamdet-showers-", dir=directory)
+        self.fd = os.open(os.path.join(self.dir, "emission.raw"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, int(np.prod(shape)))
+
+    def _offset(self, i, g, row):
+        return ((i * self.shape[1] + g) * self.shape[2] + row) * self.shape[3]
+
+    def write(self, i, g, row, packed):
+        if self.dir is None:
+            self.array[i, g, row:row + packed.shape[0]] = packed
+            return
+        data = np.ascontiguousarray(packed).tobytes()
+        if os.pwrite(self.fd, data, self._offset(i, g, row)) != len(data):
+            raise OSError(f"short write to the shower scratch file in {self.dir}")
+
+    def read(self, i, g):
+        if self.dir is None:
+            return self.array[i, g]
+        data = os.pread(self.fd, self.plane_bytes, self._offset(i, g, 0))
+        if len(data) != self.plane_bytes:
+            raise OSError(f"short read from the shower scratch file in {self.dir}")
+        return np.frombuffer(data, np.uint8).reshape(self.shape[2], self.shape[3])
+
+    def close(self):
+        if self.dir is not None:
+            os.close(self.fd)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self.array = None
 
 
 @hookimpl
