@@ -1797,7 +1797,7 @@ def _write_truth(m: _Model, p: SimParams, truthdir: Path, name: str, first_sat: 
         "params": p.to_dict(),
         "sources": m.sources,
         "jumps": m.jumps,
-        **({"large_events": m.large_events} if getattr(m, "large_events", None) else {}),
+        **({"large_events": getattr(m, "large_events", [])} if p.has_large_events else {}),
         "saturated": saturated,
         "bad_pixels": bad,
     }
