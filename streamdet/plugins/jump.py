@@ -79,10 +79,12 @@ judged on the rows passed unless ``all_flagged_groups`` is given; each call repo
 verdict for its ``count_rows`` in :attr:`JumpCounts.all_flagged_groups` so that an engine
 can AND them and repeat the rare band where the local verdict was wrong.
 
-Not implemented: MIRI shower flagging (``find_showers``) and NIR snowballs
-(``expand_large_events``), both off in jwst 3.0's defaults; asking for them raises
-NotImplementedError.  jwst skips the whole step (no PRIMECRS) when ngroups <= 2, which
-is the caller's business; this kernel refuses such ramps.
+MIRI shower flagging (``find_showers``) is not part of this kernel: it needs whole
+difference planes, so the step runs it across the engine's passes (:class:`ShowerSearch`,
+algorithm in :mod:`streamdet.plugins.jump_showers`).  NIR snowballs
+(``expand_large_events``) are not implemented; the step refuses them.  jwst skips the
+whole step (no PRIMECRS) when ngroups <= 2, which is the caller's business; this kernel
+refuses such ramps.
 """
 
 from __future__ import annotations
@@ -239,7 +241,8 @@ def detect_jumps(
     if expand_large_events:
         raise NotImplementedError("expand_large_events (snowball flagging) is not implemented yet")
     if find_showers:
-        raise NotImplementedError("find_showers is not implemented yet")
+        raise NotImplementedError("find_showers needs whole planes: see jump_showers.flag_showers "
+                                  "(the step runs it across the engine's passes)")
     nints, ngroups, nrows, ncols = data.shape
     if ngroups < 3:
         raise ValueError("jump detection needs at least 3 groups (jwst skips the step)")
