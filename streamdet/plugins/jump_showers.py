@@ -289,14 +289,16 @@ def expanded_half_axes(ellipse: Ellipse, ratio: float, max_width: float) -> tupl
     return round(min(a1, max_width) / 2), round(min(a2, max_width) / 2)
 
 
-def draw_region(ellipse: Ellipse, integration: int, group: int, ratio: float, max_width: float,
-                frame_shape: tuple[int, int]) -> Region | None:
-    """The pixels an expanded ellipse flags, in a box around its rounded centre clipped
-    to the frame."""
+def ellipse_box(centre_col: float, centre_row: float, axis_col: float, axis_row: float,
+                angle: float, frame_shape: tuple[int, int]):
+    """The pixels of an ellipse (full axes ``axis_col``/``axis_row`` before rotation by
+    ``angle`` degrees) as stcal draws it: centre rounded, half axes rounded (half to
+    even), scikit-image's ``draw.ellipse`` in a box reaching two pixels beyond the
+    longer half axis, clipped to the frame.  Returns (rows, cols, mask) or None."""
     from skimage.draw import ellipse as draw_ellipse
 
-    r_col, r_row = expanded_half_axes(ellipse, ratio, max_width)
-    col_c, row_c = round(ellipse[0][0]), round(ellipse[0][1])
+    r_col, r_row = round(axis_col / 2), round(axis_row / 2)
+    col_c, row_c = round(centre_col), round(centre_row)
     reach = max(r_col, r_row) + 2
     ny, nx = frame_shape
     y0, y1 = max(row_c - reach, 0), min(row_c + reach + 1, ny)
@@ -304,11 +306,20 @@ def draw_region(ellipse: Ellipse, integration: int, group: int, ratio: float, ma
     if r_col == 0 or r_row == 0 or y1 <= y0 or x1 <= x0:
         return None
     mask = np.zeros((y1 - y0, x1 - x0), bool)
-    rr, cc = draw_ellipse(row_c - y0, col_c - x0, r_row, r_col, mask.shape, np.radians(ellipse[2]))
+    rr, cc = draw_ellipse(row_c - y0, col_c - x0, r_row, r_col, mask.shape, np.radians(angle))
     mask[rr, cc] = True
     if not mask.any():
         return None
-    return Region(integration, group, slice(y0, y1), slice(x0, x1), mask)
+    return slice(y0, y1), slice(x0, x1), mask
+
+
+def draw_region(ellipse: Ellipse, integration: int, group: int, ratio: float, max_width: float,
+                frame_shape: tuple[int, int]) -> Region | None:
+    """The pixels an expanded ellipse flags, in a box around its rounded centre clipped
+    to the frame."""
+    half1, half2 = expanded_half_axes(ellipse, ratio, max_width)
+    box = ellipse_box(ellipse[0][0], ellipse[0][1], 2 * half1, 2 * half2, ellipse[2], frame_shape)
+    return None if box is None else Region(integration, group, *box)
 
 
 def apply_regions(groupdq: np.ndarray, pixeldq: np.ndarray, regions, groups_masked: int,
@@ -440,3 +451,175 @@ def _row_strides(array):
     if array.shape[-1] > 1 and array.strides[-1] != array.itemsize:
         raise ValueError("the shower search needs arrays whose last axis is contiguous")
     return strides(array)[:-1]
+
+
+# --- snowballs (expand_large_events) ---------------------------------------------------
+#
+# stcal's flag_large_events, learned from its source: for each integration, group by group
+# from the second, the 8-connected patches of JUMP_DET (least area ``min_jump_area``) are
+# snowballs when a patch of newly SATURATED pixels (this group's or the next one's, least
+# area ``min_sat_area``) has its centre inside the patch's ellipse, or when the patch lies
+# within ``edge_size`` of the frame's edge (stcal measures both coordinates against the
+# row count).  Newly saturated patches whose minor axis exceeds ``min_sat_radius_extend``
+# have their ellipse, axes grown by ``sat_expand``, set to exactly SATURATED (other flags
+# dropped) from this group on; the unexpanded ellipse is remembered for the next
+# integration.  Each snowball's ellipse, expanded by ``expand_factor`` (as the showers'),
+# gets JUMP_DET in this group where not SATURATED.  Finally, the remembered cores get
+# JUMP_DET in groups 1 .. ``persist_groups``-1 of the next integration.  The search reads
+# only the JUMP_DET and SATURATED bits of each group as the two-point search left them,
+# updated by the saturation it sets itself.
+
+
+@dataclass
+class SnowballOptions:
+    min_jump_area: float = 5.0
+    min_sat_area: float = 1.0
+    expand_factor: float = 2.0
+    sat_required: bool = True
+    min_sat_radius_extend: float = 2.5
+    sat_expand: float = 4.0  # jwst passes twice its ``sat_expand``
+    edge_size: int = 25
+    max_width: float = 400.0
+    persist_next_int: bool = True
+    persist_groups: int = 1441
+
+
+@dataclass(frozen=True)
+class Snowballs:
+    """What the snowball search found: per integration, the ordered operations
+    ``("saturate", Region)`` (exactly SATURATED from the region's group on) and
+    ``("jump", Region)`` (JUMP_DET in its group where not SATURATED); then the
+    ``persist`` regions (JUMP_DET in groups ``persist_groups`` of their integration);
+    and the number of snowballs."""
+
+    operations: list
+    persist: list
+    persist_groups: slice
+    count: int
+
+
+def _inside(point, ellipse) -> bool:
+    """Whether ``point`` (column, row) lies in ``ellipse`` (stcal's test: the ellipse
+    turned by 180 degrees less its angle, semi-axes half the lengths)."""
+    angle = np.radians(180 - ellipse[2])
+    cos, sin = np.cos(angle), np.sin(angle)
+    xc = point[0] - ellipse[0][0]
+    yc = point[1] - ellipse[0][1]
+    xr = xc * cos - yc * sin
+    yr = xc * sin + yc * cos
+    if ellipse[1][1] >= ellipse[1][0]:
+        major, minor = ellipse[1][1] * 0.5, ellipse[1][0] * 0.5
+    else:
+        major, minor = ellipse[1][0] * 0.5, ellipse[1][1] * 0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return bool((xr**2 / major**2) + (yr**2 / minor**2) <= 1)
+
+
+def _near_edge(ellipse, low, high) -> bool:
+    (x, y) = ellipse[0]
+    return x < low or y < low or x > high or y > high
+
+
+def search_integration_snowballs(i: int, jump_of, sat_of, ngroups: int, frame_shape, options):
+    """One integration's snowball operations, in stcal's order; ``jump_of(g)`` and
+    ``sat_of(g)`` give the group's JUMP_DET / SATURATED planes (bool) as the two-point
+    search left them.  Returns (operations, persist regions, count)."""
+    ny, nx = frame_shape
+    saturated_since = np.zeros(frame_shape, bool)  # what this search saturated so far
+    operations, persist, count = [], [], 0
+    low, high = options.edge_size, max(0, ny - options.edge_size)
+    sat_now = sat_of(0)
+    next_new = None
+    for g in range(1, ngroups):
+        sat_prev = sat_now | saturated_since
+        sat_now = sat_of(g)
+        current = sat_now | saturated_since
+        new_sat = current & ~sat_prev
+        if g < ngroups - 1:
+            next_new = (sat_of(g + 1) | saturated_since) & ~current
+        next_ellipses = find_ellipses(next_new.astype(np.uint8), options.min_sat_area)
+        sat_ellipses = find_ellipses(new_sat.astype(np.uint8), options.min_sat_area)
+        jump_ellipses = find_ellipses((jump_of(g) & ~saturated_since).astype(np.uint8),
+                                      options.min_jump_area)
+        if options.sat_required:
+            balls = []
+            for jump in jump_ellipses:
+                if _near_edge(jump, low, high):
+                    balls.append(jump)
+                    continue
+                for sat in sat_ellipses:
+                    if _inside(sat[0], jump) and jump not in balls:
+                        balls.append(jump)
+                if g < ngroups - 1:
+                    for sat in next_ellipses:
+                        if _inside(sat[0], jump) and jump not in balls:
+                            balls.append(jump)
+            for sat in sat_ellipses:
+                if min(sat[1][1], sat[1][0]) <= options.min_sat_radius_extend:
+                    continue
+                box = ellipse_box(sat[0][0], sat[0][1], min(sat[1][0] + options.sat_expand, options.max_width),
+                                  min(sat[1][1] + options.sat_expand, options.max_width), sat[2], frame_shape)
+                if box is not None:
+                    operations.append(("saturate", Region(i, g, *box)))
+                    saturated_since[box[0], box[1]] |= box[2]
+                core = ellipse_box(sat[0][0], sat[0][1], sat[1][0], sat[1][1], sat[2], frame_shape)
+                if core is not None:
+                    persist.append(Region(i + 1, 1, *core))
+        else:
+            balls = jump_ellipses
+        count += len(balls)
+        for ball in balls:
+            region = draw_region(ball, i, g, options.expand_factor, options.max_width, frame_shape)
+            if region is not None:
+                operations.append(("jump", region))
+    return operations, persist, count
+
+
+def apply_snowballs(groupdq: np.ndarray, found: Snowballs, row0: int = 0) -> None:
+    """Replay the snowball operations on a band ([nints, ngroups, rows, cols], band row 0
+    = frame row ``row0``; every row of the band)."""
+    nints, ngroups, nrows, _ = groupdq.shape
+    lo, hi = row0, row0 + nrows
+    sat, jump = np.uint8(SATURATED), np.uint8(JUMP_DET)
+
+    def overlap(reg):
+        a, b = max(reg.rows.start, lo), min(reg.rows.stop, hi)
+        return (a, b, reg.mask[a - reg.rows.start:b - reg.rows.start]) if a < b else None
+
+    for kind, reg in found.operations:
+        part = overlap(reg)
+        if part is None:
+            continue
+        a, b, mask = part
+        if kind == "saturate":
+            for g in range(reg.group, ngroups):
+                groupdq[reg.integration, g, a - row0:b - row0, reg.cols][mask] = sat
+        else:
+            plane = groupdq[reg.integration, reg.group, a - row0:b - row0, reg.cols]
+            plane[mask & ((plane & sat) == 0)] |= jump
+    for reg in found.persist:
+        part = overlap(reg)
+        if part is None or reg.integration >= nints:
+            continue
+        a, b, mask = part
+        block = groupdq[reg.integration, found.persist_groups, a - row0:b - row0, reg.cols]
+        block[:, mask] |= jump
+
+
+def flag_snowballs(groupdq: np.ndarray, options: SnowballOptions):
+    """The whole snowball search on a whole exposure's flags: returns the new groupdq
+    and the number of snowballs."""
+    nints, ngroups, ny, nx = groupdq.shape
+    operations, persist, count = [], [], 0
+    for i in range(nints):
+        ops, pers, n = search_integration_snowballs(
+            i, lambda g: (groupdq[i, g] & JUMP_DET) != 0, lambda g: (groupdq[i, g] & SATURATED) != 0,
+            ngroups, (ny, nx), options)
+        operations += ops
+        persist += pers
+        count += n
+    found = Snowballs(operations, persist if options.persist_next_int and options.persist_groups >= 1 else [],
+                      slice(1, min(options.persist_groups, ngroups)), count)
+    out = groupdq.copy()
+    apply_snowballs(out, found)
+    return out, count
