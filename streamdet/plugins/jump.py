@@ -619,7 +619,7 @@ class JumpStep(Step):
         "after_jump_flag_time1": Param(float, 0.0, "... for this many seconds", min=0),
         "after_jump_flag_dn2": Param(float, 0.0, "second after-jump threshold (DN)", min=0),
         "after_jump_flag_time2": Param(float, 0.0, "... and its time (s)", min=0),
-        "expand_large_events": Param(bool, False, "snowball flagging (near-IR detectors; not implemented)"),
+        "expand_large_events": Param(bool, False, "snowball flagging (near-IR detectors)"),
         "min_sat_area": Param(float, 1.0, "snowballs: least area of the saturated core"),
         "min_jump_area": Param(float, 5.0, "snowballs: least area of a jump patch"),
         "expand_factor": Param(float, 2.0, "snowballs: expansion of the enclosing ellipse"),
@@ -654,8 +654,6 @@ class JumpStep(Step):
                   "minimum_groups", "minimum_sigclip_groups", "only_use_ints")
 
     def prepare(self, meta, refs, pixeldq):
-        if self.params["expand_large_events"]:
-            raise BadInputError("jump.expand_large_events=true is not implemented in streamdet's built-in jump")
         if meta.ngroups <= 2:
             return "needs at least 3 groups"
         self.meta = meta
@@ -667,23 +665,37 @@ class JumpStep(Step):
         self.counts: dict[tuple[int, int], JumpCounts] = {}
         self.global_flagged = None
         self.lock = threading.Lock()
+        # the frame-wide searches after the two-point one, in stcal's order; each needs
+        # an extra band pass (see the engine's frame_passes)
+        self.snowballs = SnowballSearch(self.params, meta) if self.params["expand_large_events"] else None
         self.showers = ShowerSearch(self.params, meta) if self.params["find_showers"] else None
+        self.searches = [s for s in (self.snowballs, self.showers) if s is not None]
         return None
 
     def frame_passes(self):
-        return 1 if self.showers is not None else 0
+        return len(self.searches)
 
     def gather_halo(self, stage):
-        # the ring average of a core row reads ring.halo rows around it, whose flags need
-        # their own neighbours
-        return self.showers.kernel.halo
+        return self.searches[stage].gather_halo
 
     def gather(self, chunk, stage, context):
-        self.showers.gather(chunk, self.all_dnu, self.gain[chunk.rows], self.readnoise[chunk.rows],
-                            context)
+        self.searches[stage].gather(chunk, self.dnu_after_searches(), self.gain[chunk.rows],
+                                    self.readnoise[chunk.rows], context)
 
     def between_passes(self, stage, context):
-        self.showers.search(self.all_dnu, context)
+        self.searches[stage].search(self.dnu_after_searches(), context)
+
+    def dnu_after_searches(self):
+        """Groups DO_NOT_USE everywhere once the snowball search has run: its saturated
+        cores are set to exactly SATURATED from their group on, which takes DO_NOT_USE
+        away there (e.g. from the last group)."""
+        if self.snowballs is None or self.snowballs.result is None:
+            return self.all_dnu
+        out = self.all_dnu.copy()
+        for kind, region in self.snowballs.result.operations:
+            if kind == "saturate":
+                out[region.integration, region.group:] = False
+        return out
 
     def survey(self, chunk):
         local = chunk.int_index - self.meta.int_index[0]
@@ -700,8 +712,9 @@ class JumpStep(Step):
             nframes=self.meta.nframes, group_time=self.meta.group_time,
             all_dnu_groups=self.all_dnu, median_gain=self.median_gain,
             all_flagged_groups=self.global_flagged, count_rows=chunk.core, **options)
-        if self.showers is not None and self.showers.regions is not None:
-            self.showers.apply(chunk, self.gain[rows])
+        for search in self.searches:
+            if search.found is not None:  # known from an earlier pass
+                search.apply(chunk, self.gain[rows])
 
     def rerun_rows(self):
         """Sigma-clip mode clears lone flags in integration-groups flagged in every pixel
@@ -719,9 +732,9 @@ class JumpStep(Step):
             if self.counts else None
         if total is None:
             return {}
-        if self.showers is not None:
-            total.extended_events = self.showers.found
-        primecrs, extncrs = cosmic_ray_keywords(total, self.all_dnu, self.meta.group_time,
+        for search in self.searches:  # the last one's count, as stcal reports it
+            total.extended_events = search.found or 0
+        primecrs, extncrs = cosmic_ray_keywords(total, self.dnu_after_searches(), self.meta.group_time,
                                                 self.meta.ny, self.meta.nx)
         out = {}
         if primecrs is not None:
@@ -762,9 +775,14 @@ class ShowerSearch:
         self.row_bytes = (meta.nx + 7) // 8
         self.store = None
         self.regions = None
-        self.by_rows = None
-        self.found = 0
+        self.found = None  # showers, once searched
         self.lock = threading.Lock()
+
+    @property
+    def gather_halo(self):
+        # the ring average of a core row reads kernel.halo rows around it, whose flags
+        # need their own neighbours (the two-point search's halo)
+        return self.kernel.halo
 
     # -- extra pass ----------------------------------------------------------------------
     def _open_store(self, context):
@@ -812,6 +830,7 @@ class ShowerSearch:
     def search(self, all_dnu, context):
         meta = self.meta
         self.regions = []
+        self.found = 0
         try:
             if not jump_showers.shower_search_possible(all_dnu):
                 return
@@ -849,6 +868,74 @@ class ShowerSearch:
         jump_showers.apply_regions(after, chunk.pixeldq[core], regions, self.groups_masked, row0=lo)
         jump_showers.revert_large_changes(chunk.data[:, :, core], gain[core], before, after,
                                           self.max_amplitude)
+
+
+class SnowballSearch:
+    """The jump step's snowball search (``expand_large_events``) across the engine's
+    passes (algorithm: :mod:`streamdet.plugins.jump_showers`): the extra band pass keeps
+    each band's JUMP_DET and SATURATED bits bit-packed; between the passes each
+    integration is searched group by group (whole planes); every later pass replays the
+    operations found on its bands, halo rows included."""
+
+    gather_halo = 0
+
+    def __init__(self, params, meta):
+        self.meta = meta
+        self.options = jump_showers.SnowballOptions(
+            min_jump_area=params["min_jump_area"], min_sat_area=params["min_sat_area"],
+            expand_factor=params["expand_factor"], sat_required=params["sat_required_snowball"],
+            min_sat_radius_extend=params["min_sat_radius_extend"],
+            sat_expand=params["sat_expand"] * 2,  # as jwst's JumpStep passes it
+            edge_size=params["edge_size"], max_width=2 * params["max_extended_radius"],
+            persist_next_int=params["mask_snowball_core_next_int"],
+            persist_groups=int(params["snowball_time_masked_next_int"] // meta.group_time))
+        self.stores = None
+        self.result = None
+        self.found = None
+        self.lock = threading.Lock()
+
+    def gather(self, chunk, all_dnu, gain, readnoise, context):
+        meta = self.meta
+        with self.lock:
+            if self.stores is None:
+                shape = (meta.nints, meta.ngroups, meta.ny, (meta.nx + 7) // 8)
+                self.stores = {bit: _PlaneStore(shape, context.scratch_dir, ShowerSearch.IN_MEMORY_BYTES)
+                               for bit in (JUMP_DET, SATURATED)}
+        core = chunk.groupdq[:, :, chunk.core]
+        row = chunk.rows.start + chunk.core.indices(chunk.nrows)[0]
+        for bit, store in self.stores.items():
+            for i in range(meta.nints):
+                for g in range(meta.ngroups):
+                    store.write(i, g, row, np.packbits((core[i, g] & np.uint8(bit)) != 0, axis=1))
+
+    def search(self, all_dnu, context):
+        meta = self.meta
+        try:
+            def one(i):
+                def plane(bit, g):
+                    return np.unpackbits(self.stores[bit].read(i, g), axis=1, count=meta.nx).astype(bool)
+                return jump_showers.search_integration_snowballs(
+                    i, lambda g: plane(JUMP_DET, g), lambda g: plane(SATURATED, g), meta.ngroups,
+                    (meta.ny, meta.nx), self.options)
+
+            operations, persist, count = [], [], 0
+            for ops, pers, n in context.map(one, range(meta.nints)):
+                operations += ops
+                persist += pers
+                count += n
+            opts = self.options
+            keep = opts.persist_next_int and opts.persist_groups >= 1
+            self.result = jump_showers.Snowballs(operations, persist if keep else [],
+                                                 slice(1, min(opts.persist_groups, meta.ngroups)), count)
+            self.found = count
+        finally:
+            if self.stores is not None:
+                for store in self.stores.values():
+                    store.close()
+                self.stores = None
+
+    def apply(self, chunk, gain):
+        jump_showers.apply_snowballs(chunk.groupdq, self.result, row0=chunk.rows.start)
 
 
 class _PlaneStore:
