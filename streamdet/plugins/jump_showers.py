@@ -48,6 +48,8 @@ stcal's are.
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -67,6 +69,7 @@ MIN_DIFFS_FOR_SHOWER = 10
 SIGCLIP_SIGMA = 5.0
 _FLAGS_MASKED = DO_NOT_USE | SATURATED | JUMP_DET
 _SAMPLES_PER_BLOCK = 1 << 19
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,11 @@ def sigma_clipped_median_std(data, groupdq, gain):
         rows = slice(r0, min(nrows, r0 + step))
         e = _electrons(data[:, :, rows], groupdq[:, :, rows], gain[rows])
         diffs = np.diff(e, axis=1)
-        _, med, sd = sigma_clipped_stats(diffs, sigma=SIGCLIP_SIGMA, axis=0)
+        # all-NaN pixels give NaN statistics, as in stcal; the warnings filter is
+        # process-wide, so band threads take turns
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, med, sd = sigma_clipped_stats(diffs, sigma=SIGCLIP_SIGMA, axis=0)
         if median is None:
             median = np.empty((ngroups - 1, nrows, ncols), med.dtype)
             std = np.empty((ngroups - 1, nrows, ncols), sd.dtype)
