@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* groupdq / pixeldq bits (streamdet.core.dqflags) */
@@ -86,50 +87,116 @@ void showers_ratio_plane(
     }
 }
 
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
 /* The ring average of a significance plane, thresholded: for each pixel of the core rows
  * [core0, core1) of a band of nrows rows (band row 0 is frame row row0 of a frame of
  * frame_ny rows), sum(w * v) / sum(w) over the kernel taps whose value v is finite,
  * positions outside the frame counting as finite zeros (astropy's convolution with a
  * zero fill, as stcal's convolve_fast pads); a pixel is emission when its own value is
  * finite, the weight sum exceeds min_norm and the average exceeds threshold.  out[r, c]
- * (core rows) is 1 or 0; returns the number of emission pixels. */
+ * (core rows) is 1 or 0; returns the number of emission pixels, or -1 when out of memory.
+ *
+ * The kernel's weights are all equal (astropy's ring kernels are), w.  Its taps come as
+ * rows: tap row t has row offset row_dy[t] and the column offsets
+ * dx[first[t] .. first[t+1]-1], a set shared by the rows with the same set_of[t] (the
+ * ring is symmetric).  Each band row's values (0 where not finite) and finite counts are
+ * summed over each column set once, then the core rows add up their tap rows: the same
+ * sums, in another order than stcal's FFT convolution, whose own rounding is of the same
+ * order (1e-16 relative).  Rows beyond the frame are a padding row of counted zeros. */
 #define RING(NAME, T)                                                                    \
-    int64_t NAME(const T *restrict ratio, int64_t rs, int64_t nrows, int64_t ncols,     \
-                 int64_t row0, int64_t frame_ny, int64_t core0, int64_t core1,          \
-                 const int64_t *restrict dy, const int64_t *restrict dx,                 \
-                 const double *restrict w, int64_t ntaps, double min_norm,              \
-                 double threshold, uint8_t *restrict out)                               \
+    HOT int64_t NAME(const T *restrict ratio, int64_t rs, int64_t nrows, int64_t ncols, \
+                     int64_t row0, int64_t frame_ny, int64_t core0, int64_t core1,      \
+                     const int64_t *restrict row_dy, const int64_t *restrict set_of,     \
+                     int64_t nrows_k, const int64_t *restrict first,                     \
+                     const int64_t *restrict dx, int64_t nsets, double w,                \
+                     double min_norm, double threshold, uint8_t *restrict out)           \
     {                                                                                    \
+        int64_t pad = 0, halo = 0;                                                       \
+        for (int64_t k = 0; k < first[nsets]; k++)                                       \
+            pad = dx[k] > pad ? dx[k] : (-dx[k] > pad ? -dx[k] : pad);                   \
+        for (int64_t t = 0; t < nrows_k; t++)                                            \
+            halo = row_dy[t] > halo ? row_dy[t] : (-row_dy[t] > halo ? -row_dy[t] : halo); \
+        const int64_t width = ncols + 2 * pad;                                           \
+        /* the row sums of the 2*halo+1 band rows a core row reads, in a rolling buffer  \
+         * (slot rr mod span), and one more slot for a row beyond the frame */           \
+        const int64_t span = 2 * halo + 1, nr = span + 1;                                \
+        double *val = malloc(sizeof(double) * (size_t)width);                            \
+        double *cnt = malloc(sizeof(double) * (size_t)width);                            \
+        double *hv = malloc(sizeof(double) * (size_t)(nsets * nr * ncols));              \
+        double *hc = malloc(sizeof(double) * (size_t)(nsets * nr * ncols));              \
+        double *sum = malloc(sizeof(double) * (size_t)ncols);                            \
+        double *norm = malloc(sizeof(double) * (size_t)ncols);                           \
+        if (!val || !cnt || !hv || !hc || !sum || !norm) {                               \
+            free(val); free(cnt); free(hv); free(hc); free(sum); free(norm);             \
+            return -1;                                                                   \
+        }                                                                                \
         int64_t n = 0;                                                                   \
-        for (int64_t r = core0; r < core1; r++) {                                        \
+        /* rr == nrows stands for the padding row (computed first, into slot span) */    \
+        for (int64_t rr = core0 - halo - 1; rr < core1 + halo; rr++) {                   \
+            const int pad_row = rr == core0 - halo - 1;                                  \
+            const int64_t fr = row0 + rr;                                                \
+            const int inside = !pad_row && rr >= 0 && rr < nrows && fr >= 0 && fr < frame_ny; \
+            const int64_t slot = pad_row ? span : ((rr % span) + span) % span;           \
+            if (pad_row || inside) {                                                     \
+                for (int64_t c = 0; c < width; c++) {                                    \
+                    val[c] = 0.0;                                                        \
+                    cnt[c] = 1.0;                                                        \
+                }                                                                        \
+                if (inside) {                                                            \
+                    const T *x = ratio + rr * rs;                                        \
+                    for (int64_t c = 0; c < ncols; c++) {                                \
+                        const int fin = isfinite(x[c]);                                  \
+                        val[pad + c] = fin ? (double)x[c] : 0.0;                         \
+                        cnt[pad + c] = fin ? 1.0 : 0.0;                                  \
+                    }                                                                    \
+                }                                                                        \
+                for (int64_t t = 0; t < nsets; t++) {                                    \
+                    double *restrict sv = hv + (t * nr + slot) * ncols;                  \
+                    double *restrict sc = hc + (t * nr + slot) * ncols;                  \
+                    for (int64_t c = 0; c < ncols; c++)                                  \
+                        sv[c] = sc[c] = 0.0;                                             \
+                    for (int64_t k = first[t]; k < first[t + 1]; k++) {                  \
+                        const double *restrict v = val + pad + dx[k];                    \
+                        const double *restrict g = cnt + pad + dx[k];                    \
+                        for (int64_t c = 0; c < ncols; c++) {                            \
+                            sv[c] += v[c];                                               \
+                            sc[c] += g[c];                                               \
+                        }                                                                \
+                    }                                                                    \
+                }                                                                        \
+            }                                                                            \
+            const int64_t r = rr - halo; /* the core row whose rows are all in now */    \
+            if (pad_row || r < core0)                                                    \
+                continue;                                                                \
+            for (int64_t c = 0; c < ncols; c++)                                          \
+                sum[c] = norm[c] = 0.0;                                                  \
+            for (int64_t t = 0; t < nrows_k; t++) {                                      \
+                const int64_t q = r + row_dy[t], fq = row0 + q;                          \
+                const int64_t j = (fq < 0 || fq >= frame_ny || q < 0 || q >= nrows)      \
+                                      ? span : ((q % span) + span) % span;               \
+                const double *restrict sv = hv + (set_of[t] * nr + j) * ncols;           \
+                const double *restrict sc = hc + (set_of[t] * nr + j) * ncols;           \
+                for (int64_t c = 0; c < ncols; c++) {                                    \
+                    sum[c] += sv[c];                                                     \
+                    norm[c] += sc[c];                                                    \
+                }                                                                        \
+            }                                                                            \
+            const T *x = ratio + r * rs;                                                 \
             uint8_t *o = out + (r - core0) * ncols;                                      \
             for (int64_t c = 0; c < ncols; c++) {                                        \
-                const T self = ratio[r * rs + c];                                        \
-                if (!isfinite(self)) {                                                   \
-                    o[c] = 0;                                                            \
-                    continue;                                                            \
-                }                                                                        \
-                double sum = 0.0, norm = 0.0;                                            \
-                for (int64_t k = 0; k < ntaps; k++) {                                    \
-                    const int64_t rr = r + dy[k], cc = c + dx[k];                        \
-                    const int64_t fr = row0 + rr;                                        \
-                    if (fr < 0 || fr >= frame_ny || cc < 0 || cc >= ncols) {             \
-                        norm += w[k];                                                    \
-                        continue;                                                        \
-                    }                                                                    \
-                    if (rr < 0 || rr >= nrows)                                           \
-                        continue; /* not reached: the caller gives enough halo rows */  \
-                    const T v = ratio[rr * rs + cc];                                     \
-                    if (isfinite(v)) {                                                   \
-                        sum += w[k] * (double)v;                                         \
-                        norm += w[k];                                                    \
-                    }                                                                    \
-                }                                                                        \
-                const int on = norm > min_norm && sum / norm > threshold;                \
+                const double nw = norm[c] * w;                                           \
+                const int on = isfinite(x[c]) && nw > min_norm                           \
+                               && (sum[c] * w) / nw > threshold;                         \
                 o[c] = (uint8_t)on;                                                      \
                 n += on;                                                                 \
             }                                                                            \
         }                                                                                \
+        free(val); free(cnt); free(hv); free(hc); free(sum); free(norm);                 \
         return n;                                                                        \
     }
 RING(showers_ring_f32, float)

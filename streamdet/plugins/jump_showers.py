@@ -60,8 +60,8 @@ from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, REFERENCE_PIXEL, SATURA
 
 _c_diffs = declare("showers", "showers_pixel_major_diffs", "piiipiiipiiiiipp")
 _c_ratio = declare("showers", "showers_ratio_plane", "ppippipipippiiip")
-_c_ring = {np.dtype(np.float32): declare("showers", "showers_ring_f32", "piiiiiiipppiddp", "i"),
-           np.dtype(np.float64): declare("showers", "showers_ring_f64", "piiiiiiipppiddp", "i")}
+_c_ring = {np.dtype(np.float32): declare("showers", "showers_ring_f32", "piiiiiiippippidddp", "i"),
+           np.dtype(np.float64): declare("showers", "showers_ring_f64", "piiiiiiippippidddp", "i")}
 
 #: stcal's ``min_diffs_for_shower``: fewer differences than this, no shower search
 MIN_DIFFS_FOR_SHOWER = 10
@@ -74,13 +74,17 @@ _WARNINGS_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class Ring:
-    """The ring kernel as taps: row and column offsets and weights; ``halo`` is the
-    largest row offset, ``min_norm`` the weight sum below which stcal calls the average
-    undefined (1e-3 times the kernel's mean)."""
+    """The ring kernel as rows of taps, for the C ring average: tap row t has row offset
+    ``row_dy[t]`` and the column offsets of set ``set_of[t]`` (``dx[first[s]:first[s+1]]``
+    for set s; rows with equal offsets share a set); every weight is ``weight``.
+    ``halo`` is the largest row offset, ``min_norm`` the weight sum below which stcal
+    calls the average undefined (1e-3 times the kernel's mean)."""
 
-    dy: np.ndarray
+    row_dy: np.ndarray
+    set_of: np.ndarray
+    first: np.ndarray
     dx: np.ndarray
-    weights: np.ndarray
+    weight: float
     halo: int
     min_norm: float
 
@@ -90,11 +94,25 @@ def ring(inner_radius: float, outer_radius: float) -> Ring:
     from astropy.convolution import Ring2DKernel
 
     kernel = Ring2DKernel(inner_radius, outer_radius).array
+    weights = np.unique(kernel[kernel != 0])
+    if weights.size != 1:  # astropy's ring kernels are flat; the C average relies on it
+        raise ValueError("the ring kernel's weights are not all equal")
     cy, cx = kernel.shape[0] // 2, kernel.shape[1] // 2
-    ys, xs = np.nonzero(kernel)
-    return Ring(np.ascontiguousarray(ys - cy, np.int64), np.ascontiguousarray(xs - cx, np.int64),
-                np.ascontiguousarray(kernel[ys, xs], np.float64),
-                int(np.abs(ys - cy).max()) if ys.size else 0, 1e-3 * float(np.mean(kernel)))
+    sets: list[tuple[int, ...]] = []
+    row_dy, set_of = [], []
+    for y in range(kernel.shape[0]):
+        offsets = tuple(int(x) - cx for x in np.flatnonzero(kernel[y]))
+        if not offsets:
+            continue
+        if offsets not in sets:
+            sets.append(offsets)
+        row_dy.append(y - cy)
+        set_of.append(sets.index(offsets))
+    first = np.cumsum([0] + [len(s) for s in sets])
+    as_int = lambda values: np.ascontiguousarray(values, np.int64)  # noqa: E731
+    return Ring(as_int(row_dy), as_int(set_of), as_int(first),
+                as_int([x for s in sets for x in s]), float(weights[0]),
+                max(abs(d) for d in row_dy) if row_dy else 0, 1e-3 * float(np.mean(kernel)))
 
 
 def groups_masked_after_shower(time_masked_after_shower: float, group_time: float) -> int:
@@ -238,8 +256,11 @@ def emission(ratio, kernel: Ring, threshold, *, row0=0, frame_ny=None, core=slic
         ratio = np.ascontiguousarray(ratio)
     out = np.empty((c1 - c0, ncols), np.uint8)
     n = _c_ring[ratio.dtype](ptr(ratio), strides(ratio)[0], nrows, ncols, row0, frame_ny, c0, c1,
-                             ptr(kernel.dy), ptr(kernel.dx), ptr(kernel.weights), kernel.dy.size,
-                             kernel.min_norm, float(threshold), ptr(out))
+                             ptr(kernel.row_dy), ptr(kernel.set_of), kernel.row_dy.size,
+                             ptr(kernel.first), ptr(kernel.dx), kernel.first.size - 1,
+                             kernel.weight, kernel.min_norm, float(threshold), ptr(out))
+    if n < 0:
+        raise MemoryError("no memory for the shower search's ring average")
     return out, int(n)
 
 
