@@ -582,7 +582,6 @@ def _extend_forward(marks, n_after):
 
 # --- step plugin (added by the engine work) ---
 
-from streamdet.core.errors import BadInputError  # noqa: E402
 from streamdet.core.plugins import hookimpl  # noqa: E402
 from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Granularity, Param, Step  # noqa: E402
@@ -820,9 +819,9 @@ class ShowerSearch:
                                                  i, g, stats, out=buffer)
                 plane, n = jump_showers.emission(ratio, self.kernel, self.threshold,
                                                  row0=chunk.rows.start, frame_ny=meta.ny, core=core)
-                if n:
-                    counts[i, g] = n
-                    store.write(i, g, frame_row, np.packbits(plane, axis=1))
+                counts[i, g] = n
+                # written even when empty: a band run again (rerun_rows) replaces its rows
+                store.write(i, g, frame_row, np.packbits(plane, axis=1))
         with self.lock:
             self.pixels += counts
 

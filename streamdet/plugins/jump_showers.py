@@ -47,7 +47,6 @@ stcal's are.
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 from dataclasses import dataclass
