@@ -289,6 +289,22 @@ def test_jwst_parameter_names_and_defaults():
             assert value == float(default), name
 
 
+def test_minimum_groups_counts_only_with_several_processes(tmp_path, monkeypatch):
+    """jwst's default maximum_cores='1' runs stcal's one-process path, which searches
+    with minimum_groups=3 whatever the parameter says; with more processes it counts."""
+    sim = simulate(tmp_path / "sim", subarray="SUB64", ngroups=5, nints=2, seed=13)
+    default = _run(sim, tmp_path / "default", monkeypatch, params={})
+    one = _run(sim, tmp_path / "one", monkeypatch, params={"jump": {"minimum_groups": 5}})
+    with fits.open(default["rate"]) as a, fits.open(one["rate"]) as b:
+        np.testing.assert_array_equal(a["DQ"].data, b["DQ"].data)
+        assert a[0].header["PRIMECRS"] == b[0].header["PRIMECRS"] > 0
+    if jump.stcal_processes("2", 64) == 2:
+        two = _run(sim, tmp_path / "two", monkeypatch,
+                   params={"jump": {"minimum_groups": 5, "maximum_cores": "2"}})
+        with fits.open(two["rate"]) as c:  # 3 usable groups < 5: no search
+            assert c[0].header["PRIMECRS"] < 0
+
+
 # ------------------------------------------------------------------------------- simulator
 
 def test_large_events_are_off_by_default_and_deterministic(tmp_path):

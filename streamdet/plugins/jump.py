@@ -589,6 +589,20 @@ from streamdet.core.step import Granularity, Param, Step  # noqa: E402
 from . import follows, jump_showers  # noqa: E402
 
 
+def stcal_processes(maximum_cores: str, nrows: int) -> int:
+    """How many processes jwst's jump would run for ``maximum_cores`` on this machine
+    (stcal's compute_num_cores); streamdet itself always uses ``--threads``, but stcal
+    honours ``minimum_groups`` only with more than one process."""
+    value = str(maximum_cores)
+    available = os.cpu_count() or 1
+    if value.isnumeric():
+        wanted = int(value)
+    else:  # as stcal spells them: other values (e.g. 'none') mean one process
+        wanted = {"quarter": available // 4 or 1, "half": available // 2 or 1,
+                  "all": available}.get(value, 1)
+    return max(1, min(nrows, wanted, available))
+
+
 def _core_rows(chunk) -> tuple[int, int]:
     return chunk.rows.start + chunk.core.start, chunk.rows.start + chunk.core.stop
 
@@ -610,7 +624,9 @@ class JumpStep(Step):
         "rejection_threshold": Param(float, 4.0, "sigma threshold with 4+ usable differences", min=0),
         "three_group_rejection_threshold": Param(float, 6.0, "sigma threshold with 2 differences", min=0),
         "four_group_rejection_threshold": Param(float, 5.0, "sigma threshold with 3 differences", min=0),
-        "maximum_cores": Param(str, "1", "jwst's process count; accepted, streamdet uses --threads"),
+        "maximum_cores": Param(str, "1", "jwst's process count ('1', 'half', 'all', ...); streamdet "
+                               "uses --threads, and like stcal honours minimum_groups only when "
+                               "this means more than one process"),
         "flag_4_neighbors": Param(bool, True, "flag the 4 neighbours of mid-sized jumps"),
         "max_jump_to_flag_neighbors": Param(float, 1000.0, "largest jump (sigma) whose neighbours are flagged", min=0),
         "min_jump_to_flag_neighbors": Param(float, 10.0, "smallest jump (sigma) whose neighbours are flagged", min=0),
@@ -705,6 +721,9 @@ class JumpStep(Step):
     def process(self, chunk):
         rows = chunk.rows
         options = {k: self.params[k] for k in self._TWO_POINT}
+        if stcal_processes(self.params["maximum_cores"], self.meta.ny) == 1:
+            # stcal's one-process path searches with 3 whatever minimum_groups says
+            options["minimum_groups"] = 3
         self.counts[_core_rows(chunk)] = detect_jumps(
             chunk.data, chunk.groupdq, chunk.pixeldq,
             gain=self.gain[rows], readnoise=self.readnoise[rows],
