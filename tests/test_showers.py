@@ -355,6 +355,8 @@ PARITY_CASES = {
     "sub256_20x2_snowballs_and_showers": (
         dict(subarray="SUB256", ngroups=20, nints=2, seed=3, large_events=True),
         {"find_showers": True, "expand_large_events": True}),
+    "full_20x2_showers": (dict(subarray="FULL", ngroups=20, nints=2, seed=22, large_events=True),
+                          {"find_showers": True}),
     # >= 100 integrations: the significances come from sigma clipping across integrations
     "sub64_12x100_showers": (
         dict(subarray="SUB64", ngroups=12, nints=100, seed=15,
@@ -382,7 +384,8 @@ def test_large_event_flagging_matches_jwst(case, tmp_path, monkeypatch):
         assert a[0].header["EXTNCRS"] == pytest.approx(b[0].header["EXTNCRS"], rel=1e-9)
         assert b[0].header["EXTNCRS"] > 0
         assert a[0].header["PRIMECRS"] == pytest.approx(b[0].header["PRIMECRS"], rel=1e-9)
-        # without the flagging, SCI would differ on many pixels: the case exercises it
+        # without the flagging, SCI would differ on more pixels than the parity tolerance
+        # (0.1 %) lets through: the case exercises it
         finite = np.isfinite(b["SCI"].data) & np.isfinite(c["SCI"].data)
         differ = ~np.isclose(b["SCI"].data[finite], c["SCI"].data[finite], rtol=1e-4, atol=0)
-        assert np.count_nonzero(differ) > 0.01 * finite.sum()
+        assert np.count_nonzero(differ) > 0.002 * finite.sum()
