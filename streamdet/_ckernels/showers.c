@@ -104,8 +104,9 @@ void showers_ratio_plane(
  * The kernel's weights are all equal (astropy's ring kernels are), w.  Its taps come as
  * rows: tap row t has row offset row_dy[t] and the column offsets
  * dx[first[t] .. first[t+1]-1], a set shared by the rows with the same set_of[t] (the
- * ring is symmetric).  Each band row's values (0 where not finite) and finite counts are
- * summed over each column set once, then the core rows add up their tap rows: the same
+ * ring is symmetric).  Each band row's values (0 where not finite) and finite counts
+ * (16-bit: at most 65535 taps) are summed over each column set once, then the core rows
+ * add up their tap rows: the same
  * sums, in another order than stcal's FFT convolution, whose own rounding is of the same
  * order (1e-16 relative).  Rows beyond the frame are a padding row of counted zeros. */
 #define RING(NAME, T)                                                                    \
@@ -126,11 +127,11 @@ void showers_ratio_plane(
          * (slot rr mod span), and one more slot for a row beyond the frame */           \
         const int64_t span = 2 * halo + 1, nr = span + 1;                                \
         double *val = malloc(sizeof(double) * (size_t)width);                            \
-        double *cnt = malloc(sizeof(double) * (size_t)width);                            \
+        uint16_t *cnt = malloc(sizeof(uint16_t) * (size_t)width);                        \
         double *hv = malloc(sizeof(double) * (size_t)(nsets * nr * ncols));              \
-        double *hc = malloc(sizeof(double) * (size_t)(nsets * nr * ncols));              \
+        uint16_t *hc = malloc(sizeof(uint16_t) * (size_t)(nsets * nr * ncols));         \
         double *sum = malloc(sizeof(double) * (size_t)ncols);                            \
-        double *norm = malloc(sizeof(double) * (size_t)ncols);                           \
+        uint16_t *norm = malloc(sizeof(uint16_t) * (size_t)ncols);                       \
         if (!val || !cnt || !hv || !hc || !sum || !norm) {                               \
             free(val); free(cnt); free(hv); free(hc); free(sum); free(norm);             \
             return -1;                                                                   \
@@ -145,51 +146,55 @@ void showers_ratio_plane(
             if (pad_row || inside) {                                                     \
                 for (int64_t c = 0; c < width; c++) {                                    \
                     val[c] = 0.0;                                                        \
-                    cnt[c] = 1.0;                                                        \
+                    cnt[c] = 1;                                                          \
                 }                                                                        \
                 if (inside) {                                                            \
                     const T *x = ratio + rr * rs;                                        \
                     for (int64_t c = 0; c < ncols; c++) {                                \
                         const int fin = isfinite(x[c]);                                  \
                         val[pad + c] = fin ? (double)x[c] : 0.0;                         \
-                        cnt[pad + c] = fin ? 1.0 : 0.0;                                  \
+                        cnt[pad + c] = (uint16_t)fin;                                     \
                     }                                                                    \
                 }                                                                        \
                 for (int64_t t = 0; t < nsets; t++) {                                    \
                     double *restrict sv = hv + (t * nr + slot) * ncols;                  \
-                    double *restrict sc = hc + (t * nr + slot) * ncols;                  \
-                    for (int64_t c = 0; c < ncols; c++)                                  \
-                        sv[c] = sc[c] = 0.0;                                             \
+                    uint16_t *restrict sc = hc + (t * nr + slot) * ncols;                 \
+                    for (int64_t c = 0; c < ncols; c++) {                                \
+                        sv[c] = 0.0;                                                     \
+                        sc[c] = 0;                                                       \
+                    }                                                                    \
                     for (int64_t k = first[t]; k < first[t + 1]; k++) {                  \
                         const double *restrict v = val + pad + dx[k];                    \
-                        const double *restrict g = cnt + pad + dx[k];                    \
-                        for (int64_t c = 0; c < ncols; c++) {                            \
+                        for (int64_t c = 0; c < ncols; c++)                              \
                             sv[c] += v[c];                                               \
-                            sc[c] += g[c];                                               \
-                        }                                                                \
+                        const uint16_t *restrict g = cnt + pad + dx[k];                   \
+                        for (int64_t c = 0; c < ncols; c++)                              \
+                            sc[c] = (uint16_t)(sc[c] + g[c]);                             \
                     }                                                                    \
                 }                                                                        \
             }                                                                            \
             const int64_t r = rr - halo; /* the core row whose rows are all in now */    \
             if (pad_row || r < core0)                                                    \
                 continue;                                                                \
-            for (int64_t c = 0; c < ncols; c++)                                          \
-                sum[c] = norm[c] = 0.0;                                                  \
+            for (int64_t c = 0; c < ncols; c++) {                                        \
+                sum[c] = 0.0;                                                            \
+                norm[c] = 0;                                                             \
+            }                                                                            \
             for (int64_t t = 0; t < nrows_k; t++) {                                      \
                 const int64_t q = r + row_dy[t], fq = row0 + q;                          \
                 const int64_t j = (fq < 0 || fq >= frame_ny || q < 0 || q >= nrows)      \
                                       ? span : ((q % span) + span) % span;               \
                 const double *restrict sv = hv + (set_of[t] * nr + j) * ncols;           \
-                const double *restrict sc = hc + (set_of[t] * nr + j) * ncols;           \
-                for (int64_t c = 0; c < ncols; c++) {                                    \
+                const uint16_t *restrict sc = hc + (set_of[t] * nr + j) * ncols;          \
+                for (int64_t c = 0; c < ncols; c++)                                      \
                     sum[c] += sv[c];                                                     \
-                    norm[c] += sc[c];                                                    \
-                }                                                                        \
+                for (int64_t c = 0; c < ncols; c++)                                      \
+                    norm[c] = (uint16_t)(norm[c] + sc[c]);                                \
             }                                                                            \
             const T *x = ratio + r * rs;                                                 \
             uint8_t *o = out + (r - core0) * ncols;                                      \
             for (int64_t c = 0; c < ncols; c++) {                                        \
-                const double nw = norm[c] * w;                                           \
+                const double nw = (double)norm[c] * w;                                   \
                 const int on = isfinite(x[c]) && nw > min_norm                           \
                                && (sum[c] * w) / nw > threshold;                         \
                 o[c] = (uint8_t)on;                                                      \

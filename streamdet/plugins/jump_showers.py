@@ -96,6 +96,8 @@ def ring(inner_radius: float, outer_radius: float) -> Ring:
     weights = np.unique(kernel[kernel != 0])
     if weights.size != 1:  # astropy's ring kernels are flat; the C average relies on it
         raise ValueError("the ring kernel's weights are not all equal")
+    if np.count_nonzero(kernel) > 65535:  # the C average counts taps in 16 bits
+        raise ValueError(f"ring radii {inner_radius}, {outer_radius}: kernel too large")
     cy, cx = kernel.shape[0] // 2, kernel.shape[1] // 2
     sets: list[tuple[int, ...]] = []
     row_dy, set_of = [], []
