@@ -365,8 +365,21 @@ PARITY_CASES = {
 }
 
 
+PARITY_CASES["sub64_3x1_snowball_in_last_group"] = (
+    dict(subarray="SUB64", ngroups=3, nints=1, seed=1, large_events=True), {"expand_large_events": True})
+#: snowball cores set to exactly SATURATED through the last group take DO_NOT_USE away
+#: from it, so jwst's ramp_fit keeps that group (and reports SATURATED); streamdet's
+#: ramp_fit plans its discard from the integration pass and drops it. jump publishes
+#: meta.state["jump_dnu_everywhere"] for ramp_fit to AND into its plan (not done yet:
+#: ramp_fit.py is another change's).
+KNOWN_DIFFERENCES = {"sub64_3x1_snowball_in_last_group":
+                     "ramp_fit does not yet use jump's DO_NOT_USE survey (DQ SATURATED differs)"}
+
+
 @pytest.mark.parity
-@pytest.mark.parametrize("case", list(PARITY_CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[name]))
+    if name in KNOWN_DIFFERENCES else name for name in PARITY_CASES])
 def test_large_event_flagging_matches_jwst(case, tmp_path, monkeypatch):
     from .oracle import assert_parity, run_jwst_detector1
 
@@ -382,10 +395,13 @@ def test_large_event_flagging_matches_jwst(case, tmp_path, monkeypatch):
         assert_parity(mine[kind], theirs[kind])
     with fits.open(mine["rate"]) as a, fits.open(theirs["rate"]) as b, fits.open(plain["rate"]) as c:
         assert a[0].header["EXTNCRS"] == pytest.approx(b[0].header["EXTNCRS"], rel=1e-9)
-        assert b[0].header["EXTNCRS"] > 0
+        if settings.get("find_showers"):
+            assert b[0].header["EXTNCRS"] > 0
         assert a[0].header["PRIMECRS"] == pytest.approx(b[0].header["PRIMECRS"], rel=1e-9)
-        # without the flagging, SCI would differ on more pixels than the parity tolerance
-        # (0.1 %) lets through: the case exercises it
+        # without the flagging, SCI or DQ would differ on more pixels than the parity
+        # tolerances (0.1 %, 0.01 %) let through: the case exercises it
         finite = np.isfinite(b["SCI"].data) & np.isfinite(c["SCI"].data)
         differ = ~np.isclose(b["SCI"].data[finite], c["SCI"].data[finite], rtol=1e-4, atol=0)
-        assert np.count_nonzero(differ) > 0.002 * finite.sum()
+        dq_differ = np.count_nonzero(b["DQ"].data != c["DQ"].data)
+        assert (np.count_nonzero(differ) > 0.002 * finite.sum()
+                or dq_differ > 0.0002 * c["DQ"].data.size)
