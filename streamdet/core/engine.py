@@ -507,7 +507,8 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         # -- pass 2: bands of rows spanning all integrations ------------------------------
         halo = max((s.halo for s in pass2), default=0)
         # extra band passes for steps that need frame-wide work on their band results
-        # (jump's shower search): (index in pass2, step, stage, halo of that pass)
+        # (jump's snowball and shower searches): (index in pass2, step, stage, halo of
+        # that pass); none by default
         frame_stages = [(k, step, j, max(max(s.halo for s in pass2[:k + 1]),
                                          step.halo + max(0, int(step.gather_halo(j)))))
                         for k, step in enumerate(pass2) for j in range(step.frame_passes())]
@@ -548,7 +549,9 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                 k, gatherer, j, _ = stage
                 for step in pass2[:k + 1]:
                     pool.step(step, chunk)
+                t0 = time.perf_counter()
                 gatherer.gather(chunk, j, context)
+                pool.add(gatherer.name, time.perf_counter() - t0)
                 return
             result = None
             for step in pass2:
@@ -563,12 +566,14 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         context = FrameContext(config.scratch_dir, lambda fn, items: pool.map(fn, items))
         for stage in frame_stages:
             k, gatherer, j, _ = stage
-            for _ in pool.map(lambda core: run_band(core, stage), bands, at_once=sharing):
+            for _ in pool.map(lambda core, stage=stage: run_band(core, stage), bands, at_once=sharing):
                 pass
             redo = {(s.start, s.stop) for step in pass2[:k + 1] for s in step.rerun_rows()}
             for start, stop in sorted(redo):
                 run_band(slice(start, stop), stage)
+            t0 = time.perf_counter()
             gatherer.between_passes(j, context)
+            pool.add(gatherer.name, time.perf_counter() - t0)
         for b, _ in enumerate(pool.map(run_band, bands, at_once=sharing), start=1):
             if on_progress:
                 on_progress("bands", b, len(bands))
