@@ -16,6 +16,11 @@ whatever the number of integrations:
    ramp_fit); the rate producer's results for the band's own rows land in the product
    arrays.
 
+A step that needs frame-wide work on its own band results first (jump's shower and
+snowball searches look at whole planes) declares ``frame_passes()``: the band pass then
+runs that many extra times beforehand, up to that step, handing each band to its
+``gather`` and calling its ``between_passes`` after each (see ``Step``).
+
 With ``RunConfig.threads`` > 1 the bands of both passes are processed by a thread pool
 (numpy releases the GIL in its loops), provided every active step declares
 ``thread_safe = True`` (its ``process`` and ``survey`` may run concurrently on disjoint
