@@ -53,6 +53,10 @@ class Case:
     #: streamdet threads (None: its default, every usable CPU)
     threads: int | None = None
     note: str = ""
+    #: simulate MIRI showers and snowballs (``simulate(large_events=True)``)
+    large_events: bool = False
+    #: jump parameters given to both jwst and streamdet (e.g. shower flagging on)
+    jump: tuple = ()
 
 
 CASES = {
@@ -64,6 +68,8 @@ CASES = {
              note="jwst not run by default (~15 GB, minutes; --jwst-all runs it)"),
         Case("full_50x2_1thread", "FULL", 50, 2, threads=1, jwst=False,
              note="streamdet on one thread, for the thread scaling line"),
+        Case("full_50x2_showers", "FULL", 50, 2, seed=22, large_events=True,
+             jump=(("find_showers", True),), note="showers in the data, jump.find_showers on"),
     )
 }
 QUICK = Case("quick_sub256_10x2", "SUB256", 10, 2)
@@ -89,7 +95,8 @@ from jwst.pipeline import Detector1Pipeline
 for name in ("stpipe", "jwst", "stcal", "stpipe.Detector1Pipeline"):
     logging.getLogger(name).addHandler(handler)
 t1 = time.perf_counter()
-Detector1Pipeline.call(UNCAL, output_dir=OUT, save_results=True)
+Detector1Pipeline.call(UNCAL, output_dir=OUT, save_results=True,
+                       steps={"jump": JUMP} if JUMP else {})
 t2 = time.perf_counter()
 steps = {k: v["done"] - v["running"] for k, v in marks.items() if "done" in v and "running" in v}
 steps.pop("Detector1Pipeline", None)
@@ -109,6 +116,8 @@ atexit.register(_report)
 sys.argv = ["streamdet", "process", "--overwrite", "-o", OUT, UNCAL]
 if THREADS is not None:
     sys.argv += ["--threads", str(THREADS)]
+for name, value in JUMP.items():
+    sys.argv += ["--set", f"jump.{name}={value}"]
 from streamdet.cli import main
 main()
 """
@@ -177,14 +186,15 @@ def code_for(template: str, **values) -> str:
 
 def simulation(workdir: Path, case: Case) -> tuple[Path, dict[str, str]]:
     """The case's exposure (simulated once, then taken from the cache)."""
-    where = workdir / f"{case.subarray}_g{case.ngroups}_n{case.nints}_s{case.seed}"
+    where = workdir / (f"{case.subarray}_g{case.ngroups}_n{case.nints}_s{case.seed}"
+                       + ("_large" if case.large_events else ""))
     manifest = where / "simulation.json"
     if not manifest.exists():
         from streamdet.simulate import simulate
         print(f"  simulating {where.name} ...", flush=True)
         t0 = time.perf_counter()
         simulate(where, subarray=case.subarray, ngroups=case.ngroups, nints=case.nints,
-                 seed=case.seed, overwrite=True)
+                 seed=case.seed, overwrite=True, large_events=case.large_events)
         print(f"  simulated in {time.perf_counter() - t0:.0f} s", flush=True)
     info = json.loads(manifest.read_text())
     return Path(info["uncal"]), info["env"]
@@ -213,10 +223,10 @@ def run_case(case: Case, workdir: Path, repeat: int, with_jwst: bool, timeout: f
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
                 if tool == "jwst":
-                    code = code_for(JWST_RUNNER, UNCAL=str(uncal), OUT=str(out))
+                    code = code_for(JWST_RUNNER, UNCAL=str(uncal), OUT=str(out), JUMP=dict(case.jump))
                 else:
                     code = code_for(STREAMDET_RUNNER, UNCAL=str(uncal), OUT=str(out),
-                                    THREADS=case.threads)
+                                    THREADS=case.threads, JUMP=dict(case.jump))
                 run_env = env if tool == "jwst" else {**env, "STREAMDET_DISABLE_PLUGIN_AUTOLOAD": "1"}
                 try:
                     run = run_child(code, run_env, out_root / f"{tool}-{k}.log", timeout)

@@ -406,6 +406,29 @@ class SimParams:
     #: diffusion); those deposits are listed in the catalogue as secondary jumps.
     cosmic_ray_neighbor_fraction: float = 0.02
 
+    # --- large cosmic-ray events; off by default ---------------------------------------
+    #: MIRI showers per integration (Poisson mean): faint charge from secondaries spread
+    #: over a disk tens of pixels across, all arriving in one group (jwst's
+    #: ``find_showers`` looks for them). Zero: none, and the outputs are byte-identical
+    #: to those of a simulator without large events.
+    showers_per_int: float = 0.0
+    #: Shower radius, pixels (uniform in this range).
+    shower_radius_px: tuple[float, float] = (8.0, 25.0)
+    #: Shower charge per pixel at its centre, in multiples of the pixel's noise on a group
+    #: difference (uniform in this range): too faint for the two-point search alone. It
+    #: falls off as 1 - 0.5 (r/R)^2 to the edge.
+    shower_sigma_range: tuple[float, float] = (1.5, 4.0)
+    #: Snowballs per integration (Poisson mean): a bright core that saturates within its
+    #: group, ringed by a fainter halo (jwst's ``expand_large_events``).
+    snowballs_per_int: float = 0.0
+    #: Radius of the saturating core, pixels (uniform): cores 5-12 px across.
+    snowball_core_radius_px: tuple[float, float] = (2.5, 6.0)
+    #: Charge in the core, as a fraction of the pixel's linear range (> 1 saturates).
+    snowball_core_fill: float = 1.5
+    #: The halo reaches this many core radii, with this fraction of the core's charge.
+    snowball_halo_radii: float = 2.0
+    snowball_halo_fraction: float = 0.02
+
     # --- observation and bookkeeping ------------------------------------------------
     #: FILTER keyword (imaging subarrays); coronagraph and LRS subarrays get theirs.
     filter: str = "F770W"
@@ -457,10 +480,21 @@ class SimParams:
                 out.pop(key, None)
         if not self.crds_pars:
             out.pop("crds_pars", None)
+        if not self.has_large_events:
+            for key in _LARGE_EVENT_FIELDS:
+                out.pop(key, None)
         return out
+
+    @property
+    def has_large_events(self) -> bool:
+        return self.showers_per_int > 0 or self.snowballs_per_int > 0
 
 
 _EMI_FIELDS = ("emi_frequencies_hz", "emi_amplitudes_dn", "emi_phases_rad")
+_LARGE_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(SimParams)
+                            if f.name.startswith(("shower", "snowball")))
+#: what ``simulate(large_events=True)`` sets when the params leave both rates at zero
+LARGE_EVENT_RATES = {"showers_per_int": 2.0, "snowballs_per_int": 1.0}
 
 
 # ---------------------------------------------------------------------------------------
@@ -524,9 +558,12 @@ def crds_env(crds_path: str | os.PathLike, context: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------
 
 
+_RNG_STREAMS = ("detector", "scene", "cosmic", "ramps")
+
+
 def _rng_streams(seed: int) -> dict[str, np.random.Generator]:
     """Independent random streams, each a fixed child of the seed."""
-    names = ("detector", "scene", "cosmic", "ramps")
+    names = _RNG_STREAMS
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {n: np.random.Generator(np.random.PCG64(c)) for n, c in zip(names, children)}
 
@@ -863,6 +900,7 @@ class _Model:
         self.tgroup = self.tframe  # NFRAMES = 1, GROUPGAP = 0
         self.t = (np.arange(ngroups) + 1.0) * self.tgroup  # time of each read since reset
         self.rngs = _rng_streams(seed)
+        self.seed = seed
         self.det = _make_detector(p, self.rngs["detector"])
         ys, xs = sub.full_frame_slices
         self.ys, self.xs = ys, xs
@@ -1019,8 +1057,54 @@ class _Model:
                         if 0 <= yy < ny and 0 <= xx < nx and not self.refcol[xx]:
                             self._add_jump(events, i, g, yy, xx,
                                            amp * p.cosmic_ray_neighbor_fraction, False, parent)
+            if p.has_large_events:
+                self._add_large_events(events, i)
             events.sort(key=lambda e: e[0])
             self.cr_events.append(events)
+
+    def _add_large_events(self, events, i):
+        """Showers and snowballs of integration ``i``, from their own random stream (so
+        the other effects stay as they are), listed in ``self.large_events``; their
+        pixel deposits join the integration's events without a catalogue entry."""
+        p = self.p
+        if not hasattr(self, "large_rng"):
+            self.large_rng = np.random.Generator(np.random.PCG64(
+                np.random.SeedSequence(self.seed).spawn(len(_RNG_STREAMS) + 1)[-1]))
+            self.large_events = []
+        rng = self.large_rng
+        ny, nx = self.shape
+        linear_range = np.maximum(np.nan_to_num(self.sat_ref, nan=60000.0) - self.ped, 1000.0)
+
+        def deposit(kind, g, yc, xc, radius, amplitude_of):
+            y0, y1 = max(0, int(math.floor(yc - radius))), min(ny, int(math.ceil(yc + radius)) + 1)
+            x0, x1 = max(0, int(math.floor(xc - radius))), min(nx, int(math.ceil(xc + radius)) + 1)
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            r = np.hypot(yy - yc, xx - xc)
+            inside = (r <= radius) & ~self.refcol[xx]
+            for y, x, rr in zip(yy[inside].tolist(), xx[inside].tolist(), r[inside].tolist()):
+                events.append((g, y, x, float(amplitude_of(y, x, rr)), False, -1))
+            self.large_events.append({"kind": kind, "int": i, "group": g, "y": round(yc, 2),
+                                      "x": round(xc, 2), "radius": round(radius, 2),
+                                      "pixels": int(inside.sum())})
+
+        for _ in range(int(rng.poisson(p.showers_per_int))):
+            g = int(rng.integers(1, self.ngroups))
+            yc, xc = rng.uniform(0, ny), rng.uniform(0, nx)
+            radius = rng.uniform(*p.shower_radius_px)
+            level = rng.uniform(*p.shower_sigma_range)
+            deposit("shower", g, yc, xc, radius,
+                    lambda y, x, r, R=radius, lev=level:
+                    lev * (1 - 0.5 * (r / R) ** 2) * float(self.diff_sigma[y, x]))
+        for _ in range(int(rng.poisson(p.snowballs_per_int))):
+            g = int(rng.integers(1, self.ngroups))
+            yc, xc = rng.uniform(0, ny), rng.uniform(0, nx)
+            core = rng.uniform(*p.snowball_core_radius_px)
+            halo = core * p.snowball_halo_radii
+            core_charge = p.snowball_core_fill
+            deposit("snowball", g, yc, xc, halo,
+                    lambda y, x, r, c=core:
+                    float(linear_range[y, x]) * core_charge
+                    * (1.0 if r <= c else p.snowball_halo_fraction))
 
     def _add_jump(self, events, i, g, y, x, amp, primary, parent):
         idx = len(self.jumps)
@@ -1146,6 +1230,8 @@ class _Model:
                 np.greater_equal(rawf, sat_thr, out=satb)
                 fs[satb & (fs < 0)] = g
                 for k in range(b0, b1):
+                    if ev_id[k] < 0:  # a pixel of a shower or snowball
+                        continue
                     y, xx = int(ev_y[k]), int(ev_x[k])
                     j = self.jumps[ev_id[k]]
                     j["saturated"] = bool(satb[y, xx])
@@ -1775,6 +1861,7 @@ def _write_truth(m: _Model, p: SimParams, truthdir: Path, name: str, first_sat: 
         "params": p.to_dict(),
         "sources": m.sources,
         "jumps": m.jumps,
+        **({"large_events": getattr(m, "large_events", [])} if p.has_large_events else {}),
         "saturated": saturated,
         "bad_pixels": bad,
     }
@@ -1891,6 +1978,7 @@ def simulate(
     overwrite: bool = False,
     params: SimParams | None = None,
     name: str | None = None,
+    large_events: bool = False,
 ) -> SimResult:
     """Simulate one MIRI imager exposure, its reference files and a CRDS cache in ``outdir``.
 
@@ -1913,11 +2001,16 @@ def simulate(
         Physical parameters; :class:`SimParams` defaults if None.
     name
         File-name prefix; the exposure is ``<name>_mirimage_uncal.fits``.
+    large_events
+        Add MIRI showers and snowballs (:data:`LARGE_EVENT_RATES` per integration, unless
+        ``params`` sets their rates).
     """
     outdir, sub, readpatt = _check_args(outdir, subarray, ngroups, nints, seed, readpatt, name)
     params = params if params is not None else SimParams()
     if not isinstance(params, SimParams):
         raise SimulationError(f"params must be a SimParams, got {type(params).__name__}")
+    if large_events and not params.has_large_events:
+        params = dataclasses.replace(params, **LARGE_EVENT_RATES)
     _check_emi(params, sub, readpatt)
     name = name or _DEFAULT_NAME
     uncal_name = f"{name}_mirimage_uncal.fits"

@@ -16,6 +16,11 @@ whatever the number of integrations:
    ramp_fit); the rate producer's results for the band's own rows land in the product
    arrays.
 
+A step that needs frame-wide work on its own band results first (jump's shower and
+snowball searches look at whole planes) declares ``frame_passes()``: the band pass then
+runs that many extra times beforehand, up to that step, handing each band to its
+``gather`` and calling its ``between_passes`` after each (see ``Step``).
+
 With ``RunConfig.threads`` > 1 the bands of both passes are processed by a thread pool
 (numpy releases the GIL in its loops), provided every active step declares
 ``thread_safe = True`` (its ``process`` and ``survey`` may run concurrently on disjoint
@@ -50,7 +55,7 @@ from .exposure import Exposure, ExposureMeta
 from .parameters import Parameters, effective as effective_parameters
 from .plugins import Observers, Registry, get_registry
 from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
-from .step import Chunk, Granularity, Step
+from .step import Chunk, FrameContext, Granularity, Step
 
 # the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
 _scratch_read = declare("scratch", "streamdet_scratch_read", "ipiiiiiiii", "i")
@@ -637,15 +642,22 @@ def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: 
     ny = meta.ny
     int_index = meta.int_index
     halo = max((s.halo for s in steps), default=0)
+    # extra band passes before this one, for steps that need frame-wide work on their
+    # band results (jump's snowball and shower searches): (index in steps, step, stage,
+    # halo of that pass); none by default
+    frame_stages = [(k, step, j, max(max(s.halo for s in steps[:k + 1]),
+                                     step.halo + max(0, int(step.gather_halo(j)))))
+                    for k, step in enumerate(steps) for j in range(step.frame_passes())]
+    sizing_halo = max([halo] + [h for *_, h in frame_stages])
     row_bytes = meta.nints * meta.ngroups * meta.nx * 5
     # the band budget is for all bands in flight, so memory does not grow with the
     # number of threads; an exposure so thick that a thread's share would be mostly
     # halo (recomputed) rows runs its bands on fewer threads instead
     def rows_each(sharing: int) -> int:
-        return int(config.band_bytes // (row_bytes * sharing)) - 2 * halo
+        return int(config.band_bytes // (row_bytes * sharing)) - 2 * sizing_halo
 
     sharing = threads
-    while sharing > 1 and rows_each(sharing) < max(2, 2 * halo):
+    while sharing > 1 and rows_each(sharing) < max(2, 2 * sizing_halo):
         sharing -= 1
     band = max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing)))
     if any(getattr(s, "needs_whole_exposure", False) for s in steps):
@@ -654,7 +666,7 @@ def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: 
     bands = _bands(ny, band)
     plane = meta.nints * meta.ngroups * meta.nx
 
-    tall = min(ny, band + 2 * halo)
+    tall = min(ny, band + 2 * sizing_halo)
     band_buffers = ThreadBuffers()
 
     def buffers(nrows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -663,14 +675,23 @@ def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: 
         return (band_buffers.get("data", (plane * tall,), np.float32)[:plane * nrows].reshape(shape),
                 band_buffers.get("groupdq", (plane * tall,), np.uint8)[:plane * nrows].reshape(shape))
 
-    def run_band(core: slice) -> None:
-        r0, r1 = max(0, core.start - halo), min(ny, core.stop + halo)
+    def run_band(core: slice, stage: tuple | None = None) -> None:
+        band_halo = halo if stage is None else stage[3]
+        r0, r1 = max(0, core.start - band_halo), min(ny, core.stop + band_halo)
         data, groupdq = buffers(r1 - r0)
         t0 = time.perf_counter()
         source.read(slice(r0, r1), data, groupdq)
         pool.add("scratch", time.perf_counter() - t0)
         chunk = Chunk(data, groupdq, pixeldq[r0:r1], int_index, slice(r0, r1),
                       core=slice(core.start - r0, core.stop - r0))
+        if stage is not None:  # an extra pass: up to the gathering step only
+            k, gatherer, j, _ = stage
+            for step in steps[:k + 1]:
+                pool.step(step, chunk)
+            t0 = time.perf_counter()
+            gatherer.gather(chunk, j, context)
+            pool.add(gatherer.name, time.perf_counter() - t0)
+            return
         result = None
         for step in steps:
             if ramp is not None and target is None and step is steps[-1]:
@@ -688,6 +709,17 @@ def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: 
         rate.put(np.s_[core], band_rate)
         rateints.put(np.s_[:, core], band_rateints)
 
+    context = FrameContext(config.scratch_dir, lambda fn, items: pool.map(fn, items))
+    for stage in frame_stages:
+        k, gatherer, j, _ = stage
+        for _ in pool.map(lambda core, stage=stage: run_band(core, stage), bands, at_once=sharing):
+            pass
+        redo = {(s.start, s.stop) for step in steps[:k + 1] for s in step.rerun_rows()}
+        for start, stop in sorted(redo):
+            run_band(slice(start, stop), stage)
+        t0 = time.perf_counter()
+        gatherer.between_passes(j, context)
+        pool.add(gatherer.name, time.perf_counter() - t0)
     for b, _ in enumerate(pool.map(run_band, bands, at_once=sharing), start=1):
         if on_progress:
             on_progress("bands" + label, b, len(bands))

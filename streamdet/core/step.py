@@ -223,12 +223,42 @@ class Step:
         on them. Called once."""
         return []
 
+    def frame_passes(self) -> int:
+        """EXPOSURE steps whose band results need frame-wide work first (jump's shower
+        search looks at whole difference planes): how many extra band passes, each run
+        up to and including this step and followed by :meth:`between_passes`, the
+        engine makes before the band pass proper. Called after ``prepare``; 0: none."""
+        return 0
+
+    def gather_halo(self, stage: int) -> int:
+        """Rows of context :meth:`gather` needs beyond ``halo`` in extra pass ``stage``."""
+        return 0
+
+    def gather(self, chunk: Chunk, stage: int, context: "FrameContext") -> None:
+        """In extra pass ``stage``: see the chunk right after this step's ``process``
+        (the rows ``chunk.core`` are this piece's; the rest is context). With threads,
+        pieces may arrive concurrently."""
+
+    def between_passes(self, stage: int, context: "FrameContext") -> None:
+        """After extra pass ``stage``: the frame-wide work on what :meth:`gather` kept.
+        The next passes' ``process`` calls see its results."""
+
     def finish(self) -> dict[str, Any]:
         """Primary-header keywords this step contributes (besides its status)."""
         return {}
 
     def describe(self) -> str:
         return f"{self.name} ({self.implementation}, {self.package} {self.package_version})"
+
+
+@dataclass
+class FrameContext:
+    """What the engine lends a step's :meth:`Step.between_passes`: a directory for
+    scratch files (None: the system's) and a ``map(fn, items)`` that runs on the
+    engine's threads (results in order)."""
+
+    scratch_dir: Any
+    map: Callable[[Callable, Any], Any]
 
 
 #: signature of a rate producer's result, see streamdet.plugins.ramp_fit

@@ -79,14 +79,19 @@ judged on the rows passed unless ``all_flagged_groups`` is given; each call repo
 verdict for its ``count_rows`` in :attr:`JumpCounts.all_flagged_groups` so that an engine
 can AND them and repeat the rare band where the local verdict was wrong.
 
-Not implemented: MIRI shower flagging (``find_showers``) and NIR snowballs
-(``expand_large_events``), both off in jwst 3.0's defaults; asking for them raises
-NotImplementedError.  jwst skips the whole step (no PRIMECRS) when ngroups <= 2, which
-is the caller's business; this kernel refuses such ramps.
+MIRI shower flagging (``find_showers``) is not part of this kernel: it needs whole
+difference planes, so the step runs it across the engine's passes (:class:`ShowerSearch`,
+algorithm in :mod:`streamdet.plugins.jump_showers`).  NIR snowballs
+(``expand_large_events``) are not implemented; the step refuses them.  jwst skips the
+whole step (no PRIMECRS) when ngroups <= 2, which is the caller's business; this kernel
+refuses such ramps.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -236,7 +241,8 @@ def detect_jumps(
     if expand_large_events:
         raise NotImplementedError("expand_large_events (snowball flagging) is not implemented yet")
     if find_showers:
-        raise NotImplementedError("find_showers is not implemented yet")
+        raise NotImplementedError("find_showers needs whole planes: see jump_showers.flag_showers "
+                                  "(the step runs it across the engine's passes)")
     nints, ngroups, nrows, ncols = data.shape
     if ngroups < 3:
         raise ValueError("jump detection needs at least 3 groups (jwst skips the step)")
@@ -576,12 +582,25 @@ def _extend_forward(marks, n_after):
 
 # --- step plugin (added by the engine work) ---
 
-from streamdet.core.errors import BadInputError  # noqa: E402
 from streamdet.core.plugins import hookimpl  # noqa: E402
 from streamdet.core.references import IMAGE  # noqa: E402
 from streamdet.core.step import Granularity, Param, Step  # noqa: E402
 
-from . import follows  # noqa: E402
+from . import follows, jump_showers  # noqa: E402
+
+
+def stcal_processes(maximum_cores: str, nrows: int) -> int:
+    """How many processes jwst's jump would run for ``maximum_cores`` on this machine
+    (stcal's compute_num_cores); streamdet itself always uses ``--threads``, but stcal
+    honours ``minimum_groups`` only with more than one process."""
+    value = str(maximum_cores)
+    available = os.cpu_count() or 1
+    if value.isnumeric():
+        wanted = int(value)
+    else:  # as stcal spells them: other values (e.g. 'none') mean one process
+        wanted = {"quarter": available // 4 or 1, "half": available // 2 or 1,
+                  "all": available}.get(value, 1)
+    return max(1, min(nrows, wanted, available))
 
 
 def _core_rows(chunk) -> tuple[int, int]:
@@ -605,6 +624,9 @@ class JumpStep(Step):
         "rejection_threshold": Param(float, 4.0, "sigma threshold with 4+ usable differences", min=0),
         "three_group_rejection_threshold": Param(float, 6.0, "sigma threshold with 2 differences", min=0),
         "four_group_rejection_threshold": Param(float, 5.0, "sigma threshold with 3 differences", min=0),
+        "maximum_cores": Param(str, "1", "jwst's process count ('1', 'half', 'all', ...); streamdet "
+                               "uses --threads, and like stcal honours minimum_groups only when "
+                               "this means more than one process"),
         "flag_4_neighbors": Param(bool, True, "flag the 4 neighbours of mid-sized jumps"),
         "max_jump_to_flag_neighbors": Param(float, 1000.0, "largest jump (sigma) whose neighbours are flagged", min=0),
         "min_jump_to_flag_neighbors": Param(float, 10.0, "smallest jump (sigma) whose neighbours are flagged", min=0),
@@ -612,18 +634,41 @@ class JumpStep(Step):
         "after_jump_flag_time1": Param(float, 0.0, "... for this many seconds", min=0),
         "after_jump_flag_dn2": Param(float, 0.0, "second after-jump threshold (DN)", min=0),
         "after_jump_flag_time2": Param(float, 0.0, "... and its time (s)", min=0),
+        "expand_large_events": Param(bool, False, "snowball flagging (near-IR detectors)"),
+        "min_sat_area": Param(float, 1.0, "snowballs: least area of the saturated core"),
+        "min_jump_area": Param(float, 5.0, "snowballs: least area of a jump patch"),
+        "expand_factor": Param(float, 2.0, "snowballs: expansion of the enclosing ellipse"),
+        "use_ellipses": Param(bool, False, "deprecated in jwst; no effect"),
+        "sat_required_snowball": Param(bool, True, "snowballs: require a saturated core"),
+        "min_sat_radius_extend": Param(float, 2.5, "snowballs: least core radius to extend the core"),
+        "sat_expand": Param(int, 2, "snowballs: pixels added to the core's radius"),
+        "edge_size": Param(int, 25, "snowballs: distance from the edge where no core is required"),
+        "mask_snowball_core_next_int": Param(bool, True, "snowballs: flag saturated cores in the next integration"),
+        "snowball_time_masked_next_int": Param(int, 4000, "snowballs: seconds of the next integration flagged"),
+        "find_showers": Param(bool, False, "MIRI shower flagging"),
+        "max_shower_amplitude": Param(float, 4.0, "showers: largest rate change (DN/s); jwst 3.0 ignores "
+                                      "it and uses 6, so does streamdet"),
+        "extend_snr_threshold": Param(float, 1.2, "showers: least ring-averaged significance"),
+        "extend_min_area": Param(int, 90, "showers: least area of the emission patch"),
+        "extend_inner_radius": Param(float, 1.0, "showers: inner radius of the ring kernel", min=0),
+        "extend_outer_radius": Param(float, 2.6, "showers: outer radius of the ring kernel", min=0),
+        "extend_ellipse_expand_ratio": Param(float, 1.1, "showers: expansion of the fitted ellipse"),
+        "time_masked_after_shower": Param(float, 15.0, "showers: seconds flagged after a shower", min=0),
         "min_diffs_single_pass": Param(int, 10, "below this many usable differences, search iteratively", min=1),
+        "max_extended_radius": Param(int, 200, "largest radius of a flagged shower or snowball", min=0),
         "minimum_groups": Param(int, 3, "fewest groups for jump detection", min=2),
         "minimum_sigclip_groups": Param(int, 100, "integrations needed to sigma-clip across integrations", min=1),
         "only_use_ints": Param(bool, True, "sigma-clip each group across integrations only"),
-        "expand_large_events": Param(bool, False, "snowball flagging (near-IR detectors; not implemented)"),
-        "find_showers": Param(bool, False, "MIRI shower flagging (not implemented)"),
     }
 
+    #: parameters of the two-point search (detect_jumps)
+    _TWO_POINT = ("rejection_threshold", "three_group_rejection_threshold",
+                  "four_group_rejection_threshold", "flag_4_neighbors", "max_jump_to_flag_neighbors",
+                  "min_jump_to_flag_neighbors", "after_jump_flag_dn1", "after_jump_flag_time1",
+                  "after_jump_flag_dn2", "after_jump_flag_time2", "min_diffs_single_pass",
+                  "minimum_groups", "minimum_sigclip_groups", "only_use_ints")
+
     def prepare(self, meta, refs, pixeldq):
-        for name in ("find_showers", "expand_large_events"):
-            if self.params[name]:
-                raise BadInputError(f"jump.{name}=true is not implemented in streamdet's built-in jump")
         if meta.ngroups <= 2:
             return "needs at least 3 groups"
         self.meta = meta
@@ -635,7 +680,41 @@ class JumpStep(Step):
         self.counts: dict[tuple[int, int], JumpCounts] = {}
         self.global_flagged = None
         self.lock = threading.Lock()
+        # the frame-wide searches after the two-point one, in stcal's order; each needs
+        # an extra band pass (see the engine's frame_passes)
+        self.snowballs = SnowballSearch(self.params, meta) if self.params["expand_large_events"] else None
+        self.showers = ShowerSearch(self.params, meta) if self.params["find_showers"] else None
+        self.searches = [s for s in (self.snowballs, self.showers) if s is not None]
         return None
+
+    def frame_passes(self):
+        return len(self.searches)
+
+    def gather_halo(self, stage):
+        return self.searches[stage].gather_halo
+
+    def gather(self, chunk, stage, context):
+        self.searches[stage].gather(chunk, self.dnu_after_searches(), self.gain[chunk.rows],
+                                    self.readnoise[chunk.rows], context)
+
+    def between_passes(self, stage, context):
+        self.searches[stage].search(self.dnu_after_searches(), context)
+        # for the steps after jump (ramp_fit's MIRI discard of groups DO_NOT_USE
+        # everywhere is jwst's decision on the flags jump leaves): snowball cores set to
+        # exactly SATURATED take DO_NOT_USE away from later groups
+        self.meta.state["jump_dnu_everywhere"] = self.dnu_after_searches()
+
+    def dnu_after_searches(self):
+        """Groups DO_NOT_USE everywhere once the snowball search has run: its saturated
+        cores are set to exactly SATURATED from their group on, which takes DO_NOT_USE
+        away there (e.g. from the last group)."""
+        if self.snowballs is None or self.snowballs.result is None:
+            return self.all_dnu
+        out = self.all_dnu.copy()
+        for kind, region in self.snowballs.result.operations:
+            if kind == "saturate":
+                out[region.integration, region.group:] = False
+        return out
 
     def survey(self, chunk):
         local = chunk.int_index - self.meta.int_index[0]
@@ -645,20 +724,27 @@ class JumpStep(Step):
 
     def process(self, chunk):
         rows = chunk.rows
-        options = {k: v for k, v in self.params.items() if k not in ("expand_large_events", "find_showers")}
+        options = {k: self.params[k] for k in self._TWO_POINT}
+        if stcal_processes(self.params["maximum_cores"], self.meta.ny) == 1:
+            # stcal's one-process path searches with 3 whatever minimum_groups says
+            options["minimum_groups"] = 3
         self.counts[_core_rows(chunk)] = detect_jumps(
             chunk.data, chunk.groupdq, chunk.pixeldq,
             gain=self.gain[rows], readnoise=self.readnoise[rows],
             nframes=self.meta.nframes, group_time=self.meta.group_time,
             all_dnu_groups=self.all_dnu, median_gain=self.median_gain,
             all_flagged_groups=self.global_flagged, count_rows=chunk.core, **options)
+        for search in self.searches:
+            if search.found is not None:  # known from an earlier pass
+                search.apply(chunk, self.gain[rows])
 
     def rerun_rows(self):
         """Sigma-clip mode clears lone flags in integration-groups flagged in every pixel
         of the frame; a band that judged that on its own rows alone is redone."""
         verdicts = {key: c.all_flagged_groups for key, c in self.counts.items()
                     if c.all_flagged_groups is not None}
-        if not verdicts:
+        if not verdicts or self.global_flagged is not None:
+            # known from an earlier pass (the shower search's): every band since used it
             return []
         self.global_flagged = np.logical_and.reduce(list(verdicts.values()))
         return [slice(*key) for key, v in verdicts.items() if not np.array_equal(v, self.global_flagged)]
@@ -668,7 +754,9 @@ class JumpStep(Step):
             if self.counts else None
         if total is None:
             return {}
-        primecrs, extncrs = cosmic_ray_keywords(total, self.all_dnu, self.meta.group_time,
+        for search in self.searches:  # the last one's count, as stcal reports it
+            total.extended_events = search.found or 0
+        primecrs, extncrs = cosmic_ray_keywords(total, self.dnu_after_searches(), self.meta.group_time,
                                                 self.meta.ny, self.meta.nx)
         out = {}
         if primecrs is not None:
@@ -676,6 +764,243 @@ class JumpStep(Step):
         if extncrs is not None:
             out["EXTNCRS"] = extncrs
         return out
+
+
+class ShowerSearch:
+    """The jump step's MIRI shower search across the engine's passes (algorithm:
+    :mod:`streamdet.plugins.jump_showers`).
+
+    Extra band pass: each band (with ``kernel.halo`` + 1 rows of context, after the
+    two-point search) yields the emission masks of its rows for every difference plane,
+    kept bit-packed ([integration, difference, row, column/8], in memory or in a scratch
+    file). Between the passes: one plane at a time, the patches become shower regions.
+    Band pass proper: each band ORs the regions' flags into its rows and checks their
+    amplitude before ramp_fit sees them."""
+
+    #: bit-packed emission planes larger than this go to a scratch file
+    IN_MEMORY_BYTES = 32 * 1024**2
+
+    def __init__(self, params, meta):
+        self.meta = meta
+        self.kernel = jump_showers.ring(params["extend_inner_radius"], params["extend_outer_radius"])
+        self.threshold = params["extend_snr_threshold"]
+        self.min_area = params["extend_min_area"]
+        self.expand_ratio = params["extend_ellipse_expand_ratio"]
+        # jwst's JumpStep passes twice the radius as stcal's largest full width
+        self.max_width = 2 * params["max_extended_radius"]
+        self.groups_masked = jump_showers.groups_masked_after_shower(
+            params["time_masked_after_shower"], meta.group_time)
+        self.max_amplitude = jump_showers.max_amplitude_electrons(meta.group_time)
+        self.sigma_clip = meta.nints >= params["minimum_sigclip_groups"]
+        self.dnu_or_refpix = np.ones((meta.nints, meta.ngroups), bool)
+        self.pixels = np.zeros((meta.nints, meta.ngroups), np.int64)  # emission pixels per plane
+        self.row_bytes = (meta.nx + 7) // 8
+        self.store = None
+        self.regions = None
+        self.found = None  # showers, once searched
+        self.lock = threading.Lock()
+
+    @property
+    def gather_halo(self):
+        # the ring average of a core row reads kernel.halo rows around it, whose flags
+        # need their own neighbours (the two-point search's halo)
+        return self.kernel.halo
+
+    # -- extra pass ----------------------------------------------------------------------
+    def _open_store(self, context):
+        shape = (self.meta.nints, self.meta.ngroups, self.meta.ny, self.row_bytes)
+        with self.lock:
+            if self.store is None:
+                self.store = _PlaneStore(shape, context.scratch_dir, self.IN_MEMORY_BYTES)
+        return self.store
+
+    def gather(self, chunk, all_dnu, gain, readnoise, context):
+        meta = self.meta
+        core = chunk.core
+        c0, c1, _ = core.indices(chunk.nrows)
+        dnu_ref = jump_showers.dnu_or_refpix_groups(chunk.groupdq[:, :, core], chunk.pixeldq[core])
+        with self.lock:
+            self.dnu_or_refpix &= dnu_ref
+        if not jump_showers.shower_search_possible(all_dnu):
+            return
+        store = self._open_store(context)
+        gain = np.ascontiguousarray(gain, np.float32)
+        if self.sigma_clip:
+            stats = jump_showers.sigma_clipped_median_std(chunk.data, chunk.groupdq, gain)
+        else:
+            stats = jump_showers.median_and_sigma(chunk.data, chunk.groupdq, gain,
+                                                  np.ascontiguousarray(readnoise, np.float32),
+                                                  meta.nframes)
+        frame_row = chunk.rows.start + c0
+        counts = np.zeros((meta.nints, meta.ngroups), np.int64)
+        buffer = np.empty((chunk.nrows, meta.nx), np.float32) if not self.sigma_clip else None
+        for i in range(meta.nints):
+            for g in range(1, meta.ngroups):
+                if all_dnu[i, g]:  # masked everywhere: no emission
+                    continue
+                ratio = jump_showers.ratio_plane(chunk.data, chunk.groupdq, chunk.pixeldq, gain,
+                                                 i, g, stats, out=buffer)
+                plane, n = jump_showers.emission(ratio, self.kernel, self.threshold,
+                                                 row0=chunk.rows.start, frame_ny=meta.ny, core=core)
+                counts[i, g] = n
+                # written even when empty: a band run again (rerun_rows) replaces its rows
+                store.write(i, g, frame_row, np.packbits(plane, axis=1))
+        with self.lock:
+            self.pixels += counts
+
+    # -- between the passes ----------------------------------------------------------------
+    def search(self, all_dnu, context):
+        meta = self.meta
+        self.regions = []
+        self.found = 0
+        try:
+            if not jump_showers.shower_search_possible(all_dnu):
+                return
+            first = jump_showers.first_searched_groups(self.dnu_or_refpix)
+            planes = [(i, g) for i in range(meta.nints) for g in range(first[i], meta.ngroups)
+                      if jump_showers.could_hold_shower(int(self.pixels[i, g]), self.min_area)]
+
+            def search_plane(plane):
+                i, g = plane
+                bits = np.unpackbits(self.store.read(i, g), axis=1, count=meta.nx)
+                return i, g, jump_showers.find_ellipses(bits, self.min_area)
+
+            for i, g, ellipses in context.map(search_plane, planes):
+                self.found += len(ellipses)
+                for ellipse in ellipses:
+                    region = jump_showers.draw_region(ellipse, i, g, self.expand_ratio, self.max_width,
+                                                      (meta.ny, meta.nx))
+                    if region is not None:
+                        self.regions.append(region)
+        finally:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+
+    # -- band pass proper --------------------------------------------------------------------
+    def apply(self, chunk, gain):
+        lo = chunk.rows.start + chunk.core.indices(chunk.nrows)[0]
+        hi = chunk.rows.start + chunk.core.indices(chunk.nrows)[1]
+        regions = [r for r in self.regions if r.rows.start < hi and r.rows.stop > lo]
+        if not regions:
+            return
+        core = chunk.core
+        after = chunk.groupdq[:, :, core]
+        before = after.copy()
+        jump_showers.apply_regions(after, chunk.pixeldq[core], regions, self.groups_masked, row0=lo)
+        jump_showers.revert_large_changes(chunk.data[:, :, core], gain[core], before, after,
+                                          self.max_amplitude)
+
+
+class SnowballSearch:
+    """The jump step's snowball search (``expand_large_events``) across the engine's
+    passes (algorithm: :mod:`streamdet.plugins.jump_showers`): the extra band pass keeps
+    each band's JUMP_DET and SATURATED bits bit-packed; between the passes each
+    integration is searched group by group (whole planes); every later pass replays the
+    operations found on its bands, halo rows included."""
+
+    gather_halo = 0
+
+    def __init__(self, params, meta):
+        self.meta = meta
+        self.options = jump_showers.SnowballOptions(
+            min_jump_area=params["min_jump_area"], min_sat_area=params["min_sat_area"],
+            expand_factor=params["expand_factor"], sat_required=params["sat_required_snowball"],
+            min_sat_radius_extend=params["min_sat_radius_extend"],
+            sat_expand=params["sat_expand"] * 2,  # as jwst's JumpStep passes it
+            edge_size=params["edge_size"], max_width=2 * params["max_extended_radius"],
+            persist_next_int=params["mask_snowball_core_next_int"],
+            persist_groups=int(params["snowball_time_masked_next_int"] // meta.group_time))
+        self.stores = None
+        self.result = None
+        self.found = None
+        self.lock = threading.Lock()
+
+    def gather(self, chunk, all_dnu, gain, readnoise, context):
+        meta = self.meta
+        with self.lock:
+            if self.stores is None:
+                shape = (meta.nints, meta.ngroups, meta.ny, (meta.nx + 7) // 8)
+                self.stores = {bit: _PlaneStore(shape, context.scratch_dir, ShowerSearch.IN_MEMORY_BYTES)
+                               for bit in (JUMP_DET, SATURATED)}
+        core = chunk.groupdq[:, :, chunk.core]
+        row = chunk.rows.start + chunk.core.indices(chunk.nrows)[0]
+        for bit, store in self.stores.items():
+            for i in range(meta.nints):
+                for g in range(meta.ngroups):
+                    store.write(i, g, row, np.packbits((core[i, g] & np.uint8(bit)) != 0, axis=1))
+
+    def search(self, all_dnu, context):
+        meta = self.meta
+        try:
+            def one(i):
+                def plane(bit, g):
+                    return np.unpackbits(self.stores[bit].read(i, g), axis=1, count=meta.nx).astype(bool)
+                return jump_showers.search_integration_snowballs(
+                    i, lambda g: plane(JUMP_DET, g), lambda g: plane(SATURATED, g), meta.ngroups,
+                    (meta.ny, meta.nx), self.options)
+
+            operations, persist, count = [], [], 0
+            for ops, pers, n in context.map(one, range(meta.nints)):
+                operations += ops
+                persist += pers
+                count += n
+            opts = self.options
+            keep = opts.persist_next_int and opts.persist_groups >= 1
+            self.result = jump_showers.Snowballs(operations, persist if keep else [],
+                                                 slice(1, min(opts.persist_groups, meta.ngroups)), count)
+            self.found = count
+        finally:
+            if self.stores is not None:
+                for store in self.stores.values():
+                    store.close()
+                self.stores = None
+
+    def apply(self, chunk, gain):
+        jump_showers.apply_snowballs(chunk.groupdq, self.result, row0=chunk.rows.start)
+
+
+class _PlaneStore:
+    """Bit-packed emission planes [nints, ngroups, ny, row_bytes]: a numpy array when
+    small, else a scratch file moved with positioned reads and writes (its own directory,
+    removed on close)."""
+
+    def __init__(self, shape, directory, in_memory_bytes):
+        self.shape = shape
+        self.plane_bytes = shape[2] * shape[3]
+        self.dir = None
+        if int(np.prod(shape)) <= in_memory_bytes:
+            self.array = np.zeros(shape, np.uint8)
+            return
+        self.dir = tempfile.mkdtemp(prefix="streamdet-showers-", dir=directory)
+        self.fd = os.open(os.path.join(self.dir, "emission.raw"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, int(np.prod(shape)))
+
+    def _offset(self, i, g, row):
+        return ((i * self.shape[1] + g) * self.shape[2] + row) * self.shape[3]
+
+    def write(self, i, g, row, packed):
+        if self.dir is None:
+            self.array[i, g, row:row + packed.shape[0]] = packed
+            return
+        data = np.ascontiguousarray(packed).tobytes()
+        if os.pwrite(self.fd, data, self._offset(i, g, row)) != len(data):
+            raise OSError(f"short write to the shower scratch file in {self.dir}")
+
+    def read(self, i, g):
+        if self.dir is None:
+            return self.array[i, g]
+        data = os.pread(self.fd, self.plane_bytes, self._offset(i, g, 0))
+        if len(data) != self.plane_bytes:
+            raise OSError(f"short read from the shower scratch file in {self.dir}")
+        return np.frombuffer(data, np.uint8).reshape(self.shape[2], self.shape[3])
+
+    def close(self):
+        if self.dir is not None:
+            os.close(self.fd)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self.array = None
 
 
 @hookimpl

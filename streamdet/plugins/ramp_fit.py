@@ -720,8 +720,14 @@ class RampFitStep(Step):
 
     def _plan(self) -> GroupDiscard:
         where = self.meta.path
+        dnu = (self.common & np.uint8(DO_NOT_USE)) != 0
+        # jump's large-event searches may take DO_NOT_USE off a group (a snowball core
+        # flagged SATURATED to the last group): the discard follows what jump left
+        after_jump = self.meta.state.get("jump_dnu_everywhere")
+        if after_jump is not None:
+            dnu &= np.asarray(after_jump).all(axis=0)
         try:
-            discard = plan_group_discard((self.common & np.uint8(DO_NOT_USE)) != 0)
+            discard = plan_group_discard(dnu)
         except UnusableExposureError as exc:
             raise BadInputError(f"{where}: no rate can be made: {exc}") from None
         if self.common[discard.n_leading] & np.uint8(SATURATED):
