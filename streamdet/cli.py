@@ -61,7 +61,8 @@ def process(
     set_: List[str] = typer.Option([], "--set", help="STEP.PARAM=VALUE (repeatable)"),
     override: List[str] = typer.Option([], "--override", help="REFTYPE=PATH or REFTYPE=N/A (repeatable)"),
     use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable)"),
-    save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
+    save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp as ramp_fit receives it, as _ramp.fits (jwst's save_calibrated_ramp)"),
+    save_after: List[str] = typer.Option([], "--save-after", help="STEP: also write the ramp as it leaves STEP, as _STEP.fits (repeatable)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS, else all usable CPUs)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="print only errors"),
@@ -92,6 +93,7 @@ def process(
         run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
                              output_dir=output_dir, overwrite=overwrite, registry=registry)
         run.save_ramp = save_ramp
+        run.save_after = tuple(save_after)
         if threads is not None:
             run.threads = threads
     except Exception as exc:
