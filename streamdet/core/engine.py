@@ -48,7 +48,7 @@ from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .plugins import Observers, Registry, get_registry
 from .products import (JWST_MIRI_REFERENCES, JWST_MIRI_STEPS, CubeStore, InputMetadata, ProductRecord, RateArrays,
-                       check_writable, ref_keyword, write_products, write_ramp)
+                       check_writable, ref_keyword, warm_up, write_products, write_ramp)
 from .step import Chunk, Granularity, Step
 
 # the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
@@ -258,6 +258,7 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
 
 
 def _process_file(path, config, registry, on_progress) -> Result:
+    warm_up()  # the products' schemas load while references are looked up
     config = config or RunConfig()
     registry = registry or get_registry()
     observers = Observers(registry.pm, where=path)

@@ -24,6 +24,7 @@ import os
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -193,10 +194,80 @@ def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None
 # -- the input's metadata, as jwst's models see it ------------------------------------------
 
 def datamodels():
-    """``stdatamodels.jwst.datamodels`` (imported on first use: about 0.7 s)."""
+    """``stdatamodels.jwst.datamodels`` (imported on first use: about 0.2 s)."""
     from stdatamodels.jwst import datamodels as dm  # noqa: PLC0415
 
     return dm
+
+
+#: the asdf plugins (entry points) the products need: asdf's core extensions and the
+#: schemas of the ASDF standard and of the JWST datamodels. No value in the products'
+#: trees is an astropy, gwcs or transform object, which would need other extensions.
+_ASDF_PLUGINS = {"asdf.extensions": ("asdf._core._integration:get_extensions",),
+                 "asdf.resource_mappings": (
+                     "asdf_standard.integration:get_resource_mappings",
+                     "stdatamodels.jwst.datamodels.integration:get_resource_mappings",
+                     "asdf._core._integration:get_json_schema_resource_mappings")}
+_plugins: dict | None = None
+_plugins_lock = threading.Lock()
+
+
+def _product_plugins() -> dict | None:
+    """The extensions and the resource manager of :data:`_ASDF_PLUGINS`, loaded once;
+    None if that fails (then asdf's own configuration serves).
+
+    asdf otherwise loads every installed package's plugins when a model is first made
+    (asdf-astropy, gwcs and, through it, scipy.optimize: about 0.5 s of CPU in a
+    one-shot run)."""
+    global _plugins
+    with _plugins_lock:
+        if _plugins is None:
+            try:
+                from importlib.metadata import entry_points  # noqa: PLC0415
+
+                from asdf.extension import ExtensionProxy  # noqa: PLC0415
+                from asdf.resource import ResourceManager, ResourceMappingProxy  # noqa: PLC0415
+
+                import asdf  # noqa: PLC0415
+
+                def load(group, proxy) -> list:
+                    points = {p.value: p for p in entry_points(group=group)}
+                    found = []
+                    for value in _ASDF_PLUGINS[group]:
+                        point = points[value]
+                        elements = point.load()()
+                        for element in elements if isinstance(elements, list) else [elements]:
+                            found.append(proxy(element, package_name=point.dist.name,
+                                               package_version=point.dist.version))
+                    return found
+
+                mappings = load("asdf.resource_mappings", ResourceMappingProxy)
+                manager = ResourceManager(mappings)
+                with asdf.config_context() as config:  # the core extensions read manifests
+                    config._resource_mappings, config._resource_manager = mappings, manager
+                    extensions = load("asdf.extensions", ExtensionProxy)
+                _plugins = {"extensions": extensions, "resource_mappings": mappings,
+                            "resource_manager": manager}
+            except Exception:  # an asdf without these internals: its own full configuration
+                _plugins = {}
+    return _plugins or None
+
+
+@contextmanager
+def _asdf_scope():
+    """This thread's asdf configuration while it makes or writes products: only the
+    extensions the products need (asdf keeps one configuration stack per thread)."""
+    plugins = _product_plugins()
+    if plugins is None:
+        yield
+        return
+    import asdf  # noqa: PLC0415
+
+    with asdf.config_context() as config:
+        config._extensions = list(plugins["extensions"])
+        config._resource_mappings = list(plugins["resource_mappings"])
+        config._resource_manager = plugins["resource_manager"]
+        yield
 
 
 #: keywords that describe the data layout of an HDU, not the exposure
@@ -205,6 +276,26 @@ _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS
                "CHECKSUM", "DATASUM"}
 
 _background = ThreadPoolExecutor(1, thread_name_prefix="streamdet-meta")
+_warm: Future | None = None
+_warm_lock = threading.Lock()
+
+
+def warm_up() -> None:
+    """Start loading stdatamodels, asdf's extensions and the products' schemas (about
+    0.6 s of CPU, once per process) on a background thread; called when a run starts, so
+    that it overlaps the reference look-up, which keeps one core busy only."""
+    global _warm
+    with _warm_lock:
+        if _warm is None:
+            _warm = _background.submit(_load_schemas)
+
+
+def _load_schemas() -> None:
+    dm = datamodels()
+    with _asdf_scope(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kind in MODEL_OF.values():
+            getattr(dm, kind)()
 
 
 class InputMetadata:
@@ -222,18 +313,14 @@ class InputMetadata:
             if table is not None and table.data is not None:
                 hdus.append(fits.BinTableHDU(data=table.data.copy(), header=table.header.copy(),
                                              name=name))
-        model_type = str(meta.header.get("DATAMODL", "")).strip()
-        self.model_type = "RampModel" if model_type == "RampModel" else "Level1bModel"
+        warm_up()
+        # jwst's ramp_fit carries the metadata of the RampModel it fits
         self._future: Future = _background.submit(self._build, fits.HDUList(hdus))
 
     def _build(self, hdulist: fits.HDUList):
-        dm = datamodels()
-        with warnings.catch_warnings():
+        with _asdf_scope(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = getattr(dm, self.model_type)(hdulist)
-            for kind in MODEL_OF.values():  # the schemas, loaded while the engine works
-                getattr(dm, kind)()
-        return model
+            return datamodels().RampModel(hdulist)
 
     def model(self):
         return self._future.result()
@@ -320,14 +407,17 @@ def build_model(kind: str, source, record: ProductRecord, arrays: dict[str, np.n
                 tables: dict[str, Any] | None = None):
     """A product model: the input's metadata carried over as jwst's ramp_fit does,
     then this run's keywords, history and provenance, then ``arrays``."""
-    dm = datamodels()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = getattr(dm, MODEL_OF[kind])()
-        model.update(source)
-        for name, value in (tables or {}).items():
-            if value is not None:
-                setattr(model, name, value)
+    with _asdf_scope(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stdatamodels' deprecation notices
+        return _build_model(kind, source, record, arrays, tables)
+
+
+def _build_model(kind, source, record, arrays, tables):
+    model = getattr(datamodels(), MODEL_OF[kind])()
+    model.update(source)
+    for name, value in (tables or {}).items():
+        if value is not None:
+            setattr(model, name, value)
     for keyword, value in record.keywords.items():
         _set_keyword(model, keyword, value)
     for keyword, value in record.defaults.items():
@@ -368,7 +458,7 @@ def _write_model(model, final: Path, tmp: Path, store: "CubeStore | None" = None
     extensions of ``store`` are streamed from it (the model holds placeholders)."""
     from stdatamodels import fits_support  # noqa: PLC0415
 
-    with warnings.catch_warnings():
+    with _asdf_scope(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.on_save(str(final))
         model.meta.filename = fits_safe(final.name)
