@@ -412,7 +412,9 @@ def product_record(chain: list[Step], resolved: dict[str, refmod.Resolved],
             status = "DONE IN INPUT"
         else:
             status = "SKIPPED" if step.skip else "COMPLETE"
-            if step.status_keyword:
+            # jwst's steps are recorded run or not, as jwst does; a step jwst lacks (a
+            # plugin's) only when it ran, so the default set is exactly jwst's
+            if step.status_keyword and (name in jwst_keyword or not step.skip):
                 keywords[step.status_keyword] = status
             if not step.skip:
                 keywords.update(finished.get(name, {}))  # a step's own keywords win
