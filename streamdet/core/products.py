@@ -125,6 +125,11 @@ RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
 
 
 
+# astropy says so for every long comment stdatamodels writes (jwst silences it too); a
+# filter for the whole process, as warnings.catch_warnings is not safe across the
+# threads that write products
+warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+
 #: the products' model classes (stdatamodels.jwst.datamodels)
 MODEL_OF = {"rate": "ImageModel", "rateints": "CubeModel", "ramp": "RampModel"}
 
@@ -292,8 +297,7 @@ def warm_up() -> None:
 
 def _load_schemas() -> None:
     dm = datamodels()
-    with _asdf_scope(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _asdf_scope():
         for kind in MODEL_OF.values():
             getattr(dm, kind)()
 
@@ -318,8 +322,7 @@ class InputMetadata:
         self._future: Future = _background.submit(self._build, fits.HDUList(hdus))
 
     def _build(self, hdulist: fits.HDUList):
-        with _asdf_scope(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _asdf_scope():
             return datamodels().RampModel(hdulist)
 
     def model(self):
@@ -407,8 +410,7 @@ def build_model(kind: str, source, record: ProductRecord, arrays: dict[str, np.n
                 tables: dict[str, Any] | None = None):
     """A product model: the input's metadata carried over as jwst's ramp_fit does,
     then this run's keywords, history and provenance, then ``arrays``."""
-    with _asdf_scope(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # stdatamodels' deprecation notices
+    with _asdf_scope():
         return _build_model(kind, source, record, arrays, tables)
 
 
@@ -431,7 +433,7 @@ def _build_model(kind, source, record, arrays, tables):
     model.meta.calibration_software_revision = f"streamdet {streamdet.__version__}"
     _set_keyword(model, "FILETYPE", FILETYPE_OF[kind], "type of data in the file")
     for line in record.history:
-        model.history.append(line)
+        model.add_history_entry(line)
     model.streamdet = record.provenance
     model.cal_logs = {"streamdet": list(record.log)}
     for name, array in arrays.items():
@@ -458,8 +460,7 @@ def _write_model(model, final: Path, tmp: Path, store: "CubeStore | None" = None
     extensions of ``store`` are streamed from it (the model holds placeholders)."""
     from stdatamodels import fits_support  # noqa: PLC0415
 
-    with _asdf_scope(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _asdf_scope():
         model.on_save(str(final))
         model.meta.filename = fits_safe(final.name)
         hdulist = fits_support.to_fits(model._instance, model._schema)
