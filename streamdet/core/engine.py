@@ -343,8 +343,11 @@ def _process_file(path, config, registry, on_progress) -> Result:
 def _resume(chain: list[Step], meta: ExposureMeta) -> set[str]:
     """A partly calibrated ramp records in S_* which steps it went through (COMPLETE or
     SKIPPED): those do not run again; their keywords come with the input's metadata.
-    Returns the names of those steps."""
-    done = set()
+    Returns the names of those steps. Only a RampModel resumes: a Level 1B file's
+    S_* keywords (none in real ones) say nothing of its data."""
+    done: set[str] = set()
+    if str(meta.header.get("DATAMODL", "")).strip() != "RampModel":
+        return done
     for step in chain:
         status = step.status_keyword and meta.header.get(step.status_keyword)
         if status is not None and str(status).strip() in ("COMPLETE", "SKIPPED"):
