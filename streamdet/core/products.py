@@ -18,7 +18,7 @@ place, so a reader never sees a partial product.
 
 from __future__ import annotations
 
-import datetime as _dt
+import io
 import mmap
 import os
 import tempfile
@@ -129,6 +129,9 @@ RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
 # filter for the whole process, as warnings.catch_warnings is not safe across the
 # threads that write products
 warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+
+#: bytes of a FITS block (a blank primary header is one)
+_BLOCK = 2880
 
 #: the products' model classes (stdatamodels.jwst.datamodels)
 MODEL_OF = {"rate": "ImageModel", "rateints": "CubeModel", "ramp": "RampModel"}
@@ -415,7 +418,8 @@ def build_model(kind: str, source, record: ProductRecord, arrays: dict[str, np.n
 
 
 def _build_model(kind, source, record, arrays, tables):
-    model = getattr(datamodels(), MODEL_OF[kind])()
+    # validated once, as a whole, when written (to_fits), not at every assignment
+    model = getattr(datamodels(), MODEL_OF[kind])(validate_on_assignment=False)
     model.update(source)
     for name, value in (tables or {}).items():
         if value is not None:
@@ -473,12 +477,14 @@ def _write_model(model, final: Path, tmp: Path, store: "CubeStore | None" = None
         def flush() -> None:
             if not pending:
                 return
-            if not tmp.exists() or tmp.stat().st_size == 0:
+            if tmp.stat().st_size == 0:
                 fits.HDUList(pending).writeto(tmp, overwrite=True)
-            else:
-                with fits.open(tmp, mode="append") as out:
-                    for hdu in pending:
-                        out.append(hdu)
+            else:  # small extensions after a streamed one: written behind a blank
+                # primary header (one block) that is left out
+                buffer = io.BytesIO()
+                fits.HDUList([fits.PrimaryHDU(), *pending]).writeto(buffer)
+                with open(tmp, "ab") as out:
+                    out.write(buffer.getbuffer()[_BLOCK:])
             pending.clear()
 
         for hdu in hdulist:
