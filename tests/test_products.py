@@ -190,10 +190,14 @@ def test_save_ramp_overwrite_never_replaces_the_input(sim, cli_env, tmp_path):
 def test_non_ascii_input_name_is_processed_and_recorded_fits_safe(sim, cli_env, tmp_path):
     odd = tmp_path / "jw09999001001_01101_00001_mirimage_é–x_uncal.fits"
     shutil.copy(sim.uncal, odd)
-    result = run_cli(["process", odd, "-o", tmp_path / "out"], cli_env, tmp_path)
+    gain = tmp_path / "gäin.fits"  # a reference path is recorded in R_GAIN
+    shutil.copy(sim.refs["gain"], gain)
+    result = run_cli(["process", odd, "-o", tmp_path / "out", "--override", f"gain={gain}"],
+                     cli_env, tmp_path)
     assert result.returncode == 0, result.stderr
     rate = tmp_path / "out" / "jw09999001001_01101_00001_mirimage_é–x_rate.fits"
     with fits.open(rate) as hdul:
         recorded = hdul[0].header["FILENAME"]
+        assert hdul[0].header["R_GAIN"].endswith("/g\\xe4in.fits")
     assert recorded.isascii() and recorded.isprintable()
     assert recorded == "jw09999001001_01101_00001_mirimage_\\xe9\\u2013x_rate.fits"

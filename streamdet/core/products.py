@@ -396,6 +396,8 @@ def _has_keyword(model, keyword: str) -> bool:
 
 
 def _set_keyword(model, keyword: str, value: Any, comment: str = "") -> None:
+    if isinstance(value, str):  # e.g. an --override path: a FITS card holds ASCII only
+        value = fits_safe(value)
     path = _keyword_path(model, keyword)
     if path is None:  # not in the schema (a plugin step's status...): carried as extra FITS
         extra = model._instance.setdefault("extra_fits", {}).setdefault("PRIMARY", {})
