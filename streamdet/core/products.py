@@ -306,9 +306,15 @@ def _load_schemas() -> None:
 
 
 class InputMetadata:
-    """The input's metadata as a stdatamodels model (Level1bModel, or RampModel for a
-    partly calibrated ramp), built from copies of its headers and small tables on a
-    background thread, so that the schema loading overlaps the processing."""
+    """The input's metadata as a stdatamodels RampModel (what jwst's ramp_fit carries
+    over), built from copies of its headers and small tables, never from its SCI.
+
+    The schemas load on a background thread from the run's start (:func:`warm_up`); the
+    model itself is built on first use, by the writing thread, so that the schema's
+    complaints about the input's values can be caught (``warnings.catch_warnings`` is
+    not thread-safe): a value the schema refuses is not carried over, as in jwst, and is
+    listed in :attr:`rejected` (recorded in the products' provenance) rather than
+    printed."""
 
     def __init__(self, meta: ExposureMeta):
         primary = fits.PrimaryHDU(header=_layout_free(meta.header))
@@ -320,16 +326,26 @@ class InputMetadata:
             if table is not None and table.data is not None:
                 hdus.append(fits.BinTableHDU(data=table.data.copy(), header=table.header.copy(),
                                              name=name))
+        self._hdulist = fits.HDUList(hdus)
+        self._model = None
+        self.rejected: list[str] = []
         warm_up()
-        # jwst's ramp_fit carries the metadata of the RampModel it fits
-        self._future: Future = _background.submit(self._build, fits.HDUList(hdus))
-
-    def _build(self, hdulist: fits.HDUList):
-        with _asdf_scope():
-            return datamodels().RampModel(hdulist)
 
     def model(self):
-        return self._future.result()
+        if self._model is None:
+            if _warm is not None:
+                _warm.result()
+            from stdatamodels.validate import ValidationWarning  # noqa: PLC0415
+
+            with _asdf_scope(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ValidationWarning)
+                self._model = datamodels().RampModel(self._hdulist)
+            self.rejected = [" ".join(str(w.message).split())[:300] for w in caught
+                             if issubclass(w.category, ValidationWarning)]
+            for w in caught:  # anything else is shown as usual
+                if not issubclass(w.category, ValidationWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return self._model
 
 
 def _layout_free(header: fits.Header) -> fits.Header:
@@ -542,6 +558,8 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
     written: list[tuple[Path, Path]] = []
     try:
         src = source.model()
+        if source.rejected:
+            record.provenance["input_values_not_carried"] = list(source.rejected)
         jobs = []
         for kind, arrays in (("rate", rate), ("rateints", rateints)):
             streamed = isinstance(arrays, CubeStore)
@@ -575,6 +593,8 @@ def write_ramp(meta: ExposureMeta, path: Path, store: "CubeStore", pixeldq: np.n
     tmp = _temporary(path)
     try:
         src = source.model()
+        if source.rejected:
+            record.provenance["input_values_not_carried"] = list(source.rejected)
         avdrk = (np.zeros((meta.ny, meta.nx), np.float32) if average_dark_current is None
                  else np.asarray(average_dark_current, np.float32))
         arrays = {"data": _zeros(store.shape, np.float32),
