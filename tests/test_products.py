@@ -201,3 +201,27 @@ def test_non_ascii_input_name_is_processed_and_recorded_fits_safe(sim, cli_env, 
         assert hdul[0].header["R_GAIN"].endswith("/g\\xe4in.fits")
     assert recorded.isascii() and recorded.isprintable()
     assert recorded == "jw09999001001_01101_00001_mirimage_\\xe9\\u2013x_rate.fits"
+
+
+def test_input_values_the_schema_refuses_are_listed_not_carried(sim, crds_env, tmp_path):
+    from stdatamodels.jwst import datamodels
+
+    odd = tmp_path / "odd_uncal.fits"
+    shutil.copy(sim.uncal, odd)
+    with fits.open(odd, mode="update") as hdul:
+        hdul[0].header["EXPSTART"] = "not a date"
+    products = process_file(odd, RunConfig(output_dir=tmp_path / "out")).products
+    assert "EXPSTART" not in fits.getheader(products["rate"])
+    with datamodels.open(products["rate"]) as model:
+        rejected = model.instance["streamdet"]["input_values_not_carried"]
+    assert len(rejected) == 1 and "meta.exposure.start_time" in rejected[0]
+
+
+@pytest.mark.parametrize("step, message", [("nosuch", "no such step"),
+                                           ("ramp_fit", "makes the rate products")])
+def test_save_after_a_step_that_cannot_be_saved_is_bad_input(sim, crds_env, tmp_path, step, message):
+    from streamdet.core.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=message):
+        process_file(sim.uncal, RunConfig(output_dir=tmp_path, save_after=(step,)))
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
