@@ -215,3 +215,17 @@ def test_strun_ramp_fit_on_our_ramp_reproduces_our_rate(exposure, runs, tmp_path
         assert [h.name for h in ours] == [h.name for h in theirs]
         for ext in ("SCI", "PIXELDQ", "GROUPDQ", "AVDRKCUR"):
             np.testing.assert_allclose(ours[ext].data, theirs[ext].data, rtol=1e-5, err_msg=ext)
+
+
+def test_jwst_calibrated_ramp_resumes_in_streamdet(exposure, runs, tmp_path):
+    """jwst's own ``_ramp.fits`` (save_calibrated_ramp) is a partly calibrated ramp like
+    ours: streamdet runs only ramp_fit on it and gives jwst's rate."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRDS_")}
+    env.update(exposure.env)
+    done = subprocess.run([*CLI, "process", str(runs["jwst"]["ramp"]), "-o", str(tmp_path), "-v"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    ran = [line.split()[0] for line in done.stderr.splitlines() if line.split()[-1:] == ["ran"]]
+    assert ran == ["ramp_fit"], done.stderr
+    for kind in ("rate", "rateints"):
+        assert_parity(tmp_path / runs["jwst"][kind].name, runs["jwst"][kind])

@@ -47,8 +47,9 @@ from .buffers import ThreadBuffers
 from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .plugins import Observers, Registry, get_registry
-from .products import (JWST_MIRI_REFERENCES, JWST_MIRI_STEPS, CubeStore, InputMetadata, ProductRecord, RateArrays,
-                       check_writable, ref_keyword, warm_up, write_products, write_ramp)
+from .products import (JWST_MIRI_REFERENCES, JWST_MIRI_STEPS, CubeStore, InputMetadata,
+                       ProductRecord, RateArrays, check_writable, ref_keyword, warm_up,
+                       write_products, write_ramp)
 from .step import Chunk, Granularity, Step
 
 # the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
