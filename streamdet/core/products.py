@@ -5,7 +5,8 @@
 so they carry the ASDF extension stpipe reads, validate against the schemas, and hold the
 input's metadata the way jwst's ramp_fit carries it (``model.update(input)``: every
 PRIMARY and SCI keyword the schema maps). The input's metadata model is built from its
-headers alone, in the background while the exposure streams through the engine.
+headers alone; the schemas it needs load in the background while the exposure streams
+through the engine.
 
 Arrays that grow with the number of integrations (rateints, ramps) stay in scratch files
 (:class:`CubeStore`): stdatamodels writes every header and the ASDF extension while the
