@@ -340,13 +340,36 @@ class InputMetadata:
 
             with _asdf_scope(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ValidationWarning)
-                self._model = datamodels().RampModel(self._hdulist)
-            self.rejected = [" ".join(str(w.message).split())[:300] for w in caught
-                             if issubclass(w.category, ValidationWarning)]
+                try:
+                    self._model = datamodels().RampModel(self._hdulist)
+                except Exception as exc:  # metadata must not cost the products
+                    self._model = self._without_unreadable_cards(exc)
+            self.rejected += [" ".join(str(w.message).split())[:300] for w in caught
+                              if issubclass(w.category, ValidationWarning)]
             for w in caught:  # anything else is shown as usual
                 if not issubclass(w.category, ValidationWarning):
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return self._model
+
+    def _without_unreadable_cards(self, error: Exception):
+        """The model from the cards whose values astropy can read, or an empty one;
+        what was lost is listed in :attr:`rejected`."""
+        self.rejected.append(f"input metadata: {' '.join(str(error).split())[:300]}")
+        hdus = []
+        for hdu in self._hdulist[:2]:
+            header = fits.Header()
+            for card in hdu.header.cards:
+                try:
+                    card.verify("exception")
+                    header.append((card.keyword, card.value, card.comment), end=True)
+                except Exception:
+                    self.rejected.append(f"unreadable card {card.keyword!r}")
+            hdus.append(type(hdu)(header=header, name=hdu.name) if hdus else
+                        fits.PrimaryHDU(header=header))
+        try:
+            return datamodels().RampModel(fits.HDUList(hdus))
+        except Exception:
+            return datamodels().RampModel()
 
 
 def _layout_free(header: fits.Header) -> fits.Header:
