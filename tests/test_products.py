@@ -154,6 +154,13 @@ def test_resume_from_a_saved_ramp_gives_the_direct_rate(sim, crds_env, tmp_path,
         assert ran == ["jump", "ramp_fit"]  # refpix: subarray, skipped either way
     else:
         assert "dq_init" not in ran and "saturation" in ran
+    from stdatamodels.jwst import datamodels
+
+    with datamodels.open(resumed.products["rate"]) as model:
+        earlier = model.instance["streamdet"]["resumed_from"]  # the run that saved it
+        now = {s["step"]: s["status"] for s in model.instance["streamdet"]["steps"]}
+    assert {s["step"]: s["status"] for s in earlier["steps"]}["dq_init"] == "COMPLETE"
+    assert now["dq_init"] == "DONE IN INPUT" and now["ramp_fit"] == "COMPLETE"
     for kind in ("rate", "rateints"):
         assert_same_arrays(direct.products[kind], resumed.products[kind])
         for ext in (0, "SCI"):

@@ -256,7 +256,10 @@ class Exposure:
                    "group": self._hdul["GROUP"] if "GROUP" in self._hdul else None,
                    "avdrkcur": (np.array(self._hdul["AVDRKCUR"].data, np.float32)
                                 if is_ramp and "AVDRKCUR" in self._hdul
-                                and self._hdul["AVDRKCUR"].data is not None else None)},
+                                and self._hdul["AVDRKCUR"].data is not None else None),
+                   # a saved ramp's metadata tree (its provenance goes on with it)
+                   "asdf": (bytes(self._hdul["ASDF"].data[0][0]) if is_ramp
+                            and "ASDF" in self._hdul else None)},
         )
 
     def _check_data_present(self) -> None:

@@ -330,7 +330,30 @@ class InputMetadata:
         self._hdulist = fits.HDUList(hdus)
         self._model = None
         self.rejected: list[str] = []
+        self._asdf = meta.extra.get("asdf")
         warm_up()
+
+    def earlier_provenance(self) -> Any:
+        """The ``streamdet`` section of a saved ramp's metadata tree (the run that made
+        it), or None."""
+        if not self._asdf:
+            return None
+        if not hasattr(self, "_earlier"):
+            self._earlier = self._read_earlier()
+        return self._earlier
+
+    def _read_earlier(self) -> Any:
+        try:
+            import asdf  # noqa: PLC0415
+
+            with _asdf_scope(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with asdf.open(io.BytesIO(self._asdf), lazy_load=False, memmap=False,
+                               _force_raw_types=True) as tree:
+                    found = tree.tree.get("streamdet")
+                    return _plain(found) if found is not None else None
+        except Exception:  # a foreign or damaged tree: nothing to carry on
+            return None
 
     def model(self):
         if self._model is None:
@@ -370,6 +393,15 @@ class InputMetadata:
             return datamodels().RampModel(fits.HDUList(hdus))
         except Exception:
             return datamodels().RampModel()
+
+
+def _plain(node: Any) -> Any:
+    """``node`` as plain dicts, lists and scalars."""
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node.item() if isinstance(node, np.generic) else node
 
 
 def _layout_free(header: fits.Header) -> fits.Header:
@@ -487,6 +519,16 @@ def _build_model(kind, source, record, arrays, tables):
     return model
 
 
+def _note_input(record: ProductRecord, source: InputMetadata) -> None:
+    """What the provenance says of the input: values not carried, and the record of the
+    run that saved a ramp this run resumed from."""
+    if source.rejected:
+        record.provenance["input_values_not_carried"] = list(source.rejected)
+    earlier = source.earlier_provenance()
+    if earlier is not None and "resumed_from" not in record.provenance:
+        record.provenance["resumed_from"] = earlier
+
+
 def _zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A C-contiguous zero array whose pages are never touched: it stands for a stored
     array while stdatamodels makes the headers and the ASDF tree, and costs no memory."""
@@ -582,8 +624,7 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
     written: list[tuple[Path, Path]] = []
     try:
         src = source.model()
-        if source.rejected:
-            record.provenance["input_values_not_carried"] = list(source.rejected)
+        _note_input(record, source)
         jobs = []
         for kind, arrays in (("rate", rate), ("rateints", rateints)):
             streamed = isinstance(arrays, CubeStore)
@@ -617,8 +658,7 @@ def write_ramp(meta: ExposureMeta, path: Path, store: "CubeStore", pixeldq: np.n
     tmp = _temporary(path)
     try:
         src = source.model()
-        if source.rejected:
-            record.provenance["input_values_not_carried"] = list(source.rejected)
+        _note_input(record, source)
         avdrk = (np.zeros((meta.ny, meta.nx), np.float32) if average_dark_current is None
                  else np.asarray(average_dark_current, np.float32))
         arrays = {"data": _zeros(store.shape, np.float32),
