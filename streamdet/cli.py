@@ -48,7 +48,8 @@ def process(
     use: List[str] = typer.Option([], "--use", help="STEP=IMPL: choose an implementation (repeatable); STEP=stpipe:pkg.Class runs a published stpipe step instead"),
     pre_hook: List[str] = typer.Option([], "--pre-hook", help="STEP=pkg.Class: run an stpipe step before STEP, as jwst's pre_hooks (repeatable). Like --post-hook"),
     post_hook: List[str] = typer.Option([], "--post-hook", help="STEP=pkg.Class: run an stpipe step after STEP, as jwst's post_hooks (repeatable; e.g. jump=snowblind.SnowblindStep; after ramp_fit it gets the rate models). Parameters: --set ALIAS.PARAM=VALUE, ALIAS its class_alias. It gets one integration at a time (memory: one integration); --set ALIAS.granularity=exposure gives it the whole exposure at once, which then sits in memory whole, several times over (the ramp, the model, the step's copies)"),
-    save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp after jump as _ramp.fits"),
+    save_ramp: bool = typer.Option(False, "--save-ramp", help="also write the ramp as ramp_fit receives it, as _ramp.fits (jwst's save_calibrated_ramp)"),
+    save_after: List[str] = typer.Option([], "--save-after", help="STEP: also write the ramp as it leaves STEP, as _STEP.fits (repeatable)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="threads over row bands (default $STREAMDET_THREADS, else all usable CPUs)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing products"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="print only errors"),
@@ -82,6 +83,7 @@ def process(
                              post_hooks=post_hook)
         _log_to_stderr(quiet, verbose or debug)
         run.save_ramp = save_ramp or run.save_ramp
+        run.save_after = tuple(save_after)
         if threads is not None:
             run.threads = threads
         if save_parameters is not None:
@@ -421,13 +423,12 @@ def _jwst_spelling(argv: list[str]) -> list[str]:
     if not any(a.startswith("--steps.") for a in argv):
         return argv
     from .config import jwst_spelling
-    from .core.errors import BadInputError
+    from .core.errors import BadInputError, report
 
     try:
         return jwst_spelling(argv)
     except BadInputError as exc:
-        typer.echo(f"streamdet: error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(report(exc))
 
 
 def main() -> None:

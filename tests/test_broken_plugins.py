@@ -25,7 +25,7 @@ import pytest
 from streamdet import hookimpl
 from streamdet.core.plugins import PluginWarning
 from streamdet.plugins import MIRI_ORDER
-from streamdet.testing import run_chain
+from streamdet.testing import metadata_tree_text, run_chain
 
 #: distribution name -> (module name, module source)
 FAKES = {
@@ -292,6 +292,9 @@ def test_an_observer_that_raises_does_not_end_the_run(streamdet_sim, tmp_path):
         with fits.open(result.products[kind]) as a, fits.open(plain.products[kind]) as b:
             assert [h.name for h in a] == [h.name for h in b]
             for ours, theirs in zip(a[1:], b[1:]):
+                if ours.name == "ASDF":  # the metadata tree holds the time of writing
+                    assert metadata_tree_text(ours) == metadata_tree_text(theirs)
+                    continue
                 assert ours.data.tobytes() == theirs.data.tobytes(), f"{kind} {ours.name}"
             records = history_records(a[0].header)
             assert list(records) == [s.name for s in result.chain if not s.skip]

@@ -54,7 +54,9 @@ from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .parameters import Parameters, effective as effective_parameters
 from .plugins import Observers, Registry, get_registry
-from .products import CubeStore, RateArrays, check_writable, write_products, write_ramp
+from .products import (JWST_MIRI_REFERENCES, JWST_MIRI_STEPS, CubeStore, InputMetadata,
+                       ProductRecord, RateArrays, check_writable, ref_keyword, warm_up,
+                       write_products, write_ramp)
 from .step import Chunk, FrameContext, Granularity, Step
 
 # the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
@@ -113,7 +115,10 @@ class RunConfig:
     overrides: dict[str, str] = field(default_factory=dict)
     output_dir: Path | None = None
     overwrite: bool = False
+    #: write the ramp as ramp_fit receives it (``_ramp.fits``, jwst's save_calibrated_ramp)
     save_ramp: bool = False
+    #: steps after which the ramp is written (``_<step>.fits``, jwst's step save_results)
+    save_after: tuple[str, ...] = ()
     band_bytes: int = DEFAULT_BAND_BYTES
     rateints_in_memory_bytes: int = RATEINTS_IN_MEMORY_BYTES
     scratch_dir: Path | None = None
@@ -164,7 +169,10 @@ def build_chain(registry: Registry, config: RunConfig,
                 jwstparams.check_missing_step(name, values)
                 continue
             raise BadInputError(f"unknown step {name!r} in parameters (steps: {', '.join(known)})")
-    return [cls(params.get(cls.name, {})) for cls in classes]
+    chain = [cls(params.get(cls.name, {})) for cls in classes]
+    for step in chain:  # what was asked, before prepare or resume skip a step
+        step.skip_requested = step.skip
+    return chain
 
 
 class _Scratch:
@@ -255,9 +263,13 @@ def _check(code: int, where: Path) -> None:
         raise OSError(-code, f"scratch file I/O failed: {os.strerror(-code)}", str(where))
 
 
-def output_paths(meta: ExposureMeta, output_dir: Path | None, save_ramp: bool = False) -> dict[str, Path]:
+def output_paths(meta: ExposureMeta, output_dir: Path | None, save_ramp: bool = False,
+                 save_after: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Product kind -> path: ``rate``, ``rateints``, ``ramp`` (with ``save_ramp``) and
+    one ramp for each step of ``save_after``, keyed and suffixed by the step's name."""
     directory = Path(output_dir) if output_dir else meta.path.parent
     kinds = ("rate", "rateints", "ramp") if save_ramp else ("rate", "rateints")
+    kinds += tuple(dict.fromkeys(save_after))
     return {kind: directory / f"{meta.base_name}_{kind}.fits" for kind in kinds}
 
 
@@ -299,6 +311,7 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
 
 
 def _process_file(path, config, registry, on_progress, source_fd=None) -> Result:
+    warm_up()  # the products' schemas load while references are looked up
     config = config or RunConfig()
     registry = registry or get_registry()
     observers = Observers(registry.pm, where=path)
@@ -314,8 +327,16 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
             config = replace(config, threads=parameters.threads)
         if parameters.save_ramp and not config.save_ramp:
             config = replace(config, save_ramp=True)
-        outputs = output_paths(meta, config.output_dir, config.save_ramp)
+        names = [s.name for s in chain]
+        for name in config.save_after:
+            if name not in names:
+                raise BadInputError(f"--save-after {name}: no such step (steps: {', '.join(names)})")
+            if getattr(chain[names.index(name)], "produces_rate", False):
+                raise BadInputError(f"--save-after {name}: {name} makes the rate products themselves")
+        outputs = output_paths(meta, config.output_dir, config.save_ramp, config.save_after)
         check_writable(outputs.values(), config.overwrite, meta.path)
+        resumed = _resume(chain, meta)
+        source = InputMetadata(meta)  # loads the schemas in the background
 
         active = [s for s in chain if not s.skip]
         reftypes = list(dict.fromkeys(r for s in active for r in s.reftypes))
@@ -356,21 +377,26 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                 raise PluginError("the chain must end with a step that produces the rate "
                                   "(ramp_fit); it is skipped or followed by another step")
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
-            rate, rateints, ramp, scratch_dir = _run(exposure, refs, active, pixeldq, config, timings,
-                                                     observers, on_progress)
+            captures = _capture_points(chain, active, config)
+            rate, rateints, saved, scratch_dir = _run(exposure, refs, active, pixeldq, config,
+                                                      timings, observers, on_progress, captures)
             try:
                 for step in on_products:
                     t0 = time.perf_counter()
                     step.process_products(rate, rateints)
                     timings[step.name] += time.perf_counter() - t0
-                keywords = _keywords(chain, resolved)
-                history = [history_line(s) for s in chain if not s.skip]
-                history += [_cut(f"streamdet: {p.reftype}={p.header_value}", HISTORY_WIDTH)
-                            for p in parameters.pars]
                 t0 = time.perf_counter()
-                write_products(meta, outputs, rate, rateints, keywords, history)
-                if ramp is not None:
-                    write_ramp(meta, outputs["ramp"], ramp, pixeldq, keywords, history)
+                finished = {s.name: s.finish() for s in chain if not s.skip}
+                write_products(meta, outputs, rate, rateints,
+                               product_record(chain, resolved, finished, resumed,
+                                              parameters=parameters), source)
+                for kind, store in saved.items():
+                    upto = None if kind == "ramp" else kind
+                    write_ramp(meta, outputs[kind], store, pixeldq,
+                               product_record(chain, resolved, finished, resumed, upto=upto,
+                                              before_rate=kind == "ramp",
+                                              parameters=parameters),
+                               source, meta.state.get("average_dark_current"))
                 timings["write"] += time.perf_counter() - t0
             finally:
                 if scratch_dir is not None:
@@ -381,6 +407,140 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                      timings=dict(timings))
     return Result(outputs, dict(timings), chain, resolved, time.perf_counter() - started,
                   parameters)
+
+
+def _resume(chain: list[Step], meta: ExposureMeta) -> set[str]:
+    """A partly calibrated ramp records in S_* which steps it went through (COMPLETE or
+    SKIPPED): those do not run again; their keywords come with the input's metadata.
+    Returns the names of those steps. Only a RampModel resumes: a Level 1B file's
+    S_* keywords (none in real ones) say nothing of its data."""
+    done: set[str] = set()
+    if str(meta.header.get("DATAMODL", "")).strip() != "RampModel":
+        return done
+    for step in chain:
+        status = step.status_keyword and meta.header.get(step.status_keyword)
+        if status is not None and str(status).strip() in ("COMPLETE", "SKIPPED"):
+            step.skip = True
+            step.skip_reason = f"done in the input ({step.status_keyword}={str(status).strip()})"
+            done.add(step.name)
+    if "dark_current" in done and meta.extra.get("avdrkcur") is not None:
+        meta.state["average_dark_current"] = meta.extra["avdrkcur"]
+    return done
+
+
+def _capture_points(chain: list[Step], active: list[Step], config: RunConfig) -> dict[str, int]:
+    """Saved ramp kind -> how many active steps have run on the ramp it holds."""
+    points = {}
+    for name in config.save_after:
+        upto = [s.name for s in chain[:[c.name for c in chain].index(name) + 1]]
+        points[name] = sum(1 for s in active if s.name in upto)
+    if config.save_ramp:
+        points["ramp"] = len(active) - 1  # what the rate producer receives
+    return points
+
+
+def product_record(chain: list[Step], resolved: dict[str, refmod.Resolved],
+                   finished: dict[str, dict], resumed: set[str], upto: str | None = None,
+                   before_rate: bool = False, parameters: Parameters | None = None
+                   ) -> ProductRecord:
+    """What a product records of this run: the status keyword of every step (jwst's
+    whole MIRI set; up to step ``upto`` inclusive, or every step before the rate
+    producer with ``before_rate``), the references, the keywords of the steps that ran,
+    HISTORY, and the provenance (implementations, parameters that differ from their
+    defaults). Steps done in the input keep the input's keywords."""
+    names = [s.name for s in chain]
+    steps = {s.name: s for s in chain}
+    # jwst's steps that streamdet's chain lacks go after the chain step they follow in
+    # jwst's order, so that a cut after a step keeps exactly what jwst's would
+    order: list[str] = []
+    jwst_names = [n for n, _ in JWST_MIRI_STEPS]
+    for name in names:
+        order.append(name)
+    for i, (name, _) in enumerate(JWST_MIRI_STEPS):
+        if name in names:
+            continue
+        before = [n for n in jwst_names[:i] if n in order]
+        order.insert(order.index(before[-1]) + 1 if before else 0, name)
+    if upto is not None:
+        order = order[:order.index(upto) + 1]
+    elif before_rate:
+        producer = next(s.name for s in reversed(chain) if getattr(s, "produces_rate", False))
+        order = order[:order.index(producer)]
+    jwst_keyword = dict(JWST_MIRI_STEPS)
+    keywords: dict[str, object] = {}
+    defaults: dict[str, object] = {}
+    for reftype, res in resolved.items():
+        keywords[ref_keyword(reftype)] = res.header_value
+    contexts = {r.context for r in resolved.values() if r.context}
+    if contexts:
+        keywords["CRDS_CTX"] = sorted(contexts)[0]
+        keywords["CRDS_VER"] = refmod.crds_version()
+    history, log, provenance_steps = [], [], []
+    for name in order:
+        step = steps.get(name)
+        if step is None:
+            defaults[jwst_keyword[name]] = "SKIPPED"
+            continue
+        if name in resumed:
+            status = "DONE IN INPUT"
+        else:
+            status = "SKIPPED" if step.skip else "COMPLETE"
+            # jwst's steps are recorded run or not, as jwst does; a step jwst lacks (a
+            # plugin's) only when it ran, so the default set is exactly jwst's
+            if step.status_keyword and (name in jwst_keyword or not step.skip):
+                keywords[step.status_keyword] = status
+            if not step.skip:
+                keywords.update(finished.get(name, {}))  # a step's own keywords win
+                history.append(history_line(step))
+        changed = _changed_params(step)
+        provenance_steps.append({"step": name, "implementation": step.implementation,
+                                 "package": str(step.package),
+                                 "package_version": str(step.package_version),
+                                 "status": status, "reason": step.skip_reason,
+                                 "parameters": changed})
+        log.append(f"{name}: {status.lower()}, {step.implementation} ({step.package} "
+                   f"{step.package_version})"
+                   + (f": {step.skip_reason}" if step.skip_reason else "")
+                   + (f"; parameters differing from defaults: {changed}" if changed else ""))
+    for keyword in JWST_MIRI_REFERENCES:
+        if keyword not in keywords:
+            defaults[keyword] = refmod.NA
+    import streamdet  # noqa: PLC0415
+
+    if parameters is not None:
+        # the CRDS parameter references applied, one HISTORY card each, and where every
+        # value that differs from a default came from
+        history += [_cut(f"streamdet: {p.reftype}={p.header_value}", HISTORY_WIDTH)
+                    for p in parameters.pars]
+        log += [f"parameter {line}" for line in parameters.lines()]
+    provenance = {"software": "streamdet", "version": streamdet.__version__,
+                  "steps": provenance_steps,
+                  "parameter_sources": [] if parameters is None else [
+                      {"step": p.step, "name": p.name, "value": _plain(p.value),
+                       "source": p.source, "origin": p.origin} for p in parameters.settings],
+                  "references": {r: {"path": res.path or "N/A", "source": res.source}
+                                 for r, res in resolved.items()}}
+    return ProductRecord(keywords, history, provenance, log, defaults)
+
+
+def _plain(value):
+    """``value`` as ASDF can store it (numbers, strings, booleans, lists, None)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _changed_params(step: Step) -> dict[str, object]:
+    """The step's parameters whose values differ from the declared defaults."""
+    spec = step.all_params()
+    values = dict(step.params, skip=getattr(step, "skip_requested", step.skip))
+    out = {}
+    for name, value in values.items():
+        if name in spec and value != spec[name].default:
+            out[name] = value.item() if isinstance(value, np.generic) else value
+    return out
 
 
 def history_line(step: Step) -> str:
@@ -408,29 +568,6 @@ def history_line(step: Step) -> str:
 def _cut(text: str, width: int) -> str:
     """``text`` in at most ``width`` (>= 3) characters, a cut marked ``...``."""
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _keywords(chain: list[Step], resolved: dict[str, refmod.Resolved]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for reftype, res in resolved.items():
-        out[_REF_KEYWORDS.get(reftype, f"R_{reftype.upper()[:6]}")] = res.header_value
-    for step in chain:  # a step's own keywords win (it knows which reference it used)
-        if step.status_keyword:
-            out[step.status_keyword] = "SKIPPED" if step.skip else "COMPLETE"
-        if not step.skip:
-            out.update(step.finish())
-    contexts = {r.context for r in resolved.values() if r.context}
-    if contexts:
-        out["CRDS_CTX"] = sorted(contexts)[0]
-        out["CRDS_VER"] = refmod.crds_version()
-    return out
-
-
-#: the R_* keyword jwst writes for each reference type
-_REF_KEYWORDS = {"mask": "R_MASK", "saturation": "R_SATURA", "linearity": "R_LINEAR",
-                 "rscd": "R_RSCD", "dark": "R_DARK", "reset": "R_RESET", "gain": "R_GAIN",
-                 "readnoise": "R_READNO", "superbias": "R_SUPERB", "ipc": "R_IPC",
-                 "emicorr": "R_EMICOR", "refpix": "R_REFPIX"}
 
 
 class _Pool:
@@ -508,8 +645,14 @@ def stages(active: list[Step]) -> list[tuple[str, list[Step]]]:
     return out
 
 
-def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
-         timings: dict[str, float], observers: Observers, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
+def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeldq: np.ndarray,
+         config: RunConfig, timings: dict[str, float], observers: Observers, on_progress,
+         captures: dict[str, int] | None = None,
+         ) -> tuple[RateArrays, RateArrays | CubeStore, dict[str, CubeStore], Path | None]:
+    """The passes (see :func:`stages`). ``captures`` maps a saved ramp's kind to the number of active
+    steps that have run on the ramp it keeps; returns the rate arrays, the rateints
+    arrays (or their store), the saved ramps' stores and the scratch directory to
+    remove once they are written."""
     meta = exposure.meta
     passes = stages(active)
     producer = active[-1]
@@ -531,9 +674,29 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
     scratch = _Scratch(meta, config.scratch_dir, in_memory)
     other: _Scratch | None = None  # a second one, when a band pass is not the last pass
     spill_dir = None
+    saved: dict[str, CubeStore] = {}
     try:
-        # -- pass 1: integrations, in bands of rows when every step is pixel-local -------
+        # ramps to save, kept in scratch files as they leave the step they are saved after
+        if captures:
+            spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-products-", dir=config.scratch_dir))
+            for kind in captures:
+                (spill_dir / f"saved-{kind}").mkdir()
+                saved[kind] = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx),
+                                        spill_dir / f"saved-{kind}",
+                                        extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
         pass1, pass2 = passes[0][1], passes[1][1]
+        # per pass, its step index -> the stores filled just before that step runs (a
+        # ramp saved after the last step of pass 1 is taken there, not re-read later)
+        capture = [defaultdict(list) for _ in passes]
+        for kind, count in (captures or {}).items():
+            first = 0
+            for n, (_, steps) in enumerate(passes):
+                if count <= first + len(steps) if n == 0 else count < first + len(steps):
+                    capture[n][count - first].append(saved[kind])
+                    break
+                first += len(steps)
+        capture1 = capture[0]
+        # -- pass 1: integrations, in bands of rows when every step is pixel-local -------
         threads1 = threads_for(pass1 + pass2)  # the next pass's steps survey on these threads
         # margins[k]: rows beyond the core that step k's chunk must cover so that the
         # halos of it and of every later step are correct
@@ -567,6 +730,9 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                 chunk = Chunk(data[:, :, a - r0:b - r0], groupdq[:, :, a - r0:b - r0],
                               pixeldq[a:b], int_index[i:i + 1], slice(a, b),
                               core=slice(core.start - a, core.stop - a))
+                for store in capture1.get(k, ()):
+                    local = slice(core.start - r0, core.stop - r0)
+                    store.put(np.s_[i, :, core], (data[0, :, local], groupdq[0, :, local]))
                 if step is not None:
                     pool.step(step, chunk)
             for step in pass2:  # chunk now covers the core rows only
@@ -589,19 +755,12 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         rate = RateArrays.allocate((meta.ny, meta.nx))
         cube_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
         if cube_bytes > config.rateints_in_memory_bytes:
-            spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-rateints-", dir=config.scratch_dir))
-            rateints = CubeStore((meta.nints, meta.ny, meta.nx), spill_dir)
+            if spill_dir is None:
+                spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-rateints-", dir=config.scratch_dir))
+            (spill_dir / "rateints").mkdir()
+            rateints = CubeStore((meta.nints, meta.ny, meta.nx), spill_dir / "rateints")
         else:
             rateints = RateArrays.allocate((meta.nints, meta.ny, meta.nx))
-        ramp = None
-        if config.save_ramp:
-            if spill_dir is None:
-                spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-ramp-", dir=config.scratch_dir))
-            ramp_dir = spill_dir / "ramp"
-            ramp_dir.mkdir()
-            ramp = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx), ramp_dir,
-                             extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
-
         # -- the passes after the first: band passes, and integration passes between them
         for n, (kind, steps) in enumerate(passes[1:], start=1):
             last = n == len(passes) - 1
@@ -613,14 +772,15 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                         other = _Scratch(meta, config.scratch_dir, in_memory)
                     target = other
                 _band_pass(meta, steps, scratch, target, pixeldq, config, pool,
-                           threads_for(steps), rate, rateints, ramp, on_progress, label)
+                           threads_for(steps), rate, rateints, capture[n], on_progress, label)
                 if target is not None:
                     scratch, other = target, scratch
             else:
                 surveyors = passes[n + 1][1]
                 _integration_pass(meta, steps, surveyors, scratch, pixeldq, pool,
-                                  threads_for(steps + surveyors), on_progress, label)
-        return rate, rateints, ramp, spill_dir
+                                  threads_for(steps + surveyors), capture[n], on_progress,
+                                  label)
+        return rate, rateints, saved, spill_dir
     except BaseException:
         if spill_dir is not None:
             shutil.rmtree(spill_dir, ignore_errors=True)
@@ -634,11 +794,14 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
 
 def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: _Scratch | None,
                pixeldq: np.ndarray, config: RunConfig, pool: "_Pool", threads: int,
-               rate: RateArrays, rateints, ramp: CubeStore | None, on_progress, label: str) -> None:
+               rate: RateArrays, rateints, captures: dict[int, list[CubeStore]], on_progress,
+               label: str) -> None:
     """Bands of rows spanning every integration, read from ``source``, through ``steps``.
     The last band pass ends with the rate producer, whose results land in ``rate`` and
     ``rateints``; an earlier one writes its bands' core rows to ``target`` (``source``
-    stays as it was, so that the bands a step asks to re-run start from the same data)."""
+    stays as it was, so that the bands a step asks to re-run start from the same data).
+    ``captures``: step index -> saved-ramp stores that take the band's core rows just
+    before that step runs."""
     ny = meta.ny
     int_index = meta.int_index
     halo = max((s.halo for s in steps), default=0)
@@ -693,10 +856,10 @@ def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: 
             pool.add(gatherer.name, time.perf_counter() - t0)
             return
         result = None
-        for step in steps:
-            if ramp is not None and target is None and step is steps[-1]:
+        for j, step in enumerate(steps):
+            for store in captures.get(j, ()):
                 local = chunk.core
-                ramp.put(np.s_[:, :, core], (data[:, :, local], groupdq[:, :, local]))
+                store.put(np.s_[:, :, core], (data[:, :, local], groupdq[:, :, local]))
             result = pool.step(step, chunk)
         if target is not None:
             t0 = time.perf_counter()
@@ -731,7 +894,7 @@ def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: 
 
 def _integration_pass(meta: ExposureMeta, steps: list[Step], surveyors: list[Step],
                       scratch: _Scratch, pixeldq: np.ndarray, pool: "_Pool", threads: int,
-                      on_progress, label: str) -> None:
+                      captures: dict[int, list[CubeStore]], on_progress, label: str) -> None:
     """Each integration, whole, read back from ``scratch`` (the output of the band pass
     before), through ``steps``; the next band pass's steps survey it; written back in
     place (integrations are independent: nothing re-reads the old values). Memory: one
@@ -748,7 +911,9 @@ def _integration_pass(meta: ExposureMeta, steps: list[Step], surveyors: list[Ste
         pool.add("scratch", time.perf_counter() - t0)
         chunk = Chunk(data, groupdq, pixeldq, int_index[i:i + 1], slice(0, meta.ny),
                       core=slice(0, meta.ny))
-        for step in steps:
+        for j, step in enumerate(steps):
+            for store in captures.get(j, ()):
+                store.put(np.s_[i, :, 0:meta.ny], (data[0], groupdq[0]))
             pool.step(step, chunk)
         for step in surveyors:
             pool.step(step, chunk, survey=True)

@@ -74,12 +74,22 @@ class ExposureMeta:
         return product_base_name(self.path)
 
 
+#: file-name endings of the inputs streamdet takes: Level 1B, and ramps jwst or streamdet
+#: saved (``_ramp.fits``, or after a step: ``_jump.fits``, ``_dark_current.fits``...)
+_PRODUCT_SUFFIXES = ("_uncal.fits", "_ramp.fits") + tuple(
+    f"_{step}.fits" for step in ("dq_init", "saturation", "firstframe", "lastframe", "reset",
+                                 "linearity", "rscd", "dark_current", "refpix", "jump",
+                                 "group_scale", "emicorr", "ipc", "charge_migration",
+                                 "picture_frame", "clean_flicker_noise", "persistence")
+) + (".fits.gz", ".fits")
+
+
 def product_base_name(path: str | os.PathLike) -> str:
     """The base name of the products of the exposure file ``path`` (known without
     opening it): the file name without ``_uncal.fits`` (or its suffix)."""
     path = Path(path)
     name = path.name
-    for suffix in ("_uncal.fits", "_ramp.fits", ".fits.gz", ".fits"):
+    for suffix in _PRODUCT_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -210,7 +220,11 @@ class Exposure:
             raise _bad(p, f"SCI has {len(shape)} dimensions {tuple(shape)}; expected 4 "
                           "[nints, ngroups, ny, nx]")
         bitpix = sci.header.get("BITPIX")
-        if bitpix != 16:
+        # a partly calibrated ramp (RampModel, e.g. a saved _jump.fits) holds float32 DN
+        is_ramp = str(hdr.get("DATAMODL", "")).strip() == "RampModel"
+        if is_ramp and bitpix != -32:
+            raise _bad(p, f"a RampModel's SCI must hold 32-bit floats, not BITPIX={bitpix}")
+        if bitpix != 16 and not is_ramp:
             kind = {8: "8-bit integers", 32: "32-bit integers", 64: "64-bit integers",
                     -32: "32-bit floats", -64: "64-bit floats"}.get(bitpix, "an unknown type")
             raise _bad(p, f"SCI holds {kind} (BITPIX={bitpix}); a Level 1B ramp is 16-bit "
@@ -250,7 +264,14 @@ class Exposure:
             instrument=instrument, detector=str(hdr.get("DETECTOR", "")).strip().upper(),
             exp_type=str(hdr.get("EXP_TYPE", "")).strip().upper(),
             intstart=intstart, nints_total=nints_total, int_times=int_times,
-            extra={"sci_header": sci.header},
+            extra={"sci_header": sci.header,
+                   "group": self._hdul["GROUP"] if "GROUP" in self._hdul else None,
+                   "avdrkcur": (np.array(self._hdul["AVDRKCUR"].data, np.float32)
+                                if is_ramp and "AVDRKCUR" in self._hdul
+                                and self._hdul["AVDRKCUR"].data is not None else None),
+                   # a saved ramp's metadata tree (its provenance goes on with it)
+                   "asdf": (bytes(self._hdul["ASDF"].data[0][0]) if is_ramp
+                            and "ASDF" in self._hdul else None)},
         )
 
     def _check_data_present(self) -> None:
@@ -286,6 +307,9 @@ class Exposure:
     # -- data -----------------------------------------------------------------------------
     def _to_float(self, raw: np.ndarray, out: np.ndarray) -> None:
         """Stored 16-bit SCI values into float32 DN ``out`` (contiguous, same shape)."""
+        if raw.dtype.kind == "f":  # a saved ramp: float DN already
+            out[...] = raw
+            return
         if raw.dtype != np.dtype(">i2") or not raw.flags.c_contiguous:
             raw = np.ascontiguousarray(raw, dtype=">i2")
         _int16_to_float32(ptr(raw), ptr(out), raw.size, self._bscale, self._bzero,
@@ -303,11 +327,12 @@ class Exposure:
                                 self._raw.dtype)
         if out.size == 0:
             return out
-        plane_bytes = ny * nx * 2
+        item = self._raw.dtype.itemsize
+        plane_bytes = ny * nx * item
         want = out[0, 0].nbytes
         for k, i in enumerate(range(i0, i1)):
             for g in range(ngroups):
-                at = self._sci_offset + (i * ngroups + g) * plane_bytes + r0 * nx * 2
+                at = self._sci_offset + (i * ngroups + g) * plane_bytes + r0 * nx * item
                 got = os.preadv(self._fd, [out[k, g]], at)
                 if got != want:
                     raise _bad(self.path, f"SCI data ends early (integration {i + 1}, group "
@@ -338,7 +363,9 @@ class Exposure:
 
     def initial_pixeldq(self) -> np.ndarray:
         if self._pixeldq is not None:
-            return np.array(self._pixeldq, dtype=np.uint32)
+            # read unscaled: uint32 is stored as int32 with BZERO = 2**31
+            bzero = int(self._hdul["PIXELDQ"].header.get("BZERO", 0) or 0)
+            return (np.asarray(self._pixeldq).astype(np.int64) + bzero).astype(np.uint32)
         return np.zeros((self.meta.ny, self.meta.nx), dtype=np.uint32)
 
     def close(self) -> None:

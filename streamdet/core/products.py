@@ -1,5 +1,17 @@
-"""Rate products: the arrays a rate-producing step fills, and writing them as
-``_rate.fits`` (ImageModel) and ``_rateints.fits`` (CubeModel) that jwst reads as its own.
+"""Products: the arrays a rate-producing step fills, and writing them as jwst does.
+
+``_rate.fits`` (ImageModel), ``_rateints.fits`` (CubeModel) and the saved ramps
+(``_ramp.fits``, ``_<step>.fits``: RampModel) are built through stdatamodels' JWST models,
+so they carry the ASDF extension stpipe reads, validate against the schemas, and hold the
+input's metadata the way jwst's ramp_fit carries it (``model.update(input)``: every
+PRIMARY and SCI keyword the schema maps). The input's metadata model is built from its
+headers alone; the schemas it needs load in the background while the exposure streams
+through the engine.
+
+Arrays that grow with the number of integrations (rateints, ramps) stay in scratch files
+(:class:`CubeStore`): stdatamodels writes every header and the ASDF extension while the
+model holds untouched zero pages of the right shape; the data of those extensions is
+streamed from the scratch files one integration at a time.
 
 Files are written to a hidden temporary name in the output directory and renamed into
 place, so a reader never sees a partial product.
@@ -7,13 +19,17 @@ place, so a reader never sees a partial product.
 
 from __future__ import annotations
 
-import datetime as _dt
+import io
+import mmap
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+import threading
+import warnings
+from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 from astropy.io import fits
@@ -21,25 +37,6 @@ from astropy.io import fits
 from .buffers import read_at, write_at
 from .errors import BadInputError
 from .exposure import ExposureMeta
-
-#: primary-header keywords of the input that describe its data layout, not the exposure
-_STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "EXTEND",
-               "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "EXTVER",
-               "CHECKSUM", "DATASUM", "FILENAME", "DATAMODL", "DATE"}
-
-#: exposure-time and WCS keywords that jwst carries on the SCI extension
-_SCI_KEYS = ("MJD-BEG", "MJD-AVG", "MJD-END", "XPOSURE", "TELAPSE", "WCSAXES", "CRPIX1",
-             "CRPIX2", "CRVAL1", "CRVAL2", "CTYPE1", "CTYPE2", "CUNIT1", "CUNIT2", "CDELT1",
-             "CDELT2", "PC1_1", "PC1_2", "PC2_1", "PC2_2", "S_REGION", "RA_REF", "DEC_REF",
-             "ROLL_REF", "V2_REF", "V3_REF", "VPARITY", "V3I_YANG", "RA_V1", "DEC_V1", "PA_V3",
-             "VELOSYS")
-
-
-#: status keywords jwst's Detector1 writes for steps outside streamdet's built-in chain;
-#: recorded SKIPPED unless a plugin step that sets the keyword ran
-JWST_ONLY_STATUS = ("S_GRPSCL", "S_MIREMI", "S_IPC", "S_CHGMIG", "S_PCTFRM", "S_CLNFNS",
-                    "S_PERSIS", "S_GANSCL", "S_SUPERB")
-
 
 @dataclass
 class RateArrays:
@@ -88,12 +85,18 @@ class CubeStore:
 
     def put(self, index, other) -> None:
         """Store ``other`` (RateArrays, or arrays in the order of the extensions) at
-        ``index``: every leading axis whole and a slice of rows (``np.s_[:, rows]``)."""
+        ``index``: every leading axis whole (the first may be one integration, an int)
+        and a slice of rows (``np.s_[:, rows]``, ``np.s_[i, :, rows]``)."""
         arrays = other.arrays() if isinstance(other, RateArrays) else other
         index = index if isinstance(index, tuple) else (index,)
         rows = index[-1]
+        first_plane = 0
+        lead = index[:-1]
+        if lead and isinstance(lead[0], (int, np.integer)):
+            planes_per_int = int(np.prod(self.shape[1:-2], dtype=np.int64))
+            first_plane, lead = int(lead[0]) * planes_per_int, (slice(None),) + lead[1:]
         if (len(index) != len(self.shape) - 1 or not isinstance(rows, slice)
-                or any(i != slice(None) for i in index[:-1])):
+                or any(i != slice(None) for i in lead)):
             raise ValueError(f"CubeStore.put takes whole leading axes and a row slice, not {index}")
         ny, nx = self.shape[-2:]
         r0, r1, step = rows.indices(ny)
@@ -105,7 +108,7 @@ class CubeStore:
             fd = os.open(path, os.O_WRONLY)
             try:
                 for j, piece in enumerate(pieces):
-                    write_at(fd, piece, j * plane_bytes + r0 * nx * dtype.itemsize)
+                    write_at(fd, piece, (first_plane + j) * plane_bytes + r0 * nx * dtype.itemsize)
             finally:
                 os.close(fd)
 
@@ -133,6 +136,61 @@ class CubeStore:
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
 
 
+
+# astropy says so for every long comment stdatamodels writes (jwst silences it too); a
+# filter for the whole process, as warnings.catch_warnings is not safe across the
+# threads that write products
+warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+
+#: bytes of a FITS block (a blank primary header is one)
+_BLOCK = 2880
+
+#: the products' model classes (stdatamodels.jwst.datamodels)
+MODEL_OF = {"rate": "ImageModel", "rateints": "CubeModel", "ramp": "RampModel"}
+
+#: FILETYPE of each product kind (the input's says "uncalibrated")
+FILETYPE_OF = {"rate": "countrate", "rateints": "countrate per integration",
+               "ramp": "calibrated ramp"}
+
+#: jwst 3.0's Detector1 steps in MIRI order with the status keyword each writes; jwst
+#: writes every one of them (SKIPPED when not run), so streamdet writes the same set.
+#: Steps streamdet does not ship are SKIPPED unless a plugin of that name ran.
+JWST_MIRI_STEPS = (("group_scale", "S_GRPSCL"), ("dq_init", "S_DQINIT"),
+                   ("emicorr", "S_MIREMI"), ("saturation", "S_SATURA"), ("ipc", "S_IPC"),
+                   ("firstframe", "S_FRSTFR"), ("lastframe", "S_LASTFR"),
+                   ("reset", "S_RESET"), ("linearity", "S_LINEAR"), ("rscd", "S_RSCD"),
+                   ("dark_current", "S_DARK"), ("refpix", "S_REFPIX"),
+                   ("charge_migration", "S_CHGMIG"), ("jump", "S_JUMP"),
+                   ("picture_frame", "S_PCTFRM"), ("clean_flicker_noise", "S_CLNFNS"),
+                   ("persistence", "S_PERSIS"), ("ramp_fit", "S_RAMP"),
+                   ("gain_scale", "S_GANSCL"))
+
+#: reference keywords jwst's Detector1 writes for MIRI even when the type is N/A
+JWST_MIRI_REFERENCES = ("R_DARK", "R_GAIN", "R_IPC", "R_LINEAR", "R_MASK", "R_READNO",
+                        "R_RESET", "R_RSCD", "R_SATURA", "R_SUPERB")
+
+#: the R_* keyword jwst writes for each reference type
+REF_KEYWORDS = {"mask": "R_MASK", "saturation": "R_SATURA", "linearity": "R_LINEAR",
+                "rscd": "R_RSCD", "dark": "R_DARK", "reset": "R_RESET", "gain": "R_GAIN",
+                "readnoise": "R_READNO", "superbias": "R_SUPERB", "ipc": "R_IPC",
+                "emicorr": "R_EMICOR", "refpix": "R_REFPIX"}
+
+
+def ref_keyword(reftype: str) -> str:
+    return REF_KEYWORDS.get(reftype, f"R_{reftype.upper()[:6]}")
+
+
+def fits_safe(text: str) -> str:
+    """``text`` in printable ASCII, the only characters a FITS string card holds: other
+    characters become Python-style escapes (``\\xe9``, ``\\u2013``, ``\\n``), so a file
+    name the filesystem allows can always be recorded, and read back unambiguously."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isascii() and c.isprintable() and c != "\\" else
+                   c.encode("unicode_escape").decode("ascii") if c != "\\" else "\\\\"
+                   for c in text)
+
+
 def rateints_by_integration(rateints: "RateArrays | CubeStore", whole: bool = False):
     """The rateints products piece by piece, for a step that modifies them in place:
     yields ``(first, RateArrays [n, ny, nx])``, one integration at a time (``whole``:
@@ -153,141 +211,495 @@ def rateints_by_integration(rateints: "RateArrays | CubeStore", whole: bool = Fa
 
 
 def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None:
+    """Refuse (bad input) product paths that are directories, that exist without
+    ``overwrite``, or that are the input itself: a product never replaces its input."""
+    try:
+        source_stat = os.stat(source)
+    except OSError:
+        source_stat = None
     for path in paths:
         if path.is_dir():
             raise BadInputError(f"{source}: product path {path} is a directory")
+        if source_stat is not None and path.exists():
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == (source_stat.st_dev, source_stat.st_ino):
+                raise BadInputError(
+                    f"{source}: the product {path.name} would replace the input itself; "
+                    "write the products elsewhere (-o DIR) or rename the input")
         if path.exists() and not overwrite:
             raise BadInputError(f"{source}: product {path} exists; use --overwrite to replace it")
 
 
-def primary_header(meta: ExposureMeta, datamodel: str, filename: str,
-                   keywords: dict[str, object], history: list[str]) -> fits.Header:
-    hdr = fits.Header()
-    for card in meta.header.cards:
-        if card.keyword in _STRUCTURAL or card.keyword in ("", "COMMENT", "HISTORY"):
-            continue
-        hdr.append(card, end=True)
-    hdr["DATE"] = (_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3],
-                   "UTC date file created")
-    hdr["FILENAME"] = (filename, "Name of the file")
-    hdr["DATAMODL"] = (datamodel, "Type of data model")
-    for key in JWST_ONLY_STATUS:
-        hdr[key] = "SKIPPED"
-    for key, value in keywords.items():
-        hdr[key] = value
-    for line in history:
-        hdr.add_history(line)
-    return hdr
+# -- the input's metadata, as jwst's models see it ------------------------------------------
+
+def datamodels():
+    """``stdatamodels.jwst.datamodels`` (imported on first use: about 0.2 s)."""
+    from stdatamodels.jwst import datamodels as dm  # noqa: PLC0415
+
+    return dm
 
 
-def _sci_header(meta: ExposureMeta) -> fits.Header:
-    hdr = fits.Header()
-    sci = meta.extra.get("sci_header")
-    if sci is not None:
-        for key in _SCI_KEYS:
-            if key in sci:
-                hdr[key] = (sci[key], sci.comments[key])
-    return hdr
+#: the asdf plugins (entry points) the products need: asdf's core extensions and the
+#: schemas of the ASDF standard and of the JWST datamodels. No value in the products'
+#: trees is an astropy, gwcs or transform object, which would need other extensions.
+_ASDF_PLUGINS = {"asdf.extensions": ("asdf._core._integration:get_extensions",),
+                 "asdf.resource_mappings": (
+                     "asdf_standard.integration:get_resource_mappings",
+                     "stdatamodels.jwst.datamodels.integration:get_resource_mappings",
+                     "asdf._core._integration:get_json_schema_resource_mappings")}
+_plugins: dict | None = None
+_plugins_lock = threading.Lock()
+
+
+def _product_plugins() -> dict | None:
+    """The extensions and the resource manager of :data:`_ASDF_PLUGINS`, loaded once;
+    None if that fails (then asdf's own configuration serves).
+
+    asdf otherwise loads every installed package's plugins when a model is first made
+    (asdf-astropy, gwcs and, through it, scipy.optimize: about 0.5 s of CPU in a
+    one-shot run)."""
+    global _plugins
+    with _plugins_lock:
+        if _plugins is None:
+            try:
+                from importlib.metadata import entry_points  # noqa: PLC0415
+
+                from asdf.extension import ExtensionProxy  # noqa: PLC0415
+                from asdf.resource import ResourceManager, ResourceMappingProxy  # noqa: PLC0415
+
+                import asdf  # noqa: PLC0415
+
+                def load(group, proxy) -> list:
+                    points = {p.value: p for p in entry_points(group=group)}
+                    found = []
+                    for value in _ASDF_PLUGINS[group]:
+                        point = points[value]
+                        elements = point.load()()
+                        for element in elements if isinstance(elements, list) else [elements]:
+                            found.append(proxy(element, package_name=point.dist.name,
+                                               package_version=point.dist.version))
+                    return found
+
+                mappings = load("asdf.resource_mappings", ResourceMappingProxy)
+                manager = ResourceManager(mappings)
+                with asdf.config_context() as config:  # the core extensions read manifests
+                    config._resource_mappings, config._resource_manager = mappings, manager
+                    extensions = load("asdf.extensions", ExtensionProxy)
+                _plugins = {"extensions": extensions, "resource_mappings": mappings,
+                            "resource_manager": manager}
+            except Exception:  # an asdf without these internals: its own full configuration
+                _plugins = {}
+    return _plugins or None
+
+
+@contextmanager
+def _asdf_scope():
+    """This thread's asdf configuration while it makes or writes products: only the
+    extensions the products need (asdf keeps one configuration stack per thread)."""
+    plugins = _product_plugins()
+    if plugins is None:
+        yield
+        return
+    import asdf  # noqa: PLC0415
+
+    with asdf.config_context() as config:
+        config._extensions = list(plugins["extensions"])
+        config._resource_mappings = list(plugins["resource_mappings"])
+        config._resource_manager = plugins["resource_manager"]
+        yield
+
+
+#: keywords that describe the data layout of an HDU, not the exposure
+_STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS4", "EXTEND",
+               "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "EXTVER",
+               "CHECKSUM", "DATASUM"}
+
+_background = ThreadPoolExecutor(1, thread_name_prefix="streamdet-meta")
+_warm: Future | None = None
+_warm_lock = threading.Lock()
+
+
+def warm_up() -> None:
+    """Start loading stdatamodels, asdf's extensions and the products' schemas (about
+    0.6 s of CPU, once per process) on a background thread; called when a run starts, so
+    that it overlaps the reference look-up, which keeps one core busy only."""
+    global _warm
+    with _warm_lock:
+        if _warm is None:
+            _warm = _background.submit(_load_schemas)
+
+
+def _load_schemas() -> None:
+    dm = datamodels()
+    with _asdf_scope():
+        for kind in MODEL_OF.values():
+            getattr(dm, kind)()
+
+
+class InputMetadata:
+    """The input's metadata as a stdatamodels RampModel (what jwst's ramp_fit carries
+    over), built from copies of its headers and small tables, never from its SCI.
+
+    The schemas load on a background thread from the run's start (:func:`warm_up`); the
+    model itself is built on first use, by the writing thread, so that the schema's
+    complaints about the input's values can be caught (``warnings.catch_warnings`` is
+    not thread-safe): a value the schema refuses is not carried over, as in jwst, and is
+    listed in :attr:`rejected` (recorded in the products' provenance) rather than
+    printed."""
+
+    def __init__(self, meta: ExposureMeta):
+        primary = fits.PrimaryHDU(header=_layout_free(meta.header))
+        sci = fits.ImageHDU(header=_layout_free(meta.extra.get("sci_header", fits.Header())),
+                            name="SCI")
+        hdus = [primary, sci]
+        for name in ("GROUP", "INT_TIMES"):
+            table = meta.int_times if name == "INT_TIMES" else meta.extra.get("group")
+            if table is not None and table.data is not None:
+                hdus.append(fits.BinTableHDU(data=table.data.copy(), header=table.header.copy(),
+                                             name=name))
+        self._hdulist = fits.HDUList(hdus)
+        self._model = None
+        self.rejected: list[str] = []
+        self._asdf = meta.extra.get("asdf")
+        warm_up()
+
+    def earlier_provenance(self) -> Any:
+        """The ``streamdet`` section of a saved ramp's metadata tree (the run that made
+        it), or None."""
+        if not self._asdf:
+            return None
+        if not hasattr(self, "_earlier"):
+            self._earlier = self._read_earlier()
+        return self._earlier
+
+    def _read_earlier(self) -> Any:
+        try:
+            import asdf  # noqa: PLC0415
+
+            with _asdf_scope(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with asdf.open(io.BytesIO(self._asdf), lazy_load=False, memmap=False,
+                               _force_raw_types=True) as tree:
+                    found = tree.tree.get("streamdet")
+                    return _plain(found) if found is not None else None
+        except Exception:  # a foreign or damaged tree: nothing to carry on
+            return None
+
+    def model(self):
+        if self._model is None:
+            if _warm is not None:
+                _warm.result()
+            from stdatamodels.validate import ValidationWarning  # noqa: PLC0415
+
+            with _asdf_scope(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ValidationWarning)
+                try:
+                    self._model = datamodels().RampModel(self._hdulist)
+                except Exception as exc:  # metadata must not cost the products
+                    self._model = self._without_unreadable_cards(exc)
+            self.rejected += [" ".join(str(w.message).split())[:300] for w in caught
+                              if issubclass(w.category, ValidationWarning)]
+            for w in caught:  # anything else is shown as usual
+                if not issubclass(w.category, ValidationWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return self._model
+
+    def _without_unreadable_cards(self, error: Exception):
+        """The model from the cards whose values astropy can read, or an empty one;
+        what was lost is listed in :attr:`rejected`."""
+        self.rejected.append(f"input metadata: {' '.join(str(error).split())[:300]}")
+        hdus = []
+        for hdu in self._hdulist[:2]:
+            header = fits.Header()
+            for card in hdu.header.cards:
+                try:
+                    card.verify("exception")
+                    header.append((card.keyword, card.value, card.comment), end=True)
+                except Exception:
+                    self.rejected.append(f"unreadable card {card.keyword!r}")
+            hdus.append(type(hdu)(header=header, name=hdu.name) if hdus else
+                        fits.PrimaryHDU(header=header))
+        try:
+            return datamodels().RampModel(fits.HDUList(hdus))
+        except Exception:
+            return datamodels().RampModel()
+
+
+def _plain(node: Any) -> Any:
+    """``node`` as plain dicts, lists and scalars."""
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node.item() if isinstance(node, np.generic) else node
+
+
+def _layout_free(header: fits.Header) -> fits.Header:
+    out = fits.Header()
+    for card in header.cards:
+        if card.keyword not in _STRUCTURAL:
+            out.append(card, end=True)
+    return out
+
+
+# -- what a product records --------------------------------------------------------------
+
+@dataclass
+class ProductRecord:
+    """What every product of a run records besides its arrays."""
+
+    keywords: dict[str, Any]       # FITS keyword -> value (S_*, R_*, CRDS_*, step results)
+    history: list[str]             # HISTORY lines, one a step that ran
+    provenance: dict[str, Any]     # the ASDF tree's ``streamdet`` section
+    log: list[str]                 # cal_logs["streamdet"]
+    #: keywords written only where the input's metadata has none (jwst's steps streamdet
+    #: does not run: SKIPPED; its reference types that are not applicable: N/A)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _schema_keywords(model) -> dict[str, tuple[str, ...]]:
+    """FITS keyword of the PRIMARY header -> the path in ``model``'s tree."""
+    from stdatamodels import schema as mschema  # noqa: PLC0415
+
+    found: dict[str, tuple[str, ...]] = {}
+
+    def visit(subschema, path, combiner, ctx, recurse):
+        keyword = subschema.get("fits_keyword")
+        if keyword and subschema.get("fits_hdu", "PRIMARY") == "PRIMARY":
+            found.setdefault(keyword, tuple(path))
+
+    mschema.walk_schema(model._schema, visit)
+    return found
+
+
+_keyword_paths: dict[str, dict[str, tuple[str, ...]]] = {}
+_keyword_lock = threading.Lock()
+
+
+def _keyword_path(model, keyword: str) -> tuple[str, ...] | None:
+    kind = type(model).__name__
+    with _keyword_lock:
+        if kind not in _keyword_paths:
+            _keyword_paths[kind] = _schema_keywords(model)
+    return _keyword_paths[kind].get(keyword)
+
+
+def _has_keyword(model, keyword: str) -> bool:
+    path = _keyword_path(model, keyword)
+    if path is None:
+        return any(c[0] == keyword for c in
+                   model._instance.get("extra_fits", {}).get("PRIMARY", {}).get("header", []))
+    node = model._instance
+    for name in path:
+        if not isinstance(node, dict) or name not in node:
+            return False
+        node = node[name]
+    return node is not None
+
+
+def _set_keyword(model, keyword: str, value: Any, comment: str = "") -> None:
+    if isinstance(value, str):  # e.g. an --override path: a FITS card holds ASCII only
+        value = fits_safe(value)
+    path = _keyword_path(model, keyword)
+    if path is None:  # not in the schema (a plugin step's status...): carried as extra FITS
+        extra = model._instance.setdefault("extra_fits", {}).setdefault("PRIMARY", {})
+        cards = [c for c in extra.setdefault("header", []) if c[0] != keyword]
+        cards.append([keyword, value, comment])
+        extra["header"] = cards
+        return
+    node = model
+    for name in path[:-1]:
+        node = getattr(node, name)
+    setattr(node, path[-1], value.item() if isinstance(value, np.generic) else value)
+
+
+def build_model(kind: str, source, record: ProductRecord, arrays: dict[str, np.ndarray],
+                tables: dict[str, Any] | None = None):
+    """A product model: the input's metadata carried over as jwst's ramp_fit does,
+    then this run's keywords, history and provenance, then ``arrays``."""
+    with _asdf_scope():
+        return _build_model(kind, source, record, arrays, tables)
+
+
+def _build_model(kind, source, record, arrays, tables):
+    # validated once, as a whole, when written (to_fits), not at every assignment
+    model = getattr(datamodels(), MODEL_OF[kind])(validate_on_assignment=False)
+    model.update(source)
+    for name, value in (tables or {}).items():
+        if value is not None:
+            setattr(model, name, value)
+    for keyword, value in record.keywords.items():
+        _set_keyword(model, keyword, value)
+    for keyword, value in record.defaults.items():
+        if not _has_keyword(model, keyword):
+            _set_keyword(model, keyword, value)
+    if kind in ("rate", "rateints"):
+        model.meta.bunit_data = model.meta.bunit_err = "DN/s"
+    import streamdet  # noqa: PLC0415
+
+    model.meta.calibration_software_version = f"streamdet {streamdet.__version__}"
+    model.meta.calibration_software_revision = f"streamdet {streamdet.__version__}"
+    _set_keyword(model, "FILETYPE", FILETYPE_OF[kind], "type of data in the file")
+    for line in record.history:
+        model.add_history_entry(line)
+    model.streamdet = record.provenance
+    model.cal_logs = {"streamdet": list(record.log)}
+    for name, array in arrays.items():
+        setattr(model, name, array)
+    return model
+
+
+def _note_input(record: ProductRecord, source: InputMetadata) -> None:
+    """What the provenance says of the input: values not carried, and the record of the
+    run that saved a ramp this run resumed from."""
+    if source.rejected:
+        record.provenance["input_values_not_carried"] = list(source.rejected)
+    earlier = source.earlier_provenance()
+    if earlier is not None and "resumed_from" not in record.provenance:
+        record.provenance["resumed_from"] = earlier
+
+
+def _zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A C-contiguous zero array whose pages are never touched: it stands for a stored
+    array while stdatamodels makes the headers and the ASDF tree, and costs no memory."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype=dtype,
+                         count=int(np.prod(shape, dtype=np.int64))).reshape(shape)
+
+
+#: model attribute of each stored extension
+_ATTRIBUTE = {"SCI": "data", "ERR": "err", "DQ": "dq", "VAR_POISSON": "var_poisson",
+              "VAR_RNOISE": "var_rnoise", "GROUPDQ": "groupdq", "PIXELDQ": "pixeldq"}
+
+
+def _write_model(model, final: Path, tmp: Path, store: "CubeStore | None" = None) -> None:
+    """Write ``model`` to ``tmp`` as stdatamodels would save it as ``final``; the
+    extensions of ``store`` are streamed from it (the model holds placeholders)."""
+    from stdatamodels import fits_support  # noqa: PLC0415
+
+    with _asdf_scope():
+        model.on_save(str(final))
+        model.meta.filename = fits_safe(final.name)
+        hdulist = fits_support.to_fits(model._instance, model._schema)
+        if store is None:
+            hdulist.writeto(tmp, overwrite=True)
+            return
+        stored = {name: k for k, (name, _) in enumerate(store.extensions)}
+        pending: list = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            if tmp.stat().st_size == 0:
+                fits.HDUList(pending).writeto(tmp, overwrite=True)
+            else:  # small extensions after a streamed one: written behind a blank
+                # primary header (one block) that is left out
+                buffer = io.BytesIO()
+                fits.HDUList([fits.PrimaryHDU(), *pending]).writeto(buffer)
+                with open(tmp, "ab") as out:
+                    out.write(buffer.getbuffer()[_BLOCK:])
+            pending.clear()
+
+        for hdu in hdulist:
+            if hdu.name in stored and isinstance(hdu, fits.ImageHDU):
+                flush()
+                _stream_extension(tmp, hdu.header, store, stored[hdu.name])
+            else:
+                pending.append(hdu)
+        flush()
+
+
+def _stream_extension(path: Path, header: fits.Header, store: "CubeStore", k: int) -> None:
+    """Append one image extension whose data is the store's extension ``k``, one
+    integration at a time."""
+    dtype = np.dtype(store.extensions[k][1])
+    header = header.copy()
+    wide_unsigned = dtype.kind == "u" and dtype.itemsize > 1
+    if wide_unsigned:  # unsigned integers are stored signed with BZERO, as FITS requires
+        header["BSCALE"] = 1
+        header["BZERO"] = 2 ** (8 * dtype.itemsize - 1)
+    stream = fits.StreamingHDU(str(path), header)
+    for i in range(store.shape[0]):
+        plane = store.plane(k, i)
+        if wide_unsigned:
+            plane = (plane ^ np.array(header["BZERO"], dtype)).view(f"i{dtype.itemsize}")
+        stream.write(plane.astype(plane.dtype.newbyteorder(">")))
+    stream.close()
+
+
+def _temporary(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _publish(pairs: list[tuple[Path, Path]]) -> None:
+    """Give the temporary files the mode of an ordinary new file (mkstemp makes them
+    0600) and rename them into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for tmp, _ in pairs:
+        os.chmod(tmp, 0o666 & ~umask)
+    for tmp, path in pairs:
+        os.replace(tmp, path)
 
 
 def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArrays,
-                   rateints: "RateArrays | CubeStore", keywords: dict[str, object],
-                   history: list[str]) -> None:
+                   rateints: "RateArrays | CubeStore", record: ProductRecord,
+                   source: InputMetadata) -> None:
     """Write ``outputs['rate']`` and ``outputs['rateints']``: both go to temporary names
     first and are renamed into place only when both are complete."""
     written: list[tuple[Path, Path]] = []
-
-    def write(kind: str, arrays, model: str, tmp: Path) -> None:
-        primary = fits.PrimaryHDU(header=primary_header(meta, model, outputs[kind].name,
-                                                        keywords, history))
-        if isinstance(arrays, CubeStore):
-            _stream_cube(tmp, primary, arrays, meta)
-            return
-        hdus = [primary]
-        for extname, data in zip(RateArrays.EXTENSIONS, arrays.arrays()):
-            hdus.append(fits.ImageHDU(data=np.asarray(data),
-                                      header=_extension_header(meta, extname), name=extname))
-            if kind == "rateints" and extname == "DQ" and meta.int_times is not None:
-                hdus.append(fits.BinTableHDU(data=meta.int_times.data, name="INT_TIMES"))
-        fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="silentfix")
-
     try:
+        src = source.model()
+        _note_input(record, source)
         jobs = []
-        for kind, arrays, model in (("rate", rate, "ImageModel"), ("rateints", rateints, "CubeModel")):
-            path = outputs[kind]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            written.append((Path(name), path))
-            jobs.append((kind, arrays, model, Path(name)))
+        for kind, arrays in (("rate", rate), ("rateints", rateints)):
+            streamed = isinstance(arrays, CubeStore)
+            data = {_ATTRIBUTE[name]: (_zeros(arrays.shape, dtype) if streamed else array)
+                    for (name, dtype), array in zip(
+                        zip(RateArrays.EXTENSIONS, RATE_DTYPES),
+                        [None] * 5 if streamed else arrays.arrays())}
+            tables = {"int_times": src.int_times} if kind == "rateints" else {}
+            model = build_model(kind, src, record, data, tables)
+            tmp = _temporary(outputs[kind])
+            written.append((tmp, outputs[kind]))
+            jobs.append((model, outputs[kind], tmp, arrays if streamed else None))
         # the two files at once: much of writing is byte-swapping and file I/O, which
         # release the GIL
         with ThreadPoolExecutor(len(jobs)) as pool:
-            for done in [pool.submit(write, *job) for job in jobs]:
+            for done in [pool.submit(_write_model, *job) for job in jobs]:
                 done.result()
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp, _ in written:  # mkstemp makes 0600 files; products get the usual mode
-            os.chmod(tmp, 0o666 & ~umask)
-        for tmp, path in written:
-            os.replace(tmp, path)
+        _publish(written)
     finally:
         for tmp, _ in written:
             if tmp.exists():
                 tmp.unlink()
 
 
-def _extension_header(meta: ExposureMeta, extname: str) -> fits.Header:
-    hdr = _sci_header(meta) if extname == "SCI" else fits.Header()
-    if extname in ("SCI", "ERR"):
-        hdr["BUNIT"] = "DN/s"
-    return hdr
-
-
-def _stream_cube(path: Path, primary: fits.PrimaryHDU, store: CubeStore, meta: ExposureMeta,
-                 images: tuple[tuple[str, np.ndarray], ...] = ()) -> None:
-    """Write a file extension by extension, the stored ones one integration at a time;
-    ``images`` are small in-memory extensions written after the first stored one."""
-    fits.HDUList([primary]).writeto(path, overwrite=True, output_verify="silentfix")
-    for k, (extname, dtype) in enumerate(store.extensions):
-        dtype = np.dtype(dtype)
-        bitpix = -8 * dtype.itemsize if dtype.kind == "f" else 8 * dtype.itemsize
-        hdr = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", bitpix), ("NAXIS", len(store.shape))])
-        for axis, size in enumerate(reversed(store.shape), start=1):
-            hdr[f"NAXIS{axis}"] = size
-        hdr["PCOUNT"], hdr["GCOUNT"] = 0, 1
-        wide_unsigned = dtype.kind == "u" and dtype.itemsize > 1
-        if wide_unsigned:  # unsigned integers are stored signed with BZERO, as FITS requires
-            hdr["BSCALE"] = 1
-            hdr["BZERO"] = 2 ** (8 * dtype.itemsize - 1)
-        hdr["EXTNAME"] = extname
-        hdr.extend(_extension_header(meta, extname))
-        stream = fits.StreamingHDU(str(path), hdr)
-        for i in range(store.shape[0]):
-            plane = store.plane(k, i)
-            if wide_unsigned:
-                plane = (plane ^ np.array(hdr["BZERO"], dtype)).view(f"i{dtype.itemsize}")
-            stream.write(plane.astype(plane.dtype.newbyteorder(">")))
-        stream.close()
-        if k == 0:
-            for name, data in images:
-                fits.append(str(path), data, header=fits.Header([("EXTNAME", name)]))
-        if extname == "DQ" and meta.int_times is not None:
-            fits.append(str(path), meta.int_times.data, header=fits.Header([("EXTNAME", "INT_TIMES")]))
-
-
-def write_ramp(meta: ExposureMeta, path: Path, store: CubeStore, pixeldq: np.ndarray,
-               keywords: dict[str, object], history: list[str]) -> None:
-    """The ramp as the band pass hands it to the rate producer (after jump), as a
-    RampModel file: SCI, PIXELDQ, GROUPDQ, INT_TIMES."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def write_ramp(meta: ExposureMeta, path: Path, store: "CubeStore", pixeldq: np.ndarray,
+               record: ProductRecord, source: InputMetadata,
+               average_dark_current: np.ndarray | None = None) -> None:
+    """A ramp as the chain left it (RampModel, like jwst's ``_ramp.fits`` and the files
+    its steps' ``save_results`` write): SCI, PIXELDQ, GROUPDQ, AVDRKCUR, GROUP,
+    INT_TIMES."""
+    tmp = _temporary(path)
     try:
-        primary = fits.PrimaryHDU(header=primary_header(meta, "RampModel", path.name, keywords, history))
-        _stream_cube(Path(name), primary, store, meta, images=(("PIXELDQ", pixeldq),))
-        if meta.int_times is not None:
-            fits.append(name, meta.int_times.data, header=fits.Header([("EXTNAME", "INT_TIMES")]))
-        os.replace(name, path)
+        src = source.model()
+        _note_input(record, source)
+        avdrk = (np.zeros((meta.ny, meta.nx), np.float32) if average_dark_current is None
+                 else np.asarray(average_dark_current, np.float32))
+        arrays = {"data": _zeros(store.shape, np.float32),
+                  "groupdq": _zeros(store.shape, np.uint8),
+                  "pixeldq": np.asarray(pixeldq, np.uint32),
+                  "average_dark_current": avdrk}
+        model = build_model("ramp", src, record, arrays,
+                            {"group": getattr(src, "group", None),
+                             "int_times": src.int_times})
+        _write_model(model, path, tmp, store)
+        _publish([(tmp, path)])
     finally:
-        if os.path.exists(name):
-            os.unlink(name)
+        if tmp.exists():
+            tmp.unlink()

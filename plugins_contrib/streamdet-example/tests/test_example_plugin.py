@@ -81,7 +81,8 @@ def test_runs_through_the_test_kit(streamdet_sim, streamdet_run):
         with fits.open(default.products[kind]) as a, fits.open(builtin.products[kind]) as b:
             for ext in ("SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE"):
                 assert a[ext].data.tobytes() == b[ext].data.tobytes(), f"{kind} {ext}"
-            assert a[0].header["S_ROWMED"] == "SKIPPED"
+            # a step jwst lacks records its status once it runs (jwst's S_* set stays exact)
+            assert "S_ROWMED" not in a[0].header
             assert "ROWMEDST" not in a[0].header
 
     on = streamdet_run(sim, plugins=[row_median], steps={"row_median": {"skip": False}})
