@@ -69,8 +69,6 @@ def process(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Turn Level 1B exposures into _rate.fits and _rateints.fits."""
-    import glob
-
     global _one_shot
     _one_shot = True
 
@@ -78,64 +76,155 @@ def process(
 
     from . import config as configmod
     from .core import errors
-    from .core.exposure import product_base_name
+    from .core.errors import shown
     from .core.plugins import get_registry
 
     if not (debug or verbose):  # crds logs its own copy of a lookup failure we report
         os.environ.setdefault("CRDS_VERBOSITY", "-3")
     console = Console(stderr=True, quiet=quiet)
-    try:
-        registry = get_registry()
-        if not quiet:  # first: a broken plugin may be why an option below is refused
-            for message in registry.broken:
-                typer.echo(f"streamdet: warning: {message}", err=True)
-        run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
-                             output_dir=output_dir, overwrite=overwrite, registry=registry)
-        run.save_ramp = save_ramp
-        if threads is not None:
-            run.threads = threads
-    except Exception as exc:
-        raise typer.Exit(errors.report(exc, debug=debug, where=config))
-    failures = 0
-    for path in files:
-        # the products this run may write, as they are now: a failed run leaves none of its own
-        out_dir = Path(run.output_dir) if run.output_dir else Path(path).parent
-        pattern = f"{glob.escape(product_base_name(path))}_*.fits"
-
-        def products_now() -> dict[Path, tuple[int, int]]:
-            try:
-                return {p: (st.st_ino, st.st_mtime_ns) for p in out_dir.glob(pattern)
-                        if p.is_file() and not p.is_symlink() and (st := p.stat())}
-            except OSError:
-                return {}
-
-        before = products_now()
+    with _signals_as_exceptions():
         try:
-            with _plugin_warnings_as_lines(quiet):
-                result = _process_one(path, run, console, quiet)
-        except KeyboardInterrupt:
-            raise typer.Exit(130)
-        except Exception as exc:  # one bad file does not stop the others
-            for product, stamp in products_now().items():
-                if before.get(product) != stamp:  # written by this failed run: partial
-                    product.unlink(missing_ok=True)
-            failures = max(failures, errors.report(exc, debug=debug, where=path))
-            continue
-        if not quiet:
-            for kind, product in result.products.items():
-                typer.echo(f"{kind}: {product}")
-            if verbose:
-                for step in result.chain:
-                    state = "ran" if not step.skip else f"skipped ({step.skip_reason})"
-                    console.print(f"  {step.name:<13} {step.implementation:<10} {state}",
-                                  soft_wrap=True, highlight=False)
-                for reftype, res in result.references.items():
-                    console.print(f"  {reftype:<11} {res.path or 'N/A'} [{res.source}]",
-                                  soft_wrap=True, highlight=False, markup=False)
-            typer.echo(f"{path.name}: {result.seconds:.2f} s")
-            console.print(_timings_table(result.timings))
+            registry = get_registry()
+            if not quiet:  # first: a broken plugin may be why an option below is refused
+                for message in registry.broken:
+                    typer.echo(f"streamdet: warning: {message}", err=True)
+            run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
+                                 output_dir=output_dir, overwrite=overwrite, registry=registry)
+            run.save_ramp = save_ramp
+            if threads is not None:
+                run.threads = threads
+            if run.output_dir:  # one directory for every file: refused before any work
+                check_output_dir(Path(run.output_dir))
+        except errors.Interrupted as exc:
+            raise typer.Exit(_interrupted(exc))
+        except Exception as exc:
+            raise typer.Exit(errors.report(exc, debug=debug, where=config))
+        failures = 0
+        for path in files:
+            try:
+                out_dir = Path(run.output_dir) if run.output_dir else Path(path).parent
+                if not run.output_dir:
+                    check_output_dir(out_dir, source=path)
+                check_product_names(path, out_dir, save_ramp)
+                with _plugin_warnings_as_lines(quiet):
+                    result = _process_one(path, run, console, quiet)
+            except KeyboardInterrupt:
+                raise typer.Exit(130)
+            except errors.Interrupted as exc:
+                raise typer.Exit(_interrupted(exc))
+            except Exception as exc:  # one bad file does not stop the others
+                # the engine has removed whatever it wrote for this file; nothing else is
+                # touched here
+                failures = max(failures, errors.report(exc, debug=debug, where=path))
+                continue
+            if not quiet:
+                for kind, product in result.products.items():
+                    typer.echo(f"{kind}: {shown(product)}")
+                if verbose:
+                    for step in result.chain:
+                        state = "ran" if not step.skip else f"skipped ({step.skip_reason})"
+                        console.print(f"  {step.name:<13} {step.implementation:<10} {state}",
+                                      soft_wrap=True, highlight=False, markup=False)
+                    for reftype, res in result.references.items():
+                        where = shown(res.path) if res.path else "N/A"
+                        console.print(f"  {reftype:<11} {where} [{res.source}]",
+                                      soft_wrap=True, highlight=False, markup=False)
+                typer.echo(f"{shown(path.name)}: {result.seconds:.2f} s")
+                console.print(_timings_table(result.timings))
     if failures:
         raise typer.Exit(failures)
+
+
+#: bytes that the product writer's temporary names add to a product's name
+#: (``.NAME.XXXXXXXX.tmp``, core/products.py)
+TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")
+
+
+def check_output_dir(directory: Path, source: Path | None = None) -> None:
+    """Refuse, before any work, an output directory that products cannot be written to:
+    one that is not a directory, or one where a file cannot be created (probed with a
+    temporary file of our own, removed at once). One that does not exist yet must be
+    creatable: its nearest existing ancestor must be a writable directory."""
+    import tempfile
+
+    from .core.errors import BadInputError, shown
+
+    lead = f"{shown(source)}: " if source is not None else ""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is not a directory" if existing == directory else f"cannot be created: {shown(existing)} is not a directory"
+        raise BadInputError(f"{lead}output directory {shown(directory)} {what}")
+    if existing != directory:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise BadInputError(f"{lead}output directory {shown(directory)} cannot be created: "
+                                f"{shown(existing)} is not writable")
+        return
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".streamdet-probe-")
+    except OSError as exc:
+        raise BadInputError(f"{lead}output directory {shown(directory)} is not writable "
+                            f"({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_product_names(path: Path, out_dir: Path, save_ramp: bool = False) -> None:
+    """Refuse, before any work, an input whose product names (and the writer's temporary
+    names for them) would be too long for the output directory's file system."""
+    from .core.errors import BadInputError, shown
+    from .core.exposure import product_base_name
+
+    base = product_base_name(path)
+    kinds = ("rate", "rateints", "ramp") if save_ramp else ("rate", "rateints")
+    longest = max((f"{base}_{kind}.fits" for kind in kinds), key=lambda n: len(os.fsencode(n)))
+    existing = out_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    need = len(os.fsencode(longest)) + TEMP_NAME_EXTRA
+    if need > limit:
+        raise BadInputError(
+            f"{shown(path)}: name too long: product {shown(longest)} and its temporary name "
+            f"need {need} bytes, the file system allows {limit} (rename the input)")
+
+
+def _interrupted(exc) -> int:
+    typer.echo(f"streamdet: {exc}; stopped, nothing of the interrupted file is left", err=True)
+    return exc.exit_code
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions():
+    """SIGTERM and SIGHUP raise :class:`~streamdet.core.errors.Interrupted` in the main
+    thread for the duration, so that the run unwinds through its ``finally`` clauses
+    (temporary products and scratch removed) instead of dying where it stands. A second
+    signal during the unwinding is ignored; the handlers in place before are restored."""
+    import signal
+    import threading
+
+    from .core.errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in caught:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    caught = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, handler) for s in caught}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -165,18 +254,19 @@ def _plugin_warnings_as_lines(quiet: bool):
 
 def _process_one(path: Path, run, console, quiet: bool):
     from .core.engine import process_file
+    from .core.errors import shown
 
     if quiet or not console.is_terminal:
         return process_file(path, run)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = progress.add_task(f"{path.name}: {stage}", total=total)
+                tasks[stage] = progress.add_task(f"{shown(path.name)}: {stage}", total=total)
             progress.update(tasks[stage], completed=done)
 
         return process_file(path, run, on_progress=on_progress)
@@ -370,6 +460,8 @@ def _leave(code: int):
 
 
 def main() -> None:
+    from .core.errors import Interrupted
+
     try:
         # without standalone mode click returns a command's exit code instead of exiting
         code = app(standalone_mode=False)
@@ -379,6 +471,8 @@ def main() -> None:
     except typer.Abort:
         typer.echo("streamdet: aborted", err=True)
         sys.exit(130)
+    except Interrupted as exc:  # a signal between two files' guarded sections
+        _leave(_interrupted(exc))
     except Exception as exc:
         # click's usage errors (typer vendors click, so they are matched by their shape)
         if type(exc).__name__ == "NoArgsIsHelpError":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -146,23 +145,28 @@ class _Scratch:
 
     def __init__(self, meta: ExposureMeta, directory: Path | None, in_memory_bytes: int):
         self.shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
-        self.dir = None
+        self.files = None
         nbytes = int(np.prod(self.shape)) * 5
         if nbytes <= in_memory_bytes:
             self.data = np.empty(self.shape, np.float32)
             self.groupdq = np.empty(self.shape, np.uint8)
             return
-        self.dir = Path(tempfile.mkdtemp(prefix="streamdet-", dir=directory))
-        self.fds = {}
-        for name, dtype in (("data", np.float32), ("groupdq", np.uint8)):
-            path = self.dir / f"{name}.raw"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(fd, int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
-            self.fds[name] = fd
+        self.where = Path(directory or tempfile.gettempdir())
+        self.files, self.fds = {}, {}
+        try:
+            for name, dtype in (("data", np.float32), ("groupdq", np.uint8)):
+                # nameless (O_TMPFILE, else unlinked at once): nothing is left behind
+                # however the process ends, a kill -9 included
+                f = self.files[name] = tempfile.TemporaryFile(prefix="streamdet-", dir=directory)
+                self.fds[name] = f.fileno()
+                os.ftruncate(f.fileno(), int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, i: int, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
         """Integration ``i``, rows ``rows``: ``data``/``groupdq`` ``[ngroups, nrows, nx]``."""
-        if self.dir is None:
+        if self.files is None:
             self.data[i, :, rows] = data
             self.groupdq[i, :, rows] = groupdq
             return
@@ -173,12 +177,12 @@ class _Scratch:
             step = array.strides
             _check(_scratch_write(self.fds[name], ptr(array), i, rows.start, array.shape[1],
                                   nints, ngroups, nx * array.itemsize, step[0], step[1]),
-                   self.dir)
+                   self.where)
 
     def read(self, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
         """Rows ``rows`` of every integration into ``data``/``groupdq``
         ``[nints, ngroups, nrows, nx]``."""
-        if self.dir is None:
+        if self.files is None:
             data[...] = self.data[:, :, rows]
             groupdq[...] = self.groupdq[:, :, rows]
             return
@@ -189,15 +193,21 @@ class _Scratch:
                 raise ValueError("scratch rows are read into arrays with contiguous lines")
             _check(_scratch_read(self.fds[name], ptr(array), rows.start, rows.stop - rows.start,
                                  nints, ngroups, nx * array.itemsize, step[0], step[1], step[2]),
-                   self.dir)
+                   self.where)
 
     def close(self) -> None:
         self.data = self.groupdq = None
-        if self.dir is not None:
-            for fd in self.fds.values():
-                os.close(fd)
-            self.fds = {}
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.files is not None:
+            for f in self.files.values():
+                f.close()
+            self.files, self.fds = {}, {}
+
+
+def _close_stores(*stores) -> None:
+    """Free the scratch space of the :class:`CubeStore` among ``stores``."""
+    for store in stores:
+        if isinstance(store, CubeStore):
+            store.close()
 
 
 def _check(code: int, where: Path) -> None:
@@ -295,24 +305,40 @@ def _process_file(path, config, registry, on_progress) -> Result:
                 raise PluginError("the chain must end with a step that produces the rate "
                                   "(ramp_fit); it is skipped or followed by another step")
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
-            rate, rateints, ramp, scratch_dir = _run(exposure, refs, active, pixeldq, config, timings,
-                                                     observers, on_progress)
+            rate, rateints, ramp = _run(exposure, refs, active, pixeldq, config, timings,
+                                        observers, on_progress)
+            placed: list[tuple[Path, int, int]] = []  # the products this run put in place
             try:
                 keywords = _keywords(chain, resolved)
                 history = [history_line(s) for s in chain if not s.skip]
                 t0 = time.perf_counter()
-                write_products(meta, outputs, rate, rateints, keywords, history)
+                write_products(meta, outputs, rate, rateints, keywords, history, placed=placed)
                 if ramp is not None:
-                    write_ramp(meta, outputs["ramp"], ramp, pixeldq, keywords, history)
+                    write_ramp(meta, outputs["ramp"], ramp, pixeldq, keywords, history,
+                               placed=placed)
                 timings["write"] += time.perf_counter() - t0
+            except BaseException:
+                withdraw(placed)  # no partial set of products
+                raise
             finally:
-                if scratch_dir is not None:
-                    shutil.rmtree(scratch_dir, ignore_errors=True)
+                _close_stores(rateints, ramp)
         finally:
             refs.close()
     observers.notify("streamdet_exposure_finished", exposure=exposure, products=outputs,
                      timings=dict(timings))
     return Result(outputs, dict(timings), chain, resolved, time.perf_counter() - started)
+
+
+def withdraw(placed: list[tuple[Path, int, int]]) -> None:
+    """Remove the files of ``placed`` (``(path, st_dev, st_ino)`` as this run wrote them)
+    that are still the very files written: one replaced since by someone else is theirs."""
+    for path, dev, ino in placed:
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def history_line(step: Step) -> str:
@@ -416,7 +442,7 @@ def _bands(ny: int, rows: int) -> list[slice]:
 
 
 def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeldq: np.ndarray, config: RunConfig,
-         timings: dict[str, float], observers: Observers, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None, Path | None]:
+         timings: dict[str, float], observers: Observers, on_progress) -> tuple[RateArrays, RateArrays | CubeStore, CubeStore | None]:
     meta = exposure.meta
     first_exposure = next((i for i, s in enumerate(active)
                            if s.granularity == Granularity.EXPOSURE), len(active) - 1)
@@ -434,7 +460,7 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
     # in memory only when no bigger than what one band of the band pass may hold anyway
     scratch = _Scratch(meta, config.scratch_dir,
                        min(config.scratch_in_memory_bytes, config.band_bytes))
-    spill_dir = None
+    rateints = ramp = None
     try:
         # -- pass 1: integrations, in bands of rows when every step is pixel-local -------
         # margins[k]: rows beyond the core that step k's chunk must cover so that the
@@ -491,17 +517,11 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         rate = RateArrays.allocate((meta.ny, meta.nx))
         cube_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
         if cube_bytes > config.rateints_in_memory_bytes:
-            spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-rateints-", dir=config.scratch_dir))
-            rateints = CubeStore((meta.nints, meta.ny, meta.nx), spill_dir)
+            rateints = CubeStore((meta.nints, meta.ny, meta.nx), config.scratch_dir)
         else:
             rateints = RateArrays.allocate((meta.nints, meta.ny, meta.nx))
-        ramp = None
         if config.save_ramp:
-            if spill_dir is None:
-                spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-ramp-", dir=config.scratch_dir))
-            ramp_dir = spill_dir / "ramp"
-            ramp_dir.mkdir()
-            ramp = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx), ramp_dir,
+            ramp = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx), config.scratch_dir,
                              extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
 
         # -- pass 2: bands of rows spanning all integrations ------------------------------
@@ -553,10 +573,9 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         redo = {(s.start, s.stop) for step in pass2 for s in step.rerun_rows()}
         for start, stop in sorted(redo):
             run_band(slice(start, stop))
-        return rate, rateints, ramp, spill_dir
+        return rate, rateints, ramp
     except BaseException:
-        if spill_dir is not None:
-            shutil.rmtree(spill_dir, ignore_errors=True)
+        _close_stores(rateints, ramp)
         raise
     finally:
         pool.close()

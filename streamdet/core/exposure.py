@@ -7,8 +7,11 @@ and the zero point applied while converting to float32, one slab at a time.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from astropy.io import fits
 from streamdet._ckernels import declare, ptr
 
 from .buffers import ThreadBuffers
-from .errors import BadInputError
+from .errors import BadInputError, shown
 
 _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
 
@@ -27,6 +30,14 @@ _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16"
 FULL_SHAPE = (1024, 1032)
 
 _REQUIRED = ("NINTS", "NGROUPS", "NFRAMES", "TFRAME", "TGROUP", "READPATT")
+
+#: frames averaged into one group, and frames dropped between groups, beyond which a
+#: header is nonsense rather than a MIRI read pattern (MIRI averages at most 64 frames)
+MAX_FRAMES_PER_GROUP = 256
+
+#: the first bytes of compressed files, which are not FITS until decompressed
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"PK\x03\x04", "zip"),
+               (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
 
 @dataclass
@@ -86,21 +97,29 @@ def product_base_name(path: str | os.PathLike) -> str:
 
 
 def _bad(path, message: str) -> BadInputError:
-    return BadInputError(f"{path}: {message}")
+    return BadInputError(f"{shown(path)}: {message}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _blank_tail(path: Path, start: int) -> bool:
-    """True if the bytes of ``path`` from ``start`` on are only zeros or blanks
-    (padding some writers leave after the last HDU)."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        while block := f.read(1 << 20):
-            if block.strip(b"\0 "):
-                return False
+def _blank_tail(fd: int, start: int) -> bool:
+    """True if the bytes of the open file ``fd`` from ``start`` on are only zeros or
+    blanks (padding some writers leave after the last HDU)."""
+    while block := os.pread(fd, 1 << 20, start):
+        if block.strip(b"\0 "):
+            return False
+        start += len(block)
     return True
 
 
@@ -124,9 +143,39 @@ def _float(path, hdr: fits.Header, key: str) -> float:
     try:
         if isinstance(value, bool):
             raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         raise _bad(path, f"keyword {key}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise _bad(path, f"keyword {key}={value!r} is not a finite number")
+    return number
+
+
+def _in_range(path, key: str, value: float, low: float, high: float, unit: str) -> None:
+    """A one-line error unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise _bad(path, f"keyword {key}={value!r} is out of range: it must be within "
+                         f"{low}..{high} {unit}")
+
+
+def _positive(path, key: str, value: float, unit: str) -> None:
+    if not value > 0:
+        raise _bad(path, f"keyword {key}={value!r} is out of range: it must be a positive "
+                         f"number of {unit}")
+
+
+def _text(path, hdr: fits.Header, key: str, default: str | None = None) -> str:
+    """String keyword ``key`` upper-cased (``default`` when absent), or a one-line error."""
+    if key not in hdr:
+        if default is None:
+            raise _bad(path, f"missing keyword {key}")
+        return default
+    value = hdr[key]
+    if isinstance(value, str) and not value.strip() and default is not None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(path, f"keyword {key}={value!r} is not a text value")
+    return value.strip().upper()
 
 
 class Exposure:
@@ -135,20 +184,20 @@ class Exposure:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._buffers = ThreadBuffers()  # each thread's SCI read buffer
-        if not self.path.exists():
-            raise _bad(self.path, "no such file")
-        if self.path.is_dir():
-            raise _bad(self.path, "is a directory, not a FITS file")
+        self._fd: int | None = None
+        # opened once, and everything is read through this descriptor: the run reads the
+        # file it checked even if the path is then removed or replaced (a re-delivery
+        # renamed over it). Non-blocking, so that a FIFO without a writer cannot hang the open.
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._hdul = fits.open(self.path, memmap=True, do_not_scale_image_data=True,
-                                       lazy_load_hdus=False)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise _bad(self.path, "no such file") from None
         except PermissionError:
             raise _bad(self.path, "cannot be read (permission denied)") from None
-        except Exception as exc:  # astropy raises many kinds of errors on non-FITS bytes
-            raise _bad(self.path, f"not a readable FITS file ({_one_line(exc)})") from None
+        except OSError as exc:
+            raise _bad(self.path, f"cannot be opened ({exc.strerror})") from None
         try:
+            self._open_fits()
             self._check_extent()
             self.meta = self._read_meta()
             self._sci = self._hdul["SCI"]
@@ -157,11 +206,31 @@ class Exposure:
             self.close()
             raise
 
+    def _open_fits(self) -> None:
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would be read forever
+            raise _bad(self.path, f"is {_file_kind(st.st_mode)}, not a regular file")
+        self._size = st.st_size
+        os.set_blocking(self._fd, True)
+        magic = os.pread(self._fd, 8, 0)
+        for start, kind in _COMPRESSED:
+            if magic.startswith(start):
+                raise _bad(self.path, f"is {kind}-compressed, not a FITS file: decompress it "
+                                      "first (streamdet reads uncompressed FITS, and "
+                                      "tile-compressed FITS extensions)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._hdul = fits.open(os.fdopen(os.dup(self._fd), "rb"), memmap=True,
+                                       do_not_scale_image_data=True, lazy_load_hdus=False)
+        except Exception as exc:  # astropy raises many kinds of errors on non-FITS bytes
+            raise _bad(self.path, f"not a readable FITS file ({_one_line(exc)})") from None
+
     # -- structure ------------------------------------------------------------------------
     def _check_extent(self) -> None:
         """The file must end where its last HDU's header says it does: astropy quietly
         drops an extension whose header was cut off and maps data that is not there."""
-        have = os.path.getsize(self.path)
+        have = self._size
         if not len(self._hdul):
             raise _bad(self.path, "not a readable FITS file (no HDU)")
         last = self._hdul[-1]
@@ -173,7 +242,7 @@ class Exposure:
         if have < need:
             raise _bad(self.path, f"is truncated: its headers describe {need} bytes, "
                                   f"the file has {have}")
-        if have > need and not _blank_tail(self.path, need):
+        if have > need and not _blank_tail(self._fd, need):
             raise _bad(self.path, f"is truncated or damaged: {have - need} bytes after the last "
                                   f"complete extension ({last.name or 'PRIMARY'}) are not a "
                                   "readable FITS extension")
@@ -204,68 +273,86 @@ class Exposure:
             raise _bad(p, f"SCI holds {kind} (BITPIX={bitpix}); a Level 1B ramp is 16-bit "
                           "unsigned integers")
         nints, ngroups, ny, nx = shape
+        if ngroups < 1 or nints < 1 or ny < 1 or nx < 1:
+            raise _bad(p, f"SCI is empty (shape {tuple(shape)})")
+        # every header value a step computes with is checked here, once: a zero time or
+        # frame count would divide by zero deep in a step, a negative one give nonsense
         ngroups_hdr = _int(p, hdr, "NGROUPS")
-        nints_total = _int(p, hdr, "NINTS")
-        nframes = _int(p, hdr, "NFRAMES")
-        frame_time = _float(p, hdr, "TFRAME")
-        group_time = _float(p, hdr, "TGROUP")
         if ngroups != ngroups_hdr:
             raise _bad(p, f"SCI has {ngroups} groups but NGROUPS={ngroups_hdr}")
-        intstart = _int(p, hdr, "INTSTART", 1) or 1
-        intend = _int(p, hdr, "INTEND", intstart + nints - 1) or intstart + nints - 1
+        nints_total = _int(p, hdr, "NINTS")
+        nframes = _int(p, hdr, "NFRAMES")
+        _in_range(p, "NFRAMES", nframes, 1, MAX_FRAMES_PER_GROUP, "frames")
+        groupgap = _int(p, hdr, "GROUPGAP", 0)
+        _in_range(p, "GROUPGAP", groupgap, 0, MAX_FRAMES_PER_GROUP, "frames")
+        drop_frames1 = _int(p, hdr, "DRPFRMS1", 0)
+        _in_range(p, "DRPFRMS1", drop_frames1, 0, MAX_FRAMES_PER_GROUP, "frames")
+        if "FRMDIVSR" in hdr:  # the divisor of the frames summed into a group
+            _in_range(p, "FRMDIVSR", _int(p, hdr, "FRMDIVSR"), 1, MAX_FRAMES_PER_GROUP, "frames")
+        frame_time = _float(p, hdr, "TFRAME")
+        group_time = _float(p, hdr, "TGROUP")
+        _positive(p, "TFRAME", frame_time, "seconds")
+        _positive(p, "TGROUP", group_time, "seconds")
+        intstart = _int(p, hdr, "INTSTART", 1)
+        if intstart < 1:
+            raise _bad(p, f"keyword INTSTART={intstart} is out of range: integrations count from 1")
+        intend = _int(p, hdr, "INTEND", intstart + nints - 1)
         if intend - intstart + 1 != nints:
             raise _bad(p, f"SCI has {nints} integrations but INTSTART..INTEND is "
                           f"{intstart}..{intend}")
         if nints_total < intend:
             raise _bad(p, f"INTEND={intend} exceeds NINTS={nints_total}")
-        if ngroups < 1 or nints < 1:
-            raise _bad(p, "SCI is empty")
         substrt1 = _int(p, hdr, "SUBSTRT1", 1)
         substrt2 = _int(p, hdr, "SUBSTRT2", 1)
         subsize1 = _int(p, hdr, "SUBSIZE1", nx)
         subsize2 = _int(p, hdr, "SUBSIZE2", ny)
         if (subsize2, subsize1) != (ny, nx):
             raise _bad(p, f"SCI frame is {ny}x{nx} but SUBSIZE2xSUBSIZE1 is {subsize2}x{subsize1}")
+        full_ny, full_nx = FULL_SHAPE
+        if not (1 <= substrt1 <= full_nx - nx + 1 and 1 <= substrt2 <= full_ny - ny + 1):
+            raise _bad(p, f"the {ny}x{nx} frame at SUBSTRT1={substrt1}, SUBSTRT2={substrt2} "
+                          f"does not lie inside the {full_ny}x{full_nx} detector")
         int_times = self._hdul["INT_TIMES"] if "INT_TIMES" in self._hdul else None
         return ExposureMeta(
             path=p, header=hdr, nints=nints, ngroups=ngroups, ny=ny, nx=nx,
-            nframes=nframes, groupgap=_int(p, hdr, "GROUPGAP", 0),
-            drop_frames1=_int(p, hdr, "DRPFRMS1", 0),
+            nframes=nframes, groupgap=groupgap, drop_frames1=drop_frames1,
             frame_time=frame_time, group_time=group_time,
-            readpatt=str(hdr["READPATT"]).strip().upper(),
-            subarray=str(hdr.get("SUBARRAY", "FULL")).strip().upper(),
+            readpatt=_text(p, hdr, "READPATT"),
+            subarray=_text(p, hdr, "SUBARRAY", "FULL"),
             substrt1=substrt1, substrt2=substrt2,
-            instrument=instrument, detector=str(hdr.get("DETECTOR", "")).strip().upper(),
-            exp_type=str(hdr.get("EXP_TYPE", "")).strip().upper(),
+            instrument=instrument, detector=_text(p, hdr, "DETECTOR", ""),
+            exp_type=_text(p, hdr, "EXP_TYPE", ""),
             intstart=intstart, nints_total=nints_total, int_times=int_times,
             extra={"sci_header": sci.header},
         )
 
     def _check_data_present(self) -> None:
         info = self._sci.fileinfo()
-        need = info["datLoc"] + self._sci.size  # size is in bytes
-        have = os.path.getsize(self.path)
+        compressed = isinstance(self._sci, fits.CompImageHDU)
+        # a tile-compressed SCI is a table of compressed tiles: its span is what is stored
+        need = info["datLoc"] + (info["datSpan"] if compressed else self._sci.size)
+        have = self._size
         if have < need:
             raise _bad(self.path, f"is truncated: SCI needs {need} bytes, the file has {have}")
         try:
-            raw = self._sci.data
+            # SCI (16-bit, 4-D: checked above) is read with positioned reads: a memory map
+            # would take page faults for every piece and keep them in the resident set. A
+            # tile-compressed SCI is read through astropy's section, which decompresses
+            # only the tiles a piece needs (one file position: one reader at a time).
+            raw = self._sci.section if compressed else self._sci.data
+            self._raw_shape = tuple(raw.shape)
+            if compressed:  # damaged tiles are found now, not halfway through the run
+                raw[0:1, 0:1, 0:1, :]
         except Exception as exc:  # astropy raises various errors on damaged data
-            raise _bad(self.path, f"SCI data cannot be read ({exc})") from None
+            raise _bad(self.path, f"SCI data cannot be read ({_one_line(exc)})") from None
         self._raw = raw
-        # SCI (16-bit, 4-D: checked above) is read with positioned reads: a memory map would
-        # take page faults for every piece and keep them in the resident set. A
-        # tile-compressed SCI is what astropy decompressed into memory.
-        self._sci_offset = None if isinstance(self._sci, fits.CompImageHDU) else info["datLoc"]
-        # opened now, like the map: the run reads the file it checked even if the path is
-        # then removed or replaced (a re-delivery renamed over it)
-        self._fd: int | None = None
-        if self._sci_offset is not None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._sci_offset = None if compressed else info["datLoc"]
+        self._section_lock = threading.Lock()
         self._bzero = float(self._sci.header.get("BZERO", 0.0))
         self._bscale = float(self._sci.header.get("BSCALE", 1.0))
         self._groupdq = self._hdul["GROUPDQ"].data if "GROUPDQ" in self._hdul else None
-        if self._groupdq is not None and self._groupdq.shape != self._raw.shape:
-            raise _bad(self.path, f"GROUPDQ shape {self._groupdq.shape} differs from SCI {self._raw.shape}")
+        if self._groupdq is not None and self._groupdq.shape != self._raw_shape:
+            raise _bad(self.path, f"GROUPDQ shape {self._groupdq.shape} differs from SCI {self._raw_shape}")
         self._pixeldq = self._hdul["PIXELDQ"].data if "PIXELDQ" in self._hdul else None
         if self._pixeldq is not None and self._pixeldq.shape != (self.meta.ny, self.meta.nx):
             raise _bad(self.path, f"PIXELDQ shape {self._pixeldq.shape} differs from the frame")
@@ -281,11 +368,15 @@ class Exposure:
     def _read_sci(self, ints: slice, rows: slice) -> np.ndarray:
         """SCI of integrations ``ints`` and rows ``rows``, as stored (big-endian 16-bit),
         in this thread's read buffer (valid until its next read)."""
-        nints, ngroups, ny, nx = self._raw.shape
+        nints, ngroups, ny, nx = self._raw_shape
         i0, i1, istep = ints.indices(nints)
         r0, r1, rstep = rows.indices(ny)
         if self._sci_offset is None or istep != 1 or rstep != 1:
-            return self._raw[ints, :, rows, :]
+            with self._section_lock:
+                try:
+                    return self._raw[ints, :, rows, :]
+                except Exception as exc:  # a damaged tile of a compressed SCI
+                    raise _bad(self.path, f"SCI data cannot be read ({_one_line(exc)})") from None
         out = self._buffers.get("sci", (max(0, i1 - i0), ngroups, max(0, r1 - r0), nx),
                                 self._raw.dtype)
         if out.size == 0:
@@ -304,7 +395,7 @@ class Exposure:
     def read(self, ints: slice, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Data (float32 DN) and groupdq (uint8) of integrations ``ints`` (file-local) and
         rows ``rows``, each ``[nints, ngroups, nrows, nx]``."""
-        nints, ngroups, ny, nx = self._raw.shape
+        nints, ngroups, ny, nx = self._raw_shape
         shape = (len(range(*ints.indices(nints))), ngroups, len(range(*rows.indices(ny))), nx)
         data, groupdq = np.empty(shape, np.float32), np.empty(shape, np.uint8)
         self.read_into(ints, rows, data, groupdq)

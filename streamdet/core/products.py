@@ -75,16 +75,21 @@ class CubeStore:
     integration at a time. (Memory maps would cost page faults and, when unmapped, TLB
     shootdowns that stall the other band threads.)"""
 
-    def __init__(self, shape: tuple[int, ...], directory: Path,
+    def __init__(self, shape: tuple[int, ...], directory: Path | None,
                  extensions: tuple[tuple[str, type], ...] | None = None):
         self.shape = tuple(shape)
         self.extensions = extensions or tuple(zip(RateArrays.EXTENSIONS, RATE_DTYPES))
-        self.paths = []
+        self.files = []  # (open nameless file, dtype) per extension
         for extname, dtype in self.extensions:
-            path = Path(directory) / f"{extname.lower()}.raw"
-            with open(path, "wb") as f:
-                f.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
-            self.paths.append((path, np.dtype(dtype)))
+            # nameless (O_TMPFILE, else unlinked at once): nothing is left behind however
+            # the process ends; the space is freed when the file is closed
+            f = tempfile.TemporaryFile(prefix=f"streamdet-{extname.lower()}-", dir=directory)
+            f.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
+            self.files.append((f, np.dtype(dtype)))
+
+    def close(self) -> None:
+        for f, _ in self.files:
+            f.close()
 
     def put(self, index, other) -> None:
         """Store ``other`` (RateArrays, or arrays in the order of the extensions) at
@@ -99,23 +104,18 @@ class CubeStore:
         r0, r1, step = rows.indices(ny)
         if step != 1:
             raise ValueError("CubeStore.put takes contiguous rows")
-        for (path, dtype), theirs in zip(self.paths, arrays):
+        for (f, dtype), theirs in zip(self.files, arrays):
             pieces = np.ascontiguousarray(theirs, dtype=dtype).reshape(-1, (r1 - r0) * nx)
             plane_bytes = ny * nx * dtype.itemsize
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                for j, piece in enumerate(pieces):
-                    write_at(fd, piece, j * plane_bytes + r0 * nx * dtype.itemsize)
-            finally:
-                os.close(fd)
+            for j, piece in enumerate(pieces):
+                write_at(f.fileno(), piece, j * plane_bytes + r0 * nx * dtype.itemsize)
 
     def plane(self, k: int, i: int) -> np.ndarray:
         """Extension ``k``'s integration ``i`` (a fresh array)."""
-        path, dtype = self.paths[k]
+        f, dtype = self.files[k]
         out = np.empty(self.shape[1:], dtype)
-        with open(path, "rb", buffering=0) as f:
-            if not read_at(f.fileno(), out, i * out.nbytes):
-                raise OSError(f"{path} ends before integration {i}")
+        if not read_at(f.fileno(), out, i * out.nbytes):
+            raise OSError(f"scratch file of {self.extensions[k][0]} ends before integration {i}")
         return out
 
 
@@ -162,9 +162,11 @@ def _sci_header(meta: ExposureMeta) -> fits.Header:
 
 def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArrays,
                    rateints: "RateArrays | CubeStore", keywords: dict[str, object],
-                   history: list[str]) -> None:
+                   history: list[str], placed: list | None = None) -> None:
     """Write ``outputs['rate']`` and ``outputs['rateints']``: both go to temporary names
-    first and are renamed into place only when both are complete."""
+    first and are renamed into place only when both are complete. Each product renamed
+    into place is appended to ``placed`` as ``(path, st_dev, st_ino)``, so that a caller
+    whose run fails later can withdraw exactly the files it wrote."""
     written: list[tuple[Path, Path]] = []
 
     def write(kind: str, arrays, model: str, tmp: Path) -> None:
@@ -200,7 +202,10 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
         for tmp, _ in written:  # mkstemp makes 0600 files; products get the usual mode
             os.chmod(tmp, 0o666 & ~umask)
         for tmp, path in written:
+            st = os.stat(tmp)
             os.replace(tmp, path)
+            if placed is not None:
+                placed.append((path, st.st_dev, st.st_ino))
     finally:
         for tmp, _ in written:
             if tmp.exists():
@@ -247,7 +252,7 @@ def _stream_cube(path: Path, primary: fits.PrimaryHDU, store: CubeStore, meta: E
 
 
 def write_ramp(meta: ExposureMeta, path: Path, store: CubeStore, pixeldq: np.ndarray,
-               keywords: dict[str, object], history: list[str]) -> None:
+               keywords: dict[str, object], history: list[str], placed: list | None = None) -> None:
     """The ramp as the band pass hands it to the rate producer (after jump), as a
     RampModel file: SCI, PIXELDQ, GROUPDQ, INT_TIMES."""
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -257,7 +262,10 @@ def write_ramp(meta: ExposureMeta, path: Path, store: CubeStore, pixeldq: np.nda
         _stream_cube(Path(name), primary, store, meta, images=(("PIXELDQ", pixeldq),))
         if meta.int_times is not None:
             fits.append(name, meta.int_times.data, header=fits.Header([("EXTNAME", "INT_TIMES")]))
+        st = os.stat(name)
         os.replace(name, path)
+        if placed is not None:
+            placed.append((path, st.st_dev, st.st_ino))
     finally:
         if os.path.exists(name):
             os.unlink(name)
