@@ -103,8 +103,8 @@ def process(
         for path in files:
             try:
                 out_dir = Path(run.output_dir) if run.output_dir else Path(path).parent
-                if not run.output_dir:
-                    check_output_dir(out_dir, source=path)
+                if not run.output_dir and out_dir.is_dir():  # beside the input
+                    check_output_dir(out_dir, source=path, create=False)
                 check_product_names(path, out_dir, save_ramp)
                 with _plugin_warnings_as_lines(quiet):
                     result = _process_one(path, run, console, quiet)
@@ -140,32 +140,29 @@ def process(
 TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")
 
 
-def check_output_dir(directory: Path, source: Path | None = None) -> None:
-    """Refuse, before any work, an output directory that products cannot be written to:
-    one that is not a directory, or one where a file cannot be created (probed with a
-    temporary file of our own, removed at once). One that does not exist yet must be
-    creatable: its nearest existing ancestor must be a writable directory."""
+def check_output_dir(directory: Path, source: Path | None = None, create: bool = True) -> None:
+    """Refuse, before any work, an output directory that products cannot be written to.
+    A missing one is created now (as the writer would later); then a file is created in
+    it and removed at once: the only test that holds for root, read-only mounts, ACLs and
+    network file systems alike."""
     import tempfile
 
     from .core.errors import BadInputError, shown
 
     lead = f"{shown(source)}: " if source is not None else ""
-    existing = directory
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is not a directory" if existing == directory else f"cannot be created: {shown(existing)} is not a directory"
-        raise BadInputError(f"{lead}output directory {shown(directory)} {what}")
-    if existing != directory:
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise BadInputError(f"{lead}output directory {shown(directory)} cannot be created: "
-                                f"{shown(existing)} is not writable")
-        return
+    if directory.exists() and not directory.is_dir():
+        raise BadInputError(f"{lead}output directory {shown(directory)} is not a directory")
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"{lead}output directory {shown(directory)} cannot be created "
+                            f"({exc.strerror or exc})") from None
     try:
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".streamdet-probe-")
     except OSError as exc:
         raise BadInputError(f"{lead}output directory {shown(directory)} is not writable "
-                            f"({exc.strerror})") from None
+                            f"({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(probe)
 

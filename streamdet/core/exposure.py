@@ -123,6 +123,13 @@ def _blank_tail(fd: int, start: int) -> bool:
     return True
 
 
+def _has_end_card(fd: int, size: int, limit: int = 1 << 20) -> bool:
+    """True if the first header of the open file ``fd`` ends (an END card on a card
+    boundary within its first ``limit`` bytes)."""
+    head = os.pread(fd, min(size, limit), 0)
+    return any(head[i:i + 80].rstrip(b" ") == b"END" for i in range(0, len(head) - 79, 80))
+
+
 def _int(path, hdr: fits.Header, key: str, default: int | None = None) -> int:
     """Integer keyword ``key`` (``default`` when absent or blank), or a one-line error."""
     value = hdr.get(key, default)
@@ -212,18 +219,23 @@ class Exposure:
             raise _bad(self.path, f"is {_file_kind(st.st_mode)}, not a regular file")
         self._size = st.st_size
         os.set_blocking(self._fd, True)
-        magic = os.pread(self._fd, 8, 0)
+        magic = os.pread(self._fd, 80, 0)
         for start, kind in _COMPRESSED:
             if magic.startswith(start):
                 raise _bad(self.path, f"is {kind}-compressed, not a FITS file: decompress it "
                                       "first (streamdet reads uncompressed FITS, and "
                                       "tile-compressed FITS extensions)")
+        stream = os.fdopen(os.dup(self._fd), "rb")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._hdul = fits.open(os.fdopen(os.dup(self._fd), "rb"), memmap=True,
-                                       do_not_scale_image_data=True, lazy_load_hdus=False)
+                self._hdul = fits.open(stream, memmap=True, do_not_scale_image_data=True,
+                                       lazy_load_hdus=False)
         except Exception as exc:  # astropy raises many kinds of errors on non-FITS bytes
+            stream.close()
+            if magic.startswith(b"SIMPLE  =") and not _has_end_card(self._fd, self._size):
+                raise _bad(self.path, f"is truncated: its {self._size} bytes end inside the "
+                                      "primary header") from None
             raise _bad(self.path, f"not a readable FITS file ({_one_line(exc)})") from None
 
     # -- structure ------------------------------------------------------------------------
