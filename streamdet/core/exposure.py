@@ -123,11 +123,40 @@ def _blank_tail(fd: int, start: int) -> bool:
     return True
 
 
+def _raised_in_astropy(exc: BaseException) -> bool:
+    """True if ``exc`` was raised inside astropy (called from streamdet's last frame on),
+    not by streamdet's own code."""
+    import traceback
+
+    files = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    last_ours = max((i for i, f in enumerate(files) if os.path.abspath(f).startswith(ours)),
+                    default=-1)
+    return any(f"{os.sep}astropy{os.sep}" in f for f in files[last_ours + 1:])
+
+
 def _has_end_card(fd: int, size: int, limit: int = 1 << 20) -> bool:
     """True if the first header of the open file ``fd`` ends (an END card on a card
     boundary within its first ``limit`` bytes)."""
     head = os.pread(fd, min(size, limit), 0)
     return any(head[i:i + 80].rstrip(b" ") == b"END" for i in range(0, len(head) - 79, 80))
+
+
+def _check_cards(path, extname: str, hdr: fits.Header) -> None:
+    """Every card of ``hdr`` must be one the products can carry (they copy the input's
+    metadata): astropy would refuse an unfixable card only when writing, after the work."""
+    for number, card in enumerate(hdr.cards, start=1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                card.verify("silentfix+exception")
+        except Exception as exc:
+            reason = _one_line(exc)
+            for noise in ("Verification reported errors:", "Unfixable error:",
+                          "Note: astropy.io.fits uses zero-based indexing."):
+                reason = reason.replace(noise, "")
+            raise _bad(path, f"{extname} header card {number} is damaged: "
+                             f"{' '.join(reason.split())}") from None
 
 
 def _int(path, hdr: fits.Header, key: str, default: int | None = None) -> int:
@@ -209,6 +238,14 @@ class Exposure:
             self.meta = self._read_meta()
             self._sci = self._hdul["SCI"]
             self._check_data_present()
+        except BadInputError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            if _raised_in_astropy(exc):  # astropy choking on the file's bytes: the file's fault
+                raise _bad(self.path, f"is a damaged FITS file ({_one_line(exc)})") from None
+            raise
         except BaseException:
             self.close()
             raise
@@ -271,6 +308,8 @@ class Exposure:
             raise _bad(p, "missing keyword INSTRUME")
         if instrument != "MIRI":
             raise _bad(p, f"INSTRUME is {instrument!r}; streamdet processes MIRI exposures only")
+        _check_cards(p, "primary", hdr)
+        _check_cards(p, "SCI", sci.header)
         missing = [k for k in _REQUIRED if k not in hdr]
         if missing:
             raise _bad(p, f"missing keyword{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -325,6 +364,15 @@ class Exposure:
             raise _bad(p, f"the {ny}x{nx} frame at SUBSTRT1={substrt1}, SUBSTRT2={substrt2} "
                           f"does not lie inside the {full_ny}x{full_nx} detector")
         int_times = self._hdul["INT_TIMES"] if "INT_TIMES" in self._hdul else None
+        if int_times is not None:  # copied into the rateints product: it must be a table
+            try:
+                if not isinstance(int_times, fits.BinTableHDU):
+                    raise ValueError(f"it is a {type(int_times).__name__.strip('_')}, not a binary table")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    len(int_times.data)
+            except Exception as exc:
+                raise _bad(p, f"the INT_TIMES extension cannot be read ({_one_line(exc)})") from None
         return ExposureMeta(
             path=p, header=hdr, nints=nints, ngroups=ngroups, ny=ny, nx=nx,
             nframes=nframes, groupgap=groupgap, drop_frames1=drop_frames1,
