@@ -232,15 +232,17 @@ def _plugin_warnings_as_lines(quiet: bool):
     Other warnings are shown as Python shows them."""
     import warnings
 
+    from .core.errors import InputWarning
     from .core.plugins import PluginWarning
 
     with warnings.catch_warnings():
         # the engine reports each plugin once per run already: show every report
         warnings.simplefilter("ignore" if quiet else "always", PluginWarning)
+        warnings.simplefilter("ignore" if quiet else "always", InputWarning)
         show_python_warning = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, PluginWarning):
+            if issubclass(category, (PluginWarning, InputWarning)):
                 typer.echo(f"streamdet: warning: {message}", err=True)
             else:
                 show_python_warning(message, category, filename, lineno, file, line)

@@ -36,6 +36,10 @@ class PluginError(StreamdetError):
     """A plugin package is broken or two plugins conflict."""
 
 
+class InputWarning(UserWarning):
+    """Something in the input that the run works around (its message is one line)."""
+
+
 class Interrupted(BaseException):
     """The process was asked to stop by a signal (SIGTERM, SIGHUP): raised in the main
     thread so that every ``finally`` runs and the run leaves nothing behind. Like

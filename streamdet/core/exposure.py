@@ -22,7 +22,7 @@ from astropy.io import fits
 from streamdet._ckernels import declare, ptr
 
 from .buffers import ThreadBuffers
-from .errors import BadInputError, shown
+from .errors import BadInputError, InputWarning, shown
 
 _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
 
@@ -142,10 +142,19 @@ def _has_end_card(fd: int, size: int, limit: int = 1 << 20) -> bool:
     return any(head[i:i + 80].rstrip(b" ") == b"END" for i in range(0, len(head) - 79, 80))
 
 
-def _check_cards(path, extname: str, hdr: fits.Header) -> None:
+def _check_cards(path, extname: str, hdr: fits.Header) -> list[int]:
     """Every card of ``hdr`` must be one the products can carry (they copy the input's
-    metadata): astropy would refuse an unfixable card only when writing, after the work."""
+    metadata): astropy would refuse an unfixable card only when writing, after the work.
+    Returns the indices of the cards that follow no FITS convention astropy knows (it
+    warns about each whenever it is copied)."""
+    unknown = []
     for number, card in enumerate(hdr.cards, start=1):
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            fits.Card.fromstring(card.image).keyword
+        if warned:
+            unknown.append(number - 1)
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -157,6 +166,27 @@ def _check_cards(path, extname: str, hdr: fits.Header) -> None:
                 reason = reason.replace(noise, "")
             raise _bad(path, f"{extname} header card {number} is damaged: "
                              f"{' '.join(reason.split())}") from None
+    return unknown
+
+
+def _without_unknown_cards(path, hdr: fits.Header) -> fits.Header:
+    """The primary header without the cards astropy cannot interpret, said once in one
+    line (rather than astropy's two-line warning each time the header is copied)."""
+    unknown = _check_cards(path, "primary", hdr)
+    if not unknown:
+        return hdr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hdr = hdr.copy()
+        keys = [shown(hdr.cards[i].image[:8].rstrip()) for i in unknown]
+        for i in reversed(unknown):
+            del hdr[i]
+    several = len(unknown) > 1
+    warnings.warn(InputWarning(
+        f"{shown(path)}: {len(unknown)} primary header card{'s' if several else ''} that "
+        f"follow{'' if several else 's'} no FITS convention left out of the products "
+        f"({', '.join(keys)})"))
+    return hdr
 
 
 def _int(path, hdr: fits.Header, key: str, default: int | None = None) -> int:
@@ -308,8 +338,11 @@ class Exposure:
             raise _bad(p, "missing keyword INSTRUME")
         if instrument != "MIRI":
             raise _bad(p, f"INSTRUME is {instrument!r}; streamdet processes MIRI exposures only")
-        _check_cards(p, "primary", hdr)
-        _check_cards(p, "SCI", sci.header)
+        if not isinstance(sci, (fits.ImageHDU, fits.CompImageHDU)):
+            raise _bad(p, f"the SCI extension is not an image (XTENSION="
+                          f"{sci.header.get('XTENSION')!r}, read as {type(sci).__name__})")
+        hdr = _without_unknown_cards(p, hdr)
+        _check_cards(p, "SCI", sci.header)  # (of SCI only known WCS and time keywords are copied)
         missing = [k for k in _REQUIRED if k not in hdr]
         if missing:
             raise _bad(p, f"missing keyword{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
