@@ -207,6 +207,42 @@ def test_nonsense_header_value_is_refused_in_one_line(crds, tmp_path, scratch, c
     assert names(out) == [] and names(scratch) == []
 
 
+def _card_at(raw: bytes, key: str, end: int) -> int:
+    return next(i for i in range(0, end, 80) if raw[i:i + 8].rstrip() == key.encode())
+
+
+def test_complex_bzero_is_refused_in_one_line(crds, tmp_path, scratch):
+    raw = bytearray(crds.uncal.read_bytes())
+    with fits.open(crds.uncal) as hdul:
+        sci = hdul["SCI"].fileinfo()
+    at = _card_at(raw, "BZERO", sci["datLoc"])
+    raw[at:at + 80] = f"{'BZERO':<8}= {'(1, 2)':>20}".ljust(80).encode()
+    bad = tmp_path / "bzero_uncal.fits"
+    bad.write_bytes(bytes(raw))
+    o = invoke("-q", bad, "-o", tmp_path / "out")
+    assert_refused(o, bad.name, "BZERO")
+    assert names(tmp_path / "out") == []
+
+
+def test_card_of_no_known_convention_is_one_warning_line(crds, tmp_path, scratch):
+    """astropy warns in two lines each time such a card is copied (four for the two
+    products); streamdet leaves it out and says so once."""
+    raw = bytearray(crds.uncal.read_bytes())
+    at = _card_at(raw, "OBSERVTN", 2880 * 3)
+    raw[at + 2:at + 8] = b"\0" * 6
+    odd = tmp_path / "odd_uncal.fits"
+    odd.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    o = invoke(odd, "-o", out)
+    assert o.code == 0, o.stderr
+    said = [ln for ln in o.lines if "OB" in ln or "warning" in ln.lower()]   # (the rest: timings)
+    assert len(said) == 1, o.lines
+    assert said[0].startswith("streamdet: warning: ") and odd.name in said[0]
+    assert "OB\\x00" in said[0]
+    with fits.open(out / "odd_rate.fits") as hdul:
+        assert "OBSERVTN" not in hdul[0].header and hdul[0].header["VISIT"] == fits.getval(crds.uncal, "VISIT")
+
+
 # -- 6. names ---------------------------------------------------------------------------------
 
 FORGED = "x\nstreamdet: error: forged\x1b[2K"

@@ -207,7 +207,7 @@ def _int(path, hdr: fits.Header, key: str, default: int | None = None) -> int:
 def _float(path, hdr: fits.Header, key: str) -> float:
     value = hdr[key]
     try:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, complex)):
             raise ValueError
         number = float(value)
     except (TypeError, ValueError, OverflowError):
@@ -441,8 +441,11 @@ class Exposure:
         self._raw = raw
         self._sci_offset = None if compressed else info["datLoc"]
         self._section_lock = threading.Lock()
-        self._bzero = float(self._sci.header.get("BZERO", 0.0))
-        self._bscale = float(self._sci.header.get("BSCALE", 1.0))
+        sci_header = self._sci.header
+        self._bzero = _float(self.path, sci_header, "BZERO") if "BZERO" in sci_header else 0.0
+        self._bscale = _float(self.path, sci_header, "BSCALE") if "BSCALE" in sci_header else 1.0
+        if self._bscale == 0:
+            raise _bad(self.path, "SCI keyword BSCALE=0 would make every value the same")
         self._groupdq = self._hdul["GROUPDQ"].data if "GROUPDQ" in self._hdul else None
         if self._groupdq is not None and self._groupdq.shape != self._raw_shape:
             raise _bad(self.path, f"GROUPDQ shape {self._groupdq.shape} differs from SCI {self._raw_shape}")
