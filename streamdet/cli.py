@@ -109,7 +109,9 @@ def process(
                 with _plugin_warnings_as_lines(quiet):
                     result = _process_one(path, run, console, quiet)
             except KeyboardInterrupt:
-                raise typer.Exit(130)
+                import signal
+
+                raise typer.Exit(_interrupted(errors.Interrupted(signal.SIGINT)))
             except errors.Interrupted as exc:
                 raise typer.Exit(_interrupted(exc))
             except Exception as exc:  # one bad file does not stop the others

@@ -437,7 +437,8 @@ main()
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGKILL"])
 def test_a_stopped_run_leaves_no_scratch(sim, cli_env, tmp_path, signum):
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
@@ -452,7 +453,7 @@ def test_a_stopped_run_leaves_no_scratch(sim, cli_env, tmp_path, signum):
     if signum == signal.SIGKILL:
         assert result.returncode == -signal.SIGKILL
         return
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert result.returncode == 128 + signum, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "SIGTERM" in lines[0], lines
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0], lines
