@@ -34,6 +34,9 @@ from streamdet.testing import crds_environment
 #: STREAMDET_PROPERTY_RANDOM=1 searches further
 EXAMPLES = int(os.environ.get("STREAMDET_PROPERTY_EXAMPLES", "80"))
 DERANDOMIZE = not os.environ.get("STREAMDET_PROPERTY_RANDOM")
+#: milliseconds an example may take when searching for slow inputs (none in CI: no timing)
+DEADLINE = int(os.environ["STREAMDET_PROPERTY_DEADLINE_MS"]) if os.environ.get(
+    "STREAMDET_PROPERTY_DEADLINE_MS") else None
 
 #: keywords per HDU that the reader, the steps or the FITS structure depend on
 KEYWORDS = {
@@ -163,7 +166,7 @@ def test_mutated_exposures_do_no_harm(valid, tmp_path_factory, monkeypatch):
     seen = {0: 0, 2: 0}
     runner = CliRunner()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=DERANDOMIZE,
+    @settings(max_examples=EXAMPLES, deadline=DEADLINE, derandomize=DERANDOMIZE,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(edits=mutations(layout))
     def check(edits):

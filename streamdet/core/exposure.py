@@ -151,9 +151,10 @@ def _check_cards(path, extname: str, hdr: fits.Header) -> list[int]:
     for number, card in enumerate(hdr.cards, start=1):
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
-            fits.Card.fromstring(card.image).keyword
-        if warned:
-            unknown.append(number - 1)
+            image = card.image
+            fits.Card.fromstring(image).keyword
+        if warned or not (image.isascii() and image.isprintable()):
+            unknown.append(number - 1)  # (FITS headers are printable ASCII, or unwritable)
             continue
         try:
             with warnings.catch_warnings():
@@ -169,10 +170,11 @@ def _check_cards(path, extname: str, hdr: fits.Header) -> list[int]:
     return unknown
 
 
-def _without_unknown_cards(path, hdr: fits.Header) -> fits.Header:
-    """The primary header without the cards astropy cannot interpret, said once in one
-    line (rather than astropy's two-line warning each time the header is copied)."""
-    unknown = _check_cards(path, "primary", hdr)
+def _without_unknown_cards(path, hdr: fits.Header, extname: str = "primary") -> fits.Header:
+    """The header without the cards astropy cannot interpret or write, said once in one
+    line (rather than astropy's two-line warning each time the header is copied, or its
+    refusal to write the products after all the work)."""
+    unknown = _check_cards(path, extname, hdr)
     if not unknown:
         return hdr
     with warnings.catch_warnings():
@@ -183,7 +185,7 @@ def _without_unknown_cards(path, hdr: fits.Header) -> fits.Header:
             del hdr[i]
     several = len(unknown) > 1
     warnings.warn(InputWarning(
-        f"{shown(path)}: {len(unknown)} primary header card{'s' if several else ''} that "
+        f"{shown(path)}: {len(unknown)} {extname} header card{'s' if several else ''} that "
         f"follow{'' if several else 's'} no FITS convention left out of the products "
         f"({', '.join(keys)})"))
     return hdr
@@ -342,7 +344,7 @@ class Exposure:
             raise _bad(p, f"the SCI extension is not an image (XTENSION="
                           f"{sci.header.get('XTENSION')!r}, read as {type(sci).__name__})")
         hdr = _without_unknown_cards(p, hdr)
-        _check_cards(p, "SCI", sci.header)  # (of SCI only known WCS and time keywords are copied)
+        sci_header = _without_unknown_cards(p, sci.header, "SCI")
         missing = [k for k in _REQUIRED if k not in hdr]
         if missing:
             raise _bad(p, f"missing keyword{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -416,7 +418,7 @@ class Exposure:
             instrument=instrument, detector=_text(p, hdr, "DETECTOR", ""),
             exp_type=_text(p, hdr, "EXP_TYPE", ""),
             intstart=intstart, nints_total=nints_total, int_times=int_times,
-            extra={"sci_header": sci.header},
+            extra={"sci_header": sci_header},
         )
 
     def _check_data_present(self) -> None:
