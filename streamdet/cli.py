@@ -57,8 +57,6 @@ def process(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ):
     """Turn Level 1B exposures into _rate.fits and _rateints.fits."""
-    import glob
-
     global _one_shot
     _one_shot = True
 
@@ -66,76 +64,78 @@ def process(
 
     from . import config as configmod
     from .core import errors
-    from .core.exposure import product_base_name
+    from .core.errors import shown
     from .core.plugins import get_registry
 
     if not (debug or verbose):  # crds logs its own copy of a lookup failure we report
         os.environ.setdefault("CRDS_VERBOSITY", "-3")
     console = Console(stderr=True, quiet=quiet)
-    try:
-        registry = get_registry()
-        if not quiet:  # first: a broken plugin may be why an option below is refused
-            for message in registry.broken:
-                typer.echo(f"streamdet: warning: {message}", err=True)
-        run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
-                             output_dir=output_dir, overwrite=overwrite, registry=registry,
-                             crds_pars=not no_crds_pars, pre_hooks=pre_hook,
-                             post_hooks=post_hook)
-        _log_to_stderr(quiet, verbose or debug)
-        run.save_ramp = save_ramp or run.save_ramp
-        run.save_after = tuple(save_after)
-        if threads is not None:
-            run.threads = threads
-        if save_parameters is not None:
-            configmod.save_parameters(save_parameters, run, registry)
-            if not quiet:
-                typer.echo(f"parameters: {save_parameters}")
-    except Exception as exc:
-        raise typer.Exit(errors.report(exc, debug=debug, where=config))
-    failures = 0
-    for path in files:
-        # the products this run may write, as they are now: a failed run leaves none of its own
-        out_dir = Path(run.output_dir) if run.output_dir else Path(path).parent
-        pattern = f"{glob.escape(product_base_name(path))}_*.fits"
-
-        def products_now() -> dict[Path, tuple[int, int]]:
-            try:
-                return {p: (st.st_ino, st.st_mtime_ns) for p in out_dir.glob(pattern)
-                        if p.is_file() and not p.is_symlink() and (st := p.stat())}
-            except OSError:
-                return {}
-
-        before = products_now()
+    with _signals_as_exceptions():
         try:
-            with _plugin_warnings_as_lines(quiet):
-                result = _process_one(path, run, console, quiet)
-        except KeyboardInterrupt:
-            raise typer.Exit(130)
-        except Exception as exc:  # one bad file does not stop the others
-            for product, stamp in products_now().items():
-                if before.get(product) != stamp:  # written by this failed run: partial
-                    product.unlink(missing_ok=True)
-            failures = max(failures, errors.report(exc, debug=debug, where=path))
-            continue
-        if not quiet:
-            for kind, product in result.products.items():
-                typer.echo(f"{kind}: {product}")
-            if verbose:
-                for step in result.chain:
-                    state = "ran" if not step.skip else f"skipped ({step.skip_reason})"
-                    console.print(f"  {step.name:<13} {step.implementation:<10} {state}",
-                                  soft_wrap=True, highlight=False)
-                for reftype, res in result.references.items():
-                    console.print(f"  {reftype:<11} {res.path or 'N/A'} [{res.source}]",
-                                  soft_wrap=True, highlight=False, markup=False)
-                if result.parameters is not None:
-                    for pars in result.parameters.pars:
-                        console.print(f"  {pars.reftype:<11} {pars.path} [crds]",
+            registry = get_registry()
+            if not quiet:  # first: a broken plugin may be why an option below is refused
+                for message in registry.broken:
+                    typer.echo(f"streamdet: warning: {message}", err=True)
+            run = configmod.load(config, skip=skip, sets=set_, overrides=override, use=use,
+                                 output_dir=output_dir, overwrite=overwrite, registry=registry,
+                                 crds_pars=not no_crds_pars, pre_hooks=pre_hook,
+                                 post_hooks=post_hook)
+            _log_to_stderr(quiet, verbose or debug)
+            run.save_ramp = save_ramp or run.save_ramp
+            run.save_after = tuple(save_after)
+            if threads is not None:
+                run.threads = threads
+            if save_parameters is not None:
+                configmod.save_parameters(save_parameters, run, registry)
+                if not quiet:
+                    typer.echo(f"parameters: {shown(save_parameters)}")
+            if run.output_dir:  # one directory for every file: refused before any work
+                check_output_dir(Path(run.output_dir))
+        except errors.Interrupted as exc:
+            raise typer.Exit(_interrupted(exc))
+        except Exception as exc:
+            raise typer.Exit(errors.report(exc, debug=debug, where=config))
+        failures = 0
+        for path in files:
+            try:
+                out_dir = Path(run.output_dir) if run.output_dir else Path(path).parent
+                if not run.output_dir and out_dir.is_dir():  # beside the input
+                    check_output_dir(out_dir, source=path, create=False)
+                check_product_names(path, out_dir, run.save_ramp, run.save_after)
+                with _plugin_warnings_as_lines(quiet):
+                    result = _process_one(path, run, console, quiet)
+            except KeyboardInterrupt:
+                import signal
+
+                raise typer.Exit(_interrupted(errors.Interrupted(signal.SIGINT)))
+            except errors.Interrupted as exc:
+                raise typer.Exit(_interrupted(exc))
+            except Exception as exc:  # one bad file does not stop the others
+                # the engine has removed whatever it wrote for this file; nothing else is
+                # touched here
+                failures = max(failures, errors.report(exc, debug=debug, where=path))
+                continue
+            if not quiet:
+                for kind, product in result.products.items():
+                    typer.echo(f"{kind}: {shown(product)}")
+                if verbose:
+                    for step in result.chain:
+                        state = "ran" if not step.skip else f"skipped ({step.skip_reason})"
+                        console.print(f"  {step.name:<13} {step.implementation:<10} {state}",
                                       soft_wrap=True, highlight=False, markup=False)
-                    for line in result.parameters.lines():
-                        console.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
-            typer.echo(f"{path.name}: {result.seconds:.2f} s")
-            console.print(_timings_table(result.timings))
+                    for reftype, res in result.references.items():
+                        where = shown(res.path) if res.path else "N/A"
+                        console.print(f"  {reftype:<11} {where} [{res.source}]",
+                                      soft_wrap=True, highlight=False, markup=False)
+                    if result.parameters is not None:
+                        for pars in result.parameters.pars:
+                            console.print(f"  {pars.reftype:<11} {shown(pars.path)} [crds]",
+                                          soft_wrap=True, highlight=False, markup=False)
+                        for line in result.parameters.lines():
+                            console.print(f"  {line}", soft_wrap=True, highlight=False,
+                                          markup=False)
+                typer.echo(f"{shown(path.name)}: {result.seconds:.2f} s")
+                console.print(_timings_table(result.timings))
     if failures:
         raise typer.Exit(failures)
 
@@ -169,6 +169,96 @@ class _ShortName:
         return True
 
 
+#: bytes that the product writer's temporary names add to a product's name
+#: (``.NAME.XXXXXXXX.tmp``, core/products.py)
+TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")
+
+
+def check_output_dir(directory: Path, source: Path | None = None, create: bool = True) -> None:
+    """Refuse, before any work, an output directory that products cannot be written to.
+    A missing one is created now (as the writer would later); then a file is created in
+    it and removed at once: the only test that holds for root, read-only mounts, ACLs and
+    network file systems alike."""
+    import tempfile
+
+    from .core.errors import BadInputError, shown
+
+    lead = f"{shown(source)}: " if source is not None else ""
+    if directory.exists() and not directory.is_dir():
+        raise BadInputError(f"{lead}output directory {shown(directory)} is not a directory")
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"{lead}output directory {shown(directory)} cannot be created "
+                            f"({exc.strerror or exc})") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".streamdet-probe-")
+    except OSError as exc:
+        raise BadInputError(f"{lead}output directory {shown(directory)} is not writable "
+                            f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_product_names(path: Path, out_dir: Path, save_ramp: bool = False,
+                        save_after: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, an input whose product names (and the writer's temporary
+    names for them) would be too long for the output directory's file system."""
+    from .core.errors import BadInputError, shown
+    from .core.exposure import product_base_name
+
+    base = product_base_name(path)
+    kinds = ("rate", "rateints", *(("ramp",) if save_ramp else ()), *save_after)
+    longest = max((f"{base}_{kind}.fits" for kind in kinds), key=lambda n: len(os.fsencode(n)))
+    existing = out_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    need = len(os.fsencode(longest)) + TEMP_NAME_EXTRA
+    if need > limit:
+        raise BadInputError(
+            f"{shown(path)}: name too long: product {shown(longest)} and its temporary name "
+            f"need {need} bytes, the file system allows {limit} (rename the input)")
+
+
+def _interrupted(exc) -> int:
+    typer.echo(f"streamdet: {exc}; stopped, nothing of the interrupted file is left", err=True)
+    return exc.exit_code
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions():
+    """SIGTERM and SIGHUP raise :class:`~streamdet.core.errors.Interrupted` in the main
+    thread for the duration, so that the run unwinds through its ``finally`` clauses
+    (temporary products and scratch removed) instead of dying where it stands. A second
+    signal during the unwinding is ignored; the handlers in place before are restored."""
+    import signal
+    import threading
+
+    from .core.errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in caught:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    caught = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, handler) for s in caught}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @contextlib.contextmanager
 def _plugin_warnings_as_lines(quiet: bool):
     """Show what a plugin did wrong during a run (a
@@ -177,15 +267,17 @@ def _plugin_warnings_as_lines(quiet: bool):
     Other warnings are shown as Python shows them."""
     import warnings
 
+    from .core.errors import InputWarning
     from .core.plugins import PluginWarning
 
     with warnings.catch_warnings():
         # the engine reports each plugin once per run already: show every report
         warnings.simplefilter("ignore" if quiet else "always", PluginWarning)
+        warnings.simplefilter("ignore" if quiet else "always", InputWarning)
         show_python_warning = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, PluginWarning):
+            if issubclass(category, (PluginWarning, InputWarning)):
                 typer.echo(f"streamdet: warning: {message}", err=True)
             else:
                 show_python_warning(message, category, filename, lineno, file, line)
@@ -196,18 +288,19 @@ def _plugin_warnings_as_lines(quiet: bool):
 
 def _process_one(path: Path, run, console, quiet: bool):
     from .core.engine import process_file
+    from .core.errors import shown
 
     if quiet or not console.is_terminal:
         return process_file(path, run)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = progress.add_task(f"{path.name}: {stage}", total=total)
+                tasks[stage] = progress.add_task(f"{shown(path.name)}: {stage}", total=total)
             progress.update(tasks[stage], completed=done)
 
         return process_file(path, run, on_progress=on_progress)
@@ -432,6 +525,8 @@ def _jwst_spelling(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from .core.errors import Interrupted
+
     try:
         # without standalone mode click returns a command's exit code instead of exiting
         code = app(args=_jwst_spelling(sys.argv[1:]), standalone_mode=False)
@@ -441,6 +536,8 @@ def main() -> None:
     except typer.Abort:
         typer.echo("streamdet: aborted", err=True)
         sys.exit(130)
+    except Interrupted as exc:  # a signal between two files' guarded sections
+        _leave(_interrupted(exc))
     except Exception as exc:
         # click's usage errors (typer vendors click, so they are matched by their shape)
         if type(exc).__name__ == "NoArgsIsHelpError":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -188,23 +187,28 @@ class _Scratch:
 
     def __init__(self, meta: ExposureMeta, directory: Path | None, in_memory_bytes: int):
         self.shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
-        self.dir = None
+        self.files = None
         nbytes = int(np.prod(self.shape)) * 5
         if nbytes <= in_memory_bytes:
             self.data = np.empty(self.shape, np.float32)
             self.groupdq = np.empty(self.shape, np.uint8)
             return
-        self.dir = Path(tempfile.mkdtemp(prefix="streamdet-", dir=directory))
-        self.fds = {}
-        for name, dtype in (("data", np.float32), ("groupdq", np.uint8)):
-            path = self.dir / f"{name}.raw"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(fd, int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
-            self.fds[name] = fd
+        self.where = Path(directory or tempfile.gettempdir())
+        self.files, self.fds = {}, {}
+        try:
+            for name, dtype in (("data", np.float32), ("groupdq", np.uint8)):
+                # nameless (O_TMPFILE, else unlinked at once): nothing is left behind
+                # however the process ends, a kill -9 included
+                f = self.files[name] = tempfile.TemporaryFile(prefix="streamdet-", dir=directory)
+                self.fds[name] = f.fileno()
+                os.ftruncate(f.fileno(), int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, i: int, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
         """Integration ``i``, rows ``rows``: ``data``/``groupdq`` ``[ngroups, nrows, nx]``."""
-        if self.dir is None:
+        if self.files is None:
             self.data[i, :, rows] = data
             self.groupdq[i, :, rows] = groupdq
             return
@@ -215,12 +219,12 @@ class _Scratch:
             step = array.strides
             _check(_scratch_write(self.fds[name], ptr(array), i, rows.start, array.shape[1],
                                   nints, ngroups, nx * array.itemsize, step[0], step[1]),
-                   self.dir)
+                   self.where)
 
     def read(self, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
         """Rows ``rows`` of every integration into ``data``/``groupdq``
         ``[nints, ngroups, nrows, nx]``."""
-        if self.dir is None:
+        if self.files is None:
             data[...] = self.data[:, :, rows]
             groupdq[...] = self.groupdq[:, :, rows]
             return
@@ -231,12 +235,12 @@ class _Scratch:
                 raise ValueError("scratch rows are read into arrays with contiguous lines")
             _check(_scratch_read(self.fds[name], ptr(array), rows.start, rows.stop - rows.start,
                                  nints, ngroups, nx * array.itemsize, step[0], step[1], step[2]),
-                   self.dir)
+                   self.where)
 
     def read_integration(self, i: int, data: np.ndarray, groupdq: np.ndarray) -> None:
         """Integration ``i``, every row, into ``data``/``groupdq`` ``[ngroups, ny, nx]``
         (for an integration pass after a band pass)."""
-        if self.dir is None:
+        if self.files is None:
             data[...] = self.data[i]
             groupdq[...] = self.groupdq[i]
             return
@@ -247,15 +251,21 @@ class _Scratch:
                 raise ValueError("scratch rows are read into arrays with contiguous lines")
             _check(_scratch_read_integration(self.fds[name], ptr(array), i, 0, ny, nints,
                                              ngroups, nx * array.itemsize, step[0], step[1]),
-                   self.dir)
+                   self.where)
 
     def close(self) -> None:
         self.data = self.groupdq = None
-        if self.dir is not None:
-            for fd in self.fds.values():
-                os.close(fd)
-            self.fds = {}
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.files is not None:
+            for f in self.files.values():
+                f.close()
+            self.files, self.fds = {}, {}
+
+
+def _close_stores(*stores) -> None:
+    """Free the scratch space of the :class:`CubeStore` among ``stores``."""
+    for store in stores:
+        if isinstance(store, CubeStore):
+            store.close()
 
 
 def _check(code: int, where: Path) -> None:
@@ -378,8 +388,9 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                                   "(ramp_fit); it is skipped or followed by another step")
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
             captures = _capture_points(chain, active, config)
-            rate, rateints, saved, scratch_dir = _run(exposure, refs, active, pixeldq, config,
-                                                      timings, observers, on_progress, captures)
+            rate, rateints, saved = _run(exposure, refs, active, pixeldq, config, timings,
+                                         observers, on_progress, captures)
+            placed: list[tuple[Path, int, int]] = []  # the products this run put in place
             try:
                 for step in on_products:
                     t0 = time.perf_counter()
@@ -389,18 +400,20 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                 finished = {s.name: s.finish() for s in chain if not s.skip}
                 write_products(meta, outputs, rate, rateints,
                                product_record(chain, resolved, finished, resumed,
-                                              parameters=parameters), source)
+                                              parameters=parameters), source, placed=placed)
                 for kind, store in saved.items():
                     upto = None if kind == "ramp" else kind
                     write_ramp(meta, outputs[kind], store, pixeldq,
                                product_record(chain, resolved, finished, resumed, upto=upto,
                                               before_rate=kind == "ramp",
                                               parameters=parameters),
-                               source, meta.state.get("average_dark_current"))
+                               source, meta.state.get("average_dark_current"), placed=placed)
                 timings["write"] += time.perf_counter() - t0
+            except BaseException:
+                withdraw(placed)  # no partial set of products
+                raise
             finally:
-                if scratch_dir is not None:
-                    shutil.rmtree(scratch_dir, ignore_errors=True)
+                _close_stores(rateints, *saved.values())
         finally:
             refs.close()
     observers.notify("streamdet_exposure_finished", exposure=exposure, products=outputs,
@@ -543,6 +556,18 @@ def _changed_params(step: Step) -> dict[str, object]:
     return out
 
 
+def withdraw(placed: list[tuple[Path, int, int]]) -> None:
+    """Remove the files of ``placed`` (``(path, st_dev, st_ino)`` as this run wrote them)
+    that are still the very files written: one replaced since by someone else is theirs."""
+    for path, dev, ino in placed:
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def history_line(step: Step) -> str:
     """The HISTORY record of a step that ran, one card long:
     ``streamdet: STEP=IMPLEMENTATION (DISTRIBUTION VERSION)``.
@@ -648,11 +673,11 @@ def stages(active: list[Step]) -> list[tuple[str, list[Step]]]:
 def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeldq: np.ndarray,
          config: RunConfig, timings: dict[str, float], observers: Observers, on_progress,
          captures: dict[str, int] | None = None,
-         ) -> tuple[RateArrays, RateArrays | CubeStore, dict[str, CubeStore], Path | None]:
+         ) -> tuple[RateArrays, RateArrays | CubeStore, dict[str, CubeStore]]:
     """The passes (see :func:`stages`). ``captures`` maps a saved ramp's kind to the number of active
     steps that have run on the ramp it keeps; returns the rate arrays, the rateints
-    arrays (or their store), the saved ramps' stores and the scratch directory to
-    remove once they are written."""
+    arrays (or their store) and the saved ramps' stores (nameless scratch files: close
+    them once written)."""
     meta = exposure.meta
     passes = stages(active)
     producer = active[-1]
@@ -673,17 +698,14 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
     in_memory = min(config.scratch_in_memory_bytes, config.band_bytes)
     scratch = _Scratch(meta, config.scratch_dir, in_memory)
     other: _Scratch | None = None  # a second one, when a band pass is not the last pass
-    spill_dir = None
+    rateints = None
     saved: dict[str, CubeStore] = {}
     try:
         # ramps to save, kept in scratch files as they leave the step they are saved after
-        if captures:
-            spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-products-", dir=config.scratch_dir))
-            for kind in captures:
-                (spill_dir / f"saved-{kind}").mkdir()
-                saved[kind] = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx),
-                                        spill_dir / f"saved-{kind}",
-                                        extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
+        for kind in captures or {}:
+            saved[kind] = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx),
+                                    config.scratch_dir,
+                                    extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
         pass1, pass2 = passes[0][1], passes[1][1]
         # per pass, its step index -> the stores filled just before that step runs (a
         # ramp saved after the last step of pass 1 is taken there, not re-read later)
@@ -755,10 +777,7 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         rate = RateArrays.allocate((meta.ny, meta.nx))
         cube_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
         if cube_bytes > config.rateints_in_memory_bytes:
-            if spill_dir is None:
-                spill_dir = Path(tempfile.mkdtemp(prefix="streamdet-rateints-", dir=config.scratch_dir))
-            (spill_dir / "rateints").mkdir()
-            rateints = CubeStore((meta.nints, meta.ny, meta.nx), spill_dir / "rateints")
+            rateints = CubeStore((meta.nints, meta.ny, meta.nx), config.scratch_dir)
         else:
             rateints = RateArrays.allocate((meta.nints, meta.ny, meta.nx))
         # -- the passes after the first: band passes, and integration passes between them
@@ -780,10 +799,9 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                 _integration_pass(meta, steps, surveyors, scratch, pixeldq, pool,
                                   threads_for(steps + surveyors), capture[n], on_progress,
                                   label)
-        return rate, rateints, saved, spill_dir
+        return rate, rateints, saved
     except BaseException:
-        if spill_dir is not None:
-            shutil.rmtree(spill_dir, ignore_errors=True)
+        _close_stores(rateints, *saved.values())
         raise
     finally:
         pool.close()

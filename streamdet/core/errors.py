@@ -7,7 +7,9 @@ neither prints a traceback unless ``--debug`` is given (see :func:`report`).
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -64,6 +66,58 @@ def missing_module(exc: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
+class InputWarning(UserWarning):
+    """Something in the input that the run works around (its message is one line)."""
+
+
+class Interrupted(BaseException):
+    """The process was asked to stop by a signal (SIGTERM, SIGHUP): raised in the main
+    thread so that every ``finally`` runs and the run leaves nothing behind. Like
+    :class:`KeyboardInterrupt`, not an :class:`Exception`: nothing catches it by accident."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}"
+
+
+def shown(text: object) -> str:
+    """A name or path as one printable line: control and other unprintable characters
+    (a newline, an escape sequence, a line separator) and bytes that are not UTF-8 are
+    written as Python escapes, and a backslash as two, so that a name can neither forge a
+    line of output nor be mistaken for another."""
+    text = os.fspath(text) if isinstance(text, os.PathLike) else str(text)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def _printable(line: str) -> str:
+    """``line`` with unprintable characters escaped (backslashes kept as they are: the
+    names in it are already :func:`shown`)."""
+    if line.isprintable():
+        return line
+    return "".join(ch if ch.isprintable() else shown(ch) for ch in line)
+
+
 def one_line(text: object) -> str:
     """``text`` with every run of whitespace (newlines included) made one blank."""
     return " ".join(str(text).split())
@@ -84,8 +138,10 @@ def message(exc: BaseException, where: str | Path | None = None,
     module = None if isinstance(exc, StreamdetError) else missing_module(exc)
     if module is not None:
         exc = MissingModuleError(module)
-    text = one_line(exc)
-    prefix = f"{where}: " if where is not None and str(where) not in text else ""
+    text = _printable(one_line(exc))
+    prefix = ""
+    if where is not None and shown(where) not in text and one_line(where) not in text:
+        prefix = f"{shown(where)}: "
     if isinstance(exc, (StreamdetError, *bad_input)):
         return prefix + (text or type(exc).__name__)
     detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -7,8 +7,11 @@ and the zero point applied while converting to float32, one slab at a time.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from astropy.io import fits
 from streamdet._ckernels import declare, ptr
 
 from .buffers import ThreadBuffers
-from .errors import BadInputError
+from .errors import BadInputError, InputWarning, shown
 
 _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
 
@@ -27,6 +30,14 @@ _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16"
 FULL_SHAPE = (1024, 1032)
 
 _REQUIRED = ("NINTS", "NGROUPS", "NFRAMES", "TFRAME", "TGROUP", "READPATT")
+
+#: frames averaged into one group, and frames dropped between groups, beyond which a
+#: header is nonsense rather than a MIRI read pattern (MIRI averages at most 64 frames)
+MAX_FRAMES_PER_GROUP = 256
+
+#: the first bytes of compressed files, which are not FITS until decompressed
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"PK\x03\x04", "zip"),
+               (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 
 
 @dataclass
@@ -96,22 +107,98 @@ def product_base_name(path: str | os.PathLike) -> str:
 
 
 def _bad(path, message: str) -> BadInputError:
-    return BadInputError(f"{path}: {message}")
+    return BadInputError(f"{shown(path)}: {message}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _blank_tail(path: Path, start: int, fd: int | None = None) -> bool:
-    """True if the bytes of ``path`` (or of the open ``fd``) from ``start`` on are only
-    zeros or blanks (padding some writers leave after the last HDU)."""
-    with open(path if fd is None else os.dup(fd), "rb") as f:
-        f.seek(start)
-        while block := f.read(1 << 20):
-            if block.strip(b"\0 "):
-                return False
+def _blank_tail(fd: int, start: int) -> bool:
+    """True if the bytes of the open file ``fd`` from ``start`` on are only zeros or
+    blanks (padding some writers leave after the last HDU)."""
+    while block := os.pread(fd, 1 << 20, start):
+        if block.strip(b"\0 "):
+            return False
+        start += len(block)
     return True
+
+
+def _raised_in_astropy(exc: BaseException) -> bool:
+    """True if ``exc`` was raised inside astropy (called from streamdet's last frame on),
+    not by streamdet's own code."""
+    import traceback
+
+    files = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    last_ours = max((i for i, f in enumerate(files) if os.path.abspath(f).startswith(ours)),
+                    default=-1)
+    return any(f"{os.sep}astropy{os.sep}" in f for f in files[last_ours + 1:])
+
+
+def _has_end_card(fd: int, size: int, limit: int = 1 << 20) -> bool:
+    """True if the first header of the open file ``fd`` ends (an END card on a card
+    boundary within its first ``limit`` bytes)."""
+    head = os.pread(fd, min(size, limit), 0)
+    return any(head[i:i + 80].rstrip(b" ") == b"END" for i in range(0, len(head) - 79, 80))
+
+
+def _check_cards(path, extname: str, hdr: fits.Header) -> list[int]:
+    """Every card of ``hdr`` must be one the products can carry (they copy the input's
+    metadata): astropy would refuse an unfixable card only when writing, after the work.
+    Returns the indices of the cards that follow no FITS convention astropy knows (it
+    warns about each whenever it is copied)."""
+    unknown = []
+    for number, card in enumerate(hdr.cards, start=1):
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            image = card.image
+            fits.Card.fromstring(image).keyword
+        if warned or not (image.isascii() and image.isprintable()):
+            unknown.append(number - 1)  # (FITS headers are printable ASCII, or unwritable)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                card.verify("silentfix+exception")
+        except Exception as exc:
+            reason = _one_line(exc)
+            for noise in ("Verification reported errors:", "Unfixable error:",
+                          "Note: astropy.io.fits uses zero-based indexing."):
+                reason = reason.replace(noise, "")
+            raise _bad(path, f"{extname} header card {number} is damaged: "
+                             f"{' '.join(reason.split())}") from None
+    return unknown
+
+
+def _without_unknown_cards(path, hdr: fits.Header, extname: str = "primary") -> fits.Header:
+    """The header without the cards astropy cannot interpret or write, said once in one
+    line (rather than astropy's two-line warning each time the header is copied, or its
+    refusal to write the products after all the work)."""
+    unknown = _check_cards(path, extname, hdr)
+    if not unknown:
+        return hdr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hdr = hdr.copy()
+        keys = [shown(hdr.cards[i].image[:8].rstrip()) for i in unknown]
+        for i in reversed(unknown):
+            del hdr[i]
+    several = len(unknown) > 1
+    warnings.warn(InputWarning(
+        f"{shown(path)}: {len(unknown)} {extname} header card{'s' if several else ''} that "
+        f"follow{'' if several else 's'} no FITS convention left out of the products "
+        f"({', '.join(keys)})"))
+    return hdr
 
 
 def _int(path, hdr: fits.Header, key: str, default: int | None = None) -> int:
@@ -132,11 +219,41 @@ def _int(path, hdr: fits.Header, key: str, default: int | None = None) -> int:
 def _float(path, hdr: fits.Header, key: str) -> float:
     value = hdr[key]
     try:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, complex)):
             raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         raise _bad(path, f"keyword {key}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise _bad(path, f"keyword {key}={value!r} is not a finite number")
+    return number
+
+
+def _in_range(path, key: str, value: float, low: float, high: float, unit: str) -> None:
+    """A one-line error unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise _bad(path, f"keyword {key}={value!r} is out of range: it must be within "
+                         f"{low}..{high} {unit}")
+
+
+def _positive(path, key: str, value: float, unit: str) -> None:
+    if not value > 0:
+        raise _bad(path, f"keyword {key}={value!r} is out of range: it must be a positive "
+                         f"number of {unit}")
+
+
+def _text(path, hdr: fits.Header, key: str, default: str | None = None) -> str:
+    """String keyword ``key`` upper-cased (``default`` when absent), or a one-line error."""
+    if key not in hdr:
+        if default is None:
+            raise _bad(path, f"missing keyword {key}")
+        return default
+    value = hdr[key]
+    if isinstance(value, str) and not value.strip() and default is not None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(path, f"keyword {key}={value!r} is not a text value")
+    return value.strip().upper()
 
 
 class Exposure:
@@ -147,43 +264,72 @@ class Exposure:
 
     def __init__(self, path: str | os.PathLike, fd: int | None = None):
         self.path = Path(path)
-        self._source_fd = fd
-        self._fileobj = None
         self._buffers = ThreadBuffers()  # each thread's SCI read buffer
-        if fd is None and not self.path.exists():
-            raise _bad(self.path, "no such file")
-        if fd is None and self.path.is_dir():
-            raise _bad(self.path, "is a directory, not a FITS file")
+        self._fd: int | None = None
+        # opened once, and everything is read through this descriptor: the run reads the
+        # file it checked even if the path is then removed or replaced (a re-delivery
+        # renamed over it). Non-blocking, so that a FIFO without a writer cannot hang the
+        # open. A descriptor the caller opened and checked (the daemon's) is used as is.
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if fd is not None:
-                    self._fileobj = os.fdopen(os.dup(fd), "rb")
-                self._hdul = fits.open(self._fileobj or self.path, memmap=True,
-                                       do_not_scale_image_data=True, lazy_load_hdus=False)
+            if fd is not None:
+                self._fd = os.dup(fd)
+            else:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK
+                                   | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise _bad(self.path, "no such file") from None
         except PermissionError:
             raise _bad(self.path, "cannot be read (permission denied)") from None
-        except Exception as exc:  # astropy raises many kinds of errors on non-FITS bytes
-            raise _bad(self.path, f"not a readable FITS file ({_one_line(exc)})") from None
+        except OSError as exc:
+            raise _bad(self.path, f"cannot be opened ({exc.strerror})") from None
         try:
+            self._open_fits()
             self._check_extent()
             self.meta = self._read_meta()
             self._sci = self._hdul["SCI"]
             self._check_data_present()
+        except BadInputError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            if _raised_in_astropy(exc):  # astropy choking on the file's bytes: the file's fault
+                raise _bad(self.path, f"is a damaged FITS file ({_one_line(exc)})") from None
+            raise
         except BaseException:
             self.close()
             raise
 
-    # -- structure ------------------------------------------------------------------------
-    def _size(self) -> int:
-        if self._source_fd is not None:
-            return os.fstat(self._source_fd).st_size
-        return os.path.getsize(self.path)
+    def _open_fits(self) -> None:
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would be read forever
+            raise _bad(self.path, f"is {_file_kind(st.st_mode)}, not a regular file")
+        self._size = st.st_size
+        os.set_blocking(self._fd, True)
+        magic = os.pread(self._fd, 80, 0)
+        for start, kind in _COMPRESSED:
+            if magic.startswith(start):
+                raise _bad(self.path, f"is {kind}-compressed, not a FITS file: decompress it "
+                                      "first (streamdet reads uncompressed FITS, and "
+                                      "tile-compressed FITS extensions)")
+        stream = os.fdopen(os.dup(self._fd), "rb")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._hdul = fits.open(stream, memmap=True, do_not_scale_image_data=True,
+                                       lazy_load_hdus=False)
+        except Exception as exc:  # astropy raises many kinds of errors on non-FITS bytes
+            stream.close()
+            if magic.startswith(b"SIMPLE  =") and not _has_end_card(self._fd, self._size):
+                raise _bad(self.path, f"is truncated: its {self._size} bytes end inside the "
+                                      "primary header") from None
+            raise _bad(self.path, f"not a readable FITS file ({_one_line(exc)})") from None
 
+    # -- structure ------------------------------------------------------------------------
     def _check_extent(self) -> None:
         """The file must end where its last HDU's header says it does: astropy quietly
         drops an extension whose header was cut off and maps data that is not there."""
-        have = self._size()
+        have = self._size
         if not len(self._hdul):
             raise _bad(self.path, "not a readable FITS file (no HDU)")
         last = self._hdul[-1]
@@ -195,7 +341,7 @@ class Exposure:
         if have < need:
             raise _bad(self.path, f"is truncated: its headers describe {need} bytes, "
                                   f"the file has {have}")
-        if have > need and not _blank_tail(self.path, need, self._source_fd):
+        if have > need and not _blank_tail(self._fd, need):
             raise _bad(self.path, f"is truncated or damaged: {have - need} bytes after the last "
                                   f"complete extension ({last.name or 'PRIMARY'}) are not a "
                                   "readable FITS extension")
@@ -212,6 +358,11 @@ class Exposure:
             raise _bad(p, "missing keyword INSTRUME")
         if instrument != "MIRI":
             raise _bad(p, f"INSTRUME is {instrument!r}; streamdet processes MIRI exposures only")
+        if not isinstance(sci, (fits.ImageHDU, fits.CompImageHDU)):
+            raise _bad(p, f"the SCI extension is not an image (XTENSION="
+                          f"{sci.header.get('XTENSION')!r}, read as {type(sci).__name__})")
+        hdr = _without_unknown_cards(p, hdr)
+        sci_header = _without_unknown_cards(p, sci.header, "SCI")
         missing = [k for k in _REQUIRED if k not in hdr]
         if missing:
             raise _bad(p, f"missing keyword{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -230,41 +381,66 @@ class Exposure:
             raise _bad(p, f"SCI holds {kind} (BITPIX={bitpix}); a Level 1B ramp is 16-bit "
                           "unsigned integers")
         nints, ngroups, ny, nx = shape
+        if ngroups < 1 or nints < 1 or ny < 1 or nx < 1:
+            raise _bad(p, f"SCI is empty (shape {tuple(shape)})")
+        # every header value a step computes with is checked here, once: a zero time or
+        # frame count would divide by zero deep in a step, a negative one give nonsense
         ngroups_hdr = _int(p, hdr, "NGROUPS")
-        nints_total = _int(p, hdr, "NINTS")
-        nframes = _int(p, hdr, "NFRAMES")
-        frame_time = _float(p, hdr, "TFRAME")
-        group_time = _float(p, hdr, "TGROUP")
         if ngroups != ngroups_hdr:
             raise _bad(p, f"SCI has {ngroups} groups but NGROUPS={ngroups_hdr}")
-        intstart = _int(p, hdr, "INTSTART", 1) or 1
-        intend = _int(p, hdr, "INTEND", intstart + nints - 1) or intstart + nints - 1
+        nints_total = _int(p, hdr, "NINTS")
+        nframes = _int(p, hdr, "NFRAMES")
+        _in_range(p, "NFRAMES", nframes, 1, MAX_FRAMES_PER_GROUP, "frames")
+        groupgap = _int(p, hdr, "GROUPGAP", 0)
+        _in_range(p, "GROUPGAP", groupgap, 0, MAX_FRAMES_PER_GROUP, "frames")
+        drop_frames1 = _int(p, hdr, "DRPFRMS1", 0)
+        _in_range(p, "DRPFRMS1", drop_frames1, 0, MAX_FRAMES_PER_GROUP, "frames")
+        if "FRMDIVSR" in hdr:  # the divisor of the frames summed into a group
+            _in_range(p, "FRMDIVSR", _int(p, hdr, "FRMDIVSR"), 1, MAX_FRAMES_PER_GROUP, "frames")
+        frame_time = _float(p, hdr, "TFRAME")
+        group_time = _float(p, hdr, "TGROUP")
+        _positive(p, "TFRAME", frame_time, "seconds")
+        _positive(p, "TGROUP", group_time, "seconds")
+        intstart = _int(p, hdr, "INTSTART", 1)
+        if intstart < 1:
+            raise _bad(p, f"keyword INTSTART={intstart} is out of range: integrations count from 1")
+        intend = _int(p, hdr, "INTEND", intstart + nints - 1)
         if intend - intstart + 1 != nints:
             raise _bad(p, f"SCI has {nints} integrations but INTSTART..INTEND is "
                           f"{intstart}..{intend}")
         if nints_total < intend:
             raise _bad(p, f"INTEND={intend} exceeds NINTS={nints_total}")
-        if ngroups < 1 or nints < 1:
-            raise _bad(p, "SCI is empty")
         substrt1 = _int(p, hdr, "SUBSTRT1", 1)
         substrt2 = _int(p, hdr, "SUBSTRT2", 1)
         subsize1 = _int(p, hdr, "SUBSIZE1", nx)
         subsize2 = _int(p, hdr, "SUBSIZE2", ny)
         if (subsize2, subsize1) != (ny, nx):
             raise _bad(p, f"SCI frame is {ny}x{nx} but SUBSIZE2xSUBSIZE1 is {subsize2}x{subsize1}")
+        full_ny, full_nx = FULL_SHAPE
+        if not (1 <= substrt1 <= full_nx - nx + 1 and 1 <= substrt2 <= full_ny - ny + 1):
+            raise _bad(p, f"the {ny}x{nx} frame at SUBSTRT1={substrt1}, SUBSTRT2={substrt2} "
+                          f"does not lie inside the {full_ny}x{full_nx} detector")
         int_times = self._hdul["INT_TIMES"] if "INT_TIMES" in self._hdul else None
+        if int_times is not None:  # copied into the rateints product: it must be a table
+            try:
+                if not isinstance(int_times, fits.BinTableHDU):
+                    raise ValueError(f"it is a {type(int_times).__name__.strip('_')}, not a binary table")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    len(int_times.data)
+            except Exception as exc:
+                raise _bad(p, f"the INT_TIMES extension cannot be read ({_one_line(exc)})") from None
         return ExposureMeta(
             path=p, header=hdr, nints=nints, ngroups=ngroups, ny=ny, nx=nx,
-            nframes=nframes, groupgap=_int(p, hdr, "GROUPGAP", 0),
-            drop_frames1=_int(p, hdr, "DRPFRMS1", 0),
+            nframes=nframes, groupgap=groupgap, drop_frames1=drop_frames1,
             frame_time=frame_time, group_time=group_time,
-            readpatt=str(hdr["READPATT"]).strip().upper(),
-            subarray=str(hdr.get("SUBARRAY", "FULL")).strip().upper(),
+            readpatt=_text(p, hdr, "READPATT"),
+            subarray=_text(p, hdr, "SUBARRAY", "FULL"),
             substrt1=substrt1, substrt2=substrt2,
-            instrument=instrument, detector=str(hdr.get("DETECTOR", "")).strip().upper(),
-            exp_type=str(hdr.get("EXP_TYPE", "")).strip().upper(),
+            instrument=instrument, detector=_text(p, hdr, "DETECTOR", ""),
+            exp_type=_text(p, hdr, "EXP_TYPE", ""),
             intstart=intstart, nints_total=nints_total, int_times=int_times,
-            extra={"sci_header": sci.header,
+            extra={"sci_header": sci_header,
                    "group": self._hdul["GROUP"] if "GROUP" in self._hdul else None,
                    "avdrkcur": (np.array(self._hdul["AVDRKCUR"].data, np.float32)
                                 if is_ramp and "AVDRKCUR" in self._hdul
@@ -276,30 +452,34 @@ class Exposure:
 
     def _check_data_present(self) -> None:
         info = self._sci.fileinfo()
-        need = info["datLoc"] + self._sci.size  # size is in bytes
-        have = self._size()
+        compressed = isinstance(self._sci, fits.CompImageHDU)
+        # a tile-compressed SCI is a table of compressed tiles: its span is what is stored
+        need = info["datLoc"] + (info["datSpan"] if compressed else self._sci.size)
+        have = self._size
         if have < need:
             raise _bad(self.path, f"is truncated: SCI needs {need} bytes, the file has {have}")
         try:
-            raw = self._sci.data
+            # SCI (16-bit, 4-D: checked above) is read with positioned reads: a memory map
+            # would take page faults for every piece and keep them in the resident set. A
+            # tile-compressed SCI is read through astropy's section, which decompresses
+            # only the tiles a piece needs (one file position: one reader at a time).
+            raw = self._sci.section if compressed else self._sci.data
+            self._raw_shape = tuple(raw.shape)
+            if compressed:  # damaged tiles are found now, not halfway through the run
+                raw[0:1, 0:1, 0:1, :]
         except Exception as exc:  # astropy raises various errors on damaged data
-            raise _bad(self.path, f"SCI data cannot be read ({exc})") from None
+            raise _bad(self.path, f"SCI data cannot be read ({_one_line(exc)})") from None
         self._raw = raw
-        # SCI (16-bit, 4-D: checked above) is read with positioned reads: a memory map would
-        # take page faults for every piece and keep them in the resident set. A
-        # tile-compressed SCI is what astropy decompressed into memory.
-        self._sci_offset = None if isinstance(self._sci, fits.CompImageHDU) else info["datLoc"]
-        # opened now, like the map: the run reads the file it checked even if the path is
-        # then removed or replaced (a re-delivery renamed over it)
-        self._fd: int | None = None
-        if self._sci_offset is not None:
-            self._fd = (os.dup(self._source_fd) if self._source_fd is not None else
-                        os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
-        self._bzero = float(self._sci.header.get("BZERO", 0.0))
-        self._bscale = float(self._sci.header.get("BSCALE", 1.0))
+        self._sci_offset = None if compressed else info["datLoc"]
+        self._section_lock = threading.Lock()
+        sci_header = self._sci.header
+        self._bzero = _float(self.path, sci_header, "BZERO") if "BZERO" in sci_header else 0.0
+        self._bscale = _float(self.path, sci_header, "BSCALE") if "BSCALE" in sci_header else 1.0
+        if self._bscale == 0:
+            raise _bad(self.path, "SCI keyword BSCALE=0 would make every value the same")
         self._groupdq = self._hdul["GROUPDQ"].data if "GROUPDQ" in self._hdul else None
-        if self._groupdq is not None and self._groupdq.shape != self._raw.shape:
-            raise _bad(self.path, f"GROUPDQ shape {self._groupdq.shape} differs from SCI {self._raw.shape}")
+        if self._groupdq is not None and self._groupdq.shape != self._raw_shape:
+            raise _bad(self.path, f"GROUPDQ shape {self._groupdq.shape} differs from SCI {self._raw_shape}")
         self._pixeldq = self._hdul["PIXELDQ"].data if "PIXELDQ" in self._hdul else None
         if self._pixeldq is not None and self._pixeldq.shape != (self.meta.ny, self.meta.nx):
             raise _bad(self.path, f"PIXELDQ shape {self._pixeldq.shape} differs from the frame")
@@ -318,11 +498,15 @@ class Exposure:
     def _read_sci(self, ints: slice, rows: slice) -> np.ndarray:
         """SCI of integrations ``ints`` and rows ``rows``, as stored (big-endian 16-bit),
         in this thread's read buffer (valid until its next read)."""
-        nints, ngroups, ny, nx = self._raw.shape
+        nints, ngroups, ny, nx = self._raw_shape
         i0, i1, istep = ints.indices(nints)
         r0, r1, rstep = rows.indices(ny)
         if self._sci_offset is None or istep != 1 or rstep != 1:
-            return self._raw[ints, :, rows, :]
+            with self._section_lock:
+                try:
+                    return self._raw[ints, :, rows, :]
+                except Exception as exc:  # a damaged tile of a compressed SCI
+                    raise _bad(self.path, f"SCI data cannot be read ({_one_line(exc)})") from None
         out = self._buffers.get("sci", (max(0, i1 - i0), ngroups, max(0, r1 - r0), nx),
                                 self._raw.dtype)
         if out.size == 0:
@@ -342,7 +526,7 @@ class Exposure:
     def read(self, ints: slice, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Data (float32 DN) and groupdq (uint8) of integrations ``ints`` (file-local) and
         rows ``rows``, each ``[nints, ngroups, nrows, nx]``."""
-        nints, ngroups, ny, nx = self._raw.shape
+        nints, ngroups, ny, nx = self._raw_shape
         shape = (len(range(*ints.indices(nints))), ngroups, len(range(*rows.indices(ny))), nx)
         data, groupdq = np.empty(shape, np.float32), np.empty(shape, np.uint8)
         self.read_into(ints, rows, data, groupdq)
@@ -381,9 +565,6 @@ class Exposure:
             self._hdul.close()
         except Exception:
             pass
-        if getattr(self, "_fileobj", None) is not None:
-            self._fileobj.close()
-            self._fileobj = None
 
     def __enter__(self) -> "Exposure":
         return self

@@ -72,16 +72,21 @@ class CubeStore:
     integration at a time. (Memory maps would cost page faults and, when unmapped, TLB
     shootdowns that stall the other band threads.)"""
 
-    def __init__(self, shape: tuple[int, ...], directory: Path,
+    def __init__(self, shape: tuple[int, ...], directory: Path | None,
                  extensions: tuple[tuple[str, type], ...] | None = None):
         self.shape = tuple(shape)
         self.extensions = extensions or tuple(zip(RateArrays.EXTENSIONS, RATE_DTYPES))
-        self.paths = []
+        self.files = []  # (open nameless file, dtype) per extension
         for extname, dtype in self.extensions:
-            path = Path(directory) / f"{extname.lower()}.raw"
-            with open(path, "wb") as f:
-                f.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
-            self.paths.append((path, np.dtype(dtype)))
+            # nameless (O_TMPFILE, else unlinked at once): nothing is left behind however
+            # the process ends; the space is freed when the file is closed
+            f = tempfile.TemporaryFile(prefix=f"streamdet-{extname.lower()}-", dir=directory)
+            f.truncate(int(np.prod(self.shape)) * np.dtype(dtype).itemsize)
+            self.files.append((f, np.dtype(dtype)))
+
+    def close(self) -> None:
+        for f, _ in self.files:
+            f.close()
 
     def put(self, index, other) -> None:
         """Store ``other`` (RateArrays, or arrays in the order of the extensions) at
@@ -102,35 +107,26 @@ class CubeStore:
         r0, r1, step = rows.indices(ny)
         if step != 1:
             raise ValueError("CubeStore.put takes contiguous rows")
-        for (path, dtype), theirs in zip(self.paths, arrays):
+        for (f, dtype), theirs in zip(self.files, arrays):
             pieces = np.ascontiguousarray(theirs, dtype=dtype).reshape(-1, (r1 - r0) * nx)
             plane_bytes = ny * nx * dtype.itemsize
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                for j, piece in enumerate(pieces):
-                    write_at(fd, piece, (first_plane + j) * plane_bytes + r0 * nx * dtype.itemsize)
-            finally:
-                os.close(fd)
+            for j, piece in enumerate(pieces):
+                write_at(f.fileno(), piece,
+                         (first_plane + j) * plane_bytes + r0 * nx * dtype.itemsize)
 
     def plane(self, k: int, i: int) -> np.ndarray:
         """Extension ``k``'s integration ``i`` (a fresh array)."""
-        path, dtype = self.paths[k]
+        f, dtype = self.files[k]
         out = np.empty(self.shape[1:], dtype)
-        with open(path, "rb", buffering=0) as f:
-            if not read_at(f.fileno(), out, i * out.nbytes):
-                raise OSError(f"{path} ends before integration {i}")
+        if not read_at(f.fileno(), out, i * out.nbytes):
+            raise OSError(f"scratch file of {self.extensions[k][0]} ends before integration {i}")
         return out
-
 
     def write_plane(self, k: int, i: int, plane: np.ndarray) -> None:
         """Extension ``k``'s integration ``i`` replaced by ``plane``."""
-        path, dtype = self.paths[k]
+        f, dtype = self.files[k]
         plane = np.ascontiguousarray(plane, dtype=dtype)
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            write_at(fd, plane, i * plane.nbytes)
-        finally:
-            os.close(fd)
+        write_at(f.fileno(), plane, i * plane.nbytes)
 
 
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
@@ -203,7 +199,7 @@ def rateints_by_integration(rateints: "RateArrays | CubeStore", whole: bool = Fa
             yield a, RateArrays(*(array[a:b] for array in rateints.arrays()))
             continue
         piece = RateArrays(*(np.stack([rateints.plane(k, i) for i in range(a, b)])
-                             for k in range(len(rateints.paths))))
+                             for k in range(len(rateints.files))))
         yield a, piece
         for k, array in enumerate(piece.arrays()):
             for j, i in enumerate(range(a, b)):
@@ -635,22 +631,28 @@ def _temporary(path: Path) -> Path:
     return Path(name)
 
 
-def _publish(pairs: list[tuple[Path, Path]]) -> None:
+def _publish(pairs: list[tuple[Path, Path]], placed: list | None = None) -> None:
     """Give the temporary files the mode of an ordinary new file (mkstemp makes them
-    0600) and rename them into place."""
+    0600) and rename them into place; each file placed is appended to ``placed`` as
+    ``(path, st_dev, st_ino)``."""
     umask = os.umask(0)
     os.umask(umask)
     for tmp, _ in pairs:
         os.chmod(tmp, 0o666 & ~umask)
     for tmp, path in pairs:
+        st = os.stat(tmp)
         os.replace(tmp, path)
+        if placed is not None:
+            placed.append((path, st.st_dev, st.st_ino))
 
 
 def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArrays,
                    rateints: "RateArrays | CubeStore", record: ProductRecord,
-                   source: InputMetadata) -> None:
+                   source: InputMetadata, placed: list | None = None) -> None:
     """Write ``outputs['rate']`` and ``outputs['rateints']``: both go to temporary names
-    first and are renamed into place only when both are complete."""
+    first and are renamed into place only when both are complete. Each product renamed
+    into place is appended to ``placed`` as ``(path, st_dev, st_ino)``, so that a caller
+    whose run fails later can withdraw exactly the files it wrote."""
     written: list[tuple[Path, Path]] = []
     try:
         src = source.model()
@@ -672,7 +674,7 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
         with ThreadPoolExecutor(len(jobs)) as pool:
             for done in [pool.submit(_write_model, *job) for job in jobs]:
                 done.result()
-        _publish(written)
+        _publish(written, placed)
     finally:
         for tmp, _ in written:
             if tmp.exists():
@@ -681,7 +683,8 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
 
 def write_ramp(meta: ExposureMeta, path: Path, store: "CubeStore", pixeldq: np.ndarray,
                record: ProductRecord, source: InputMetadata,
-               average_dark_current: np.ndarray | None = None) -> None:
+               average_dark_current: np.ndarray | None = None,
+               placed: list | None = None) -> None:
     """A ramp as the chain left it (RampModel, like jwst's ``_ramp.fits`` and the files
     its steps' ``save_results`` write): SCI, PIXELDQ, GROUPDQ, AVDRKCUR, GROUP,
     INT_TIMES."""
@@ -699,7 +702,7 @@ def write_ramp(meta: ExposureMeta, path: Path, store: "CubeStore", pixeldq: np.n
                             {"group": getattr(src, "group", None),
                              "int_times": src.int_times})
         _write_model(model, path, tmp, store)
-        _publish([(tmp, path)])
+        _publish([(tmp, path)], placed)
     finally:
         if tmp.exists():
             tmp.unlink()
