@@ -420,16 +420,19 @@ class Exposure:
         if not (1 <= substrt1 <= full_nx - nx + 1 and 1 <= substrt2 <= full_ny - ny + 1):
             raise _bad(p, f"the {ny}x{nx} frame at SUBSTRT1={substrt1}, SUBSTRT2={substrt2} "
                           f"does not lie inside the {full_ny}x{full_nx} detector")
-        int_times = self._hdul["INT_TIMES"] if "INT_TIMES" in self._hdul else None
-        if int_times is not None:  # copied into the rateints product: it must be a table
+        for name in ("INT_TIMES", "GROUP"):  # copied into the products: they must be tables
+            table = self._hdul[name] if name in self._hdul else None
+            if table is None:
+                continue
             try:
-                if not isinstance(int_times, fits.BinTableHDU):
-                    raise ValueError(f"it is a {type(int_times).__name__.strip('_')}, not a binary table")
+                if not isinstance(table, fits.BinTableHDU):
+                    raise ValueError(f"it is a {type(table).__name__.strip('_')}, not a binary table")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    len(int_times.data)
+                    len(table.data) if table.data is not None else None
             except Exception as exc:
-                raise _bad(p, f"the INT_TIMES extension cannot be read ({_one_line(exc)})") from None
+                raise _bad(p, f"the {name} extension cannot be read ({_one_line(exc)})") from None
+        int_times = self._hdul["INT_TIMES"] if "INT_TIMES" in self._hdul else None
         return ExposureMeta(
             path=p, header=hdr, nints=nints, ngroups=ngroups, ny=ny, nx=nx,
             nframes=nframes, groupgap=groupgap, drop_frames1=drop_frames1,
