@@ -63,7 +63,6 @@ def test_steps_spelling_on_the_command_line(sim, tmp_path):
 
 
 @pytest.mark.parametrize("setting, named", [
-    ("jump.use_ellipses=true", "use_ellipses"),
     ("refpix.side_gain=2", "side_gain"),
     ("persistence.skip=false", "persistence"),
 ])
@@ -165,11 +164,11 @@ def test_python_api_refuses_what_it_cannot_honour(sim, tmp_path, monkeypatch):
         streamdet.process(sim.uncal, tmp_path, steps={"persistence": {"skip": False}})
     with pytest.raises(BadInputError, match="no_such_step"):
         streamdet.process(sim.uncal, tmp_path, steps={"no_such_step": {"skip": True}})
-    with pytest.raises(BadInputError, match="use_ellipses"):
-        streamdet.process(sim.uncal, tmp_path, steps={"jump": {"use_ellipses": True}})
+    with pytest.raises(BadInputError, match="side_gain"):
+        streamdet.process(sim.uncal, tmp_path, steps={"refpix": {"side_gain": 2.0}})
     assert not list(tmp_path.glob("*.fits"))
     done = streamdet.process(sim.uncal, tmp_path, steps={"ipc": {"skip": True},
-                                                         "jump": {"use_ellipses": False}})
+                                                         "refpix": {"side_gain": 1.0}})
     assert done["rate"].exists()
 
 
