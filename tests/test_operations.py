@@ -76,6 +76,9 @@ def test_refs_and_verbose_show_find_showers_from_the_pars_file(operations_sim, t
 OPERATIONS_CASES = {
     "sub64_10x2_large_events": dict(subarray="SUB64", ngroups=10, nints=2, seed=3,
                                    large_events=True),
+    # full frame: about 30 s of jwst
+    "full_10x2_large_events": dict(subarray="FULL", ngroups=10, nints=2, seed=22,
+                                   large_events=True),
     # >= 100 integrations: jump's significances come from sigma clipping across them
     "sub64_6x100_showers": dict(subarray="SUB64", ngroups=6, nints=100, seed=15,
                                 params=dict(showers_per_int=0.3, snowballs_per_int=0.2,
