@@ -1,0 +1,164 @@
+"""ramp_fit's optional-results product (jwst's ``_fitopt.fits``, ``RampFitOutputModel``):
+scratch storage that streams like rateints, and the writer.
+
+What the product holds, as stcal 1.20's OLS_C fitter fills it (``save_opt=True``), per
+integration ``i``, segment ``s`` (the fitted segments of the ramp in time order) and pixel:
+
+- ``slope``, ``sigslope``, ``var_poisson``, ``var_rnoise``, ``yint``, ``sigyint``,
+  ``weights``: float32 ``[nints, nsegs, ny, nx]``, where ``nsegs`` is the largest number
+  of fitted segments of any ramp of any integration (so only known when the whole
+  exposure is fitted); slots past a ramp's own segments are 0.
+  For a segment of n >= 3 groups (start group j0 of the trimmed ramp): with the optimal
+  weights ``w = |(k - mid)/mid|**P / rn**2`` over x = j0 + k, ``slope`` is the weighted
+  least-squares slope over group_time, ``sigslope = sqrt(S_w / D)``, ``yint =
+  (S_xx S_y - S_x S_xy) / D``, ``sigyint = sqrt(S_xx / D)``
+  (D = S_w S_xx - S_x**2; NaN samples count as 0), ``weights = 1 / var_rnoise``.
+  n = 2: ``sigslope = sigyint = sqrt(2) rn``, ``yint = d1 (1 - (j0 + 1)) + d0 (j0 + 1)``.
+  n = 1: slope and the variances as in the rate, ``weights = 1 / var_rnoise``, the rest 0.
+  (rn: the per-read noise in electrons, as in the fit.)
+- ``pedestal``: float32 ``[nints, ny, nx]``: first sample of the trimmed ramp minus the
+  integration's slope times ``((nframes + 1)/2 + dropframes1) / (nframes + groupgap)``;
+  0 when the integration is SATURATED or the value is NaN.
+- ``crmag``: float32 ``[nints, ncrs, ny, nx]``: per integration the differences
+  ``data[g] - data[g-1]`` at every group g > 0 flagged JUMP_DET, in group order;
+  ``ncrs`` the largest count over all ramps (0 is a valid axis size).
+
+The fit runs in bands of rows spanning every integration; :class:`FitoptStore` takes each
+band's results into raw scratch files sized for the largest possible segment count (a ramp
+of n groups has at most ``(n + 1) // 2`` segments, at most ``n - 1`` jumps), remembers the
+largest counts seen, and :func:`write_fitopt` writes the product at those sizes through
+stdatamodels from memory-mapped scratch files, so that memory does not grow with the
+number of integrations.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from streamdet.core.buffers import read_at, write_at
+
+#: the per-segment arrays, in RampFitOutputModel's order
+SEGMENT_ARRAYS = ("slope", "sigslope", "var_poisson", "var_rnoise", "yint", "sigyint",
+                  "weights")
+
+
+def segment_bound(ngroups: int) -> int:
+    """Most fitted segments a ramp of ``ngroups`` groups can have."""
+    return max(1, (ngroups + 1) // 2)
+
+
+def jump_bound(ngroups: int) -> int:
+    """Most JUMP_DET groups after the first a ramp of ``ngroups`` groups can have."""
+    return max(0, ngroups - 1)
+
+
+class FitoptStore:
+    """The optional results of a whole exposure, band by band, in scratch files.
+
+    Each array's scratch file is ``[nints, bound, ny, nx]`` float32 (``bound`` the largest
+    possible count, pedestal ``[nints, ny, nx]``); :meth:`compact` copies the first
+    ``nsegs``/``ncrs`` slots, one plane at a time, into big-endian files of the product's
+    exact size, which the writer hands to stdatamodels as memory maps (astropy writes
+    big-endian contiguous arrays straight from them, without a copy in memory).
+    """
+
+    def __init__(self, nints: int, ngroups: int, ny: int, nx: int, directory: Path):
+        self.nints, self.ny, self.nx = nints, ny, nx
+        self.directory = Path(directory)
+        self.bounds = {name: segment_bound(ngroups) for name in SEGMENT_ARRAYS}
+        self.bounds["crmag"] = jump_bound(ngroups)
+        self.bounds["pedestal"] = 1
+        self.paths = {}
+        for name, bound in self.bounds.items():
+            path = self.directory / f"fitopt_{name}.raw"
+            with open(path, "wb") as f:
+                f.truncate(nints * bound * ny * nx * 4)
+            self.paths[name] = path
+        self.nsegs = 0
+        self.ncrs = 0
+        self._lock = threading.Lock()
+
+    def put(self, rows: slice, results: dict[str, np.ndarray], nsegs: int, ncrs: int) -> None:
+        """Store one band: ``results[name]`` is ``[nints, k, nrows, nx]`` for the
+        per-segment arrays (k >= ``nsegs``) and crmag (k >= ``ncrs``), ``[nints, nrows,
+        nx]`` for the pedestal; ``nsegs``/``ncrs`` the band's largest counts (slots past
+        them are 0 everywhere in the band and are not stored)."""
+        r0 = rows.indices(self.ny)[0]
+        if nsegs > self.bounds["slope"] or ncrs > self.bounds["crmag"]:
+            raise ValueError(f"fitopt band has {nsegs} segments / {ncrs} jumps, more than "
+                             f"a ramp can have ({self.bounds['slope']} / {self.bounds['crmag']})")
+        plane = self.ny * self.nx * 4
+        for name, path in self.paths.items():
+            data = np.asarray(results[name], dtype=np.float32)
+            if name == "pedestal":
+                data = data[:, None]
+            used = {"pedestal": 1, "crmag": ncrs}.get(name, nsegs)
+            bound = self.bounds[name]
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                for integ in range(self.nints):
+                    for slot in range(used):
+                        write_at(fd, np.ascontiguousarray(data[integ, slot]),
+                                 (integ * bound + slot) * plane + r0 * self.nx * 4)
+            finally:
+                os.close(fd)
+        with self._lock:
+            self.nsegs = max(self.nsegs, nsegs)
+            self.ncrs = max(self.ncrs, ncrs)
+
+    def count(self, name: str) -> int:
+        return {"pedestal": 1, "crmag": self.ncrs}.get(name, self.nsegs)
+
+    def compact(self, name: str) -> np.ndarray:
+        """The product's array ``name`` at its final size: a read-only big-endian memory
+        map of a scratch file written here, one plane at a time."""
+        count, bound = self.count(name), self.bounds[name]
+        shape = ((self.nints, self.ny, self.nx) if name == "pedestal"
+                 else (self.nints, count, self.ny, self.nx))
+        if count == 0:
+            return np.zeros(shape, ">f4")
+        out = self.directory / f"fitopt_{name}.be"
+        plane = np.empty((self.ny, self.nx), np.float32)
+        with open(self.paths[name], "rb", buffering=0) as src, open(out, "wb") as dst:
+            for integ in range(self.nints):
+                for slot in range(count):
+                    if not read_at(src.fileno(), plane, (integ * bound + slot) * plane.nbytes):
+                        raise OSError(f"{self.paths[name]} ends early")
+                    dst.write(plane.astype(">f4").tobytes())
+        return np.memmap(out, dtype=">f4", mode="r", shape=shape)
+
+
+def write_fitopt(path: Path, store: FitoptStore, uncal: Path, primary_keywords: dict) -> None:
+    """Write ``path`` as jwst's RampFitOutputModel: the stored arrays at the exposure's
+    segment and jump counts, the metadata of the input exposure (as jwst's
+    ``opt_model.update(input_model)``) and ``primary_keywords`` on top. Written under a
+    temporary name and renamed into place."""
+    from stdatamodels.jwst import datamodels
+
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        arrays = {n: store.compact(n) for n in (*SEGMENT_ARRAYS, "pedestal", "crmag")}
+        with datamodels.RampFitOutputModel(**arrays) as model:
+            with datamodels.open(str(uncal)) as exposure:
+                model.update(exposure)
+            model.meta.filename = path.name
+            model.to_fits(name, overwrite=True)
+        if primary_keywords:
+            from astropy.io import fits
+
+            with fits.open(name, mode="update") as hdul:
+                for key, value in primary_keywords.items():
+                    hdul[0].header[key] = value
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o666 & ~umask)
+        os.replace(name, path)
+    finally:
+        if os.path.exists(name):
+            os.unlink(name)
