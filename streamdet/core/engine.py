@@ -355,6 +355,12 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                         f"{step.name} cannot compute the rate without it")
                 raise PluginError("the chain must end with a step that produces the rate "
                                   "(ramp_fit); it is skipped or followed by another step")
+            extra = {kind: write for s in active for kind, write in s.extra_products().items()}
+            if extra:
+                directory = outputs["rate"].parent
+                extra = {kind: (directory / f"{meta.base_name}_{kind}.fits", write)
+                         for kind, write in extra.items()}
+                check_writable([path for path, _ in extra.values()], config.overwrite, meta.path)
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
             rate, rateints, ramp, scratch_dir = _run(exposure, refs, active, pixeldq, config, timings,
                                                      observers, on_progress)
@@ -371,6 +377,9 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                 write_products(meta, outputs, rate, rateints, keywords, history)
                 if ramp is not None:
                     write_ramp(meta, outputs["ramp"], ramp, pixeldq, keywords, history)
+                for kind, (path, write) in extra.items():
+                    write(path, keywords, history)
+                    outputs[kind] = path
                 timings["write"] += time.perf_counter() - t0
             finally:
                 if scratch_dir is not None:

@@ -247,6 +247,13 @@ class Step:
         """Primary-header keywords this step contributes (besides its status)."""
         return {}
 
+    def extra_products(self) -> dict[str, Callable[[Any, dict, list], None]]:
+        """Products beyond rate and rateints this step writes once the passes are done
+        (ramp_fit's ``fitopt``): kind -> ``write(path, keywords, history)``. Asked after
+        ``prepare``; the engine names the files as the rate's, checks that they may be
+        written and calls the writers after the rate products are in place."""
+        return {}
+
     def describe(self) -> str:
         return f"{self.name} ({self.implementation}, {self.package} {self.package_version})"
 

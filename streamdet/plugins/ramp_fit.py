@@ -197,16 +197,22 @@ def _ols_coefficients(length: int, power_code: int) -> np.ndarray:
     stcal's per-pixel 1/rn^2 factor cancels and is dealt with by the caller.
     """
     index = np.arange(length, dtype=np.float64)
+    weight = _ols_weights(length, power_code)
+    sum_w = weight.sum()
+    sum_x = (index * weight).sum()
+    sum_xx = (index * index * weight).sum()
+    return weight * (sum_w * index - sum_x) / (sum_w * sum_xx - sum_x * sum_x)
+
+
+def _ols_weights(length: int, power_code: int) -> np.ndarray:
+    """Optimal weights ``|(i - mid) / mid| ** P`` of a segment shape, as stcal rounds them."""
+    index = np.arange(length, dtype=np.float64)
     mid = (length - 1) / 2.0
     # stcal takes powf of single-precision operands; a double power rounded to float32
     # reproduces glibc's powf (numpy's float32 power differs in the last bit ~10% of the time)
     base = np.abs((index - mid) * (1.0 / mid)).astype(np.float32).astype(np.float64)
     exponent = float(np.float32(_POWERS[power_code]))
-    weight = np.power(base, exponent).astype(np.float32).astype(np.float64)
-    sum_w = weight.sum()
-    sum_x = (index * weight).sum()
-    sum_xx = (index * index * weight).sum()
-    return weight * (sum_w * index - sum_x) / (sum_w * sum_xx - sum_x * sum_x)
+    return np.power(base, exponent).astype(np.float32).astype(np.float64)
 
 
 class _Coefficients(NamedTuple):
@@ -300,6 +306,7 @@ def fit_ramps(
     average_dark_current: np.ndarray | None = None,
     suppress_one_group: bool = True,
     discard: GroupDiscard | tuple[int, bool] = GroupDiscard(),
+    save_opt: bool = False,
 ) -> tuple[RateArrays, RateArrays]:
     """Fit all ramps of a band of rows; returns ``(rate, rateints)``.
 
@@ -312,8 +319,11 @@ def fit_ramps(
 
     ``rate`` arrays are ``[nrows, nx]``, ``rateints`` arrays ``[nints, nrows, nx]``;
     SCI/ERR/VAR_* float32, DQ uint32.
+
+    ``save_opt``: also return the optional results (ramp_fit_opt), a third item
+    ``(arrays, nsegs, ncrs)``: arrays ``[nints, bound, nrows, nx]`` (pedestal ``[nints,
+    nrows, nx]``) and the band's most segments and jumps of a ramp.
     """
-    del groupgap, dropframes1
     data = np.asarray(data, dtype=np.float32)
     groupdq = np.asarray(groupdq, dtype=np.uint8)
     nints, ngroups_in, nrows, ncols = data.shape
@@ -354,17 +364,34 @@ def fit_ramps(
                           np.empty((nints, npix), np.uint32),
                           *(np.empty((nints, npix), np.float32) for _ in range(2)))
 
+    opt = None
+    if save_opt:
+        from streamdet.core.fitopt import SEGMENT_ARRAYS, jump_bound, segment_bound
+
+        bound = segment_bound(ngroups)
+        opt = {name: np.zeros((nints, bound, npix), np.float32) for name in SEGMENT_ARRAYS}
+        opt["crmag"] = np.zeros((nints, jump_bound(ngroups), npix), np.float32)
+        opt["pedestal"] = np.zeros((nints, npix), np.float32)
+        opt_counts = [0, 0]
+        ped_factor = (((float(nframes) + 1.0) / 2.0 + float(dropframes1))
+                      / (float(nframes) + float(groupgap)))
+
     with np.errstate(all="ignore"):
         for lo in range(0, npix, _CHUNK_PIXELS):
             part = slice(lo, min(lo + _CHUNK_PIXELS, npix))
             _fit_chunk(setup, values[:, :, part], flags[:, :, part], pdq[part],
                        rnoise[part], gain64[part], dark[part],
                        RateArrays(*(a[part] for a in _fields(rate))),
-                       RateArrays(*(a[:, part] for a in _fields(rateints))))
+                       RateArrays(*(a[:, part] for a in _fields(rateints))),
+                       None if opt is None else
+                       ({k: v[..., part] for k, v in opt.items()}, opt_counts, ped_factor))
 
     rate = RateArrays(*(a.reshape(nrows, ncols) for a in _fields(rate)))
     rateints = RateArrays(*(a.reshape(nints, nrows, ncols) for a in _fields(rateints)))
-    return rate, rateints
+    if opt is None:
+        return rate, rateints
+    opt = {k: v.reshape(*v.shape[:-1], nrows, ncols) for k, v in opt.items()}
+    return rate, rateints, (opt, *opt_counts)
 
 
 def _fields(arrays: RateArrays):
@@ -415,8 +442,9 @@ def _usable_flags(flags: np.ndarray, setup: _Setup) -> np.ndarray:
     return gdq
 
 
-def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints):
-    """Fit one chunk of pixels (all integrations); writes into ``rate``/``rateints``."""
+def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, opt=None):
+    """Fit one chunk of pixels (all integrations); writes into ``rate``/``rateints``
+    (and, given ``opt`` = (arrays, counts, pedestal factor), the optional results)."""
     nints = values.shape[0]
     npix = pdq.size
     ramps = [values[integ, setup.n_leading:setup.stop] for integ in range(nints)]
@@ -449,6 +477,14 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints):
             _out(rate_dq), ptr(unusable_everywhere), ptr(saturated_everywhere),
             ptr(saturated_somewhere))
         lossy.append((seen & np.uint8(_CHARGELOSS)) != 0)
+        if opt is not None:
+            from . import ramp_fit_opt
+
+            arrays, counts, ped_factor = opt
+            nsegs, ncrs = ramp_fit_opt.integration_results(
+                setup, ramps[integ], gdqs[integ], layouts[integ].only_first, rnoise, gain,
+                dark, median_rate, dq, rateints.sci[integ], ped_factor, arrays, integ)
+            counts[0], counts[1] = max(counts[0], nsegs), max(counts[1], ncrs)
 
     vr = np.empty(npix)
     _c_finish_exposure(
@@ -690,6 +726,9 @@ class RampFitStep(Step):
         "suppress_one_group": Param(bool, True, "give no rate from a ramp with only its first group usable"),
         "firstgroup": Param(int, None, "ignore the groups before this one (0-based; None: from the first)", optional=True),
         "lastgroup": Param(int, None, "ignore the groups after this one (0-based; None: to the last)", optional=True),
+        "save_opt": Param(bool, False, "also write jwst's optional results product "
+                          "(_fitopt.fits: per-segment slopes, variances, intercepts, weights, "
+                          "the pedestal and jump magnitudes)"),
         "algorithm": Param(str, "OLS_C", "jwst's choice of fit: OLS_C (this implementation; "
                            "OLS, jwst's older name, means the same) or LIKELY (the 'likely' "
                            "implementation, package streamdet-likely)", choices=tuple(ALGORITHMS)),
@@ -709,7 +748,31 @@ class RampFitStep(Step):
         self.lock = threading.Lock()
         self.ignored = ignored_groups(meta.ngroups, self.params["firstgroup"],
                                       self.params["lastgroup"])
+        self.fitopt = None
+        if self.params.get("save_opt"):
+            import shutil
+            import tempfile
+            import weakref
+            from pathlib import Path
+
+            from streamdet.core.fitopt import FitoptStore
+
+            scratch = Path(tempfile.mkdtemp(prefix="streamdet-fitopt-"))
+            # the scratch goes with the step, whatever way the run ends
+            weakref.finalize(self, shutil.rmtree, scratch, True)
+            self.fitopt = FitoptStore(meta.nints, meta.ngroups, meta.ny, meta.nx, scratch)
         return None
+
+    def extra_products(self):
+        if self.skip or self.fitopt is None:
+            return {}
+
+        def write(path, keywords, history):
+            from streamdet.core.fitopt import write_fitopt
+
+            write_fitopt(path, self.fitopt, self.meta.path, keywords)
+
+        return {"fitopt": write}
 
     def survey(self, chunk):
         piece = np.bitwise_and.reduce(chunk.groupdq, axis=(0, 2, 3))
@@ -747,14 +810,19 @@ class RampFitStep(Step):
             np.bitwise_or(chunk.groupdq, self.ignored[None, :, None, None], out=chunk.groupdq)
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
         dark = self.meta.state.get("average_dark_current")
-        return fit_ramps(
+        result = fit_ramps(
             chunk.data[:, :, core], chunk.groupdq[:, :, core], chunk.pixeldq[core],
             readnoise=self.readnoise[rows], gain=self.gain[rows],
             frame_time=self.meta.frame_time, group_time=self.meta.group_time,
             nframes=self.meta.nframes, groupgap=self.meta.groupgap,
             dropframes1=self.meta.drop_frames1,
             average_dark_current=None if dark is None else dark[rows],
-            suppress_one_group=self.params["suppress_one_group"], discard=self.discard)
+            suppress_one_group=self.params["suppress_one_group"], discard=self.discard,
+            save_opt=self.fitopt is not None)
+        if self.fitopt is None:
+            return result
+        self.fitopt.put(rows, *result[2])
+        return result[:2]
 
 
 @hookimpl
