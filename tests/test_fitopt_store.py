@@ -85,4 +85,23 @@ def test_an_exposure_without_jumps_has_an_empty_crmag_axis(tmp_path):
 def test_a_band_with_more_segments_than_a_ramp_can_have_is_refused(tmp_path):
     store = FitoptStore(1, 4, 2, 2, tmp_path)
     with pytest.raises(ValueError, match="segments"):
-        store.put(slice(0, 2), {}, segment_bound(4) + 1, 0)
+        store.put_pixels(0, 0, {"pedestal": np.zeros(4, np.float32)}, segment_bound(4) + 1, 0)
+
+
+def test_storing_pixels_again_replaces_them_counts_included(tmp_path):
+    """The engine may re-run a band: what the first run stored must not survive."""
+    store = FitoptStore(1, 6, 2, 3, tmp_path)
+    first = {name: np.zeros((store.bounds[name], 6), np.float32) for name in store.bounds}
+    first["slope"][:3] = 7.0
+    first["crmag"][:2] = 5.0
+    first["pedestal"] = np.ones(6, np.float32)
+    store.put_pixels(0, 0, first, 3, 2)
+    again = {name: np.zeros_like(a) for name, a in first.items()}
+    again["slope"][0] = 2.0
+    again["pedestal"] = np.full(6, 4.0, np.float32)
+    store.put_pixels(0, 0, again, 1, 0)
+    assert (store.nsegs, store.ncrs) == (1, 0)
+    np.testing.assert_array_equal(store.compact("slope"), 2.0)
+    assert store.compact("crmag").shape == (1, 0, 2, 3)
+    store.put_pixels(0, 0, first, 3, 2)
+    np.testing.assert_array_equal(store.compact("slope")[0, 1], 7.0)

@@ -81,35 +81,54 @@ class FitoptStore:
             self.paths[name] = path
         self.nsegs = 0
         self.ncrs = 0
+        self._written: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     def put(self, rows: slice, results: dict[str, np.ndarray], nsegs: int, ncrs: int) -> None:
-        """Store one band: ``results[name]`` is ``[nints, k, nrows, nx]`` for the
+        """Store a band of rows: ``results[name]`` is ``[nints, k, nrows, nx]`` for the
         per-segment arrays (k >= ``nsegs``) and crmag (k >= ``ncrs``), ``[nints, nrows,
-        nx]`` for the pedestal; ``nsegs``/``ncrs`` the band's largest counts (slots past
-        them are 0 everywhere in the band and are not stored)."""
-        r0 = rows.indices(self.ny)[0]
+        nx]`` for the pedestal."""
+        r0, r1, _ = rows.indices(self.ny)
+        for integ in range(self.nints):
+            flat = {name: np.asarray(a[integ]).reshape(*a.shape[1:-2], -1)
+                    for name, a in results.items()}
+            self.put_pixels(integ, r0 * self.nx, flat, nsegs, ncrs)
+
+    def put_pixels(self, integ: int, first: int, results: dict[str, np.ndarray], nsegs: int,
+                   ncrs: int) -> None:
+        """Store one integration of the pixels ``first, first + 1, ...`` (flat index in
+        the frame): ``results[name]`` is ``[k, npix]`` for the per-segment arrays (k >=
+        ``nsegs``) and crmag (k >= ``ncrs``), ``[npix]`` for the pedestal; ``nsegs`` and
+        ``ncrs`` are these pixels' most segments and jumps (the slots past them are 0).
+        Storing the same pixels again (a band the engine re-runs) replaces what was
+        there, the counts included."""
+        npix = np.asarray(results["pedestal"]).shape[-1]
         if nsegs > self.bounds["slope"] or ncrs > self.bounds["crmag"]:
-            raise ValueError(f"fitopt band has {nsegs} segments / {ncrs} jumps, more than "
+            raise ValueError(f"fitopt pixels have {nsegs} segments / {ncrs} jumps, more than "
                              f"a ramp can have ({self.bounds['slope']} / {self.bounds['crmag']})")
+        key = (integ, first, npix)
+        with self._lock:
+            before = self._written.get(key, (0, 0))
         plane = self.ny * self.nx * 4
         for name, path in self.paths.items():
             data = np.asarray(results[name], dtype=np.float32)
             if name == "pedestal":
-                data = data[:, None]
+                data = data[None]
             used = {"pedestal": 1, "crmag": ncrs}.get(name, nsegs)
-            bound = self.bounds[name]
+            # slots a previous store of these pixels filled are cleared
+            span = max(used, {"pedestal": 1, "crmag": before[1]}.get(name, before[0]))
             fd = os.open(path, os.O_WRONLY)
             try:
-                for integ in range(self.nints):
-                    for slot in range(used):
-                        write_at(fd, np.ascontiguousarray(data[integ, slot]),
-                                 (integ * bound + slot) * plane + r0 * self.nx * 4)
+                for slot in range(span):
+                    piece = (np.ascontiguousarray(data[slot]) if slot < used
+                             else np.zeros(npix, np.float32))
+                    write_at(fd, piece, (integ * self.bounds[name] + slot) * plane + first * 4)
             finally:
                 os.close(fd)
         with self._lock:
-            self.nsegs = max(self.nsegs, nsegs)
-            self.ncrs = max(self.ncrs, ncrs)
+            self._written[key] = (nsegs, ncrs)
+            self.nsegs = max(n for n, _ in self._written.values())
+            self.ncrs = max(c for _, c in self._written.values())
 
     def count(self, name: str) -> int:
         return {"pedestal": 1, "crmag": self.ncrs}.get(name, self.nsegs)

@@ -306,7 +306,7 @@ def fit_ramps(
     average_dark_current: np.ndarray | None = None,
     suppress_one_group: bool = True,
     discard: GroupDiscard | tuple[int, bool] = GroupDiscard(),
-    save_opt: bool = False,
+    opt_sink=None,
 ) -> tuple[RateArrays, RateArrays]:
     """Fit all ramps of a band of rows; returns ``(rate, rateints)``.
 
@@ -320,9 +320,11 @@ def fit_ramps(
     ``rate`` arrays are ``[nrows, nx]``, ``rateints`` arrays ``[nints, nrows, nx]``;
     SCI/ERR/VAR_* float32, DQ uint32.
 
-    ``save_opt``: also return the optional results (ramp_fit_opt), a third item
-    ``(arrays, nsegs, ncrs)``: arrays ``[nints, bound, nrows, nx]`` (pedestal ``[nints,
-    nrows, nx]``) and the band's most segments and jumps of a ramp.
+    ``opt_sink``: also compute the optional results (``save_opt``, see ramp_fit_opt)
+    and hand them over a chunk of pixels and one integration at a time, as
+    ``opt_sink(integ, first, arrays, nsegs, ncrs)`` (``first``: the chunk's first pixel,
+    flat in the band; arguments as :meth:`FitoptStore.put_pixels`), so that they take no
+    memory in proportion to the number of integrations.
     """
     data = np.asarray(data, dtype=np.float32)
     groupdq = np.asarray(groupdq, dtype=np.uint8)
@@ -365,16 +367,12 @@ def fit_ramps(
                           *(np.empty((nints, npix), np.float32) for _ in range(2)))
 
     opt = None
-    if save_opt:
-        from streamdet.core.fitopt import SEGMENT_ARRAYS, jump_bound, segment_bound
+    if opt_sink is not None:
+        from streamdet.core.fitopt import jump_bound, segment_bound
 
-        bound = segment_bound(ngroups)
-        opt = {name: np.zeros((nints, bound, npix), np.float32) for name in SEGMENT_ARRAYS}
-        opt["crmag"] = np.zeros((nints, jump_bound(ngroups), npix), np.float32)
-        opt["pedestal"] = np.zeros((nints, npix), np.float32)
-        opt_counts = [0, 0]
         ped_factor = (((float(nframes) + 1.0) / 2.0 + float(dropframes1))
                       / (float(nframes) + float(groupgap)))
+        opt = (opt_sink, segment_bound(ngroups), jump_bound(ngroups), ped_factor)
 
     with np.errstate(all="ignore"):
         for lo in range(0, npix, _CHUNK_PIXELS):
@@ -383,15 +381,11 @@ def fit_ramps(
                        rnoise[part], gain64[part], dark[part],
                        RateArrays(*(a[part] for a in _fields(rate))),
                        RateArrays(*(a[:, part] for a in _fields(rateints))),
-                       None if opt is None else
-                       ({k: v[..., part] for k, v in opt.items()}, opt_counts, ped_factor))
+                       None if opt is None else (*opt, lo))
 
     rate = RateArrays(*(a.reshape(nrows, ncols) for a in _fields(rate)))
     rateints = RateArrays(*(a.reshape(nints, nrows, ncols) for a in _fields(rateints)))
-    if opt is None:
-        return rate, rateints
-    opt = {k: v.reshape(*v.shape[:-1], nrows, ncols) for k, v in opt.items()}
-    return rate, rateints, (opt, *opt_counts)
+    return rate, rateints
 
 
 def _fields(arrays: RateArrays):
@@ -444,7 +438,8 @@ def _usable_flags(flags: np.ndarray, setup: _Setup) -> np.ndarray:
 
 def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, opt=None):
     """Fit one chunk of pixels (all integrations); writes into ``rate``/``rateints``
-    (and, given ``opt`` = (arrays, counts, pedestal factor), the optional results)."""
+    (and, given ``opt`` = (sink, segment bound, jump bound, pedestal factor, first
+    pixel), hands the optional results to the sink)."""
     nints = values.shape[0]
     npix = pdq.size
     ramps = [values[integ, setup.n_leading:setup.stop] for integ in range(nints)]
@@ -480,11 +475,12 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, op
         if opt is not None:
             from . import ramp_fit_opt
 
-            arrays, counts, ped_factor = opt
+            sink, seg_bound, cr_bound, ped_factor, first = opt
+            arrays = ramp_fit_opt.empty_results(seg_bound, cr_bound, npix)
             nsegs, ncrs = ramp_fit_opt.integration_results(
                 setup, ramps[integ], gdqs[integ], layouts[integ].only_first, rnoise, gain,
-                dark, median_rate, dq, rateints.sci[integ], ped_factor, arrays, integ)
-            counts[0], counts[1] = max(counts[0], nsegs), max(counts[1], ncrs)
+                dark, median_rate, dq, rateints.sci[integ], ped_factor, arrays)
+            sink(integ, first, arrays, nsegs, ncrs)
 
     vr = np.empty(npix)
     _c_finish_exposure(
@@ -810,7 +806,7 @@ class RampFitStep(Step):
             np.bitwise_or(chunk.groupdq, self.ignored[None, :, None, None], out=chunk.groupdq)
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
         dark = self.meta.state.get("average_dark_current")
-        result = fit_ramps(
+        return fit_ramps(
             chunk.data[:, :, core], chunk.groupdq[:, :, core], chunk.pixeldq[core],
             readnoise=self.readnoise[rows], gain=self.gain[rows],
             frame_time=self.meta.frame_time, group_time=self.meta.group_time,
@@ -818,11 +814,9 @@ class RampFitStep(Step):
             dropframes1=self.meta.drop_frames1,
             average_dark_current=None if dark is None else dark[rows],
             suppress_one_group=self.params["suppress_one_group"], discard=self.discard,
-            save_opt=self.fitopt is not None)
-        if self.fitopt is None:
-            return result
-        self.fitopt.put(rows, *result[2])
-        return result[:2]
+            opt_sink=None if self.fitopt is None else
+            lambda integ, first, arrays, nsegs, ncrs, base=rows.start * self.meta.nx:
+            self.fitopt.put_pixels(integ, base + first, arrays, nsegs, ncrs))
 
 
 @hookimpl

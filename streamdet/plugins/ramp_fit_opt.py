@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamdet.core.dqflags import JUMP_DET, SATURATED
+from streamdet.core.fitopt import SEGMENT_ARRAYS
 
 from . import ramp_fit as rf
 
@@ -30,10 +31,18 @@ def _slots(pixel: np.ndarray) -> np.ndarray:
     return index - starts
 
 
+def empty_results(seg_bound: int, cr_bound: int, npix: int) -> dict[str, np.ndarray]:
+    """Zeroed arrays for one integration of ``npix`` pixels."""
+    out = {name: np.zeros((seg_bound, npix), np.float32) for name in SEGMENT_ARRAYS}
+    out["crmag"] = np.zeros((cr_bound, npix), np.float32)
+    out["pedestal"] = np.zeros(npix, np.float32)
+    return out
+
+
 def integration_results(setup, ramp, gdq, only_first, rnoise, gain, dark, median_rate,
-                        dq, slope_int, ped_factor, out, integ):
-    """Fill ``out`` (arrays ``[nints, bound, npix]``, pedestal ``[nints, npix]``) for one
-    integration of a chunk; returns (most segments, most jumps) of a pixel."""
+                        dq, slope_int, ped_factor, out):
+    """Fill ``out`` (:func:`empty_results`) for one integration of a chunk of pixels;
+    returns the most segments and the most jumps of a ramp."""
     ngroups, npix = ramp.shape
     gtime, first_time = setup.group_time, setup.first_read_time
     segs = rf._find_segments(gdq, np.arange(npix), fittable_only=True)
@@ -108,7 +117,7 @@ def integration_results(setup, ramp, gdq, only_first, rnoise, gain, dark, median
         for name, values in (("slope", slope), ("sigslope", sigslope), ("var_poisson", var_p),
                              ("var_rnoise", var_r), ("yint", yint), ("sigyint", sigyint),
                              ("weights", weights)):
-            out[name][integ, slot, pix] = values
+            out[name][slot, pix] = values
         # jump magnitudes: every group after the first flagged JUMP_DET, in order
         jumped = (gdq[1:] & np.uint8(JUMP_DET)) != 0
         ncrs = 0
@@ -116,12 +125,12 @@ def integration_results(setup, ramp, gdq, only_first, rnoise, gain, dark, median
             rank = np.cumsum(jumped, axis=0) - 1
             gg, pp = np.nonzero(jumped)
             mags = ramp[gg + 1, pp].astype(np.float64) - ramp[gg, pp].astype(np.float64)
-            out["crmag"][integ, rank[gg, pp], pp] = mags
+            out["crmag"][rank[gg, pp], pp] = mags
             ncrs = int(rank[gg, pp].max()) + 1
         pedestal = ramp[0].astype(np.float64) - slope_int.astype(np.float64) * ped_factor
         pedestal[(dq & np.uint32(SATURATED)) != 0] = 0.0
         pedestal[np.isnan(pedestal)] = 0.0
-        out["pedestal"][integ] = pedestal
+        out["pedestal"][:] = pedestal
     nsegs = int(slot.max()) + 1 if slot.size else 0
     return nsegs, ncrs
 
