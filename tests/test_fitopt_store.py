@@ -80,6 +80,14 @@ def test_an_exposure_without_jumps_has_an_empty_crmag_axis(tmp_path):
     assert store.compact("slope").shape == (2, 1, 4, 6)
     assert store.compact("crmag").shape == (2, 0, 4, 6)
     np.testing.assert_array_equal(store.compact("pedestal"), 3.0)
+    sim = simulate(tmp_path / "sim", subarray="SUB64", ngroups=5, nints=1, seed=2)
+    out = tmp_path / "x_fitopt.fits"
+    write_fitopt(out, store, sim.uncal, {})
+    from stdatamodels.jwst import datamodels
+
+    with datamodels.open(out) as model:
+        assert model.crmag.shape == (2, 0, 4, 6)
+        np.testing.assert_array_equal(model.slope, 1.5)
 
 
 def test_a_band_with_more_segments_than_a_ramp_can_have_is_refused(tmp_path):

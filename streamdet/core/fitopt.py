@@ -26,8 +26,8 @@ integration ``i``, segment ``s`` (the fitted segments of the ramp in time order)
 The fit runs in bands of rows spanning every integration; :class:`FitoptStore` takes each
 band's results into raw scratch files sized for the largest possible segment count (a ramp
 of n groups has at most ``(n + 1) // 2`` segments, at most ``n - 1`` jumps), remembers the
-largest counts seen, and :func:`write_fitopt` writes the product at those sizes through
-stdatamodels from memory-mapped scratch files, so that memory does not grow with the
+largest counts seen, and :func:`write_fitopt` writes the product at those sizes (metadata through
+stdatamodels, the arrays streamed plane by plane), so that memory does not grow with the
 number of integrations.
 """
 
@@ -153,27 +153,36 @@ class FitoptStore:
 
 
 def write_fitopt(path: Path, store: FitoptStore, uncal: Path, primary_keywords: dict) -> None:
-    """Write ``path`` as jwst's RampFitOutputModel: the stored arrays at the exposure's
-    segment and jump counts, the metadata of the input exposure (as jwst's
-    ``opt_model.update(input_model)``) and ``primary_keywords`` on top. Written under a
-    temporary name and renamed into place."""
+    """Write ``path`` as jwst's RampFitOutputModel: the metadata of the input exposure (as
+    jwst's ``opt_model.update(input_model)``) with ``primary_keywords`` on top, and the
+    stored arrays at the exposure's segment and jump counts.
+
+    stdatamodels writes the model's metadata (primary header, ASDF extension); the arrays
+    are streamed into their extensions one plane at a time, so that memory does not grow
+    with the number of integrations (stdatamodels reads them back from the extensions,
+    as the schema places them). Written under a temporary name and renamed into place."""
+    from astropy.io import fits
     from stdatamodels.jwst import datamodels
 
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    meta_file = store.directory / "fitopt_meta.fits"
     try:
-        arrays = {n: store.compact(n) for n in (*SEGMENT_ARRAYS, "pedestal", "crmag")}
-        with datamodels.RampFitOutputModel(**arrays) as model:
+        with datamodels.RampFitOutputModel() as model:
             with datamodels.open(str(uncal)) as exposure:
                 model.update(exposure)
             model.meta.filename = path.name
-            model.to_fits(name, overwrite=True)
-        if primary_keywords:
-            from astropy.io import fits
-
-            with fits.open(name, mode="update") as hdul:
-                for key, value in primary_keywords.items():
-                    hdul[0].header[key] = value
+            model.to_fits(str(meta_file), overwrite=True)
+        with fits.open(meta_file) as meta_hdus:
+            primary = meta_hdus[0].header.copy()
+            asdf_hdu = fits.BinTableHDU(meta_hdus["ASDF"].data.copy(),
+                                        header=meta_hdus["ASDF"].header.copy(), name="ASDF")
+        for key, value in primary_keywords.items():
+            primary[key] = value
+        fits.PrimaryHDU(header=primary).writeto(name, overwrite=True, output_verify="silentfix")
+        for array in (*SEGMENT_ARRAYS, "pedestal", "crmag"):
+            _stream_array(name, store, array)
+        fits.append(name, asdf_hdu.data, header=asdf_hdu.header)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(name, 0o666 & ~umask)
@@ -181,3 +190,26 @@ def write_fitopt(path: Path, store: FitoptStore, uncal: Path, primary_keywords: 
     finally:
         if os.path.exists(name):
             os.unlink(name)
+        meta_file.unlink(missing_ok=True)
+
+
+def _stream_array(name: str, store: FitoptStore, array: str) -> None:
+    from astropy.io import fits
+
+    count, bound = store.count(array), store.bounds[array]
+    shape = ((store.nints, store.ny, store.nx) if array == "pedestal"
+             else (store.nints, count, store.ny, store.nx))
+    header = fits.Header([("XTENSION", "IMAGE"), ("BITPIX", -32), ("NAXIS", len(shape))])
+    for axis, size in enumerate(reversed(shape), start=1):
+        header[f"NAXIS{axis}"] = size
+    header["PCOUNT"], header["GCOUNT"] = 0, 1
+    header["EXTNAME"], header["EXTVER"] = array.upper(), 1
+    stream = fits.StreamingHDU(name, header)
+    plane = np.empty((store.ny, store.nx), np.float32)
+    with open(store.paths[array], "rb", buffering=0) as src:
+        for integ in range(store.nints):
+            for slot in range(count):
+                if not read_at(src.fileno(), plane, (integ * bound + slot) * plane.nbytes):
+                    raise OSError(f"{store.paths[array]} ends early")
+                stream.write(plane.astype(">f4"))
+    stream.close()
