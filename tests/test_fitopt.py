@@ -106,3 +106,23 @@ def test_an_existing_fitopt_is_not_overwritten_without_overwrite(tmp_path, monke
         streamdet.process(sim.uncal, out, steps=SAVE_OPT)
     assert (out / f"{stem}_fitopt.fits").read_text() == "mine"
     assert not list(out.glob("*_rate.fits"))
+
+
+@pytest.mark.parity
+def test_save_opt_from_a_crds_pars_file_with_shower_flagging(tmp_path, monkeypatch):
+    """pars-rampfitstep may switch save_opt on: both write the product from the CRDS
+    environment alone, here with operations' shower flagging (tests/test_operations.py)."""
+    from .test_operations import OPERATIONS_PARS
+
+    pars = {**OPERATIONS_PARS, "RampFitStep": {**OPERATIONS_PARS["RampFitStep"],
+                                               "save_opt": True}}
+    sim = simulate(tmp_path / "sim", subarray="SUB64", ngroups=10, nints=2, seed=3,
+                   large_events=True, params=SimParams(crds_pars=pars))
+    theirs = run_jwst_detector1(sim.uncal, sim.env, tmp_path / "jwst",
+                                products=("rate", "rateints", "fitopt"))
+    _env(sim, monkeypatch)
+    monkeypatch.delenv("STPIPE_DISABLE_CRDS_STEPPARS", raising=False)
+    mine = streamdet.process(sim.uncal, tmp_path / "streamdet")
+    assert_fitopt_parity(mine["fitopt"], theirs["fitopt"])
+    with fits.open(mine["fitopt"]) as hdul:
+        assert hdul["CRMAG"].data.shape[1] >= 1
