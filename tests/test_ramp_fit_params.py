@@ -33,11 +33,12 @@ def test_ignored_groups_as_jwst_sets_them(first, last, expect):
 
 def test_parameter_values():
     assert RampFitStep({"firstgroup": "2", "lastgroup": "None"}).params == {
-        "suppress_one_group": True, "firstgroup": 2, "lastgroup": None, "algorithm": "OLS_C"}
+        "suppress_one_group": True, "firstgroup": 2, "lastgroup": None, "save_opt": False,
+        "algorithm": "OLS_C"}
     with pytest.raises(BadInputError, match="firstgroup"):
         RampFitStep({"firstgroup": 1.5})
     with pytest.raises(BadInputError, match="save_opt"):
-        configmod.load(sets=["ramp_fit.save_opt=true"])
+        RampFitStep({"save_opt": "perhaps"})
     with pytest.raises(BadInputError, match="maximum_cores"):
         configmod.load(sets=["ramp_fit.maximum_cores=lots"])
 

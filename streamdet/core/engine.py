@@ -386,6 +386,12 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                         f"{step.name} cannot compute the rate without it")
                 raise PluginError("the chain must end with a step that produces the rate "
                                   "(ramp_fit); it is skipped or followed by another step")
+            extra = {kind: write for s in active for kind, write in s.extra_products().items()}
+            if extra:
+                directory = outputs["rate"].parent
+                extra = {kind: (directory / f"{meta.base_name}_{kind}.fits", write)
+                         for kind, write in extra.items()}
+                check_writable([path for path, _ in extra.values()], config.overwrite, meta.path)
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
             captures = _capture_points(chain, active, config)
             rate, rateints, saved = _run(exposure, refs, active, pixeldq, config, timings,
@@ -408,6 +414,12 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                                               before_rate=kind == "ramp",
                                               parameters=parameters),
                                source, meta.state.get("average_dark_current"), placed=placed)
+                for kind, (path, write) in extra.items():
+                    write(path, product_record(chain, resolved, finished, resumed,
+                                               parameters=parameters), source)
+                    st = os.stat(path)
+                    placed.append((path, st.st_dev, st.st_ino))
+                    outputs[kind] = path
                 timings["write"] += time.perf_counter() - t0
             except BaseException:
                 withdraw(placed)  # no partial set of products

@@ -247,6 +247,17 @@ class Step:
         """Primary-header keywords this step contributes (besides its status)."""
         return {}
 
+    def extra_products(self) -> dict[str, Callable[[Any, Any, Any], None]]:
+        """Products beyond rate and rateints this step writes once the passes are done
+        (ramp_fit's ``fitopt``): kind -> ``write(path, record, source)``, ``record`` the
+        run's :class:`~streamdet.core.products.ProductRecord` (keywords, HISTORY,
+        provenance) and ``source`` the input's metadata
+        (:class:`~streamdet.core.products.InputMetadata`: never reopen the input, which
+        may have been replaced since it was checked). Asked after ``prepare``; the engine
+        names the files as the rate's, checks that they may be written and calls the
+        writers after the rate products are in place."""
+        return {}
+
     def describe(self) -> str:
         return f"{self.name} ({self.implementation}, {self.package} {self.package_version})"
 

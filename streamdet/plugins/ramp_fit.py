@@ -197,16 +197,22 @@ def _ols_coefficients(length: int, power_code: int) -> np.ndarray:
     stcal's per-pixel 1/rn^2 factor cancels and is dealt with by the caller.
     """
     index = np.arange(length, dtype=np.float64)
+    weight = _ols_weights(length, power_code)
+    sum_w = weight.sum()
+    sum_x = (index * weight).sum()
+    sum_xx = (index * index * weight).sum()
+    return weight * (sum_w * index - sum_x) / (sum_w * sum_xx - sum_x * sum_x)
+
+
+def _ols_weights(length: int, power_code: int) -> np.ndarray:
+    """Optimal weights ``|(i - mid) / mid| ** P`` of a segment shape, as stcal rounds them."""
+    index = np.arange(length, dtype=np.float64)
     mid = (length - 1) / 2.0
     # stcal takes powf of single-precision operands; a double power rounded to float32
     # reproduces glibc's powf (numpy's float32 power differs in the last bit ~10% of the time)
     base = np.abs((index - mid) * (1.0 / mid)).astype(np.float32).astype(np.float64)
     exponent = float(np.float32(_POWERS[power_code]))
-    weight = np.power(base, exponent).astype(np.float32).astype(np.float64)
-    sum_w = weight.sum()
-    sum_x = (index * weight).sum()
-    sum_xx = (index * index * weight).sum()
-    return weight * (sum_w * index - sum_x) / (sum_w * sum_xx - sum_x * sum_x)
+    return np.power(base, exponent).astype(np.float32).astype(np.float64)
 
 
 class _Coefficients(NamedTuple):
@@ -300,6 +306,7 @@ def fit_ramps(
     average_dark_current: np.ndarray | None = None,
     suppress_one_group: bool = True,
     discard: GroupDiscard | tuple[int, bool] = GroupDiscard(),
+    opt_sink=None,
 ) -> tuple[RateArrays, RateArrays]:
     """Fit all ramps of a band of rows; returns ``(rate, rateints)``.
 
@@ -312,8 +319,13 @@ def fit_ramps(
 
     ``rate`` arrays are ``[nrows, nx]``, ``rateints`` arrays ``[nints, nrows, nx]``;
     SCI/ERR/VAR_* float32, DQ uint32.
+
+    ``opt_sink``: also compute the optional results (``save_opt``, see ramp_fit_opt)
+    and hand them over a chunk of pixels and one integration at a time, as
+    ``opt_sink(integ, first, arrays, nsegs, ncrs)`` (``first``: the chunk's first pixel,
+    flat in the band; arguments as :meth:`FitoptStore.put_pixels`), so that they take no
+    memory in proportion to the number of integrations.
     """
-    del groupgap, dropframes1
     data = np.asarray(data, dtype=np.float32)
     groupdq = np.asarray(groupdq, dtype=np.uint8)
     nints, ngroups_in, nrows, ncols = data.shape
@@ -354,13 +366,22 @@ def fit_ramps(
                           np.empty((nints, npix), np.uint32),
                           *(np.empty((nints, npix), np.float32) for _ in range(2)))
 
+    opt = None
+    if opt_sink is not None:
+        from streamdet.core.fitopt import jump_bound, segment_bound
+
+        ped_factor = (((float(nframes) + 1.0) / 2.0 + float(dropframes1))
+                      / (float(nframes) + float(groupgap)))
+        opt = (opt_sink, segment_bound(ngroups), jump_bound(ngroups), ped_factor)
+
     with np.errstate(all="ignore"):
         for lo in range(0, npix, _CHUNK_PIXELS):
             part = slice(lo, min(lo + _CHUNK_PIXELS, npix))
             _fit_chunk(setup, values[:, :, part], flags[:, :, part], pdq[part],
                        rnoise[part], gain64[part], dark[part],
                        RateArrays(*(a[part] for a in _fields(rate))),
-                       RateArrays(*(a[:, part] for a in _fields(rateints))))
+                       RateArrays(*(a[:, part] for a in _fields(rateints))),
+                       None if opt is None else (*opt, lo))
 
     rate = RateArrays(*(a.reshape(nrows, ncols) for a in _fields(rate)))
     rateints = RateArrays(*(a.reshape(nints, nrows, ncols) for a in _fields(rateints)))
@@ -415,8 +436,10 @@ def _usable_flags(flags: np.ndarray, setup: _Setup) -> np.ndarray:
     return gdq
 
 
-def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints):
-    """Fit one chunk of pixels (all integrations); writes into ``rate``/``rateints``."""
+def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, opt=None):
+    """Fit one chunk of pixels (all integrations); writes into ``rate``/``rateints``
+    (and, given ``opt`` = (sink, segment bound, jump bound, pedestal factor, first
+    pixel), hands the optional results to the sink)."""
     nints = values.shape[0]
     npix = pdq.size
     ramps = [values[integ, setup.n_leading:setup.stop] for integ in range(nints)]
@@ -449,6 +472,15 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints):
             _out(rate_dq), ptr(unusable_everywhere), ptr(saturated_everywhere),
             ptr(saturated_somewhere))
         lossy.append((seen & np.uint8(_CHARGELOSS)) != 0)
+        if opt is not None:
+            from . import ramp_fit_opt
+
+            sink, seg_bound, cr_bound, ped_factor, first = opt
+            arrays = ramp_fit_opt.empty_results(seg_bound, cr_bound, npix)
+            nsegs, ncrs = ramp_fit_opt.integration_results(
+                setup, ramps[integ], gdqs[integ], layouts[integ].only_first, rnoise, gain,
+                dark, median_rate, dq, rateints.sci[integ], ped_factor, arrays)
+            sink(integ, first, arrays, nsegs, ncrs)
 
     vr = np.empty(npix)
     _c_finish_exposure(
@@ -690,6 +722,9 @@ class RampFitStep(Step):
         "suppress_one_group": Param(bool, True, "give no rate from a ramp with only its first group usable"),
         "firstgroup": Param(int, None, "ignore the groups before this one (0-based; None: from the first)", optional=True),
         "lastgroup": Param(int, None, "ignore the groups after this one (0-based; None: to the last)", optional=True),
+        "save_opt": Param(bool, False, "also write jwst's optional results product "
+                          "(_fitopt.fits: per-segment slopes, variances, intercepts, weights, "
+                          "the pedestal and jump magnitudes)"),
         "algorithm": Param(str, "OLS_C", "jwst's choice of fit: OLS_C (this implementation; "
                            "OLS, jwst's older name, means the same) or LIKELY (the 'likely' "
                            "implementation, package streamdet-likely)", choices=tuple(ALGORITHMS)),
@@ -709,7 +744,31 @@ class RampFitStep(Step):
         self.lock = threading.Lock()
         self.ignored = ignored_groups(meta.ngroups, self.params["firstgroup"],
                                       self.params["lastgroup"])
+        self.fitopt = None
+        if self.params.get("save_opt"):
+            import shutil
+            import tempfile
+            import weakref
+            from pathlib import Path
+
+            from streamdet.core.fitopt import FitoptStore
+
+            scratch = Path(tempfile.mkdtemp(prefix="streamdet-fitopt-"))
+            # the scratch goes with the step, whatever way the run ends
+            weakref.finalize(self, shutil.rmtree, scratch, True)
+            self.fitopt = FitoptStore(meta.nints, meta.ngroups, meta.ny, meta.nx, scratch)
         return None
+
+    def extra_products(self):
+        if self.skip or self.fitopt is None:
+            return {}
+
+        def write(path, record, source):
+            from streamdet.core.fitopt import write_fitopt
+
+            write_fitopt(path, self.fitopt, source, record)
+
+        return {"fitopt": write}
 
     def survey(self, chunk):
         piece = np.bitwise_and.reduce(chunk.groupdq, axis=(0, 2, 3))
@@ -754,7 +813,10 @@ class RampFitStep(Step):
             nframes=self.meta.nframes, groupgap=self.meta.groupgap,
             dropframes1=self.meta.drop_frames1,
             average_dark_current=None if dark is None else dark[rows],
-            suppress_one_group=self.params["suppress_one_group"], discard=self.discard)
+            suppress_one_group=self.params["suppress_one_group"], discard=self.discard,
+            opt_sink=None if self.fitopt is None else
+            lambda integ, first, arrays, nsegs, ncrs, base=rows.start * self.meta.nx:
+            self.fitopt.put_pixels(integ, base + first, arrays, nsegs, ncrs))
 
 
 @hookimpl
