@@ -72,23 +72,23 @@ int64_t streamdet_scratch_read(int64_t fd, char *dest, int64_t row0, int64_t nro
     return n ? transfer((int)fd, iov, n, start, 0) : 0;
 }
 
-/* Integration i, rows row0 .. row0+nrows, from `src` (line (g, k) at
- * src + g*s_group + k*s_row) into the file. */
-int64_t streamdet_scratch_write(int64_t fd, const char *src, int64_t i, int64_t row0,
-                                int64_t nrows, int64_t nints, int64_t ngroups,
-                                int64_t line_bytes, int64_t s_group, int64_t s_row)
+/* Integration i, rows row0 .. row0+nrows, between the file and `buf` (line (g, k) at
+ * buf + g*s_group + k*s_row): to the file when `to_file`, else from it. One
+ * integration's groups of one row are contiguous in the file. */
+static int64_t integration_rows(int64_t fd, char *buf, int64_t i, int64_t row0, int64_t nrows,
+                                int64_t nints, int64_t ngroups, int64_t line_bytes,
+                                int64_t s_group, int64_t s_row, int to_file)
 {
     struct iovec iov[BATCH];
     for (int64_t k = 0; k < nrows; k++) {
-        /* one integration's groups of one row are contiguous in the file */
         int64_t offset = ((row0 + k) * nints + i) * ngroups * line_bytes;
         for (int64_t g0 = 0; g0 < ngroups; g0 += BATCH) {
             int n = 0;
             for (int64_t g = g0; g < ngroups && n < BATCH; g++, n++) {
-                iov[n].iov_base = (char *)src + g * s_group + k * s_row;
+                iov[n].iov_base = buf + g * s_group + k * s_row;
                 iov[n].iov_len = (size_t)line_bytes;
             }
-            int64_t rc = transfer((int)fd, iov, n, offset + g0 * line_bytes, 1);
+            int64_t rc = transfer((int)fd, iov, n, offset + g0 * line_bytes, to_file);
             if (rc)
                 return rc;
         }
@@ -96,27 +96,21 @@ int64_t streamdet_scratch_write(int64_t fd, const char *src, int64_t i, int64_t 
     return 0;
 }
 
-/* Integration i, rows row0 .. row0+nrows, from the file into `dest` (line (g, k) at
- * dest + g*s_group + k*s_row): the read that mirrors streamdet_scratch_write, for an
- * integration pass that follows a band pass (a step needing whole integrations after
- * one needing all integrations). */
+/* Integration i, rows row0 .. row0+nrows, from `src` into the file (pass 1). */
+int64_t streamdet_scratch_write(int64_t fd, const char *src, int64_t i, int64_t row0,
+                                int64_t nrows, int64_t nints, int64_t ngroups,
+                                int64_t line_bytes, int64_t s_group, int64_t s_row)
+{
+    return integration_rows(fd, (char *)src, i, row0, nrows, nints, ngroups, line_bytes,
+                            s_group, s_row, 1);
+}
+
+/* The read that mirrors streamdet_scratch_write, for an integration pass that follows a
+ * band pass (a step needing whole integrations after one needing all integrations). */
 int64_t streamdet_scratch_read_integration(int64_t fd, char *dest, int64_t i, int64_t row0,
                                            int64_t nrows, int64_t nints, int64_t ngroups,
                                            int64_t line_bytes, int64_t s_group, int64_t s_row)
 {
-    struct iovec iov[BATCH];
-    for (int64_t k = 0; k < nrows; k++) {
-        int64_t offset = ((row0 + k) * nints + i) * ngroups * line_bytes;
-        for (int64_t g0 = 0; g0 < ngroups; g0 += BATCH) {
-            int n = 0;
-            for (int64_t g = g0; g < ngroups && n < BATCH; g++, n++) {
-                iov[n].iov_base = dest + g * s_group + k * s_row;
-                iov[n].iov_len = (size_t)line_bytes;
-            }
-            int64_t rc = transfer((int)fd, iov, n, offset + g0 * line_bytes, 0);
-            if (rc)
-                return rc;
-        }
-    }
-    return 0;
+    return integration_rows(fd, dest, i, row0, nrows, nints, ngroups, line_bytes,
+                            s_group, s_row, 0);
 }

@@ -82,6 +82,12 @@ def _crds():
     return crds
 
 
+def _unusable_cache(where) -> ReferenceError_:
+    return ReferenceError_(
+        f"{where}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
+        "configuration (config/jwst/server_config) and no server is reachable")
+
+
 def crds_context() -> str | None:
     """The CRDS context in effect, or None when CRDS is not configured."""
     if "CRDS_PATH" not in os.environ:
@@ -152,10 +158,8 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str], params: dict | None = No
         # the context is passed explicitly: crds caches the first CRDS_CONTEXT it sees
         best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst",
                                   context=os.environ.get("CRDS_CONTEXT"))
-    except SystemExit:
-        raise ReferenceError_(
-            f"{where}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
-            "configuration (config/jwst/server_config) and no server is reachable") from None
+    except SystemExit:  # crds exits when it has neither a cache configuration nor a server
+        raise _unusable_cache(where) from None
     except Exception as exc:
         module = missing_module(exc)
         if module is not None:  # crds reports a broken installation as a lookup failure
@@ -223,9 +227,7 @@ def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
         chosen = crds.getrecommendations(params, reftypes=list(wanted), observatory="jwst",
                                          context=os.environ.get("CRDS_CONTEXT"))
     except SystemExit:
-        raise ReferenceError_(
-            f"{meta.path}: the CRDS cache at CRDS_PATH={os.environ['CRDS_PATH']} has no usable "
-            "configuration (config/jwst/server_config) and no server is reachable") from None
+        raise _unusable_cache(meta.path) from None
     except Exception:  # the rules select nothing for this exposure: no parameters
         return []
     if any("UNDEFINED" in str(v) for v in chosen.values()):
