@@ -108,6 +108,7 @@ _c_scan = declare("jump", "jump_scan", "ppi" "piii" "piii" "pi" "iiii" "fdd" "id
                   "ppiii" "dd" "ip" "piiii" "p")
 _c_settle = declare("jump", "jump_settle", "piiiiiiip", "i")
 _c_flag_neighbours = declare("jump", "jump_flag_neighbours", "piiiiiiipi")
+_c_sigma_clip = declare("jump_sigclip", "jump_sigma_clip", "piiiidipp", "i")
 
 # stcal's value for the count of primary cosmic rays when it gives up on an exposure
 SKIPPED_CR_COUNT = -99
@@ -496,46 +497,15 @@ def _iterative_search(diffs, shape, noise_floor, thresholds):
 
 def _sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints):
     """Mask [nints, ndiffs, rows, cols] of differences rejected by an iterated median/std
-    clip (usable ones only), from the pixel-major differences of ramps of ``shape``."""
+    clip (usable ones only), from the pixel-major differences of ramps of ``shape``
+    (the clip is C: streamdet/_ckernels/jump_sigclip.c)."""
     nints, ngroups, nrows, ncols = shape
-    ndiffs = ngroups - 1
-    if only_use_ints:
-        # one row per (difference, pixel), over the integrations
-        per_int = diffs.reshape(nrows * ncols, nints, ndiffs).transpose(2, 0, 1)
-        samples = np.ascontiguousarray(per_int.reshape(ndiffs * nrows * ncols, nints),
-                                       dtype=np.float64)
-    else:
-        samples = diffs.astype(np.float64)
-    usable = np.isfinite(samples)
-    kept = usable.copy()
-    low = np.full(samples.shape[0], np.nan)
-    high = np.full(samples.shape[0], np.nan)
-    todo = np.arange(samples.shape[0])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for _ in range(_SIGCLIP_ROUNDS):
-            values = samples[todo]
-            keep = kept[todo]
-            n_kept = np.count_nonzero(keep, axis=1)
-            ordered = np.where(keep, values, np.nan)
-            ordered.sort(axis=1)
-            centre = sorted_row_medians(ordered, n_kept)
-            mean = np.sum(values, axis=1, where=keep) / n_kept
-            spread = values - mean[:, None]
-            spread *= spread
-            std = np.sqrt(np.sum(spread, axis=1, where=keep) / n_kept)
-            lo = centre - n_sigma * std
-            hi = centre + n_sigma * std
-            low[todo] = lo
-            high[todo] = hi
-            keep &= (values >= lo[:, None]) & (values <= hi[:, None])
-            kept[todo] = keep
-            n_now = np.count_nonzero(keep, axis=1)
-            todo = todo[(n_now != n_kept) & (n_now > 0)]
-            if not todo.size:
-                break
-        rejected = (samples < low[:, None]) | (samples > high[:, None])
-    rejected &= usable
-    return np.ascontiguousarray(rejected.T).reshape(nints, ndiffs, nrows, ncols)
+    diffs = np.ascontiguousarray(diffs, dtype=np.float32)
+    rejected = np.empty((nints, ngroups - 1, nrows, ncols), dtype=bool)
+    if _c_sigma_clip(ptr(diffs), nrows * ncols, nints, ngroups - 1,
+                     bool(only_use_ints), float(n_sigma), _SIGCLIP_ROUNDS, ptr(rejected), None):
+        raise MemoryError("no scratch memory for the jump step's sigma clip")
+    return rejected
 
 
 def _flagged_everywhere(groupdq):
