@@ -66,7 +66,8 @@ band's thread holds the GIL only between a few calls per block of rows: the diff
 and the significance scan (step 2), the single-pass flags (3), the count (4), the
 neighbour sources and flags (5), the after-jump candidates (6) and step 7.  The sort
 itself stays numpy's (its SIMD sort beats a C selection), as do the rarely run iterative
-and sigma-clip searches and the after-jump spreading.
+search and the after-jump spreading; the sigma-clip search is C too
+(``streamdet/_ckernels/jump_sigclip.c``).
 
 Banding
 -------
