@@ -64,33 +64,43 @@ static void swap(double *a, double *b)
 }
 
 /* Rearrange a[0..n) so that a[k] is the value sorted order puts there, smaller-or-equal
- * values before it and larger-or-equal after (no NaN in a). */
+ * values before it and larger-or-equal after (no NaN in a).  The partition is
+ * branch-free (Lomuto with unconditional swaps, then a pass gathering the pivot's ties):
+ * on noise-like data a branching one spends most of its time in mispredicted
+ * comparisons. */
 static void select_nth(double *a, int64_t n, int64_t k)
 {
     int64_t lo = 0, hi = n - 1;
     while (hi - lo > 16) {
-        /* median of three as pivot, moved to lo */
+        /* median of three as pivot, moved to hi */
         const int64_t mid = lo + (hi - lo) / 2;
         if (a[mid] < a[lo]) swap(&a[mid], &a[lo]);
         if (a[hi] < a[lo]) swap(&a[hi], &a[lo]);
         if (a[hi] < a[mid]) swap(&a[hi], &a[mid]);
-        swap(&a[lo], &a[mid]);
-        const double pivot = a[lo];
-        int64_t i = lo, j = hi + 1;
-        for (;;) {
-            do i++; while (i <= hi && a[i] < pivot);
-            do j--; while (a[j] > pivot);
-            if (i >= j)
-                break;
-            swap(&a[i], &a[j]);
+        swap(&a[mid], &a[hi]);
+        const double pivot = a[hi];
+        int64_t store = lo;
+        for (int64_t i = lo; i < hi; i++) {
+            const double v = a[i];
+            a[i] = a[store];
+            a[store] = v;
+            store += v < pivot;
         }
-        swap(&a[lo], &a[j]);
-        if (j == k)
-            return;
-        if (j < k)
-            lo = j + 1;
+        /* then the values equal to the pivot, so that ties cannot make this quadratic */
+        int64_t equal_end = store;
+        for (int64_t i = store; i < hi; i++) {
+            const double v = a[i];
+            a[i] = a[equal_end];
+            a[equal_end] = v;
+            equal_end += v <= pivot;
+        }
+        swap(&a[equal_end], &a[hi]);
+        if (k < store)
+            hi = store - 1;
+        else if (k > equal_end)
+            lo = equal_end + 1;
         else
-            hi = j - 1;
+            return;
     }
     for (int64_t i = lo + 1; i <= hi; i++) {  /* insertion sort of the short rest */
         const double v = a[i];
