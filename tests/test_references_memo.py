@@ -33,7 +33,10 @@ def sim(tmp_path_factory):
 
 
 def lookup(sim, memo: Path, **env_changes):
-    env = {**os.environ, **sim.env, "STREAMDET_CRDS_MEMO": str(memo), **env_changes}
+    # a user's fresh environment: crds, once used in this process (by jwst), exports its
+    # whole configuration as CRDS_* variables
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CRDS_")}
+    env = {**clean, **sim.env, "STREAMDET_CRDS_MEMO": str(memo), **env_changes}
     env = {k: v for k, v in env.items() if v is not None}
     done = subprocess.run([sys.executable, "-c", LOOKUP, str(sim.uncal)], env=env,
                           capture_output=True, text=True, check=True)

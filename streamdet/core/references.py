@@ -257,7 +257,8 @@ def _watched_files(context: str | None, answer) -> list[str]:
 def _memo_key(kind: str, params: dict, reftypes: list[str]) -> str | None:
     _apply_crds_defaults()  # as crds will see them
     crds_env = {k: v for k, v in os.environ.items() if k.startswith("CRDS_")}
-    if "CRDS_PATH" not in crds_env or any(k in crds_env for k in _UNFOLLOWED_CRDS_VARIABLES):
+    if "CRDS_PATH" not in crds_env or any(crds_env.get(k, "None") not in ("", "None")
+                                          for k in _UNFOLLOWED_CRDS_VARIABLES):
         return None
     blob = json.dumps([kind, sorted(params.items()), sorted(reftypes), sorted(crds_env.items()),
                        crds_version()])
