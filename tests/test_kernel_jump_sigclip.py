@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from streamdet._ckernels import ptr, sorted_row_medians
+from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, SATURATED
 from streamdet.plugins import jump
 
 ROUNDS = 5
@@ -115,3 +116,34 @@ def test_compiled_clip_matches_numpy_bit_for_bit(nints, ngroups, kind, only_use_
         # and the step's wrapper is that kernel
         np.testing.assert_array_equal(
             jump._sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints), expected)
+
+
+def numpy_flagged_everywhere(groupdq):
+    """The numpy code of jump's group-reset verdict before the C kernel."""
+    nints, ngroups = groupdq.shape[:2]
+    planes = groupdq.reshape(nints, ngroups, -1)
+    return np.all((planes & np.uint8(JUMP_DET | DO_NOT_USE)) != 0, axis=2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flagged_everywhere_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    nints, ngroups, nrows, ncols = 4, 5, 6, 7
+    # a wider parent, so the band view has non-trivial strides like the engine's
+    parent = rng.choice(np.array([0, JUMP_DET, DO_NOT_USE, SATURATED, JUMP_DET | SATURATED],
+                                 np.uint8), (nints, ngroups + 2, nrows + 3, ncols))
+    groupdq = parent[:, 1:-1, 2:-1]
+    # planes flagged everywhere (with JUMP_DET or DO_NOT_USE) but for one pixel, which
+    # sits in a row some selections leave out
+    groupdq[1, 2] = JUMP_DET
+    groupdq[2] = DO_NOT_USE | SATURATED
+    groupdq[3, 4] = JUMP_DET
+    groupdq[3, 4, 4, 6] = SATURATED
+    for rows_used in (None, np.ones(nrows, bool), np.arange(nrows) != 4,
+                      np.arange(nrows) < 3, np.zeros(nrows, bool)):
+        picked = groupdq if rows_used is None else groupdq[:, :, rows_used]
+        expected = numpy_flagged_everywhere(picked)
+        got = jump._flagged_everywhere(groupdq, rows_used)
+        np.testing.assert_array_equal(got, expected)
+    assert jump._flagged_everywhere(groupdq)[1, 2] and not jump._flagged_everywhere(groupdq)[3, 4]
+    assert jump._flagged_everywhere(groupdq, np.arange(nrows) != 4)[3, 4]

@@ -214,3 +214,33 @@ int64_t jump_sigma_clip(const float *diffs, int64_t npix, int64_t nints, int64_t
     free(flags);
     return 0;
 }
+
+/* Sigma-clip mode's group reset asks, per (integration, group), whether every pixel of
+ * the rows selected by rows_used (uint8 per row; NULL: all rows) has one of the bits of
+ * flags set.  groupdq: uint8 [nints, ngroups, nrows, ncols] with element strides for the
+ * first three axes and contiguous columns.  out: uint8 [nints, ngroups]. */
+void jump_flagged_everywhere(const uint8_t *groupdq, int64_t s_int, int64_t s_group,
+                             int64_t s_row, int64_t nints, int64_t ngroups, int64_t nrows,
+                             int64_t ncols, const uint8_t *rows_used, int64_t flags,
+                             uint8_t *out)
+{
+    const uint8_t mask = (uint8_t)flags;
+    for (int64_t i = 0; i < nints; i++) {
+        for (int64_t g = 0; g < ngroups; g++) {
+            const uint8_t *plane = groupdq + i * s_int + g * s_group;
+            uint8_t all = 1;
+            for (int64_t r = 0; r < nrows && all; r++) {
+                if (rows_used && !rows_used[r])
+                    continue;
+                const uint8_t *row = plane + r * s_row;
+                for (int64_t c = 0; c < ncols; c++) {
+                    if (!(row[c] & mask)) {
+                        all = 0;
+                        break;
+                    }
+                }
+            }
+            out[i * ngroups + g] = all;
+        }
+    }
+}

@@ -110,6 +110,7 @@ _c_scan = declare("jump", "jump_scan", "ppi" "piii" "piii" "pi" "iiii" "fdd" "id
 _c_settle = declare("jump", "jump_settle", "piiiiiiip", "i")
 _c_flag_neighbours = declare("jump", "jump_flag_neighbours", "piiiiiiipi")
 _c_sigma_clip = declare("jump_sigclip", "jump_sigma_clip", "piiiidipp", "i")
+_c_flagged_everywhere = declare("jump_sigclip", "jump_flagged_everywhere", "piiiiiiipip")
 
 # stcal's value for the count of primary cosmic rays when it gives up on an exposure
 SKIPPED_CR_COUNT = -99
@@ -335,7 +336,7 @@ def detect_jumps(
 
     if mode == "sigclip":
         everywhere = _flagged_everywhere(groupdq)
-        counts.all_flagged_groups = _flagged_everywhere(groupdq[:, :, counted])
+        counts.all_flagged_groups = _flagged_everywhere(groupdq, counted)
         reset = everywhere if all_flagged_groups is None else np.asarray(all_flagged_groups, bool)
         for i, g in zip(*np.nonzero(reset)):
             plane = groupdq[i, g]
@@ -509,10 +510,18 @@ def _sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints):
     return rejected
 
 
-def _flagged_everywhere(groupdq):
-    nints, ngroups = groupdq.shape[:2]
-    planes = groupdq.reshape(nints, ngroups, -1)
-    return np.all((planes & _JUMP_OR_DNU) != 0, axis=2)
+def _flagged_everywhere(groupdq, rows_used=None):
+    """Bool [nints, ngroups]: whether every pixel (of the rows where ``rows_used``, bool
+    per row, is True) is JUMP_DET or DO_NOT_USE (C: it stops at the first one that is
+    not, which is almost always the first pixel)."""
+    nints, ngroups, nrows, ncols = groupdq.shape
+    out = np.empty((nints, ngroups), dtype=bool)
+    if rows_used is not None:
+        rows_used = np.ascontiguousarray(rows_used, dtype=bool)
+    _c_flagged_everywhere(ptr(groupdq), *_row_strides(groupdq), nints, ngroups, nrows, ncols,
+                          None if rows_used is None else ptr(rows_used), int(_JUMP_OR_DNU),
+                          ptr(out))
+    return out
 
 
 def _flag_neighbours(groupdq, sources):
