@@ -57,15 +57,17 @@ def numpy_sigma_clip(diffs, shape, n_sigma, only_use_ints):
     return mask, np.stack([low, high], axis=1)
 
 
-def compiled_sigma_clip(diffs, shape, n_sigma, only_use_ints):
-    """The C kernel, with the bounds it can report for tests."""
+def compiled_sigma_clip(diffs, shape, n_sigma, only_use_ints, groupdq=None):
+    """The C kernel through the step's wrapper: the JUMP_DET it sets in a groupdq band
+    view (clean unless given) and the bounds it can report for tests."""
     nints, ngroups, nrows, ncols = shape
     rows = nrows * ncols * ((ngroups - 1) if only_use_ints else 1)
-    mask = np.empty((nints, ngroups - 1, nrows, ncols), dtype=bool)
+    if groupdq is None:
+        parent = np.zeros((nints, ngroups + 1, nrows + 2, ncols + 3), np.uint8)
+        groupdq = parent[:, 1:, 1:-1, 2:-1]  # a view with the engine's kind of strides
     bounds = np.empty((rows, 2))
-    assert jump._c_sigma_clip(ptr(diffs), nrows * ncols, nints, ngroups - 1, only_use_ints,
-                              n_sigma, ROUNDS, ptr(mask), ptr(bounds)) == 0
-    return mask, bounds
+    jump._sigma_clip_flag(diffs, groupdq, n_sigma, only_use_ints, bounds)
+    return (groupdq[:, 1:] & JUMP_DET) != 0, bounds
 
 
 def random_diffs(rng, nints, ndiffs, npix, kind):
@@ -113,9 +115,24 @@ def test_compiled_clip_matches_numpy_bit_for_bit(nints, ngroups, kind, only_use_
         finite = ~np.isnan(bounds)
         np.testing.assert_array_equal(bounds[finite].view(np.int64),
                                       expected_bounds[finite].view(np.int64))
-        # and the step's wrapper is that kernel
-        np.testing.assert_array_equal(
-            jump._sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints), expected)
+
+
+@pytest.mark.parametrize("only_use_ints", [True, False])
+def test_clip_flags_only_usable_groups_and_keeps_other_bits(only_use_ints):
+    rng = np.random.default_rng(7)
+    nints, ngroups, nrows, ncols = 120, 4, 2, 3
+    shape = (nints, ngroups, nrows, ncols)
+    diffs = random_diffs(rng, nints, ngroups - 1, nrows * ncols, "outliers")
+    groupdq = rng.choice(np.array([0, 0, 0, SATURATED, DO_NOT_USE, 2, 128], np.uint8), shape)
+    before = groupdq.copy()
+    clipped, _ = numpy_sigma_clip(diffs, shape, 2.0, only_use_ints)
+    assert clipped.any()
+    compiled_sigma_clip(diffs, shape, 2.0, only_use_ints, groupdq)
+    expected = before.copy()
+    usable = (before[:, 1:] & (SATURATED | DO_NOT_USE)) == 0
+    expected[:, 1:][clipped & usable] |= JUMP_DET
+    np.testing.assert_array_equal(groupdq, expected)
+    assert (clipped & ~usable).any()  # some clipped differences were left unflagged
 
 
 def numpy_flagged_everywhere(groupdq):

@@ -1,4 +1,4 @@
-/* Jump detection's sigma-clip search (streamdet/plugins/jump.py, _sigma_clip_outliers):
+/* Jump detection's sigma-clip search (streamdet/plugins/jump.py, _sigma_clip_flag):
  * the iterated median / population-std clip that stcal runs through astropy's sigma_clip
  * when an exposure has many integrations.
  *
@@ -130,12 +130,12 @@ static double median(double *a, int64_t n)
     return (a[low] + upper) * 0.5;
 }
 
-/* One row of n values: marks out[i * out_stride] = 1 for finite values outside the
- * bounds of the last clipping round, 0 otherwise.  values, sq, work: n doubles each,
- * keep, usable: n bytes each (scratch). */
+/* One row of n values: rejected[i] = 1 for finite values outside the bounds of the last
+ * clipping round, 0 otherwise.  values, sq, work: n doubles each, keep, usable: n bytes
+ * each (scratch). */
 static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_sigma,
                      int64_t rounds, double *values, double *sq, double *work,
-                     unsigned char *keep, unsigned char *usable, uint8_t *out, int64_t out_stride,
+                     unsigned char *keep, unsigned char *usable, uint8_t *rejected,
                      double *bounds)
 {
     int64_t n_kept = 0;
@@ -169,45 +169,60 @@ static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_s
         n_kept = n_now;
     }
     for (int64_t i = 0; i < n; i++)
-        out[i * out_stride] = usable[i] && (values[i] < low || values[i] > high);
+        rejected[i] = usable[i] && (values[i] < low || values[i] > high);
     if (bounds) {
         bounds[0] = low;
         bounds[1] = high;
     }
 }
 
-/* diffs: pixel-major float32 differences [npix, nints * ndiffs] (as jump's
- * _pixel_major_differences lays them out, NaN where unusable).  out: uint8 [nints,
- * ndiffs, npix], 1 where a usable difference is clipped.  Clipped per (pixel,
- * difference) across the integrations when only_use_ints, else per pixel across all its
- * differences.  bounds (may be NULL; for the tests): float64 [rows, 2], each clipped
- * row's last (low, high), rows ordered difference-major ([ndiffs, npix]) when
- * only_use_ints.  Returns 0, or -1 when scratch memory is not available. */
-int64_t jump_sigma_clip(const float *diffs, int64_t npix, int64_t nints, int64_t ndiffs,
-                        int64_t only_use_ints, double n_sigma, int64_t rounds, uint8_t *out,
-                        double *bounds)
+/* diffs: pixel-major float32 differences [npix, nints * ndiffs] of a block of nrows x
+ * ncols pixels (as jump's _pixel_major_differences lays them out, NaN where unusable).
+ * Clipped per (pixel, difference) across the integrations when only_use_ints, else per
+ * pixel across all its differences; the bit jump_flag is set in groupdq (uint8 [nints,
+ * ngroups, nrows, ncols], element strides for the first three axes, contiguous columns)
+ * on group d + 1 of every clipped difference d unless that group has one of the bits
+ * unusable.  bounds (may be NULL; for the tests): float64 [rows, 2], each clipped row's
+ * last (low, high), rows ordered difference-major ([ndiffs, npix]) when only_use_ints.
+ * Returns 0, or -1 when scratch memory is not available. */
+int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_t nints,
+                        int64_t ndiffs, int64_t only_use_ints, double n_sigma, int64_t rounds,
+                        uint8_t *groupdq, int64_t s_int, int64_t s_group, int64_t s_row,
+                        int64_t jump_flag, int64_t unusable, double *bounds)
 {
+    const int64_t npix = nrows * ncols;
     const int64_t width = nints * ndiffs;
     const int64_t n = only_use_ints ? nints : width;
+    const uint8_t jump = (uint8_t)jump_flag, skip = (uint8_t)unusable;
     double *buffers = malloc(sizeof(double) * 3 * (size_t)(n > 0 ? n : 1));
-    unsigned char *flags = malloc(2 * (size_t)(n > 0 ? n : 1));
+    unsigned char *flags = malloc(3 * (size_t)(n > 0 ? n : 1));
     if (!buffers || !flags) {
         free(buffers);
         free(flags);
         return -1;
     }
     double *values = buffers, *sq = buffers + n, *work = buffers + 2 * n;
-    unsigned char *keep = flags, *usable = flags + n;
+    unsigned char *keep = flags, *usable = flags + n, *rejected = flags + 2 * n;
     for (int64_t p = 0; p < npix; p++) {
         const float *row = diffs + p * width;
+        uint8_t *pixel = groupdq + (p / ncols) * s_row + p % ncols + s_group;  /* group 1 */
         if (only_use_ints) {
-            for (int64_t d = 0; d < ndiffs; d++)
+            for (int64_t d = 0; d < ndiffs; d++) {
                 clip_row(row + d, ndiffs, n, n_sigma, rounds, values, sq, work, keep, usable,
-                         out + d * npix + p, ndiffs * npix,
-                         bounds ? bounds + 2 * (d * npix + p) : NULL);
+                         rejected, bounds ? bounds + 2 * (d * npix + p) : NULL);
+                uint8_t *q = pixel + d * s_group;
+                for (int64_t i = 0; i < n; i++)
+                    if (rejected[i] && !(q[i * s_int] & skip))
+                        q[i * s_int] |= jump;
+            }
         } else {
-            clip_row(row, 1, n, n_sigma, rounds, values, sq, work, keep, usable, out + p, npix,
+            clip_row(row, 1, n, n_sigma, rounds, values, sq, work, keep, usable, rejected,
                      bounds ? bounds + 2 * p : NULL);
+            for (int64_t k = 0; k < n; k++) {
+                uint8_t *q = pixel + (k / ndiffs) * s_int + (k % ndiffs) * s_group;
+                if (rejected[k] && !(*q & skip))
+                    *q |= jump;
+            }
         }
     }
     free(buffers);

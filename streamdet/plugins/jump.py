@@ -109,7 +109,7 @@ _c_scan = declare("jump", "jump_scan", "ppi" "piii" "piii" "pi" "iiii" "fdd" "id
                   "ppiii" "dd" "ip" "piiii" "p")
 _c_settle = declare("jump", "jump_settle", "piiiiiiip", "i")
 _c_flag_neighbours = declare("jump", "jump_flag_neighbours", "piiiiiiipi")
-_c_sigma_clip = declare("jump_sigclip", "jump_sigma_clip", "piiiidipp", "i")
+_c_sigma_clip = declare("jump_sigclip", "jump_sigma_clip", "piiiiidipiiiiip", "i")
 _c_flagged_everywhere = declare("jump_sigclip", "jump_flagged_everywhere", "piiiiiiipip")
 
 # stcal's value for the count of primary cosmic rays when it gives up on an exposure
@@ -317,13 +317,11 @@ def detect_jumps(
         if mode != "single":
             if mode == "iterative":
                 hits = _iterative_search(diffs, block[0].shape, noise_floor[rows, cols], thresholds)
+                later_dq = block[1][:, 1:]
+                np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
+                del hits
             else:
-                hits = _sigma_clip_outliers(diffs, block[0].shape, float(rejection_threshold),
-                                            only_use_ints)
-                hits &= (block[1][:, 1:] & _UNUSABLE) == 0
-            later_dq = block[1][:, 1:]
-            np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
-            del hits
+                _sigma_clip_flag(diffs, block[1], float(rejection_threshold), only_use_ints)
         diffs.sort(axis=1)
         median = sorted_row_medians(diffs, n_valid)
         del diffs
@@ -497,17 +495,17 @@ def _iterative_search(diffs, shape, noise_floor, thresholds):
     return np.ascontiguousarray(found.T).reshape(nints, ndiffs, nrows, ncols)
 
 
-def _sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints):
-    """Mask [nints, ndiffs, rows, cols] of differences rejected by an iterated median/std
-    clip (usable ones only), from the pixel-major differences of ramps of ``shape``
-    (the clip is C: streamdet/_ckernels/jump_sigclip.c)."""
-    nints, ngroups, nrows, ncols = shape
+def _sigma_clip_flag(diffs, groupdq, n_sigma, only_use_ints, bounds=None):
+    """Flag JUMP_DET in a block's ``groupdq`` [nints, ngroups, rows, cols] where an
+    iterated median/std clip rejects a usable difference (not on SATURATED or DO_NOT_USE
+    groups), from the block's pixel-major differences.  C: jump_sigclip.c, which also
+    explains ``bounds`` (for the tests)."""
+    nints, ngroups, nrows, ncols = groupdq.shape
     diffs = np.ascontiguousarray(diffs, dtype=np.float32)
-    rejected = np.empty((nints, ngroups - 1, nrows, ncols), dtype=bool)
-    if _c_sigma_clip(ptr(diffs), nrows * ncols, nints, ngroups - 1,
-                     bool(only_use_ints), float(n_sigma), _SIGCLIP_ROUNDS, ptr(rejected), None):
+    if _c_sigma_clip(ptr(diffs), nrows, ncols, nints, ngroups - 1, bool(only_use_ints),
+                     float(n_sigma), _SIGCLIP_ROUNDS, ptr(groupdq), *_row_strides(groupdq),
+                     int(_JUMP), int(_UNUSABLE), None if bounds is None else ptr(bounds)):
         raise MemoryError("no scratch memory for the jump step's sigma clip")
-    return rejected
 
 
 def _flagged_everywhere(groupdq, rows_used=None):
