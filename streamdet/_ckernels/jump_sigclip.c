@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* numpy's pairwise summation of n contiguous doubles */
 static double pairwise_sum(const double *a, int64_t n)
@@ -56,101 +57,82 @@ static double masked_sum(const double *x, const unsigned char *keep, int64_t n)
     return total;
 }
 
-static void swap(double *a, double *b)
+/* float32 bits mapped to unsigned keys in the order of the values (no NaN) */
+static uint32_t sort_key(float v)
 {
-    const double t = *a;
-    *a = *b;
-    *b = t;
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
 }
 
-/* Rearrange a[0..n) so that a[k] is the value sorted order puts there, smaller-or-equal
- * values before it and larger-or-equal after (no NaN in a).  The partition is
- * branch-free (Lomuto with unconditional swaps, then a pass gathering the pivot's ties):
- * on noise-like data a branching one spends most of its time in mispredicted
- * comparisons. */
-static void select_nth(double *a, int64_t n, int64_t k)
+static float key_value(uint32_t key)
 {
-    int64_t lo = 0, hi = n - 1;
-    while (hi - lo > 16) {
-        /* median of three as pivot, moved to hi */
-        const int64_t mid = lo + (hi - lo) / 2;
-        if (a[mid] < a[lo]) swap(&a[mid], &a[lo]);
-        if (a[hi] < a[lo]) swap(&a[hi], &a[lo]);
-        if (a[hi] < a[mid]) swap(&a[hi], &a[mid]);
-        swap(&a[mid], &a[hi]);
-        const double pivot = a[hi];
-        int64_t store = lo;
-        for (int64_t i = lo; i < hi; i++) {
-            const double v = a[i];
-            a[i] = a[store];
-            a[store] = v;
-            store += v < pivot;
-        }
-        /* then the values equal to the pivot, so that ties cannot make this quadratic */
-        int64_t equal_end = store;
-        for (int64_t i = store; i < hi; i++) {
-            const double v = a[i];
-            a[i] = a[equal_end];
-            a[equal_end] = v;
-            equal_end += v <= pivot;
-        }
-        swap(&a[equal_end], &a[hi]);
-        if (k < store)
-            hi = store - 1;
-        else if (k > equal_end)
-            lo = equal_end + 1;
-        else
-            return;
-    }
-    for (int64_t i = lo + 1; i <= hi; i++) {  /* insertion sort of the short rest */
-        const double v = a[i];
-        int64_t j = i - 1;
-        while (j >= lo && a[j] > v) {
-            a[j + 1] = a[j];
-            j--;
-        }
-        a[j + 1] = v;
-    }
+    const uint32_t bits = key & 0x80000000u ? key & 0x7fffffffu : ~key;
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
 }
 
-/* median of n > 0 values (scrambles them): mean of the two middle ones, as
- * sorted_row_medians takes it */
-static double median(double *a, int64_t n)
+/* Sort n keys ascending (LSD radix, 8 bits a pass; a pass whose digit is the same for
+ * all keys is skipped): no comparisons, hence no mispredicted branches, which dominate
+ * a comparison sort or selection on noise-like data.  other: n keys of scratch; returns
+ * the array that holds the result (keys or other). */
+static uint32_t *radix_sort(uint32_t *keys, uint32_t *other, int64_t n)
 {
-    const int64_t low = (n - 1) / 2, high = n / 2;
-    select_nth(a, n, low);
-    double upper = a[low];
-    if (high != low) {
-        /* the smallest value above position low */
-        upper = a[high];
-        for (int64_t i = high + 1; i < n; i++)
-            if (a[i] < upper)
-                upper = a[i];
+    int32_t count[4][256] = {{0}};  /* n < 2^31: a row is one pixel's differences */
+    for (int64_t i = 0; i < n; i++)
+        for (int b = 0; b < 4; b++)
+            count[b][(keys[i] >> (8 * b)) & 0xffu]++;
+    for (int b = 0; b < 4; b++) {
+        if (n == 0 || count[b][(keys[0] >> (8 * b)) & 0xffu] == n)
+            continue;
+        int32_t start = 0;
+        for (int d = 0; d < 256; d++) {
+            const int32_t c = count[b][d];
+            count[b][d] = start;
+            start += c;
+        }
+        for (int64_t i = 0; i < n; i++)
+            other[count[b][(keys[i] >> (8 * b)) & 0xffu]++] = keys[i];
+        uint32_t *t = keys;
+        keys = other;
+        other = t;
     }
-    return (a[low] + upper) * 0.5;
+    return keys;
 }
 
 /* One row of n values: rejected[i] = 1 for finite values outside the bounds of the last
- * clipping round, 0 otherwise.  values, sq, work: n doubles each, keep, usable: n bytes
- * each (scratch). */
+ * clipping round, 0 otherwise.  values, sq, sorted: n doubles each; keys: 2n uint32;
+ * keep, usable: n bytes each (scratch).
+ *
+ * The usable values are sorted once: a round keeps the values within its bounds, so the
+ * kept ones are always a contiguous stretch [a, b) of the sorted values and hold the
+ * values from sorted[a] to sorted[b - 1], whatever their order in the row. */
 static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_sigma,
-                     int64_t rounds, double *values, double *sq, double *work,
-                     unsigned char *keep, unsigned char *usable, uint8_t *rejected,
-                     double *bounds)
+                     int64_t rounds, double *values, double *sq, double *sorted,
+                     uint32_t *keys, unsigned char *keep, unsigned char *usable,
+                     uint8_t *rejected, double *bounds)
 {
-    int64_t n_kept = 0;
+    int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
-        values[i] = (double)src[i * src_stride];
-        usable[i] = keep[i] = isfinite(values[i]) != 0;
-        n_kept += keep[i];
+        const float v = src[i * src_stride];
+        values[i] = (double)v;
+        usable[i] = isfinite(v) != 0;
+        if (usable[i])
+            keys[m++] = sort_key(v);
     }
+    const uint32_t *ordered = radix_sort(keys, keys + n, m);
+    for (int64_t j = 0; j < m; j++)
+        sorted[j] = (double)key_value(ordered[j]);
+    int64_t a = 0, b = m;
     double low = NAN, high = NAN;
-    for (int64_t round = 0; round < rounds && n_kept > 0; round++) {
-        int64_t m = 0;
+    for (int64_t round = 0; round < rounds && b > a; round++) {
+        const int64_t n_kept = b - a;
+        /* the mean of the two middle kept values, as sorted_row_medians takes it */
+        const double centre = (sorted[a + (n_kept - 1) / 2] + sorted[a + n_kept / 2]) * 0.5;
+        const double first = sorted[a], last = sorted[b - 1];
         for (int64_t i = 0; i < n; i++)
-            if (keep[i])
-                work[m++] = values[i];
-        const double centre = median(work, m);
+            keep[i] = values[i] >= first && values[i] <= last;
         const double mean = masked_sum(values, keep, n) / (double)n_kept;
         for (int64_t i = 0; i < n; i++) {
             const double d = values[i] - mean;
@@ -159,14 +141,12 @@ static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_s
         const double std = sqrt(masked_sum(sq, keep, n) / (double)n_kept);
         low = centre - n_sigma * std;
         high = centre + n_sigma * std;
-        int64_t n_now = 0;
-        for (int64_t i = 0; i < n; i++) {
-            keep[i] = keep[i] && values[i] >= low && values[i] <= high;
-            n_now += keep[i];
-        }
-        if (n_now == n_kept)
+        while (a < b && !(sorted[a] >= low))
+            a++;
+        while (b > a && !(sorted[b - 1] <= high))
+            b--;
+        if (b - a == n_kept)
             break;
-        n_kept = n_now;
     }
     for (int64_t i = 0; i < n; i++)
         rejected[i] = usable[i] && (values[i] < low || values[i] > high);
@@ -196,19 +176,21 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
     const uint8_t jump = (uint8_t)jump_flag, skip = (uint8_t)unusable;
     double *buffers = malloc(sizeof(double) * 3 * (size_t)(n > 0 ? n : 1));
     unsigned char *flags = malloc(3 * (size_t)(n > 0 ? n : 1));
-    if (!buffers || !flags) {
+    uint32_t *keys = malloc(sizeof(uint32_t) * 2 * (size_t)(n > 0 ? n : 1));
+    if (!buffers || !flags || !keys) {
         free(buffers);
         free(flags);
+        free(keys);
         return -1;
     }
-    double *values = buffers, *sq = buffers + n, *work = buffers + 2 * n;
+    double *values = buffers, *sq = buffers + n, *sorted = buffers + 2 * n;
     unsigned char *keep = flags, *usable = flags + n, *rejected = flags + 2 * n;
     for (int64_t p = 0; p < npix; p++) {
         const float *row = diffs + p * width;
         uint8_t *pixel = groupdq + (p / ncols) * s_row + p % ncols + s_group;  /* group 1 */
         if (only_use_ints) {
             for (int64_t d = 0; d < ndiffs; d++) {
-                clip_row(row + d, ndiffs, n, n_sigma, rounds, values, sq, work, keep, usable,
+                clip_row(row + d, ndiffs, n, n_sigma, rounds, values, sq, sorted, keys, keep, usable,
                          rejected, bounds ? bounds + 2 * (d * npix + p) : NULL);
                 uint8_t *q = pixel + d * s_group;
                 for (int64_t i = 0; i < n; i++)
@@ -216,7 +198,7 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
                         q[i * s_int] |= jump;
             }
         } else {
-            clip_row(row, 1, n, n_sigma, rounds, values, sq, work, keep, usable, rejected,
+            clip_row(row, 1, n, n_sigma, rounds, values, sq, sorted, keys, keep, usable, rejected,
                      bounds ? bounds + 2 * p : NULL);
             for (int64_t k = 0; k < n; k++) {
                 uint8_t *q = pixel + (k / ndiffs) * s_int + (k % ndiffs) * s_group;
@@ -227,6 +209,7 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
     }
     free(buffers);
     free(flags);
+    free(keys);
     return 0;
 }
 
