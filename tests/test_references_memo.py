@@ -61,7 +61,8 @@ def test_changed_rules_reference_or_environment_ask_crds_again(sim, tmp_path):
     mappings = Path(sim.env["CRDS_PATH"]) / "mappings" / "jwst"
     gain_rules = next(mappings.glob("*_miri_gain_*.rmap"))
     gain_file = Path(first["paths"]["gain"])
-    for changed in (gain_rules, gain_file, mappings / sim.env["CRDS_CONTEXT"]):
+    server_config = Path(sim.env["CRDS_PATH"]) / "config" / "jwst" / "server_config"
+    for changed in (gain_rules, gain_file, mappings / sim.env["CRDS_CONTEXT"], server_config):
         st = changed.stat()
         os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         again = lookup(sim, memo)

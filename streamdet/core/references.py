@@ -202,8 +202,9 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str], params: dict | None = No
 # (STREAMDET_CRDS_MEMO, default ~/.cache/streamdet/crds_lookups.json; "off" disables it)
 # and used again while everything they depend on is unchanged: every CRDS_* variable and
 # the crds version are part of the key, and a hit is only taken when the cache's
-# configuration, its mappings directory, the context's pmap, imaps and MIRI rmaps and the
-# selected reference files still have the size, inode and modification time they had.
+# configuration files (config/jwst: the context, the bad-files list), its mappings
+# directory, the context's pmap, imaps and MIRI rmaps and the selected reference files
+# still have the size, inode and modification time they had.
 # Failures are never remembered.
 
 _MEMO_ENTRIES = 64
@@ -241,7 +242,8 @@ def _watched_files(context: str | None, answer) -> list[str]:
     """The files whose change must invalidate a remembered answer."""
     root = Path(os.environ["CRDS_PATH"])
     mappings = root / "mappings" / "jwst"
-    files = [root / "config" / "jwst" / "server_config", mappings]
+    config = root / "config" / "jwst"  # server_config (the context), bad_files.txt, ...
+    files = [config, mappings, *sorted(config.glob("*"))]
     if context and context.endswith(".pmap"):
         pmap = mappings / context
         files.append(pmap)
