@@ -11,7 +11,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 /* numpy's pairwise summation of n contiguous doubles */
 static double pairwise_sum(const double *a, int64_t n)
@@ -131,106 +130,29 @@ static double median(double *a, int64_t n)
     return (a[low] + upper) * 0.5;
 }
 
-/* float32 bits mapped to unsigned keys in the order of the values (no NaN) */
-static uint32_t sort_key(float v)
-{
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
-}
-
-static float key_value(uint32_t key)
-{
-    const uint32_t bits = key & 0x80000000u ? key & 0x7fffffffu : ~key;
-    float v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
-/* Sort n keys ascending (LSD radix, 8 bits a pass; a pass whose digit is the same for
- * all keys is skipped): no comparisons, hence no mispredicted branches, which dominate
- * a comparison sort or selection on noise-like data.  other: n keys of scratch; returns
- * the array that holds the result (keys or other). */
-static uint32_t *radix_sort(uint32_t *keys, uint32_t *other, int64_t n)
-{
-    int32_t count[4][256] = {{0}};  /* n < 2^31: a row is one pixel's differences */
-    for (int64_t i = 0; i < n; i++)
-        for (int b = 0; b < 4; b++)
-            count[b][(keys[i] >> (8 * b)) & 0xffu]++;
-    for (int b = 0; b < 4; b++) {
-        if (n == 0 || count[b][(keys[0] >> (8 * b)) & 0xffu] == n)
-            continue;
-        int32_t start = 0;
-        for (int d = 0; d < 256; d++) {
-            const int32_t c = count[b][d];
-            count[b][d] = start;
-            start += c;
-        }
-        for (int64_t i = 0; i < n; i++)
-            other[count[b][(keys[i] >> (8 * b)) & 0xffu]++] = keys[i];
-        uint32_t *t = keys;
-        keys = other;
-        other = t;
-    }
-    return keys;
-}
-
-/* Rows at least this long are sorted once (radix) and every round's median read from
- * the sorted values; shorter ones select the median each round, which costs less than
- * the radix sort's fixed 4 x 256 counters there (measured on MIRI ramps: 100
- * integrations select, 500 sort). */
-#define SORT_ONCE_FROM 256
-
 /* One row of n values: rejected[i] = 1 for finite values outside the bounds of the last
- * clipping round, 0 otherwise.  values, sq, sorted: n doubles each; keys: 2n uint32;
- * keep, usable: n bytes each (scratch).
- *
- * Sorted once, the kept values of every round are a contiguous stretch [a, b) of the
- * sorted usable values (a round keeps the values within its bounds), holding the values
- * from sorted[a] to sorted[b - 1] whatever their order in the row. */
+ * clipping round, 0 otherwise.  values, sq, work: n doubles each, keep, usable: n bytes
+ * each (scratch). */
 static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_sigma,
-                     int64_t rounds, double *values, double *sq, double *sorted,
-                     uint32_t *keys, unsigned char *keep, unsigned char *usable,
-                     uint8_t *rejected, double *bounds)
+                     int64_t rounds, double *values, double *sq, double *work,
+                     unsigned char *keep, unsigned char *usable, uint8_t *rejected,
+                     double *bounds)
 {
-    const int sort_once = n >= SORT_ONCE_FROM;
-    int64_t m = 0;
+    int64_t n_kept = 0;
     for (int64_t i = 0; i < n; i++) {
-        const float v = src[i * src_stride];
-        values[i] = (double)v;
-        usable[i] = keep[i] = isfinite(v) != 0;
-        if (sort_once && usable[i])
-            keys[m++] = sort_key(v);
-        else
-            m += usable[i];
+        values[i] = (double)src[i * src_stride];
+        usable[i] = keep[i] = isfinite(values[i]) != 0;
+        n_kept += keep[i];
     }
-    if (sort_once) {
-        const uint32_t *ordered = radix_sort(keys, keys + n, m);
-        for (int64_t j = 0; j < m; j++)
-            sorted[j] = (double)key_value(ordered[j]);
-    }
-    int64_t a = 0, b = m, n_kept = m;
     double low = NAN, high = NAN;
     for (int64_t round = 0; round < rounds && n_kept > 0; round++) {
-        /* the median: the mean of the two middle kept values in sorted order, as
-         * sorted_row_medians takes it */
-        double centre;
-        if (sort_once) {
-            centre = (sorted[a + (n_kept - 1) / 2] + sorted[a + n_kept / 2]) * 0.5;
-        } else {
-            int64_t k = 0;
-            for (int64_t i = 0; i < n; i++)
-                if (keep[i])
-                    sorted[k++] = values[i];
-            centre = median(sorted, k);
-        }
-        /* every value kept (the usual first round): one run, no mask to build */
+        int64_t m = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (keep[i])
+                work[m++] = values[i];
+        const double centre = median(work, m);
+        /* every value kept (the usual first round): one run */
         const int all_kept = n_kept == n;
-        if (!all_kept && sort_once) {
-            const double first = sorted[a], last = sorted[b - 1];
-            for (int64_t i = 0; i < n; i++)
-                keep[i] = values[i] >= first && values[i] <= last;
-        }
         const double mean = (all_kept ? 0. + pairwise_sum(values, n) : masked_sum(values, keep, n))
                             / (double)n_kept;
         for (int64_t i = 0; i < n; i++) {
@@ -241,19 +163,10 @@ static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_s
                                 / (double)n_kept);
         low = centre - n_sigma * std;
         high = centre + n_sigma * std;
-        int64_t n_now;
-        if (sort_once) {
-            while (a < b && !(sorted[a] >= low))
-                a++;
-            while (b > a && !(sorted[b - 1] <= high))
-                b--;
-            n_now = b - a;
-        } else {
-            n_now = 0;
-            for (int64_t i = 0; i < n; i++) {
-                keep[i] = keep[i] && values[i] >= low && values[i] <= high;
-                n_now += keep[i];
-            }
+        int64_t n_now = 0;
+        for (int64_t i = 0; i < n; i++) {
+            keep[i] = keep[i] && values[i] >= low && values[i] <= high;
+            n_now += keep[i];
         }
         if (n_now == n_kept)
             break;
@@ -287,21 +200,19 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
     const uint8_t jump = (uint8_t)jump_flag, skip = (uint8_t)unusable;
     double *buffers = malloc(sizeof(double) * 3 * (size_t)(n > 0 ? n : 1));
     unsigned char *flags = malloc(3 * (size_t)(n > 0 ? n : 1));
-    uint32_t *keys = malloc(sizeof(uint32_t) * 2 * (size_t)(n > 0 ? n : 1));
-    if (!buffers || !flags || !keys) {
+    if (!buffers || !flags) {
         free(buffers);
         free(flags);
-        free(keys);
         return -1;
     }
-    double *values = buffers, *sq = buffers + n, *sorted = buffers + 2 * n;
+    double *values = buffers, *sq = buffers + n, *work = buffers + 2 * n;
     unsigned char *keep = flags, *usable = flags + n, *rejected = flags + 2 * n;
     for (int64_t p = 0; p < npix; p++) {
         const float *row = diffs + p * width;
         uint8_t *pixel = groupdq + (p / ncols) * s_row + p % ncols + s_group;  /* group 1 */
         if (only_use_ints) {
             for (int64_t d = 0; d < ndiffs; d++) {
-                clip_row(row + d, ndiffs, n, n_sigma, rounds, values, sq, sorted, keys, keep, usable,
+                clip_row(row + d, ndiffs, n, n_sigma, rounds, values, sq, work, keep, usable,
                          rejected, bounds ? bounds + 2 * (d * npix + p) : NULL);
                 uint8_t *q = pixel + d * s_group;
                 for (int64_t i = 0; i < n; i++)
@@ -309,7 +220,7 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
                         q[i * s_int] |= jump;
             }
         } else {
-            clip_row(row, 1, n, n_sigma, rounds, values, sq, sorted, keys, keep, usable, rejected,
+            clip_row(row, 1, n, n_sigma, rounds, values, sq, work, keep, usable, rejected,
                      bounds ? bounds + 2 * p : NULL);
             for (int64_t k = 0; k < n; k++) {
                 uint8_t *q = pixel + (k / ndiffs) * s_int + (k % ndiffs) * s_group;
@@ -320,7 +231,6 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
     }
     free(buffers);
     free(flags);
-    free(keys);
     return 0;
 }
 
