@@ -11,7 +11,13 @@ Reference arrays are memory-mapped and cut to the exposure's subarray on demand.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
+import json
 import os
+import re
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -65,12 +71,16 @@ class Resolved:
 _last_crds_path: str | None = None
 
 
+def _apply_crds_defaults() -> None:
+    for key, value in _CRDS_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def _crds():
     """Import crds configured for offline use; clear its per-process caches when the
     cache directory changed since the last call (crds caches mappings by name)."""
     global _last_crds_path
-    for key, value in _CRDS_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    _apply_crds_defaults()
     import crds  # noqa: PLC0415 - heavy, imported only when CRDS is really consulted
 
     current = os.environ.get("CRDS_PATH")
@@ -92,6 +102,12 @@ def crds_context() -> str | None:
     """The CRDS context in effect, or None when CRDS is not configured."""
     if "CRDS_PATH" not in os.environ:
         return None
+    if os.environ.get("CRDS_CONTEXT"):
+        return os.environ["CRDS_CONTEXT"]
+    return _remembered("context", {}, [], _crds_context)
+
+
+def _crds_context() -> str | None:
     try:
         from crds.core import heavy_client  # noqa: PLC0415
 
@@ -103,7 +119,7 @@ def crds_context() -> str | None:
 
 def crds_version() -> str:
     try:
-        return _crds().__version__
+        return importlib.metadata.version("crds")
     except Exception:
         return "unknown"
 
@@ -152,19 +168,19 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str], params: dict | None = No
         raise ReferenceError_(
             f"{where}: no reference for {', '.join(reftypes)}: set CRDS_PATH to a CRDS cache "
             "(streamdet simulate makes one) or pass --override REFTYPE=PATH")
-    crds = _crds()
     params = crds_parameters(meta.header) if params is None else params
     try:
         # the context is passed explicitly: crds caches the first CRDS_CONTEXT it sees
-        best = crds.getreferences(params, reftypes=list(reftypes), observatory="jwst",
-                                  context=os.environ.get("CRDS_CONTEXT"))
+        best = _remembered("getreferences", params, reftypes, lambda: _crds().getreferences(
+            params, reftypes=list(reftypes), observatory="jwst",
+            context=os.environ.get("CRDS_CONTEXT")))
     except SystemExit:  # crds exits when it has neither a cache configuration nor a server
         raise _unusable_cache(where) from None
     except Exception as exc:
         module = missing_module(exc)
         if module is not None:  # crds reports a broken installation as a lookup failure
             raise MissingModuleError(module, needed_by="crds' JWST rules") from None
-        _missing_from_cache(crds, meta, params, reftypes)
+        _missing_from_cache(_crds(), meta, params, reftypes)
         message = " ".join(str(exc).split())
         bad = next((r for r in reftypes if r.upper() in message.upper()), None)
         what = f"reference type {bad!r}" if bad else f"reference types {', '.join(reftypes)}"
@@ -180,6 +196,119 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str], params: dict | None = No
             raise ReferenceError_(f"{where}: CRDS found no reference type {reftype!r}: {value}")
         out[reftype] = Resolved(reftype, value, "crds", context)
     return out
+
+
+# --- CRDS answers remembered across processes ---------------------------------------------
+#
+# Importing crds' JWST lookup costs more than a small exposure's whole processing (it pulls
+# in large parts of astropy and asdf). Its answers depend only on the selectors, the
+# context, the cache's rules and the crds version, so they are kept in a small JSON file
+# (STREAMDET_CRDS_MEMO, default ~/.cache/streamdet/crds_lookups.json; "off" disables it)
+# and used again while everything they depend on is unchanged: every CRDS_* variable and
+# the crds version are part of the key, and a hit is only taken when the cache's
+# configuration files (config/jwst: the context, the bad-files list), its mappings
+# directory, the context's pmap, imaps and MIRI rmaps and the selected reference files
+# still have the size, inode and modification time they had.
+# Failures are never remembered.
+
+_MEMO_ENTRIES = 64
+_QUOTED = re.compile(r"'([A-Za-z0-9_.-]+)'")
+#: layouts the file checks below cannot follow: crds alone is asked then
+_UNFOLLOWED_CRDS_VARIABLES = ("CRDS_MAPPATH", "CRDS_REFPATH", "CRDS_CFGPATH", "CRDS_CONFIG_URI")
+_memo_lock = threading.Lock()
+
+
+def _memo_file() -> Path | None:
+    chosen = os.environ.get("STREAMDET_CRDS_MEMO")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "streamdet" / "crds_lookups.json"
+
+
+def _file_state(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+def _mapping_names(path: Path, pattern: str) -> list[str]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return sorted({name for name in _QUOTED.findall(text) if name.endswith(pattern)})
+
+
+def _watched_files(context: str | None, answer) -> list[str]:
+    """The files whose change must invalidate a remembered answer."""
+    root = Path(os.environ["CRDS_PATH"])
+    mappings = root / "mappings" / "jwst"
+    config = root / "config" / "jwst"  # server_config (the context), bad_files.txt, ...
+    files = [config, mappings, *sorted(config.glob("*"))]
+    if context and context.endswith(".pmap"):
+        pmap = mappings / context
+        files.append(pmap)
+        for imap in _mapping_names(pmap, ".imap"):
+            files.append(mappings / imap)
+            if "_miri_" in imap:
+                files.extend(mappings / rmap for rmap in _mapping_names(mappings / imap, ".rmap"))
+    if isinstance(answer, dict):
+        files.extend(Path(v) for v in answer.values() if isinstance(v, str) and os.path.isabs(v))
+    return [str(f) for f in files]
+
+
+def _memo_key(kind: str, params: dict, reftypes: list[str]) -> str | None:
+    _apply_crds_defaults()  # as crds will see them
+    crds_env = {k: v for k, v in os.environ.items() if k.startswith("CRDS_")}
+    if "CRDS_PATH" not in crds_env or any(crds_env.get(k, "None") not in ("", "None")
+                                          for k in _UNFOLLOWED_CRDS_VARIABLES):
+        return None
+    blob = json.dumps([kind, sorted(params.items()), sorted(reftypes), sorted(crds_env.items()),
+                       crds_version()])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _memo_read(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _remembered(kind: str, params: dict, reftypes: list[str], ask):
+    """``ask()`` (a crds lookup), or its remembered answer while nothing it depends on
+    has changed."""
+    path = _memo_file()
+    key = _memo_key(kind, params, reftypes) if path is not None else None
+    if key is None:
+        return ask()
+    entry = _memo_read(path).get(key)
+    if (isinstance(entry, dict) and entry.get("files")
+            and all(_file_state(Path(f)) == state for f, state in entry["files"].items())):
+        return entry["answer"]
+    answer = ask()
+    context = answer if kind == "context" else crds_context()
+    files = {f: _file_state(Path(f)) for f in _watched_files(context, answer)}
+    with _memo_lock:
+        entries = _memo_read(path)
+        entries.pop(key, None)
+        entries[key] = {"answer": answer, "files": files}
+        for old in list(entries)[:-_MEMO_ENTRIES]:
+            del entries[old]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".crds_lookups.",
+                                             suffix=".tmp", delete=False) as out:
+                json.dump(entries, out)
+            os.replace(out.name, path)
+        except OSError:  # a read-only home: no memory, same answers
+            with contextlib.suppress(OSError, NameError):
+                os.unlink(out.name)
+    return answer
 
 
 @dataclass(frozen=True)
@@ -219,13 +348,13 @@ def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
 
     if "CRDS_PATH" not in os.environ:
         return []
-    crds = _crds()
     params = crds_parameters(meta.header)
     wanted = {jwstparams.pars_reftype(a): a for a in jwstparams.STEP_CLASSES}
     wanted[jwstparams.pars_reftype(None)] = None
     try:
-        chosen = crds.getrecommendations(params, reftypes=list(wanted), observatory="jwst",
-                                         context=os.environ.get("CRDS_CONTEXT"))
+        chosen = _remembered("getrecommendations", params, list(wanted), lambda: _crds().getrecommendations(
+            params, reftypes=list(wanted), observatory="jwst",
+            context=os.environ.get("CRDS_CONTEXT")))
     except SystemExit:
         raise _unusable_cache(meta.path) from None
     except Exception:  # the rules select nothing for this exposure: no parameters
@@ -236,8 +365,9 @@ def resolve_pars(meta: ExposureMeta) -> list[ParsReference]:
         # translates the FITS keywords, which costs a second, so only in this case)
         params = {**_whole_header(meta), **params}
         try:
-            chosen = crds.getrecommendations(params, reftypes=list(wanted), observatory="jwst",
-                                             context=os.environ.get("CRDS_CONTEXT"))
+            chosen = _remembered("getrecommendations", params, list(wanted), lambda: _crds().getrecommendations(
+                params, reftypes=list(wanted), observatory="jwst",
+                context=os.environ.get("CRDS_CONTEXT")))
         except Exception:
             return []
     found = [r for r in wanted if not str(chosen.get(r, "NOT FOUND")).upper().startswith("NOT FOUND")]

@@ -66,7 +66,8 @@ band's thread holds the GIL only between a few calls per block of rows: the diff
 and the significance scan (step 2), the single-pass flags (3), the count (4), the
 neighbour sources and flags (5), the after-jump candidates (6) and step 7.  The sort
 itself stays numpy's (its SIMD sort beats a C selection), as do the rarely run iterative
-and sigma-clip searches and the after-jump spreading.
+search and the after-jump spreading; the sigma-clip search is C too
+(``streamdet/_ckernels/jump_sigclip.c``).
 
 Banding
 -------
@@ -113,6 +114,8 @@ _c_scan = declare("jump", "jump_scan", "ppi" "piii" "piii" "pi" "iiii" "fdd" "id
                   "ppiii" "dd" "ip" "piiii" "p")
 _c_settle = declare("jump", "jump_settle", "piiiiiiip", "i")
 _c_flag_neighbours = declare("jump", "jump_flag_neighbours", "piiiiiiipi")
+_c_sigma_clip = declare("jump_sigclip", "jump_sigma_clip", "piiiiidipiiiiip", "i")
+_c_flagged_everywhere = declare("jump_sigclip", "jump_flagged_everywhere", "piiiiiiipip")
 
 # stcal's value for the count of primary cosmic rays when it gives up on an exposure
 SKIPPED_CR_COUNT = -99
@@ -320,13 +323,11 @@ def detect_jumps(
         if mode != "single":
             if mode == "iterative":
                 hits = _iterative_search(diffs, block[0].shape, noise_floor[rows, cols], thresholds)
+                later_dq = block[1][:, 1:]
+                np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
+                del hits
             else:
-                hits = _sigma_clip_outliers(diffs, block[0].shape, float(rejection_threshold),
-                                            only_use_ints)
-                hits &= (block[1][:, 1:] & _UNUSABLE) == 0
-            later_dq = block[1][:, 1:]
-            np.bitwise_or(later_dq, _JUMP, out=later_dq, where=hits)
-            del hits
+                _sigma_clip_flag(diffs, block[1], float(rejection_threshold), only_use_ints)
         diffs.sort(axis=1)
         median = sorted_row_medians(diffs, n_valid)
         del diffs
@@ -339,7 +340,7 @@ def detect_jumps(
 
     if mode == "sigclip":
         everywhere = _flagged_everywhere(groupdq)
-        counts.all_flagged_groups = _flagged_everywhere(groupdq[:, :, counted])
+        counts.all_flagged_groups = _flagged_everywhere(groupdq, counted)
         reset = everywhere if all_flagged_groups is None else np.asarray(all_flagged_groups, bool)
         for i, g in zip(*np.nonzero(reset)):
             plane = groupdq[i, g]
@@ -500,54 +501,31 @@ def _iterative_search(diffs, shape, noise_floor, thresholds):
     return np.ascontiguousarray(found.T).reshape(nints, ndiffs, nrows, ncols)
 
 
-def _sigma_clip_outliers(diffs, shape, n_sigma, only_use_ints):
-    """Mask [nints, ndiffs, rows, cols] of differences rejected by an iterated median/std
-    clip (usable ones only), from the pixel-major differences of ramps of ``shape``."""
-    nints, ngroups, nrows, ncols = shape
-    ndiffs = ngroups - 1
-    if only_use_ints:
-        # one row per (difference, pixel), over the integrations
-        per_int = diffs.reshape(nrows * ncols, nints, ndiffs).transpose(2, 0, 1)
-        samples = np.ascontiguousarray(per_int.reshape(ndiffs * nrows * ncols, nints),
-                                       dtype=np.float64)
-    else:
-        samples = diffs.astype(np.float64)
-    usable = np.isfinite(samples)
-    kept = usable.copy()
-    low = np.full(samples.shape[0], np.nan)
-    high = np.full(samples.shape[0], np.nan)
-    todo = np.arange(samples.shape[0])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for _ in range(_SIGCLIP_ROUNDS):
-            values = samples[todo]
-            keep = kept[todo]
-            n_kept = np.count_nonzero(keep, axis=1)
-            ordered = np.where(keep, values, np.nan)
-            ordered.sort(axis=1)
-            centre = sorted_row_medians(ordered, n_kept)
-            mean = np.sum(values, axis=1, where=keep) / n_kept
-            spread = values - mean[:, None]
-            spread *= spread
-            std = np.sqrt(np.sum(spread, axis=1, where=keep) / n_kept)
-            lo = centre - n_sigma * std
-            hi = centre + n_sigma * std
-            low[todo] = lo
-            high[todo] = hi
-            keep &= (values >= lo[:, None]) & (values <= hi[:, None])
-            kept[todo] = keep
-            n_now = np.count_nonzero(keep, axis=1)
-            todo = todo[(n_now != n_kept) & (n_now > 0)]
-            if not todo.size:
-                break
-        rejected = (samples < low[:, None]) | (samples > high[:, None])
-    rejected &= usable
-    return np.ascontiguousarray(rejected.T).reshape(nints, ndiffs, nrows, ncols)
+def _sigma_clip_flag(diffs, groupdq, n_sigma, only_use_ints, bounds=None):
+    """Flag JUMP_DET in a block's ``groupdq`` [nints, ngroups, rows, cols] where an
+    iterated median/std clip rejects a usable difference (not on SATURATED or DO_NOT_USE
+    groups), from the block's pixel-major differences.  C: jump_sigclip.c, which also
+    explains ``bounds`` (for the tests)."""
+    nints, ngroups, nrows, ncols = groupdq.shape
+    diffs = np.ascontiguousarray(diffs, dtype=np.float32)
+    if _c_sigma_clip(ptr(diffs), nrows, ncols, nints, ngroups - 1, bool(only_use_ints),
+                     float(n_sigma), _SIGCLIP_ROUNDS, ptr(groupdq), *_row_strides(groupdq),
+                     int(_JUMP), int(_UNUSABLE), None if bounds is None else ptr(bounds)):
+        raise MemoryError("no scratch memory for the jump step's sigma clip")
 
 
-def _flagged_everywhere(groupdq):
-    nints, ngroups = groupdq.shape[:2]
-    planes = groupdq.reshape(nints, ngroups, -1)
-    return np.all((planes & _JUMP_OR_DNU) != 0, axis=2)
+def _flagged_everywhere(groupdq, rows_used=None):
+    """Bool [nints, ngroups]: whether every pixel (of the rows where ``rows_used``, bool
+    per row, is True) is JUMP_DET or DO_NOT_USE (C: it stops at the first one that is
+    not, which is almost always the first pixel)."""
+    nints, ngroups, nrows, ncols = groupdq.shape
+    out = np.empty((nints, ngroups), dtype=bool)
+    if rows_used is not None:
+        rows_used = np.ascontiguousarray(rows_used, dtype=bool)
+    _c_flagged_everywhere(ptr(groupdq), *_row_strides(groupdq), nints, ngroups, nrows, ncols,
+                          None if rows_used is None else ptr(rows_used), int(_JUMP_OR_DNU),
+                          ptr(out))
+    return out
 
 
 def _flag_neighbours(groupdq, sources):

@@ -459,18 +459,21 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, op
     lossy = []
     # read-noise variances stay double until the CHARGELOSS pass is done with them
     ints_vr = np.empty((nints, npix))
+    # addresses that stay the same for every integration, taken once: with hundreds of
+    # integrations per chunk, taking them (which holds the GIL) was a tenth of the step
+    pixel_inputs = (ptr(rnoise), ptr(gain), ptr(dark), ptr(median_rate))
+    exposure_sums = (ptr(sum_inv_p), ptr(sum_inv_r), ptr(sum_num), _out(rate_dq),
+                     ptr(unusable_everywhere), ptr(saturated_everywhere),
+                     ptr(saturated_somewhere))
     for integ in range(nints):
         dq, seen, fitted, inv_r, inv_p, inv_e, num = _fit_integration(
-            setup, ramps[integ], gdqs[integ], layouts[integ], pdq, rnoise, gain, dark,
-            median_rate)
+            setup, ramps[integ], gdqs[integ], layouts[integ], pdq, pixel_inputs)
         _c_finish_integration(
             npix, ptr(dq), ptr(seen), ptr(fitted), ptr(inv_r), ptr(inv_p), ptr(inv_e),
             ptr(num), _UNUSABLE, DO_NOT_USE, SATURATED, JUMP_DET | _PERSISTENCE,
             _HUGE_VARIANCE, _out(rateints.sci[integ]), _out(rateints.err[integ]),
             _out(rateints.var_poisson[integ]), ptr(ints_vr[integ]),
-            _out(rateints.dq[integ]), ptr(sum_inv_p), ptr(sum_inv_r), ptr(sum_num),
-            _out(rate_dq), ptr(unusable_everywhere), ptr(saturated_everywhere),
-            ptr(saturated_somewhere))
+            _out(rateints.dq[integ]), *exposure_sums)
         lossy.append((seen & np.uint8(_CHARGELOSS)) != 0)
         if opt is not None:
             from . import ramp_fit_opt
@@ -580,9 +583,10 @@ def _middle(ordered, n_valid, first, gtime):
     return median
 
 
-def _fit_integration(setup, ramp, gdq, layout, pdq, rnoise, gain, dark, median_rate):
+def _fit_integration(setup, ramp, gdq, layout, pdq, pixel_inputs):
     """One integration's DQ, the OR of each ramp's group flags, and the per-pixel sums
-    over its fitted segments (see rf_fit_segments)."""
+    over its fitted segments (see rf_fit_segments).  ``pixel_inputs``: the addresses
+    of the chunk's read noise, gain, dark and median rate, as rf_fit_segments takes them."""
     npix = ramp.shape[1]
     dq = pdq.copy()
     seen = np.zeros(npix, dtype=np.uint8)
@@ -616,16 +620,17 @@ def _fit_integration(setup, ramp, gdq, layout, pdq, rnoise, gain, dark, median_r
     gs, ps = strides(ramp)
     only_first = layout.only_first
     table = setup.table
+    ramp_at = ptr(ramp)
+    per_pixel = (*pixel_inputs, None if only_first is None else ptr(only_first),
+                 setup.group_time, setup.first_read_time, ptr(table.values), ptr(table.offset),
+                 ptr(_EDGES), _EDGES.size, ptr(fitted), ptr(inv_r), ptr(inv_p), ptr(inv_e),
+                 ptr(num))
     for pix, start, length in pieces:
         if pix.size == 0:
             continue
         _c_fit_segments(
-            ptr(ramp), gs, ps, pix.size, ptr(pix), ptr(start), int(start.size > 1),
-            ptr(length), int(length.size > 1), ptr(rnoise), ptr(gain), ptr(dark),
-            ptr(median_rate), None if only_first is None else ptr(only_first),
-            setup.group_time, setup.first_read_time, ptr(table.values), ptr(table.offset),
-            ptr(_EDGES), _EDGES.size, ptr(fitted), ptr(inv_r), ptr(inv_p), ptr(inv_e),
-            ptr(num))
+            ramp_at, gs, ps, pix.size, ptr(pix), ptr(start), int(start.size > 1),
+            ptr(length), int(length.size > 1), *per_pixel)
 
     return dq, seen, fitted, inv_r, inv_p, inv_e, num
 

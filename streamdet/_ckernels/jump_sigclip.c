@@ -1,0 +1,265 @@
+/* Jump detection's sigma-clip search (streamdet/plugins/jump.py, _sigma_clip_flag):
+ * the iterated median / population-std clip that stcal runs through astropy's sigma_clip
+ * when an exposure has many integrations.
+ *
+ * Arithmetic as numpy's formulation of it, bit for bit: values are the float32
+ * differences widened to double; the centre is the mean (in double) of the two middle
+ * values of the kept ones in sorted order; the mean and the variance are sums in numpy's
+ * order - a masked numpy reduction adds, to a zero start, the pairwise sum of each run of
+ * consecutive kept values (numpy's pairwise summation: 8 accumulators, blocks of 128) -
+ * divided by the kept count. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* numpy's pairwise summation of n contiguous doubles */
+static double pairwise_sum(const double *a, int64_t n)
+{
+    if (n < 8) {
+        double res = 0.;
+        for (int64_t i = 0; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    if (n <= 128) {
+        double r[8];
+        for (int k = 0; k < 8; k++)
+            r[k] = a[k];
+        int64_t i;
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int k = 0; k < 8; k++)
+                r[k] += a[i + k];
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+/* np.sum(x, where=keep) over one row: the pairwise sums of the kept runs, in order */
+static double masked_sum(const double *x, const unsigned char *keep, int64_t n)
+{
+    double total = 0.;
+    int64_t i = 0;
+    while (i < n) {
+        while (i < n && !keep[i])
+            i++;
+        const int64_t start = i;
+        while (i < n && keep[i])
+            i++;
+        if (i > start)
+            total += pairwise_sum(x + start, i - start);
+    }
+    return total;
+}
+
+static void swap(double *a, double *b)
+{
+    const double t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Rearrange a[0..n) so that a[k] is the value sorted order puts there, smaller-or-equal
+ * values before it and larger-or-equal after (no NaN in a).  The partition is
+ * branch-free (Lomuto with unconditional swaps, then a pass gathering the pivot's ties):
+ * on noise-like data a branching one spends most of its time in mispredicted
+ * comparisons. */
+static void select_nth(double *a, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (hi - lo > 16) {
+        /* median of three as pivot, moved to hi */
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (a[mid] < a[lo]) swap(&a[mid], &a[lo]);
+        if (a[hi] < a[lo]) swap(&a[hi], &a[lo]);
+        if (a[hi] < a[mid]) swap(&a[hi], &a[mid]);
+        swap(&a[mid], &a[hi]);
+        const double pivot = a[hi];
+        int64_t store = lo;
+        for (int64_t i = lo; i < hi; i++) {
+            const double v = a[i];
+            a[i] = a[store];
+            a[store] = v;
+            store += v < pivot;
+        }
+        /* then the values equal to the pivot, so that ties cannot make this quadratic */
+        int64_t equal_end = store;
+        for (int64_t i = store; i < hi; i++) {
+            const double v = a[i];
+            a[i] = a[equal_end];
+            a[equal_end] = v;
+            equal_end += v <= pivot;
+        }
+        swap(&a[equal_end], &a[hi]);
+        if (k < store)
+            hi = store - 1;
+        else if (k > equal_end)
+            lo = equal_end + 1;
+        else
+            return;
+    }
+    for (int64_t i = lo + 1; i <= hi; i++) {  /* insertion sort of the short rest */
+        const double v = a[i];
+        int64_t j = i - 1;
+        while (j >= lo && a[j] > v) {
+            a[j + 1] = a[j];
+            j--;
+        }
+        a[j + 1] = v;
+    }
+}
+
+/* median of n > 0 values (scrambles them): mean of the two middle ones, as
+ * sorted_row_medians takes it */
+static double median(double *a, int64_t n)
+{
+    const int64_t low = (n - 1) / 2, high = n / 2;
+    select_nth(a, n, low);
+    double upper = a[low];
+    if (high != low) {
+        /* the smallest value above position low */
+        upper = a[high];
+        for (int64_t i = high + 1; i < n; i++)
+            if (a[i] < upper)
+                upper = a[i];
+    }
+    return (a[low] + upper) * 0.5;
+}
+
+/* One row of n values: rejected[i] = 1 for finite values outside the bounds of the last
+ * clipping round, 0 otherwise.  values, sq, work: n doubles each, keep, usable: n bytes
+ * each (scratch). */
+static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_sigma,
+                     int64_t rounds, double *values, double *sq, double *work,
+                     unsigned char *keep, unsigned char *usable, uint8_t *rejected,
+                     double *bounds)
+{
+    int64_t n_kept = 0;
+    for (int64_t i = 0; i < n; i++) {
+        values[i] = (double)src[i * src_stride];
+        usable[i] = keep[i] = isfinite(values[i]) != 0;
+        n_kept += keep[i];
+    }
+    double low = NAN, high = NAN;
+    for (int64_t round = 0; round < rounds && n_kept > 0; round++) {
+        int64_t m = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (keep[i])
+                work[m++] = values[i];
+        const double centre = median(work, m);
+        /* every value kept (the usual first round): one run */
+        const int all_kept = n_kept == n;
+        const double mean = (all_kept ? 0. + pairwise_sum(values, n) : masked_sum(values, keep, n))
+                            / (double)n_kept;
+        for (int64_t i = 0; i < n; i++) {
+            const double d = values[i] - mean;
+            sq[i] = d * d;
+        }
+        const double std = sqrt((all_kept ? 0. + pairwise_sum(sq, n) : masked_sum(sq, keep, n))
+                                / (double)n_kept);
+        low = centre - n_sigma * std;
+        high = centre + n_sigma * std;
+        int64_t n_now = 0;
+        for (int64_t i = 0; i < n; i++) {
+            keep[i] = keep[i] && values[i] >= low && values[i] <= high;
+            n_now += keep[i];
+        }
+        if (n_now == n_kept)
+            break;
+        n_kept = n_now;
+    }
+    for (int64_t i = 0; i < n; i++)
+        rejected[i] = usable[i] && (values[i] < low || values[i] > high);
+    if (bounds) {
+        bounds[0] = low;
+        bounds[1] = high;
+    }
+}
+
+/* diffs: pixel-major float32 differences [npix, nints * ndiffs] of a block of nrows x
+ * ncols pixels (as jump's _pixel_major_differences lays them out, NaN where unusable).
+ * Clipped per (pixel, difference) across the integrations when only_use_ints, else per
+ * pixel across all its differences; the bit jump_flag is set in groupdq (uint8 [nints,
+ * ngroups, nrows, ncols], element strides for the first three axes, contiguous columns)
+ * on group d + 1 of every clipped difference d unless that group has one of the bits
+ * unusable.  bounds (may be NULL; for the tests): float64 [rows, 2], each clipped row's
+ * last (low, high), rows ordered difference-major ([ndiffs, npix]) when only_use_ints.
+ * Returns 0, or -1 when scratch memory is not available. */
+int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_t nints,
+                        int64_t ndiffs, int64_t only_use_ints, double n_sigma, int64_t rounds,
+                        uint8_t *groupdq, int64_t s_int, int64_t s_group, int64_t s_row,
+                        int64_t jump_flag, int64_t unusable, double *bounds)
+{
+    const int64_t npix = nrows * ncols;
+    const int64_t width = nints * ndiffs;
+    const int64_t n = only_use_ints ? nints : width;
+    const uint8_t jump = (uint8_t)jump_flag, skip = (uint8_t)unusable;
+    double *buffers = malloc(sizeof(double) * 3 * (size_t)(n > 0 ? n : 1));
+    unsigned char *flags = malloc(3 * (size_t)(n > 0 ? n : 1));
+    if (!buffers || !flags) {
+        free(buffers);
+        free(flags);
+        return -1;
+    }
+    double *values = buffers, *sq = buffers + n, *work = buffers + 2 * n;
+    unsigned char *keep = flags, *usable = flags + n, *rejected = flags + 2 * n;
+    for (int64_t p = 0; p < npix; p++) {
+        const float *row = diffs + p * width;
+        uint8_t *pixel = groupdq + (p / ncols) * s_row + p % ncols + s_group;  /* group 1 */
+        if (only_use_ints) {
+            for (int64_t d = 0; d < ndiffs; d++) {
+                clip_row(row + d, ndiffs, n, n_sigma, rounds, values, sq, work, keep, usable,
+                         rejected, bounds ? bounds + 2 * (d * npix + p) : NULL);
+                uint8_t *q = pixel + d * s_group;
+                for (int64_t i = 0; i < n; i++)
+                    if (rejected[i] && !(q[i * s_int] & skip))
+                        q[i * s_int] |= jump;
+            }
+        } else {
+            clip_row(row, 1, n, n_sigma, rounds, values, sq, work, keep, usable, rejected,
+                     bounds ? bounds + 2 * p : NULL);
+            for (int64_t k = 0; k < n; k++) {
+                uint8_t *q = pixel + (k / ndiffs) * s_int + (k % ndiffs) * s_group;
+                if (rejected[k] && !(*q & skip))
+                    *q |= jump;
+            }
+        }
+    }
+    free(buffers);
+    free(flags);
+    return 0;
+}
+
+/* Sigma-clip mode's group reset asks, per (integration, group), whether every pixel of
+ * the rows selected by rows_used (uint8 per row; NULL: all rows) has one of the bits of
+ * flags set.  groupdq: uint8 [nints, ngroups, nrows, ncols] with element strides for the
+ * first three axes and contiguous columns.  out: uint8 [nints, ngroups]. */
+void jump_flagged_everywhere(const uint8_t *groupdq, int64_t s_int, int64_t s_group,
+                             int64_t s_row, int64_t nints, int64_t ngroups, int64_t nrows,
+                             int64_t ncols, const uint8_t *rows_used, int64_t flags,
+                             uint8_t *out)
+{
+    const uint8_t mask = (uint8_t)flags;
+    for (int64_t i = 0; i < nints; i++) {
+        for (int64_t g = 0; g < ngroups; g++) {
+            const uint8_t *plane = groupdq + i * s_int + g * s_group;
+            uint8_t all = 1;
+            for (int64_t r = 0; r < nrows && all; r++) {
+                if (rows_used && !rows_used[r])
+                    continue;
+                const uint8_t *row = plane + r * s_row;
+                for (int64_t c = 0; c < ncols; c++) {
+                    if (!(row[c] & mask)) {
+                        all = 0;
+                        break;
+                    }
+                }
+            }
+            out[i * ngroups + g] = all;
+        }
+    }
+}
