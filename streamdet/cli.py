@@ -147,20 +147,20 @@ def _log_to_stderr(quiet: bool, verbose: bool) -> None:
     import logging
 
     logger = logging.getLogger("streamdet")
-    if any(getattr(h, "_streamdet_cli", False) for h in logger.handlers):
-        return
-    logger.propagate = False  # not also through Python's last-resort handler
+    # this invocation's handler only (a process may run several commands, as tests do);
+    # records still propagate, so that a host's own logging (pytest's capture) sees
+    # them too: having a handler here keeps Python's last-resort handler out
+    for old in [h for h in logger.handlers if getattr(h, "_streamdet_cli", False)]:
+        logger.removeHandler(old)
     if quiet:
         handler = logging.NullHandler()
-        handler._streamdet_cli = True
-        logger.addHandler(handler)
-        return
-    handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("streamdet: %(short)s: %(message)s"))
+        handler.addFilter(_ShortName())
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
     handler._streamdet_cli = True
-    handler.setFormatter(logging.Formatter("streamdet: %(short)s: %(message)s"))
-    handler.addFilter(_ShortName())
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 class _ShortName:
