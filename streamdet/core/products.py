@@ -283,9 +283,48 @@ def _product_plugins() -> dict | None:
                     extensions = load("asdf.extensions", ExtensionProxy)
                 _plugins = {"extensions": extensions, "resource_mappings": mappings,
                             "resource_manager": manager}
+                _parse_schemas_once(manager)
             except Exception:  # an asdf without these internals: its own full configuration
                 _plugins = {}
     return _plugins or None
+
+
+def _parse_schemas_once(manager) -> None:
+    """Make asdf parse each schema of ``manager`` once per process.
+
+    asdf gives every validator it makes (one per product written, per history entry,
+    per input value checked) a fresh reference resolver whose loader parses the YAML
+    of every schema a ``$ref`` names again: about 25 schemas per product. The schemas
+    of the products' resource manager are package files that do not change, and
+    validators only read them, so the parsed documents are kept and shared. Only
+    loads made under the products' configuration (:func:`_asdf_scope`) are cached;
+    any other asdf user in the process loads as asdf does."""
+    import asdf.schema as asdf_schema  # noqa: PLC0415
+
+    original = asdf_schema._make_schema_loader
+    if getattr(original, "_streamdet", False):
+        return
+    parsed: dict[str, tuple] = {}
+    parsed_lock = threading.Lock()
+
+    def make_loader():
+        load = original()
+
+        def cached(url):
+            if asdf_schema.get_config().resource_manager is not manager:
+                return load(url)
+            with parsed_lock:
+                found = parsed.get(url)
+            if found is None:
+                found = load(url)
+                with parsed_lock:
+                    parsed.setdefault(url, found)
+            return found
+
+        return cached
+
+    make_loader._streamdet = True
+    asdf_schema._make_schema_loader = make_loader
 
 
 @contextmanager
