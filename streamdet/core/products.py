@@ -283,9 +283,48 @@ def _product_plugins() -> dict | None:
                     extensions = load("asdf.extensions", ExtensionProxy)
                 _plugins = {"extensions": extensions, "resource_mappings": mappings,
                             "resource_manager": manager}
+                _parse_schemas_once(manager)
             except Exception:  # an asdf without these internals: its own full configuration
                 _plugins = {}
     return _plugins or None
+
+
+def _parse_schemas_once(manager) -> None:
+    """Make asdf parse each schema of ``manager`` once per process.
+
+    asdf gives every validator it makes (one per product written, per history entry,
+    per input value checked) a fresh reference resolver whose loader parses the YAML
+    of every schema a ``$ref`` names again: about 25 schemas per product. The schemas
+    of the products' resource manager are package files that do not change, and
+    validators only read them, so the parsed documents are kept and shared. Only
+    loads made under the products' configuration (:func:`_asdf_scope`) are cached;
+    any other asdf user in the process loads as asdf does."""
+    import asdf.schema as asdf_schema  # noqa: PLC0415
+
+    original = asdf_schema._make_schema_loader
+    if getattr(original, "_streamdet", False):
+        return
+    parsed: dict[str, tuple] = {}
+    parsed_lock = threading.Lock()
+
+    def make_loader():
+        load = original()
+
+        def cached(url):
+            if asdf_schema.get_config().resource_manager is not manager:
+                return load(url)
+            with parsed_lock:
+                found = parsed.get(url)
+            if found is None:
+                found = load(url)
+                with parsed_lock:
+                    parsed.setdefault(url, found)
+            return found
+
+        return cached
+
+    make_loader._streamdet = True
+    asdf_schema._make_schema_loader = make_loader
 
 
 @contextmanager
@@ -326,10 +365,30 @@ def warm_up() -> None:
 
 
 def _load_schemas() -> None:
-    dm = datamodels()
     with _asdf_scope():
-        for kind in MODEL_OF.values():
-            getattr(dm, kind)()
+        for name in MODEL_OF.values():
+            new_model(name)
+
+
+_schemas: dict[str, dict] = {}
+_schemas_lock = threading.Lock()
+
+
+def new_model(name: str, *args, **kwargs):
+    """A new ``stdatamodels.jwst.datamodels`` model of class ``name``, given its
+    resolved schema loaded once per process: a model made without one deep-copies the
+    whole resolved schema (~15 ms of CPU each). The model's schema tree is only read
+    (stdatamodels merges it into a new tree with shallow copies), so sharing it is
+    safe."""
+    cls = getattr(datamodels(), name)
+    with _schemas_lock:
+        schema = _schemas.get(name)
+        if schema is None:
+            import asdf.schema  # noqa: PLC0415
+
+            schema = _schemas[name] = asdf.schema.load_schema(cls.schema_url,
+                                                              resolve_references=True)
+    return cls(*args, schema=schema, **kwargs)
 
 
 class InputMetadata:
@@ -390,7 +449,7 @@ class InputMetadata:
             with _asdf_scope(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ValidationWarning)
                 try:
-                    self._model = datamodels().RampModel(self._hdulist)
+                    self._model = new_model("RampModel", self._hdulist)
                 except Exception as exc:  # metadata must not cost the products
                     self._model = self._without_unreadable_cards(exc)
             self.rejected += [" ".join(str(w.message).split())[:300] for w in caught
@@ -416,9 +475,9 @@ class InputMetadata:
             hdus.append(type(hdu)(header=header, name=hdu.name) if hdus else
                         fits.PrimaryHDU(header=header))
         try:
-            return datamodels().RampModel(fits.HDUList(hdus))
+            return new_model("RampModel", fits.HDUList(hdus))
         except Exception:
-            return datamodels().RampModel()
+            return new_model("RampModel")
 
 
 def _plain(node: Any) -> Any:
@@ -519,7 +578,7 @@ def build_model(kind: str, source, record: ProductRecord, arrays: dict[str, np.n
 
 def _build_model(kind, source, record, arrays, tables):
     # validated once, as a whole, when written (to_fits), not at every assignment
-    model = getattr(datamodels(), MODEL_OF[kind])(validate_on_assignment=False)
+    model = new_model(MODEL_OF[kind], validate_on_assignment=False)
     model.update(source)
     for name, value in (tables or {}).items():
         if value is not None:
