@@ -63,11 +63,15 @@ CASES = {
     c.name: c for c in (
         Case("full_50x2", "FULL", 50, 2),
         Case("full_10x1", "FULL", 10, 1),
+        Case("sub256_30x100", "SUB256", 30, 100),
         Case("sub256_50x100", "SUB256", 50, 100),
+        Case("sub64_5x2", "SUB64", 5, 2, note="fixed costs: imports, references"),
         Case("sub256_50x200", "SUB256", 50, 200, jwst=False,
              note="jwst not run by default (~15 GB, minutes; --jwst-all runs it)"),
         Case("full_50x2_1thread", "FULL", 50, 2, threads=1, jwst=False,
              note="streamdet on one thread, for the thread scaling line"),
+        Case("sub256_60x500", "SUB256", 60, 500, jwst=False,
+             note="jwst issue 5310's size (MemoryError at 7.2 GiB); jwst does not fit"),
         Case("full_50x2_showers", "FULL", 50, 2, seed=22, large_events=True,
              jump=(("find_showers", True),), note="showers in the data, jump.find_showers on"),
     )
