@@ -37,20 +37,6 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-def add_large_event(uncal: Path, integration: int, group: int, y: int, x: int,
-                    radius: float, dn: float) -> None:
-    """A snowball: a disk of pixels jumping by ``dn`` from ``group`` on (the simulator's
-    own cosmic rays are single pixels with faint neighbours, which snowblind's default
-    ``min_radius=4`` ignores)."""
-    with fits.open(uncal, mode="update") as hdul:
-        sci = hdul["SCI"].data
-        yy, xx = np.mgrid[:sci.shape[2], :sci.shape[3]]
-        disk = (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
-        plane = sci[integration, group:].astype(np.float64)
-        plane[:, disk] = np.minimum(plane[:, disk] + dn, 65535)
-        sci[integration, group:] = plane.astype(sci.dtype)
-
-
 @pytest.fixture(scope="module")
 def snowball_sim(tmp_path_factory):
     # the simulator's own large events (showers and snowballs, deterministic from the
