@@ -169,6 +169,11 @@ class _ShortName:
         return True
 
 
+#: bytes that the product writer's temporary names add to a product's name
+#: (``.NAME.XXXXXXXX.tmp``, core/products.py)
+TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")
+
+
 def check_output_dir(directory: Path, source: Path | None = None, create: bool = True) -> None:
     """Refuse, before any work, an output directory that products cannot be written to.
     A missing one is created now (as the writer would later); then a file is created in
@@ -213,8 +218,6 @@ def check_product_names(path: Path, out_dir: Path, save_ramp: bool = False,
         limit = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    from .core.products import TEMP_NAME_EXTRA
-
     need = len(os.fsencode(longest)) + TEMP_NAME_EXTRA
     if need > limit:
         raise BadInputError(

@@ -34,6 +34,7 @@ number of integrations.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -164,9 +165,8 @@ def write_fitopt(path: Path, store: FitoptStore, source, record) -> None:
     from astropy.io import fits
     from stdatamodels.jwst import datamodels
 
-    from streamdet.core.products import _publish, _temporary
-
-    name = str(_temporary(path))
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     meta_file = store.directory / "fitopt_meta.fits"
     try:
         with datamodels.RampFitOutputModel() as model:
@@ -185,7 +185,10 @@ def write_fitopt(path: Path, store: FitoptStore, source, record) -> None:
         for array in (*SEGMENT_ARRAYS, "pedestal", "crmag"):
             _stream_array(name, store, array)
         fits.append(name, asdf_hdu.data, header=asdf_hdu.header)
-        _publish([(Path(name), path)])
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o666 & ~umask)
+        os.replace(name, path)
     finally:
         if os.path.exists(name):
             os.unlink(name)

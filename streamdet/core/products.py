@@ -683,11 +683,6 @@ def _stream_extension(path: Path, header: fits.Header, store: "CubeStore", k: in
     stream.close()
 
 
-#: bytes a temporary name adds to its product's name (``.NAME.XXXXXXXX.tmp``, see
-#: :func:`_temporary`): the CLI refuses input names that leave no room for it
-TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")
-
-
 def _temporary(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
