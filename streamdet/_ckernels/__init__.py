@@ -1,21 +1,27 @@
-"""Compiled kernels: small C functions over numpy buffers, called through ctypes.
+"""Compiled kernels: small C functions over numpy buffers.
 
 Why C at all: the band threads share one interpreter, and numpy releases the GIL only
 inside each operation. A step written as a few hundred numpy calls per band spends its
 threads' time queueing for the GIL between them (measured: 1.26x on two cores for the
-integration pass, where two separate processes reach 1.6-1.8x). A ctypes call releases
+integration pass, where two separate processes reach 1.6-1.8x). A kernel call releases
 the GIL for its whole duration, so a step whose per-pixel loop is one C call runs on
 every core at once.
 
-Each ``<name>.c`` here is built by ``setup.py`` into ``<name>`` + the interpreter's
-extension suffix (``pip install`` compiles it; ``pip install -e .`` builds it in place).
-The module that uses a library declares its functions' signatures (:func:`declare`);
-there is one implementation per algorithm: the C function is the step's arithmetic, and
+Each ``<name>.c`` here declares its functions once, in ``<name>.h``, which the C file
+includes (the compiler checks the definitions against it) and from which ``setup.py``
+builds, through cffi (``_build.py``), the module ``streamdet._ckernels._<name>``: its
+``lib.<function>`` checks the number of arguments and the type of each, so a pointer of
+the wrong element type (see :func:`pointer`) or a missing argument is a ``TypeError``,
+not corrupted memory. Calls with many parameters pass them as one struct declared in the
+header. A kernel without a header yet is loaded with ctypes (:func:`declare`).
+There is one implementation per algorithm: the C function is the step's arithmetic, and
 its Python wrapper prepares the buffers.
 
-Conventions: arrays are passed as pointers to their first element, with element strides
-for any axis that may not be contiguous; sizes are ``int64``; the C functions never
-allocate arrays that outlive the call and never call back into Python.
+Conventions: arrays are passed as pointers to their first element (:func:`pointer`),
+with element strides for any axis that may not be contiguous; sizes are ``int64_t``;
+the C functions never allocate arrays that outlive the call and never call back into
+Python. Supported platforms: Linux with GCC or clang (the kernels use GCC's
+``target_clones`` and ``preadv``); that is what CI builds and tests.
 """
 
 from __future__ import annotations
@@ -59,6 +65,19 @@ def declare(name: str, function: str, args: str, restype: str | None = None):
     return fn
 
 
+#: C pointer types by numpy dtype (:func:`pointer`)
+_POINTER_TYPES = {np.dtype(t): c for t, c in (
+    (np.float32, "float *"), (np.float64, "double *"), (np.uint8, "uint8_t *"),
+    (np.uint16, "uint16_t *"), (np.uint32, "uint32_t *"), (np.int16, "int16_t *"),
+    (np.int32, "int32_t *"), (np.int64, "int64_t *"), (np.bool_, "uint8_t *"))}
+
+
+def pointer(ffi, array: np.ndarray):
+    """A pointer to ``array``'s first element typed by its dtype, for a cffi kernel: the
+    call then refuses an array whose element type differs from the header's."""
+    return ffi.cast(_POINTER_TYPES[array.dtype], ptr(array))
+
+
 def ptr(array: np.ndarray) -> int:
     """Address of ``array``'s first element."""
     # Called tens of thousands of times per exposure on time series (several addresses
@@ -93,12 +112,6 @@ def group_planes(*arrays: np.ndarray, modified: tuple[int, ...] | None = None):
         arrays[k][...] = copies[k]
 
 
-@lru_cache(maxsize=None)
-def _median_kernel(dtype: np.dtype):
-    suffix = "f32" if dtype == np.float32 else "f64"
-    return declare("sorted_rows", f"streamdet_sorted_row_medians_{suffix}", "piipiip")
-
-
 def sorted_row_medians(ordered: np.ndarray, counts) -> np.ndarray:
     """Median (float64) of the first ``counts`` values of each row of ``ordered``
     ``[rows, width]``, sorted with NaN last (numpy's sort: the one the steps use); NaN
@@ -114,6 +127,9 @@ def sorted_row_medians(ordered: np.ndarray, counts) -> np.ndarray:
     if counts.size != (ordered.shape[0] if count_stride else 1):
         raise ValueError(f"{counts.size} counts for {ordered.shape[0]} rows")
     out = np.empty(ordered.shape[0])
-    _median_kernel(ordered.dtype)(ptr(ordered), strides(ordered)[0], ordered.shape[1],
-                                  ptr(counts), count_stride, ordered.shape[0], ptr(out))
+    from ._sorted_rows import ffi, lib
+    medians = (lib.streamdet_sorted_row_medians_f32 if ordered.dtype == np.float32
+               else lib.streamdet_sorted_row_medians_f64)
+    medians(pointer(ffi, ordered), strides(ordered)[0], ordered.shape[1],
+            pointer(ffi, counts), count_stride, ordered.shape[0], pointer(ffi, out))
     return out

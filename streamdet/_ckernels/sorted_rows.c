@@ -1,11 +1,8 @@
-/* The median of sorted rows, shared by jump and ramp_fit (see sorted_row_medians in
- * streamdet/_ckernels/__init__.py): numpy sorts, this picks. */
+/* The declarations and what the functions do: sorted_rows.h */
 #include <math.h>
-#include <stdint.h>
 
-/* Row p (at ordered + p * row_stride) holds its counts[p * count_stride] valid values
- * first, sorted (NaN sorts last); its median is the mean of the two middle values in
- * double, NaN when it has none. */
+#include "sorted_rows.h"
+
 #define MEDIANS(NAME, T)                                                                \
     void NAME(const T *ordered, int64_t row_stride, int64_t width,                      \
               const int64_t *counts, int64_t count_stride, int64_t nrows, double *out)   \
