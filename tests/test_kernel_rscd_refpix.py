@@ -13,8 +13,8 @@ import pytest
 from astropy.table import Table
 
 from streamdet.core import dqflags
-from streamdet.plugins import refpix as rp
-from streamdet.plugins import rscd
+from streamdet.algorithms import refpix as rp
+from streamdet.algorithms import rscd
 
 SAT = dqflags.SATURATED
 DNU = dqflags.DO_NOT_USE

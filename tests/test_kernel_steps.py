@@ -13,12 +13,12 @@ from streamdet.core.dqflags import (
 from streamdet.plugins.dark_current import (
     average_dark_current, combined_dark_dq, dark_int_for, subtract_dark,
 )
-from streamdet.plugins.dq_init import apply_mask
-from streamdet.plugins.firstframe import flag_first_group
-from streamdet.plugins.lastframe import flag_last_group
-from streamdet.plugins.linearity import correct_linearity, prepare_linearity_reference
-from streamdet.plugins.reset import reset_int_for, subtract_reset
-from streamdet.plugins.saturation import flag_saturation, grow_mask
+from streamdet.algorithms.dq_init import apply_mask
+from streamdet.algorithms.firstframe import flag_first_group
+from streamdet.algorithms.lastframe import flag_last_group
+from streamdet.algorithms.linearity import correct_linearity, prepare_linearity_reference
+from streamdet.algorithms.reset import reset_int_for, subtract_reset
+from streamdet.algorithms.saturation import flag_saturation, grow_mask
 
 NY, NX = 64, 72
 

@@ -1,9 +1,8 @@
-/* FITS stores big-endian values; these turn a block read from a file into native floats
- * in one pass (see streamdet/core/references.py). */
-#include <stdint.h>
+/* The declarations and what the functions do: convert.h */
 #include <string.h>
 
-/* float32: dst[i] = the big-endian src[i]; with nan_to_zero, NaN becomes +0 */
+#include "convert.h"
+
 __attribute__((target_clones("avx2", "default")))
 void streamdet_float32_from_big_endian(const uint32_t *src, float *dst, int64_t n,
                                        int64_t nan_to_zero)
@@ -18,8 +17,6 @@ void streamdet_float32_from_big_endian(const uint32_t *src, float *dst, int64_t 
     }
 }
 
-/* 16-bit SCI (big-endian int16, BSCALE/BZERO) to float32 DN: the integer converted
- * exactly, then scaled and offset in float32, each rounded on its own as numpy does. */
 __attribute__((target_clones("avx2", "default")))
 void streamdet_float32_from_big_endian_int16(const uint16_t *src, float *dst, int64_t n,
                                              float bscale, float bzero, int64_t scaled,

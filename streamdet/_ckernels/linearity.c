@@ -1,20 +1,10 @@
-/* Classical non-linearity polynomial of one integration (see
- * streamdet/plugins/linearity.py).
- *
- * ramp    float32 [ngroups][nrows][ncols] (in place), group stride `gstride` elements,
- *         each group plane contiguous
- * dq      uint8, the same layout and strides; groups with `saturated` set keep their value
- * coeffs  float32 [ncoeffs][nrows][ncols], coefficient stride `cstride`, planes contiguous
- *
- * Horner's scheme in float32 with every product and sum rounded on its own, which is
- * what the numpy formulation (and stcal) computes.
- */
-#include <stdint.h>
+/* The declarations and what the function does: linearity.h */
+#include "linearity.h"
 
 __attribute__((target_clones("avx2", "default")))
 void streamdet_linearity(float *ramp, const uint8_t *dq, const float *coeffs,
                          int64_t ncoeffs, int64_t ngroups, int64_t plane, int64_t gstride,
-                         int64_t cstride, int64_t saturated)
+                         int64_t cstride)
 {
     const float *top = coeffs + (ncoeffs - 1) * cstride;
     for (int64_t g = 0; g < ngroups; g++) {
@@ -27,7 +17,7 @@ void streamdet_linearity(float *ramp, const uint8_t *dq, const float *coeffs,
                 out = out * x;
             }
             out = out + coeffs[p];
-            if (!(d[p] & saturated))
+            if (!(d[p] & DQ_SATURATED))
                 r[p] = out;
         }
     }

@@ -1,18 +1,10 @@
-/* The engine's scratch files (see _Scratch in streamdet/core/engine.py): the ramp after
- * the integration pass, laid out row by row, [ny][nints][ngroups][nx], so that a band of
- * rows spanning every integration is one contiguous stretch of the file.
- *
- * These move rows between that layout and the engine's [nints][ngroups][rows][nx]
- * arrays with vectored positioned I/O: the kernel scatters and gathers the pieces, so
- * no transposed copy is made in memory. Strides are in bytes; each (group, row) line of
- * nx items must be contiguous in memory. Return 0, or -errno on failure (or -EIO when
- * the file ends early).
- */
+/* The declarations and what the functions do: scratch.h */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <stdint.h>
-#include <sys/uio.h>
 #include <limits.h>
+#include <sys/uio.h>
+
+#include "scratch.h"
 
 #ifndef IOV_MAX
 #define IOV_MAX 1024
@@ -46,12 +38,11 @@ static int64_t transfer(int fd, struct iovec *iov, int n, int64_t offset, int wr
     return 0;
 }
 
-/* Rows row0 .. row0+nrows of every integration from the file into `dest`, whose line
- * (integration i, group g, row k) starts at dest + i*s_int + g*s_group + k*s_row. */
-int64_t streamdet_scratch_read(int64_t fd, char *dest, int64_t row0, int64_t nrows,
+int64_t streamdet_scratch_read(int64_t fd, void *dest_bytes, int64_t row0, int64_t nrows,
                                int64_t nints, int64_t ngroups, int64_t line_bytes,
                                int64_t s_int, int64_t s_group, int64_t s_row)
 {
+    char *dest = dest_bytes;
     struct iovec iov[BATCH];
     int n = 0;
     int64_t offset = row0 * nints * ngroups * line_bytes, start = offset;
@@ -96,8 +87,7 @@ static int64_t integration_rows(int64_t fd, char *buf, int64_t i, int64_t row0, 
     return 0;
 }
 
-/* Integration i, rows row0 .. row0+nrows, from `src` into the file (pass 1). */
-int64_t streamdet_scratch_write(int64_t fd, const char *src, int64_t i, int64_t row0,
+int64_t streamdet_scratch_write(int64_t fd, const void *src, int64_t i, int64_t row0,
                                 int64_t nrows, int64_t nints, int64_t ngroups,
                                 int64_t line_bytes, int64_t s_group, int64_t s_row)
 {
@@ -105,9 +95,7 @@ int64_t streamdet_scratch_write(int64_t fd, const char *src, int64_t i, int64_t 
                             s_group, s_row, 1);
 }
 
-/* The read that mirrors streamdet_scratch_write, for an integration pass that follows a
- * band pass (a step needing whole integrations after one needing all integrations). */
-int64_t streamdet_scratch_read_integration(int64_t fd, char *dest, int64_t i, int64_t row0,
+int64_t streamdet_scratch_read_integration(int64_t fd, void *dest, int64_t i, int64_t row0,
                                            int64_t nrows, int64_t nints, int64_t ngroups,
                                            int64_t line_bytes, int64_t s_group, int64_t s_row)
 {

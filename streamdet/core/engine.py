@@ -44,7 +44,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from streamdet._ckernels import declare, ptr
+from streamdet._ckernels import pointer
+# the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.h)
+from streamdet._ckernels._scratch import ffi as _scratch_ffi, lib as _scratch
 
 from . import jwstparams
 from . import references as refmod
@@ -57,12 +59,6 @@ from .products import (JWST_MIRI_REFERENCES, JWST_MIRI_STEPS, CubeStore, InputMe
                        ProductRecord, RateArrays, check_writable, ref_keyword, warm_up,
                        write_products, write_ramp)
 from .step import Chunk, FrameContext, Granularity, Step
-
-# the scratch files' rows move with vectored positioned I/O (see _ckernels/scratch.c)
-_scratch_read = declare("scratch", "streamdet_scratch_read", "ipiiiiiiii", "i")
-_scratch_write = declare("scratch", "streamdet_scratch_write", "ipiiiiiiii", "i")
-_scratch_read_integration = declare("scratch", "streamdet_scratch_read_integration",
-                                    "ipiiiiiiii", "i")
 
 #: default memory for the bands of the band pass in flight at once (data + groupdq, all
 #: integrations; shared among the threads)
@@ -217,8 +213,10 @@ class _Scratch:
             if array.strides[2] != array.itemsize:
                 array = np.ascontiguousarray(array)
             step = array.strides
-            _check(_scratch_write(self.fds[name], ptr(array), i, rows.start, array.shape[1],
-                                  nints, ngroups, nx * array.itemsize, step[0], step[1]),
+            _check(_scratch.streamdet_scratch_write(self.fds[name], pointer(_scratch_ffi, array),
+                                                    i, rows.start, array.shape[1], nints,
+                                                    ngroups, nx * array.itemsize, step[0],
+                                                    step[1]),
                    self.where)
 
     def read(self, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
@@ -233,8 +231,10 @@ class _Scratch:
             step = array.strides
             if step[3] != array.itemsize:
                 raise ValueError("scratch rows are read into arrays with contiguous lines")
-            _check(_scratch_read(self.fds[name], ptr(array), rows.start, rows.stop - rows.start,
-                                 nints, ngroups, nx * array.itemsize, step[0], step[1], step[2]),
+            _check(_scratch.streamdet_scratch_read(self.fds[name], pointer(_scratch_ffi, array),
+                                                   rows.start, rows.stop - rows.start, nints,
+                                                   ngroups, nx * array.itemsize, step[0],
+                                                   step[1], step[2]),
                    self.where)
 
     def read_integration(self, i: int, data: np.ndarray, groupdq: np.ndarray) -> None:
@@ -249,9 +249,9 @@ class _Scratch:
             step = array.strides
             if step[2] != array.itemsize:
                 raise ValueError("scratch rows are read into arrays with contiguous lines")
-            _check(_scratch_read_integration(self.fds[name], ptr(array), i, 0, ny, nints,
-                                             ngroups, nx * array.itemsize, step[0], step[1]),
-                   self.where)
+            _check(_scratch.streamdet_scratch_read_integration(
+                self.fds[name], pointer(_scratch_ffi, array), i, 0, ny, nints, ngroups,
+                nx * array.itemsize, step[0], step[1]), self.where)
 
     def close(self) -> None:
         self.data = self.groupdq = None

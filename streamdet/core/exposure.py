@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from streamdet._ckernels import declare, ptr
+from streamdet._ckernels import pointer
+from streamdet._ckernels._convert import ffi as _convert_ffi, lib as _convert
 
 from .buffers import ThreadBuffers
 from .errors import BadInputError, InputWarning, shown
-
-_int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
 
 #: MIRI full-frame size (rows, columns)
 FULL_SHAPE = (1024, 1032)
@@ -495,8 +494,9 @@ class Exposure:
             return
         if raw.dtype != np.dtype(">i2") or not raw.flags.c_contiguous:
             raw = np.ascontiguousarray(raw, dtype=">i2")
-        _int16_to_float32(ptr(raw), ptr(out), raw.size, self._bscale, self._bzero,
-                          self._bscale != 1.0, self._bzero != 0.0)
+        _convert.streamdet_float32_from_big_endian_int16(
+            pointer(_convert_ffi, raw.view(np.uint16)), pointer(_convert_ffi, out), raw.size,
+            self._bscale, self._bzero, self._bscale != 1.0, self._bzero != 0.0)
 
     def _read_sci(self, ints: slice, rows: slice) -> np.ndarray:
         """SCI of integrations ``ints`` and rows ``rows``, as stored (big-endian 16-bit),

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from streamdet._ckernels import declare, ptr
+from streamdet._ckernels import pointer
+from streamdet._ckernels._convert import ffi as _convert_ffi, lib as _convert
 
 from . import dqflags
 from .buffers import ThreadBuffers, read_at
@@ -459,8 +460,6 @@ def crds_parameters(header) -> dict[str, str]:
 #: converted reference blocks kept for reuse (see :meth:`References.block`), at most
 CACHE_BYTES = 64 * 1024**2
 
-_float32_from_big_endian = declare("convert", "streamdet_float32_from_big_endian", "ppii")
-
 _FLOAT_BITPIX = {-32: np.float32, -64: np.float64, 8: np.uint8, 16: np.int16, 32: np.int32,
                  64: np.int64}
 
@@ -734,7 +733,9 @@ class References:
         if native is np.float32 and raw.flags.c_contiguous:
             out = (self._buffers.get("transient", raw.shape, np.float32) if transient
                    else np.empty(raw.shape, np.float32))
-            _float32_from_big_endian(ptr(raw), ptr(out), raw.size, nan_to_zero)
+            _convert.streamdet_float32_from_big_endian(
+                pointer(_convert_ffi, raw.view(np.uint32)), pointer(_convert_ffi, out), raw.size,
+                nan_to_zero)
         else:
             out = raw.astype(native)  # (numpy releases the GIL for a casting copy)
             if nan_to_zero and out.dtype.kind == "f":

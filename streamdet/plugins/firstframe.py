@@ -1,56 +1,15 @@
-"""First-group rejection for MIRI ramps.
-
-Reproduces jwst 3.0 ``firstframe`` (deprecated there and skipped by default, but still
-runnable) with its step default ``bright_use_group1=True``:
-
-* with more than 3 groups, group 0 of every integration gets DO_NOT_USE, because the
-  first frame after a MIRI reset is unreliable;
-* except, with ``bright_use_group1``, in pixels whose group index 2 is already SATURATED
-  in that integration: they would otherwise be left with too few groups, so group 0 is
-  kept and the pixel gets FLUX_ESTIMATED in ``pixeldq`` (set if that happens in any
-  integration - ORing integration by integration gives the same result as jwst's
-  all-integration test);
-* with 3 groups or fewer nothing changes and jwst records the step as SKIPPED.
-
-Pixeldq contribution: data-dependent only (FLUX_ESTIMATED from the saturation flags);
-nothing comes from a reference.
-"""
+"""The ``firstframe`` step: the first group of every integration is DO_NOT_USE (jwst 3.0
+``firstframe``, deprecated there and off by default). The algorithm:
+:mod:`streamdet.algorithms.firstframe`."""
 
 from __future__ import annotations
 
-import numpy as np
+from streamdet.algorithms.firstframe import (MIN_GROUPS_EXCLUSIVE, FirstFrameParams,
+                                             flag_first_group)
+from streamdet.core.plugins import hookimpl
+from streamdet.core.step import Param, Step
 
-from streamdet.core.dqflags import DO_NOT_USE, FLUX_ESTIMATED, SATURATED
-
-MIN_GROUPS_EXCLUSIVE = 3
-
-
-def flag_first_group(groupdq: np.ndarray, pixeldq: np.ndarray, *,
-                     bright_use_group1: bool = True) -> bool:
-    """Mark group 0 DO_NOT_USE in place; return False when there are too few groups.
-
-    ``groupdq`` uint8 ``[nints, ngroups, nrows, nx]``, ``pixeldq`` uint32 ``[nrows, nx]``.
-    The FLUX_ESTIMATED it may add to ``pixeldq`` depends on the data, not on a reference.
-    """
-    if groupdq.shape[1] <= MIN_GROUPS_EXCLUSIVE:
-        return False
-    first = groupdq[:, 0]
-    if not bright_use_group1:
-        np.bitwise_or(first, np.uint8(DO_NOT_USE), out=first)
-        return True
-    kept = (groupdq[:, 2] & SATURATED) != 0
-    np.bitwise_or(first, (~kept).view(np.uint8) * np.uint8(DO_NOT_USE), out=first)
-    kept_any = kept.any(axis=0)
-    np.bitwise_or(pixeldq, kept_any.view(np.uint8) * np.uint32(FLUX_ESTIMATED), out=pixeldq)
-    return True
-
-
-# --- step plugin (added by the engine work) ---
-
-from streamdet.core.plugins import hookimpl  # noqa: E402
-from streamdet.core.step import Param, Step  # noqa: E402
-
-from . import follows  # noqa: E402
+from . import follows
 
 
 class FirstFrameStep(Step):
@@ -62,7 +21,8 @@ class FirstFrameStep(Step):
     status_keyword = "S_FRSTFR"
     thread_safe = True
     params_spec = {
-        "bright_use_group1": Param(bool, True, "keep group 1 for pixels saturated by group 3"),
+        "bright_use_group1": Param(bool, FirstFrameParams.bright_use_group1,
+                                   "keep group 1 for pixels saturated by group 3"),
     }
 
     def prepare(self, meta, refs, pixeldq):

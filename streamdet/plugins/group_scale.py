@@ -1,19 +1,13 @@
-"""Rescaling of frame-averaged groups (jwst 3.0 ``group_scale``).
-
-On board, the frames of a group are summed and divided by FRMDIVSR, a power of two;
-when that is not NFRAMES (NFRAMES not a power of two) every group is off by
-NFRAMES/FRMDIVSR. jwst then multiplies every group of every integration by
-FRMDIVSR/NFRAMES, in float32, before anything else (saturation sees the rescaled DN).
-With FRMDIVSR absent or equal to NFRAMES nothing changes and the step is SKIPPED.
+"""The ``group_scale`` step: rescales frame-averaged groups by FRMDIVSR/NFRAMES (jwst 3.0
+``group_scale``). The algorithm: :mod:`streamdet.algorithms.group_scale`.
 
 FRMDIVSR must be a positive integer: 0 (jwst would zero the ramp) or anything else is
-bad input. Pixeldq contribution: none.
+bad input.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from streamdet.algorithms.group_scale import rescale_groups, scale_factor
 from streamdet.core.errors import BadInputError
 from streamdet.core.plugins import hookimpl
 from streamdet.core.step import Step
@@ -40,13 +34,11 @@ def frame_divisor(meta) -> int | None:
 
 
 def group_scale_factor(meta) -> float | None:
-    """FRMDIVSR/NFRAMES when the groups need rescaling, else None."""
-    divisor = frame_divisor(meta)
-    if divisor is None or divisor == meta.nframes:
-        return None
-    if meta.nframes <= 0:
-        raise BadInputError(f"{meta.path}: NFRAMES={meta.nframes} (must be positive)")
-    return divisor / meta.nframes
+    """FRMDIVSR/NFRAMES of the exposure when its groups need rescaling, else None."""
+    try:
+        return scale_factor(frame_divisor(meta), meta.nframes)
+    except ValueError as exc:
+        raise BadInputError(f"{meta.path}: {exc}") from None
 
 
 class GroupScaleStep(Step):
@@ -58,15 +50,13 @@ class GroupScaleStep(Step):
     thread_safe = True
 
     def prepare(self, meta, refs, pixeldq):
-        scale = group_scale_factor(meta)
-        if scale is None:
+        self.factor = group_scale_factor(meta)
+        if self.factor is None:
             return "FRMDIVSR is absent or equal to NFRAMES"
-        # jwst multiplies the float32 ramp by a Python float: float32 arithmetic
-        self.scale = np.float32(scale)
         return None
 
     def process(self, chunk):
-        np.multiply(chunk.data, self.scale, out=chunk.data)
+        rescale_groups(chunk.data, self.factor)
 
 
 @hookimpl

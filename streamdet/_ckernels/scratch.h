@@ -1,0 +1,29 @@
+/* The engine's scratch files (_Scratch in streamdet/core/engine.py): the ramp after
+ * the integration pass, laid out row by row, [ny][nints][ngroups][nx], so that a band of
+ * rows spanning every integration is one contiguous stretch of the file.
+ *
+ * These move rows between that layout and the engine's [nints][ngroups][rows][nx]
+ * arrays with vectored positioned I/O: the kernel scatters and gathers the pieces, so
+ * no transposed copy is made in memory. The arrays are raw bytes to these functions
+ * (any element type: `line_bytes` is nx times its size) and strides are in bytes; each
+ * (group, row) line of nx items must be contiguous in memory. Each returns 0, or
+ * -errno on failure (-EIO when the file ends early). */
+#include <stdint.h>
+
+/* Rows row0 .. row0+nrows of every integration from the file into `dest`, whose line
+ * (integration i, group g, row k) starts at dest + i*s_int + g*s_group + k*s_row. */
+int64_t streamdet_scratch_read(int64_t fd, void *dest, int64_t row0, int64_t nrows,
+                               int64_t nints, int64_t ngroups, int64_t line_bytes,
+                               int64_t s_int, int64_t s_group, int64_t s_row);
+
+/* Integration i, rows row0 .. row0+nrows, from `src` (line (g, k) at
+ * src + g*s_group + k*s_row) into the file (the integration pass). */
+int64_t streamdet_scratch_write(int64_t fd, const void *src, int64_t i, int64_t row0,
+                                int64_t nrows, int64_t nints, int64_t ngroups,
+                                int64_t line_bytes, int64_t s_group, int64_t s_row);
+
+/* The read that mirrors streamdet_scratch_write, for an integration pass that follows a
+ * band pass (a step needing whole integrations after one needing all integrations). */
+int64_t streamdet_scratch_read_integration(int64_t fd, void *dest, int64_t i, int64_t row0,
+                                           int64_t nrows, int64_t nints, int64_t ngroups,
+                                           int64_t line_bytes, int64_t s_group, int64_t s_row);
