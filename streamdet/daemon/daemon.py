@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import watcher as w
+from .failures import GiveUp, Retake, Retry, RetryPolicy, Vanished
 from .intake import (AlreadyDone, Decision, FileVersion, IgnoreChange, Intake, IntakeFacts, Look,
                      Opened, Requeue, Refuse, SameContent, Take, Unreadable)
 from .jobs import Job, JobDone, JobFailed
@@ -190,6 +191,7 @@ class Daemon:
         self.watcher: w.InboxWatcher | None = None
         self.intake = Intake(name_max=self.name_max, on_change=opts.on_change,
                              archive=self.archive is not None)
+        self.retry_policy = RetryPolicy(retries=opts.retries, retry_delay=opts.retry_delay)
         self.settler = w.Settler(self.inbox, opts.settle,
                                  stall=opts.settle if opts.once else opts.stall)
         #: (dev, ino, size, mtime_ns) of the version of each row the daemon hashed
@@ -782,52 +784,52 @@ class Daemon:
                  products=finals, worker=result.worker)
 
     def _failed(self, flight: _Flight, result: JobFailed) -> None:
+        """Carry out the retry policy's verdict on a failed run (:mod:`.failures`)."""
         self.inflight.pop(flight.row.id, None)
         row = self.journal.get(flight.row.id)
-        kind = result.kind
         if result.lost and self._pool_is_broken():
             # not the file's fault: it is left as it is for the next start
             self.journal.abandon(row.id, flight.run_id)
             return
-        if kind == "changed":       # replaced between the daemon's look and the worker's
+        kind, worker = result.kind, result.worker
+        verdict = self.retry_policy.after(result, row.failures)
+        if isinstance(verdict, Retake):
             self.journal.abandon(row.id, flight.run_id, outcome="interrupted")
             self.hashed.pop(row.id, None)
             self.known.pop(row.name, None)
             self.settler.observe(row.name)
             self.log("changed", f"{row.name}: changed before the worker opened it; taken "
                      "again once it settles", file=row.name, id=row.id)
-            return
-        if kind == "vanished":
+        elif isinstance(verdict, Vanished):
             self.journal.abandon(row.id, flight.run_id, outcome="interrupted")
             self._vanished(self.journal.get(row.id))
-            return
-        error = str(result.error or "unknown error")
-        counted = kind == "transient"
-        final = kind != "transient" or row.failures + 1 > self.opts.retries
-        worker = result.worker
-        if not final:
-            delay = min(300.0, self.opts.retry_delay * 2 ** row.failures)
-            at = time.time() + delay
-            self.journal.fail(row.id, flight.run_id, error=error, kind=kind, quarantine=False,
-                              counted=counted, retry_at=at, worker=worker)
+        elif isinstance(verdict, Retry):
+            at = time.time() + verdict.delay
+            self.journal.fail(row.id, flight.run_id, error=verdict.error, kind=kind,
+                              quarantine=False, counted=True, retry_at=at, worker=worker)
             self._schedule_retry(row.id, at)
-            self.log("failed", f"{row.name}: {error} [transient, attempt {flight.attempt}; "
-                     f"retry in {delay:g} s]", level="warning", file=row.name, id=row.id,
-                     kind=kind, reason=error, retry_in=delay)
-            return
+            self.log("failed", f"{row.name}: {verdict.error} [transient, attempt "
+                     f"{flight.attempt}; retry in {verdict.delay:g} s]", level="warning",
+                     file=row.name, id=row.id, kind=kind, reason=verdict.error,
+                     retry_in=verdict.delay)
+        else:
+            self._quarantine(row, flight.run_id, verdict, kind, worker)
+
+    def _quarantine(self, row: Row, run_id: int, verdict: GiveUp, kind: str,
+                    worker: str | None) -> None:
         path = self.inbox / row.name
         dest = None
         try:
-            # refused entries (kind security) stay where they are, like at the first look
-            if kind != "security" and _ident(os.lstat(path)) == (row.size, row.mtime_ns):
+            # only the very version that ran is moved
+            if verdict.move_input and _ident(os.lstat(path)) == (row.size, row.mtime_ns):
                 dest = _unique(self.quarantine_dir, row.name)
         except (FileNotFoundError, OSError):
             pass
         self.hashed.pop(row.id, None)
-        if kind == "transient":
-            error = f"{error} (gave up after {row.failures + 1} transient failures)"
-        self.journal.fail(row.id, flight.run_id, error=error, kind=kind, quarantine=True,
-                          counted=counted, moved_to=str(dest) if dest else None, worker=worker)
+        error = verdict.error
+        self.journal.fail(row.id, run_id, error=error, kind=kind, quarantine=True,
+                          counted=verdict.counted, moved_to=str(dest) if dest else None,
+                          worker=worker)
         row = self.journal.get(row.id)
         self._write_error_report(row, dest)
         if dest is not None:

@@ -1,5 +1,6 @@
-"""The daemon's intake decision (``streamdet.daemon.intake``), branch by branch, on real
-values: real files' stat and SHA-256, rows of a real journal driven through its states."""
+"""The daemon's pure decisions, branch by branch, on real values: the intake decision
+(``streamdet.daemon.intake``: real files' stat and SHA-256, rows of a real journal driven
+through its states) and the retry policy after a failed run (``streamdet.daemon.failures``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 from streamdet.daemon import watcher as w
+from streamdet.daemon.failures import GiveUp, Retake, Retry, RetryPolicy, Vanished
 from streamdet.daemon.intake import (AlreadyDone, FileVersion, Gone, IgnoreChange, Intake,
                                      IntakeFacts, Look, NotAFile, Opened, Refuse, Requeue,
                                      Running, SameContent, Settled, Take, Unreadable, Wait)
@@ -236,3 +238,39 @@ def test_job_results_survive_pickling():
     failed = JobFailed(kind="permanent", error="truncated", worker="h:1", seconds=0.1)
     assert pickle.loads(pickle.dumps(done)) == done
     assert pickle.loads(pickle.dumps(failed)) == failed
+
+
+# ------------------------------------------------------------------------------------------
+# after a failed run
+# ------------------------------------------------------------------------------------------
+
+def test_transient_failures_are_retried_with_doubling_delays_then_given_up():
+    policy = RetryPolicy(retries=2, retry_delay=2.0)
+    failed = JobFailed(kind="transient", error="OSError: disk hiccup", worker="h:1")
+    assert policy.after(failed, failures=0) == Retry(delay=2.0, error="OSError: disk hiccup")
+    assert policy.after(failed, failures=1) == Retry(delay=4.0, error="OSError: disk hiccup")
+    assert policy.after(failed, failures=2) == GiveUp(
+        error="OSError: disk hiccup (gave up after 3 transient failures)", counted=True,
+        move_input=True)
+    # no retries at all; the delay is capped
+    assert isinstance(RetryPolicy(retries=0).after(failed, failures=0), GiveUp)
+    assert RetryPolicy(retries=20, retry_delay=2.0).after(failed, failures=10).delay == 300.0
+    assert RetryPolicy(retries=2).after(JobFailed(kind="transient", error=""), 0).error == \
+        "unknown error"
+
+
+def test_permanent_and_refused_failures_are_final_at_once():
+    policy = RetryPolicy(retries=5)
+    bad = JobFailed(kind="permanent", error="x_uncal.fits: is truncated")
+    assert policy.after(bad, failures=0) == GiveUp(error="x_uncal.fits: is truncated",
+                                                   counted=False, move_input=True)
+    # a symlink swapped in after the daemon's look: refused, and left where it is
+    unsafe = JobFailed(kind="security", error="symlink points outside the inbox")
+    assert policy.after(unsafe, failures=1) == GiveUp(
+        error="symlink points outside the inbox", counted=False, move_input=False)
+
+
+def test_an_input_replaced_or_gone_before_the_worker_opened_it():
+    policy = RetryPolicy(retries=0)
+    assert policy.after(JobFailed(kind="changed", error="replaced"), failures=3) == Retake()
+    assert policy.after(JobFailed(kind="vanished", error="gone"), failures=0) == Vanished()
