@@ -1,4 +1,5 @@
-"""The daemon's pure decisions, branch by branch, on real values: the intake decision
+"""The daemon's pure decisions, branch by branch, on real values: when a file is complete
+(``watcher.completeness``, on the structure of real FITS files), the intake decision
 (``streamdet.daemon.intake``: real files' stat and SHA-256, rows of a real journal driven
 through its states) and the retry policy after a failed run (``streamdet.daemon.failures``)."""
 
@@ -75,6 +76,48 @@ def row_in(journal, version: FileVersion, sha: str, state: str, name: str = NAME
     assert row.state == state
     return row
 
+
+# ------------------------------------------------------------------------------------------
+# is it complete?
+# ------------------------------------------------------------------------------------------
+
+def test_completeness_rules(tmp_path):
+    import numpy as np
+    from astropy.io import fits
+
+    whole = tmp_path / "whole_uncal.fits"
+    fits.HDUList([fits.PrimaryHDU(),
+                  fits.ImageHDU(np.zeros((2, 3, 8, 8), ">u2"), name="SCI"),
+                  fits.BinTableHDU.from_columns([fits.Column("int_start_MJD_UTC", "D",
+                                                             array=[1.0, 2.0])],
+                                                name="INT_TIMES")]).writeto(whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut_uncal.fits"
+    cut.write_bytes(data[: len(data) // 2])
+    junk = tmp_path / "junk_uncal.fits"
+    junk.write_bytes(b"not FITS at all" * 400)
+    found = {p.name: w.structure(p) for p in (whole, cut, junk)}
+    assert found == {"whole_uncal.fits": "whole", "cut_uncal.fits": "partial",
+                     "junk_uncal.fits": "foreign"}
+    rules = dict(settle=2.0, stall=60.0)
+    # renamed into the inbox, or not a regular file (a symlink: checked by the intake)
+    assert w.completeness(regular=True, renamed=True, quiet=0.0, **rules) == "complete"
+    assert w.completeness(regular=False, renamed=False, quiet=0.0, **rules) == "complete"
+    # not quiet long enough
+    assert w.completeness(regular=True, renamed=False, quiet=1.9, **rules) == "wait"
+    # quiet: its structure decides, read only now
+    quiet = dict(regular=True, renamed=False, quiet=2.0, **rules)
+    assert w.completeness(**quiet) == "look"
+    assert w.completeness(**quiet, structure=found["whole_uncal.fits"]) == "complete"
+    assert w.completeness(**quiet, structure=found["junk_uncal.fits"]) == "complete"
+    assert w.completeness(**quiet, structure=found["cut_uncal.fits"]) == "wait"
+    # stalled: taken whatever it holds, without reading it
+    assert w.completeness(regular=True, renamed=False, quiet=60.0, **rules) == "complete"
+
+
+# ------------------------------------------------------------------------------------------
+# the intake decision
+# ------------------------------------------------------------------------------------------
 
 def test_gone_entry_is_forgotten():
     decision = Intake().decide(IntakeFacts(NAME, entry=None))

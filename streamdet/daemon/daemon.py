@@ -194,7 +194,7 @@ class Daemon:
         self.retry_policy = RetryPolicy(retries=opts.retries, retry_delay=opts.retry_delay)
         self.settler = w.Settler(self.inbox, opts.settle,
                                  stall=opts.settle if opts.once else opts.stall)
-        #: (dev, ino, size, mtime_ns) of the version of each row the daemon hashed
+        #: the version of each row's file the daemon hashed (run only if still that one)
         self.hashed: dict[int, FileVersion] = {}
         self.pool_broken: str | None = None
         self.ready: collections.deque[int] = collections.deque()
@@ -515,6 +515,7 @@ class Daemon:
         return fd, Opened("file", version=FileVersion.of(st))
 
     def _carry_out(self, decision: Decision, facts: IntakeFacts) -> None:
+        """Do what the intake decided: journal, log, queue, moves."""
         name, latest = facts.name, facts.latest
         path = self.inbox / name
         if decision.remember:
