@@ -814,13 +814,15 @@ class ScriptedExecutor:
         return 2
 
     def submit(self, job):
-        name = Path(job["path"]).name
+        from streamdet.daemon.jobs import JobDone, JobFailed
+
+        name = Path(job.path).name
         self.calls.append(name)
         if self.failures.get(name, 0) > 0:
             self.failures[name] -= 1
-            result = {"ok": False, "kind": "transient", "error": "OSError: disk hiccup"}
+            result = JobFailed(kind="transient", error="OSError: disk hiccup")
         else:
-            staging = Path(job["staging"])
+            staging = Path(job.staging)
             staging.mkdir(parents=True)
             base = name[: -len("_uncal.fits")]
             products = {}
@@ -828,8 +830,8 @@ class ScriptedExecutor:
                 p = staging / f"{base}_{kind}.fits"
                 p.write_bytes(b"product")
                 products[kind] = str(p)
-            result = {"ok": True, "products": products, "seconds": 0.01, "worker": "scripted"}
-        self.completions.put((job["id"], result))
+            result = JobDone(products=products, seconds=0.01, worker="scripted")
+        self.completions.put((job.id, result))
 
     def outcome(self, job_id, handle):
         return handle

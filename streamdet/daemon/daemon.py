@@ -16,11 +16,15 @@ import signal
 import sqlite3
 import stat as statmod
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import watcher as w
+from .failures import GiveUp, Retake, Retry, RetryPolicy, Vanished
+from .intake import (AlreadyDone, Decision, FileVersion, IgnoreChange, Intake, IntakeFacts, Look,
+                     Opened, Requeue, Refuse, SameContent, Take, Unreadable)
+from .jobs import Job, JobDone, JobFailed
 from .journal import PENDING, Journal, Row
 from .journal import storable as _storable
 from .log import EventLog
@@ -76,11 +80,6 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _version(st: os.stat_result) -> tuple[int, int, int, int]:
-    """One version of one file: same inode, same size, same mtime."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _move_entry(src: Path, dest: Path) -> None:
     """Move the inbox entry ``src`` itself (a symlink stays a symlink, its target is never
     read); across filesystems a regular file is copied through one ``O_NOFOLLOW``
@@ -112,7 +111,7 @@ def _move_entry(src: Path, dest: Path) -> None:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        if _version(os.lstat(src)) == _version(st):
+        if FileVersion.of(os.lstat(src)) == FileVersion.of(st):
             os.unlink(src)
     finally:
         os.close(fd)
@@ -190,10 +189,13 @@ class Daemon:
         self.executor = executor
         self.journal: Journal | None = None
         self.watcher: w.InboxWatcher | None = None
+        self.intake = Intake(name_max=self.name_max, on_change=opts.on_change,
+                             archive=self.archive is not None)
+        self.retry_policy = RetryPolicy(retries=opts.retries, retry_delay=opts.retry_delay)
         self.settler = w.Settler(self.inbox, opts.settle,
                                  stall=opts.settle if opts.once else opts.stall)
-        #: (dev, ino, size, mtime_ns) of the version of each row the daemon hashed
-        self.hashed: dict[int, tuple[int, int, int, int]] = {}
+        #: the version of each row's file the daemon hashed (run only if still that one)
+        self.hashed: dict[int, FileVersion] = {}
         self.pool_broken: str | None = None
         self.ready: collections.deque[int] = collections.deque()
         self.retry: list[tuple[float, int]] = []
@@ -468,111 +470,110 @@ class Daemon:
     # taking files
     # =====================================================================================
     def _take(self, name: str) -> bool:
-        """Decide about a complete file. False: not decided yet (keep watching it)."""
-        path = self.inbox / name
+        """Decide about a complete file (:mod:`.intake`) and carry the decision out.
+        False: not decided yet (keep watching it)."""
+        facts = self._look(name)
+        fd = None
         try:
-            lst = os.lstat(path)
+            while isinstance(decision := self.intake.decide(facts), Look):
+                if decision.what == "open":
+                    fd, opened = self._open(name)
+                    facts = replace(facts, opened=opened)
+                else:
+                    sha = self._hash(fd, facts.opened.version)
+                    facts = replace(facts, sha256=sha, hash_unstable=sha is None)
+            self._carry_out(decision, facts)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return not decision.keep_watching
+
+    def _look(self, name: str) -> IntakeFacts:
+        """The first facts about an inbox entry: what reads nothing of it."""
+        try:
+            lst = os.lstat(self.inbox / name)
         except FileNotFoundError:
-            return True
-        reason = w.check_safe(self.inbox, name)
-        kind = "security"
-        if reason is None:
-            reason, kind = w.name_problem(name, self.name_max), "name"
-        if reason:
-            self._refuse(name, path, lst, reason, kind)
-            return True
-        latest = self.journal.latest(name)
+            return IntakeFacts(name, entry=None)
+        unsafe = w.check_safe(self.inbox, name)
+        # a name refused as not UTF-8 is recorded under its storable spelling
+        latest = self.journal.latest(_storable(name))
+        return IntakeFacts(
+            name, entry=FileVersion.of(lst), unsafe=unsafe, latest=latest,
+            hashed=self.hashed.get(latest.id) if latest else None,
+            scheduled=latest is not None and (latest.id in self.queued
+                                              or latest.id in self.inflight))
+
+    def _open(self, name: str) -> tuple[int | None, Opened]:
         try:
             fd, st = w.open_entry(self.inbox, name)
         except w.Refused as exc:
-            self._refuse(name, path, lst, exc.reason, exc.kind)
-            return True
+            return None, Opened("refused", reason=exc.reason, kind=exc.kind)
         except (FileNotFoundError, w.NotRegular):
-            self.known[name] = _ident(lst)      # dangling link, directory, FIFO...: ignored
-            return True
+            return None, Opened("not_file")
         except PermissionError:
-            self._unreadable(name, path, lst, latest)
-            return True
-        try:
-            return self._take_open(name, path, lst, fd, st, latest)
-        finally:
-            os.close(fd)
+            return None, Opened("denied")
+        return fd, Opened("file", version=FileVersion.of(st))
 
-    def _take_open(self, name: str, path: Path, lst: os.stat_result, fd: int,
-                   st: os.stat_result, latest: Row | None) -> bool:
-        ident = _ident(st)
-        if latest is not None:
-            if latest.state == "running":
-                return True                     # looked at again when the run ends
-            if latest.state in PENDING:
-                if self.hashed.get(latest.id) != _version(st):
-                    sha = self._hash(fd, st)
-                    if sha is None:
-                        return False
-                    if (latest.size, latest.mtime_ns, latest.sha256) != (*ident, sha):
-                        self.journal.update_identity(latest.id, path=str(path), size=ident[0],
-                                                     mtime_ns=ident[1], sha256=sha)
-                        self.log("changed", f"{name}: changed before it ran; the new content "
-                                 "will be processed", file=name, id=latest.id)
-                    self.hashed[latest.id] = _version(st)
-                if latest.id not in self.queued and latest.id not in self.inflight:
-                    self._enqueue(latest.id)
-                self.known[name] = _ident(lst)
-                return True
-            if (latest.size, latest.mtime_ns) == ident and not latest.moved_to:
-                self.known[name] = _ident(lst)  # the very file already settled
-                return True
-        sha = self._hash(fd, st)
-        if sha is None:
-            return False
-        self.known[name] = _ident(lst)
-        if latest is not None and latest.sha256 == sha:
-            if latest.state == "done":
-                self.journal.update_identity(latest.id, path=str(path), size=ident[0],
-                                             mtime_ns=ident[1])
+    def _carry_out(self, decision: Decision, facts: IntakeFacts) -> None:
+        """Do what the intake decided: journal, log, queue, moves."""
+        name, latest = facts.name, facts.latest
+        path = self.inbox / name
+        if decision.remember:
+            self.known[name] = facts.entry.ident
+        version = facts.opened.version if facts.opened is not None else None
+        sha = facts.sha256
+        match decision:
+            case Refuse(reason=reason, kind=kind, recorded=False):
+                self._record_refused(name, path, facts.entry, reason, kind)
+            case Unreadable(recorded=False):
+                self._record_unreadable(name, path, facts.entry)
+            case Requeue(row_id=fid, identity_changed=changed, enqueue=enqueue):
+                if changed:
+                    self.journal.update_identity(fid, path=str(path), size=version.size,
+                                                 mtime_ns=version.mtime_ns, sha256=sha)
+                    self.log("changed", f"{name}: changed before it ran; the new content "
+                             "will be processed", file=name, id=fid)
+                self.hashed[fid] = version
+                if enqueue:
+                    self._enqueue(fid)
+            case AlreadyDone(row_id=fid, archive=archive):
+                self.journal.update_identity(fid, path=str(path), size=version.size,
+                                             mtime_ns=version.mtime_ns)
                 self.log("skipped", f"{name}: already done (same content, sha256 {sha[:12]})",
-                         file=name, id=latest.id, sha256=sha)
-                if self.archive is not None:
+                         file=name, id=fid, sha256=sha)
+                if archive:
                     self._move_input(latest, path, _unique(self.archive, name), record=False)
-                return True
-            if latest.state == "ignored" or (latest.state == "quarantined" and not latest.moved_to):
-                self.journal.update_identity(latest.id, path=str(path), size=ident[0],
-                                             mtime_ns=ident[1])
-                return True
-            # quarantined and moved away, or vanished: a fresh delivery, try again
-        changed = latest is not None and latest.state in ("done", "ignored") \
-            and latest.sha256 != sha
-        if changed and self.opts.on_change == "ignore":
-            fid = self.journal.add(name=name, path=str(path), size=ident[0], mtime_ns=ident[1],
-                                   sha256=sha, state="ignored", error_kind="changed",
-                                   error="content changed after it was processed "
-                                         "(--on-change ignore)")
-            self.log("ignored", f"{name}: content changed after it was processed; ignored "
-                     "(--on-change ignore)", file=name, id=fid, sha256=sha)
-            return True
-        fid = self.journal.add(name=name, path=str(path), size=ident[0], mtime_ns=ident[1],
-                               sha256=sha)
-        self.hashed[fid] = _version(st)
-        what = "changed content, reprocessing" if changed else "new"
-        self.log("taken", f"{name} ({ident[0]} bytes, sha256 {sha[:12]}; {what})",
-                 file=name, id=fid, size=ident[0], sha256=sha, changed=changed)
-        self._activity = True
-        self._enqueue(fid)
-        return True
+            case SameContent(row_id=fid):
+                self.journal.update_identity(fid, path=str(path), size=version.size,
+                                             mtime_ns=version.mtime_ns)
+            case IgnoreChange():
+                fid = self.journal.add(name=name, path=str(path), size=version.size,
+                                       mtime_ns=version.mtime_ns, sha256=sha, state="ignored",
+                                       error_kind="changed",
+                                       error="content changed after it was processed "
+                                             "(--on-change ignore)")
+                self.log("ignored", f"{name}: content changed after it was processed; ignored "
+                         "(--on-change ignore)", file=name, id=fid, sha256=sha)
+            case Take(changed=changed):
+                fid = self.journal.add(name=name, path=str(path), size=version.size,
+                                       mtime_ns=version.mtime_ns, sha256=sha)
+                self.hashed[fid] = version
+                what = "changed content, reprocessing" if changed else "new"
+                self.log("taken", f"{name} ({version.size} bytes, sha256 {sha[:12]}; {what})",
+                         file=name, id=fid, size=version.size, sha256=sha, changed=changed)
+                self._activity = True
+                self._enqueue(fid)
+            # Gone, Running, Wait, NotAFile, Settled, already recorded refusals: nothing
 
-    def _unreadable(self, name: str, path: Path, lst: os.stat_result, latest: Row | None) -> None:
-        ident = _ident(lst)
-        if not (latest and latest.error_kind == "unreadable"
-                and (latest.size, latest.mtime_ns) == ident):
-            fid = self.journal.add(name=name, path=str(path), size=ident[0],
-                                   mtime_ns=ident[1], sha256=None, state="quarantined",
-                                   error="cannot read the file (permission denied); "
-                                         "deliver it again readable",
-                                   error_kind="unreadable")
-            self._write_error_report(self.journal.get(fid), None)
-            self.log("failed", f"{name}: cannot read it (permission denied) -> recorded "
-                     "in quarantine", level="error", file=name, id=fid)
-        self.known[name] = ident
+    def _record_unreadable(self, name: str, path: Path, entry: FileVersion) -> None:
+        fid = self.journal.add(name=name, path=str(path), size=entry.size,
+                               mtime_ns=entry.mtime_ns, sha256=None, state="quarantined",
+                               error="cannot read the file (permission denied); "
+                                     "deliver it again readable",
+                               error_kind="unreadable")
+        self._write_error_report(self.journal.get(fid), None)
+        self.log("failed", f"{name}: cannot read it (permission denied) -> recorded "
+                 "in quarantine", level="error", file=name, id=fid)
 
     def _internal_error(self, what: str, exc: BaseException) -> None:
         import traceback
@@ -586,7 +587,7 @@ class Daemon:
                 pass
 
     @staticmethod
-    def _hash(fd: int, st: os.stat_result) -> str | None:
+    def _hash(fd: int, version: FileVersion) -> str | None:
         """sha256 of the open file, read through its descriptor; None if it changed while
         being read."""
         digest = hashlib.sha256()
@@ -594,20 +595,16 @@ class Daemon:
         while chunk := os.pread(fd, 1 << 20, offset):
             digest.update(chunk)
             offset += len(chunk)
-        if _version(os.fstat(fd)) != _version(st) or offset != st.st_size:
+        if FileVersion.of(os.fstat(fd)) != version or offset != version.size:
             return None
         return digest.hexdigest()
 
-    def _refuse(self, name: str, path: Path, lst: os.stat_result, reason: str,
-                kind: str = "security") -> None:
-        """Record an entry refused without reading it (once per version of the entry)."""
-        self.known[name] = _ident(lst)
-        stored = _storable(name)
-        latest = self.journal.latest(stored)
-        if latest and latest.error_kind == kind and (latest.size, latest.mtime_ns) == _ident(lst):
-            return
-        fid = self.journal.add(name=stored, path=_storable(str(path)), size=lst.st_size,
-                               mtime_ns=lst.st_mtime_ns, sha256=None, state="quarantined",
+    def _record_refused(self, name: str, path: Path, entry: FileVersion, reason: str,
+                        kind: str) -> None:
+        """Record an entry refused without reading it (the intake decides it is not
+        recorded yet: once per version of the entry)."""
+        fid = self.journal.add(name=_storable(name), path=_storable(str(path)), size=entry.size,
+                               mtime_ns=entry.mtime_ns, sha256=None, state="quarantined",
                                error=reason, error_kind=kind)
         row = self.journal.get(fid)
         self._write_error_report(row, None)
@@ -662,7 +659,7 @@ class Daemon:
             self._vanished(row)
             return
         hashed = self.hashed.get(fid)
-        if (row.size, row.mtime_ns) != _ident(st) or (hashed and hashed != _version(st)):
+        if (row.size, row.mtime_ns) != _ident(st) or (hashed and hashed != FileVersion.of(st)):
             self.hashed.pop(fid, None)
             self.settler.observe(row.name)      # hashed again (and run) once it settles
             return
@@ -670,22 +667,21 @@ class Daemon:
         staging = self.staging_root / f"{fid}-{attempt}"
         # the worker opens the entry itself, checks it is this very version (or refuses),
         # and reads only through that descriptor
-        job = {"id": fid, "attempt": attempt, "path": str(path), "inbox": str(self.inbox),
-               "name": row.name, "expect": [st.st_ino, st.st_size, st.st_mtime_ns],
-               "staging": str(staging),
-               "config": self.opts.config, "env": _crds_env()}
+        job = Job(id=fid, attempt=attempt, path=str(path), inbox=str(self.inbox),
+                  name=row.name, expect=(st.st_ino, st.st_size, st.st_mtime_ns),
+                  staging=str(staging), config=self.opts.config, env=_crds_env())
         flight = _Flight(self.journal.get(fid), run_id, attempt, staging)
         self.inflight[fid] = flight
         try:
             self.executor.submit(job)
         except Exception as exc:
-            self._failed(flight, {"ok": False, "kind": "transient", "lost": True,
-                                  "error": f"cannot submit: {type(exc).__name__}: {exc}"})
+            self._failed(flight, JobFailed(kind="transient", lost=True,
+                                           error=f"cannot submit: {type(exc).__name__}: {exc}"))
             return
         self.log("started", f"{row.name} (attempt {attempt})", file=row.name, id=fid,
                  attempt=attempt)
 
-    def _pool_is_broken(self, result: dict) -> bool:
+    def _pool_is_broken(self) -> bool:
         """After a lost worker: can the executor still start workers? If not, no file is
         to blame -- stop (exit 1) and leave every file as it is for the next start."""
         if self.pool_broken is None:
@@ -727,16 +723,16 @@ class Daemon:
         if flight is None:
             return
         self._activity = True
-        for text in result.get("warnings") or ():
-            self.log("plugin", f"{flight.row.name}: {text}", level="warning",
-                     file=flight.row.name, id=fid)
-        if result.get("ok"):
+        if isinstance(result, JobDone):
+            for text in result.warnings:
+                self.log("plugin", f"{flight.row.name}: {text}", level="warning",
+                         file=flight.row.name, id=fid)
             try:
                 self._commit(flight, result)
             except OSError as exc:
                 self.inflight[fid] = flight
-                self._failed(flight, {"ok": False, "kind": "transient", "worker": result.get("worker"),
-                                      "error": f"cannot move products into place: {exc}"})
+                self._failed(flight, JobFailed(kind="transient", worker=result.worker,
+                                               error=f"cannot move products into place: {exc}"))
         else:
             self.inflight[fid] = flight
             self._failed(flight, result)
@@ -750,10 +746,10 @@ class Daemon:
         except (FileNotFoundError, OSError):
             pass
 
-    def _commit(self, flight: _Flight, result: dict) -> None:
+    def _commit(self, flight: _Flight, result: JobDone) -> None:
         row = flight.row
         staging = w.realpath(flight.staging)
-        staged = {kind: Path(p) for kind, p in result["products"].items()}
+        staged = {kind: Path(p) for kind, p in result.products.items()}
         # files observer plugins wrote beside the products (a quick-look PNG, say)
         extras = {e.name: e for e in sorted(flight.staging.iterdir())
                   if e.name not in {p.name for p in staged.values()}
@@ -776,66 +772,65 @@ class Daemon:
         path = self.inbox / row.name
         if self.archive is not None:
             moved_to = str(_unique(self.archive, row.name))
-        self.journal.done(row.id, flight.run_id, products=finals,
-                          seconds=float(result.get("seconds") or 0.0),
-                          timings=result.get("timings"), worker=result.get("worker"),
-                          moved_to=moved_to)
+        seconds = float(result.seconds or 0.0)
+        self.journal.done(row.id, flight.run_id, products=finals, seconds=seconds,
+                          timings=result.timings, worker=result.worker, moved_to=moved_to)
         self._done_this_run += 1
         self.hashed.pop(row.id, None)
         if moved_to:
             self._move_input(self.journal.get(row.id), path, Path(moved_to))
-        self.log("done", f"{row.name} in {float(result.get('seconds') or 0):.2f} s -> "
+        self.log("done", f"{row.name} in {seconds:.2f} s -> "
                  + ", ".join(Path(finals[k]).name for k in ("rate", "rateints") if k in finals),
-                 file=row.name, id=row.id, seconds=round(float(result.get("seconds") or 0), 3),
-                 products=finals, worker=result.get("worker"))
+                 file=row.name, id=row.id, seconds=round(seconds, 3),
+                 products=finals, worker=result.worker)
 
-    def _failed(self, flight: _Flight, result: dict) -> None:
+    def _failed(self, flight: _Flight, result: JobFailed) -> None:
+        """Carry out the retry policy's verdict on a failed run (:mod:`.failures`)."""
         self.inflight.pop(flight.row.id, None)
         row = self.journal.get(flight.row.id)
-        kind = result.get("kind", "transient")
-        if result.get("lost") and self._pool_is_broken(result):
+        if result.lost and self._pool_is_broken():
             # not the file's fault: it is left as it is for the next start
             self.journal.abandon(row.id, flight.run_id)
             return
-        if kind == "changed":       # replaced between the daemon's look and the worker's
+        kind, worker = result.kind, result.worker
+        verdict = self.retry_policy.after(result, row.failures)
+        if isinstance(verdict, Retake):
             self.journal.abandon(row.id, flight.run_id, outcome="interrupted")
             self.hashed.pop(row.id, None)
             self.known.pop(row.name, None)
             self.settler.observe(row.name)
             self.log("changed", f"{row.name}: changed before the worker opened it; taken "
                      "again once it settles", file=row.name, id=row.id)
-            return
-        if kind == "vanished":
+        elif isinstance(verdict, Vanished):
             self.journal.abandon(row.id, flight.run_id, outcome="interrupted")
             self._vanished(self.journal.get(row.id))
-            return
-        error = str(result.get("error") or "unknown error")
-        counted = kind == "transient"
-        final = kind != "transient" or row.failures + 1 > self.opts.retries
-        worker = result.get("worker")
-        if not final:
-            delay = min(300.0, self.opts.retry_delay * 2 ** row.failures)
-            at = time.time() + delay
-            self.journal.fail(row.id, flight.run_id, error=error, kind=kind, quarantine=False,
-                              counted=counted, retry_at=at, worker=worker)
+        elif isinstance(verdict, Retry):
+            at = time.time() + verdict.delay
+            self.journal.fail(row.id, flight.run_id, error=verdict.error, kind=kind,
+                              quarantine=False, counted=True, retry_at=at, worker=worker)
             self._schedule_retry(row.id, at)
-            self.log("failed", f"{row.name}: {error} [transient, attempt {flight.attempt}; "
-                     f"retry in {delay:g} s]", level="warning", file=row.name, id=row.id,
-                     kind=kind, reason=error, retry_in=delay)
-            return
+            self.log("failed", f"{row.name}: {verdict.error} [transient, attempt "
+                     f"{flight.attempt}; retry in {verdict.delay:g} s]", level="warning",
+                     file=row.name, id=row.id, kind=kind, reason=verdict.error,
+                     retry_in=verdict.delay)
+        else:
+            self._quarantine(row, flight.run_id, verdict, kind, worker)
+
+    def _quarantine(self, row: Row, run_id: int, verdict: GiveUp, kind: str,
+                    worker: str | None) -> None:
         path = self.inbox / row.name
         dest = None
         try:
-            # refused entries (kind security) stay where they are, like at the first look
-            if kind != "security" and _ident(os.lstat(path)) == (row.size, row.mtime_ns):
+            # only the very version that ran is moved
+            if verdict.move_input and _ident(os.lstat(path)) == (row.size, row.mtime_ns):
                 dest = _unique(self.quarantine_dir, row.name)
         except (FileNotFoundError, OSError):
             pass
         self.hashed.pop(row.id, None)
-        if kind == "transient":
-            error = f"{error} (gave up after {row.failures + 1} transient failures)"
-        self.journal.fail(row.id, flight.run_id, error=error, kind=kind, quarantine=True,
-                          counted=counted, moved_to=str(dest) if dest else None, worker=worker)
+        error = verdict.error
+        self.journal.fail(row.id, run_id, error=error, kind=kind, quarantine=True,
+                          counted=verdict.counted, moved_to=str(dest) if dest else None,
+                          worker=worker)
         row = self.journal.get(row.id)
         self._write_error_report(row, dest)
         if dest is not None:

@@ -4,9 +4,10 @@ Both executors have the same small interface, used only from the daemon's main t
 
 * ``capacity()`` -- how many files may be in flight (backpressure: never more files in
   flight than workers);
-* ``submit(job)`` -- start one job; when it ends, ``(job_id, handle)`` appears on
-  :attr:`completions` (a thread-safe queue), and ``outcome(handle)`` gives the worker's
-  result dict -- or, if the worker itself was lost, a transient failure;
+* ``submit(job)`` -- start one :class:`~.jobs.Job`; when it ends, ``(job.id, handle)``
+  appears on :attr:`completions` (a thread-safe queue), and ``outcome(job_id, handle)``
+  gives the worker's :class:`~.jobs.JobDone` or :class:`~.jobs.JobFailed` -- or, if the
+  worker itself was lost, a transient ``JobFailed`` with ``lost`` set;
 * ``shutdown(abandon)`` -- stop; with ``abandon`` cancel what is still running.
 """
 
@@ -19,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from .jobs import Job, JobFailed, JobResult
 from .worker import daemon_env, init_local_worker, probe, run_job
 
 
@@ -26,9 +28,9 @@ class ExecutorError(RuntimeError):
     pass
 
 
-def _lost(exc: BaseException) -> dict:
-    return {"ok": False, "kind": "transient", "worker": None, "lost": True,
-            "error": f"worker lost: {type(exc).__name__}: {exc}".rstrip(": ")}
+def _lost(exc: BaseException) -> JobFailed:
+    return JobFailed(kind="transient", lost=True,
+                     error=f"worker lost: {type(exc).__name__}: {exc}".rstrip(": "))
 
 
 def _pin_worker_imports() -> str:
@@ -168,10 +170,10 @@ class LocalExecutor:
     def capacity(self) -> int:
         return self.workers
 
-    def submit(self, job: dict) -> None:
+    def submit(self, job: Job) -> None:
         from concurrent.futures.process import BrokenProcessPool
 
-        job_id = job["id"]
+        job_id = job.id
         try:
             pool = self._ensure_pool()
             fut = pool.submit(run_job, job)
@@ -182,7 +184,7 @@ class LocalExecutor:
         self.futures[job_id] = (fut, pool)
         fut.add_done_callback(lambda f, i=job_id: self.completions.put((i, f)))
 
-    def outcome(self, job_id: int, handle) -> dict:
+    def outcome(self, job_id: int, handle) -> JobResult:
         from concurrent.futures.process import BrokenProcessPool
 
         _, pool = self.futures.pop(job_id, (None, None))
@@ -288,14 +290,14 @@ class DaskExecutor:
             self._cap_at = now
         return self._cap
 
-    def submit(self, job: dict) -> None:
-        job_id = job["id"]
-        key = f"streamdet-watch-{job_id}-{job['attempt']}-{os.getpid()}-{time.time_ns()}"
+    def submit(self, job: Job) -> None:
+        job_id = job.id
+        key = f"streamdet-watch-{job_id}-{job.attempt}-{os.getpid()}-{time.time_ns()}"
         fut = self.client.submit(run_job, job, key=key, pure=False, retries=0)
         self.futures[job_id] = fut
         fut.add_done_callback(lambda f, i=job_id: self.completions.put((i, f)))
 
-    def outcome(self, job_id: int, handle) -> dict:
+    def outcome(self, job_id: int, handle) -> JobResult:
         self.futures.pop(job_id, None)
         try:
             return handle.result(timeout=60)

@@ -5,8 +5,10 @@
   recursive, that turns events into ``(kind, name)`` items on a queue: ``renamed`` (moved
   into INBOX under this name), ``change`` (created, modified, closed) and ``gone``.
 * :func:`scan` -- the names in INBOX now (start-up, ``--once``, periodic safety net).
-* :class:`Settler` -- the "is it complete?" rules. A close is no proof of completeness (a
-  producer may close after a piece and append later), so a file is taken when
+* :class:`Settler` -- tracks the names not yet taken; :func:`completeness` -- the "is it
+  complete?" rules, pure (the settler gathers their facts). A close is no proof of
+  completeness (a producer may close after a piece and append later), so a file is taken
+  when
 
   - it was renamed into INBOX under its name (the producer says it is done), or
   - it has been quiet (size and mtime unchanged) for the settle time *and* its structure
@@ -369,22 +371,38 @@ class Settler:
             if (lst.st_size, lst.st_mtime_ns) != (p.size, p.mtime_ns):
                 self.pending[name] = _Pending(lst.st_size, lst.st_mtime_ns, now)
                 continue
-            if statmod.S_ISLNK(lst.st_mode) or not statmod.S_ISREG(lst.st_mode):
-                # a symlink (checked for safety before anything reads it) or something odd:
-                # let the daemon decide at once
-                out.append(name)
-                continue
-            if p.renamed:
-                out.append(name)
-                continue
             # quiet: unchanged while we watched, or not modified since (mtime) -- a writer
             # that paused shows the time of its last write
-            quiet = max(now - p.changed_at, wall - lst.st_mtime_ns / 1e9)
-            if quiet < self.settle:
-                continue
-            if quiet >= self.stall or structure(path) != "partial":
+            facts = dict(regular=statmod.S_ISREG(lst.st_mode), renamed=p.renamed,
+                         quiet=max(now - p.changed_at, wall - lst.st_mtime_ns / 1e9),
+                         settle=self.settle, stall=self.stall)
+            verdict = completeness(**facts)
+            if verdict == "look":
+                verdict = completeness(**facts, structure=structure(path))
+            if verdict == "complete":
                 out.append(name)
         return out
+
+
+def completeness(*, regular: bool, renamed: bool, quiet: float, settle: float, stall: float,
+                 structure: str | None = None) -> str:
+    """The "is it complete?" rule (module doc) for an entry unchanged since the settler
+    last saw it; pure (:meth:`Settler.ready` gathers the facts).
+
+    ``regular``: a regular file -- a symlink or anything else goes to the daemon at once,
+    which checks it for safety before anything reads it; ``renamed``: renamed into INBOX
+    under its name; ``quiet``: seconds since it last changed; ``structure``: what
+    :func:`structure` found, None when not read yet. Returns ``"complete"``, ``"wait"``,
+    or ``"look"``: read its structure and ask again."""
+    if not regular or renamed:
+        return "complete"
+    if quiet < settle:
+        return "wait"
+    if quiet >= stall:
+        return "complete"
+    if structure is None:
+        return "look"
+    return "wait" if structure == "partial" else "complete"
 
 
 class InboxWatcher:

@@ -1,10 +1,11 @@
 """What a worker runs for one file: local pool processes and Dask workers alike.
 
-:func:`run_job` never raises for a processing error: it returns a dict that says whether
-the error is *permanent* (:class:`~streamdet.core.errors.BadInputError`: a corrupt file, a
-wrong instrument, a missing reference -- retrying cannot help) or *transient* (anything
-else). Exceptions that reach the caller (a worker process that died, a lost Dask worker)
-are transient by definition.
+:func:`run_job` never raises for a processing error: it returns a
+:class:`~.jobs.JobFailed` that says whether the error is *permanent*
+(:class:`~streamdet.core.errors.BadInputError`: a corrupt file, a wrong instrument, a
+missing reference -- retrying cannot help) or *transient* (anything else). Exceptions that
+reach the caller (a worker process that died, a lost Dask worker) are transient by
+definition.
 
 Products are written into the job's private staging directory (inside OUTBOX, so the
 daemon's final rename is on one filesystem); the daemon renames them into place.
@@ -19,6 +20,8 @@ import threading
 import time
 import traceback
 import warnings
+
+from .jobs import Job, JobDone, JobFailed, JobResult
 
 #: the environment a job may carry to its worker (the daemon's CRDS settings)
 ENV_PREFIXES = ("CRDS_",)
@@ -38,15 +41,15 @@ def daemon_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
 
 
-def run_job(job: dict) -> dict:
-    """Process the inbox entry ``job['name']`` into ``job['staging']`` with ``job['config']``.
+def run_job(job: Job) -> JobResult:
+    """Process the inbox entry ``job.name`` into ``job.staging`` with ``job.config``.
 
     The entry is opened once, as an entry of INBOX itself (:func:`~.watcher.open_entry`:
     a symlink swapped in after the daemon's look is never followed out of INBOX); the
-    opened file must be the very version the daemon checked (``job['expect']``: inode,
+    opened file must be the very version the daemon checked (``job.expect``: inode,
     size, mtime -- not the device number, which differs between hosts sharing a network
     filesystem), and the engine reads only through that descriptor."""
-    apply_env(job.get("env"))
+    apply_env(job.env)
     import dataclasses
     from pathlib import Path
 
@@ -59,50 +62,48 @@ def run_job(job: dict) -> dict:
     worker = f"{socket.gethostname()}:{os.getpid()}"
     started = time.perf_counter()
     if _WRONG_CODE:
-        return {"ok": False, "kind": "transient", "lost": True, "error": _WRONG_CODE,
-                "worker": worker}
+        return JobFailed(kind="transient", error=_WRONG_CODE, worker=worker, lost=True)
 
-    def refused(kind: str, error: str) -> dict:
-        return {"ok": False, "kind": kind, "error": error, "worker": worker,
-                "seconds": time.perf_counter() - started}
+    def refused(kind: str, error: str) -> JobFailed:
+        return JobFailed(kind=kind, error=error, worker=worker,
+                         seconds=time.perf_counter() - started)
 
-    staging = Path(job["staging"])
+    staging = Path(job.staging)
     fd = None
     try:
-        if "inbox" in job:
+        if job.inbox is not None:
             try:
-                fd, st = watcher.open_entry(Path(job["inbox"]), job["name"])
+                fd, st = watcher.open_entry(Path(job.inbox), job.name)
             except watcher.Refused as exc:
                 return refused(exc.kind, exc.reason)
             except (FileNotFoundError, watcher.NotRegular):
                 return refused("vanished", "the input disappeared before the worker opened it")
-            version = [st.st_ino, st.st_size, st.st_mtime_ns]
-            if job.get("expect") and version != list(job["expect"]):
+            version = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if job.expect and version != job.expect:
                 return refused("changed", "the input was replaced or changed after the daemon "
                                "checked it")
         staging.mkdir(parents=True, exist_ok=True)
-        config = job.get("config") or RunConfig()
+        config = job.config or RunConfig()
         config = dataclasses.replace(config, output_dir=staging, overwrite=True,
                                      scratch_dir=staging)
         with warnings.catch_warnings(record=True) as caught:
             # a misbehaving observer plugin is reported with the file, in the daemon's log
             warnings.simplefilter("always", PluginWarning)
-            result = process_file(job["path"], config, source_fd=fd)
+            result = process_file(job.path, config, source_fd=fd)
         plugin_warnings = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
         for w in caught:
             if not issubclass(w.category, PluginWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return {"ok": True, "products": {k: str(v) for k, v in result.products.items()},
-                "seconds": result.seconds, "timings": result.timings, "worker": worker,
-                "warnings": plugin_warnings}
+        return JobDone(products={k: str(v) for k, v in result.products.items()},
+                       seconds=result.seconds, timings=result.timings, worker=worker,
+                       warnings=tuple(plugin_warnings))
     except BadInputError as exc:
-        return {"ok": False, "kind": "permanent", "error": str(exc), "worker": worker,
-                "seconds": time.perf_counter() - started}
+        return JobFailed(kind="permanent", error=str(exc), worker=worker,
+                         seconds=time.perf_counter() - started)
     except Exception as exc:
-        return {"ok": False, "kind": "transient", "worker": worker,
-                "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=20),
-                "seconds": time.perf_counter() - started}
+        return JobFailed(kind="transient", error=f"{type(exc).__name__}: {exc}", worker=worker,
+                         traceback=traceback.format_exc(limit=20),
+                         seconds=time.perf_counter() - started)
     finally:
         if fd is not None:
             os.close(fd)
