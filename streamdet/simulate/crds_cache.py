@@ -34,6 +34,7 @@ def crds_env(crds_path: str | os.PathLike, context: str) -> dict[str, str]:
     }
 
 
+#: Reference types that resolve to files in the generated cache.
 REFTYPES = ("mask", "saturation", "linearity", "rscd", "dark", "gain", "readnoise", "reset")
 
 #: Reference types the jwst 3.0 Detector1 steps (and a few neighbours) may ask for that

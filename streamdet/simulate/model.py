@@ -72,6 +72,9 @@ def _newton_cubic(x, y, c2, c3, c2x2, c3x3, t, fp, max_iter=8, tol=0.01) -> None
 
 
 class ExposureModel:
+    """One exposure's detector (cut to the subarray), scene, truth, cosmic rays, drift and
+    EMI, from which both the raw ramps and the reference files are written."""
+
     def __init__(self, p: SimParams, sub: Subarray, ngroups: int, nints: int, readpatt: str,
                  seed: int):
         self.p, self.sub, self.ngroups, self.nints, self.readpatt = p, sub, ngroups, nints, readpatt

@@ -16,7 +16,8 @@ from .params import SimParams
 from .readout import SUBARRAYS
 
 #: The MASK reference numbers its bits its own way and explains them in DQ_DEF, as the
-#: CRDS MIRI masks do; jwst (and streamdet) translate them to the JWST values above.
+#: CRDS MIRI masks do; jwst (and streamdet) translate them to the JWST values of
+#: :mod:`streamdet.core.dqflags`.
 #: (bit in the file, JWST flag name, description)
 MASK_DQ_DEF = (
     (0, "DO_NOT_USE", "Bad pixel, do not use"),

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +40,7 @@ class SimResult:
 
     def shell_exports(self) -> str:
         """``export CRDS_PATH=... CRDS_CONTEXT=...`` for a POSIX shell."""
-        return "export " + " ".join(f"{k}={_shell_quote(v)}" for k, v in self.env.items())
-
-
-def _shell_quote(value: str) -> str:
-    if value and all(c.isalnum() or c in "/._-:+=@%," for c in value):
-        return value
-    return "'" + value.replace("'", "'\"'\"'") + "'"
-
+        return "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
 
 
 _DEFAULT_NAME = "jw09999001001_01101_00001"
