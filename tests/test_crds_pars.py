@@ -217,7 +217,7 @@ def test_a_selected_pars_file_missing_from_the_cache_is_an_error(tmp_path):
 def test_rules_selecting_on_other_header_keywords_still_match(tmp_path, monkeypatch):
     """A pars rmap may select on any header value (here PROGRAM): it is matched like
     stpipe matches it, from the whole header."""
-    from streamdet.simulate import _mapping_text
+    from streamdet.simulate.crds_cache import mapping_text
 
     other = _sim_with(tmp_path / "sim", {"JumpStep": {"rejection_threshold": 3.5}})
     program = str(fits.getval(other.uncal, "PROGRAM"))
@@ -230,7 +230,7 @@ def test_rules_selecting_on_other_header_keywords_still_match(tmp_path, monkeypa
                          ("META.OBSERVATION.DATE", "META.OBSERVATION.TIME"))}
     sel = ("Match({\n    ('MIRIMAGE', " + repr(program) + ") : UseAfter({\n        "
            "'2000-01-01 00:00:00' : " + repr(asdf_name) + ",\n    }),\n})")
-    rmap.write_text(_mapping_text(header, sel))
+    rmap.write_text(mapping_text(header, sel))
     for key, value in other.env.items():
         monkeypatch.setenv(key, value)
     result = process_file(other.uncal, RunConfig(output_dir=tmp_path / "out"))

@@ -480,3 +480,30 @@ def test_existing_outdir_needs_overwrite(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     simulate(empty, ngroups=2, nints=1)
+
+
+def test_python_m_streamdet_simulate_is_the_streamdet_simulate_command(tmp_path):
+    """``python -m streamdet.simulate`` runs the typer command of ``streamdet simulate``
+    (one CLI): its output lines, its files, and its one-line error with exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRDS_")}
+    args = ["--subarray", "SUB64", "--ngroups", "2", "--nints", "1", "--seed", "3"]
+    done = subprocess.run([sys.executable, "-m", "streamdet.simulate", str(tmp_path / "cli"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    printed = dict(line.split(": ", 1) for line in lines[:2])
+    assert lines[2].startswith("export CRDS_PATH=")
+    direct = simulate(tmp_path / "direct", ngroups=2, nints=1, seed=3)
+    assert Path(printed["uncal"]).read_bytes() == direct.uncal.read_bytes()
+    assert Path(printed["truth"]).read_bytes() == direct.truth_rate.read_bytes()
+
+    bad = subprocess.run([sys.executable, "-m", "streamdet.simulate", str(tmp_path / "bad"),
+                          "--subarray", "SUB32"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "unknown subarray" in bad.stderr
+    assert not (tmp_path / "bad").exists()
