@@ -3,7 +3,8 @@
  * passed as unsigned integers of the value's width: its bytes, not yet a number. */
 #include <stdint.h>
 
-/* float32: dst[i] = the big-endian src[i]; with nan_to_zero, NaN becomes +0 */
+/* float32: dst[i] = the big-endian src[i]; with nan_to_zero, NaN becomes +0. src and dst
+ * may be the same buffer (a block converted where it was read). */
 void streamdet_float32_from_big_endian(const uint32_t *src, float *dst, int64_t n,
                                        int64_t nan_to_zero);
 

@@ -290,25 +290,31 @@ class References:
         for axis, picked in enumerate(axes):
             planes = [p * shape[axis] + k for p in planes for k in picked]
         itemsize = np.dtype(native).itemsize
-        raw = self._buffers.get("read", (len(planes), nrows, nx_ref),
-                                np.dtype(native).newbyteorder(">"))
+        whole_rows = ref_cols == slice(None) or (ref_cols.start, ref_cols.stop) == (0, nx_ref)
+        block = (len(planes), nrows, nx_ref)
+        # float32 over whole rows, the common case, is read straight into the array it
+        # is returned in and swapped to native order there (NaN replaced) in one C pass
+        # outside the GIL: no second copy of a reference held while it is converted
+        in_place = native is np.float32 and whole_rows
+        if in_place:
+            out = (self._buffers.get("transient", block, np.float32) if transient
+                   else np.empty(block, np.float32))
+            raw = out.view(">f4")
+        else:
+            raw = self._buffers.get("read", block, np.dtype(native).newbyteorder(">"))
         fd = self._fd(reftype)
         start = hdu.fileinfo()["datLoc"]
         for j, plane in enumerate(planes):
             if not read_at(fd, raw[j], start + ((plane * ny_ref + y0) * nx_ref) * itemsize):
                 raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is truncated")
-        if ref_cols != slice(None) and (ref_cols.start, ref_cols.stop) != (0, nx_ref):
-            raw = raw[:, :, ref_cols]
-        # a copy either way (``raw`` is the reused read buffer): float32, the common case,
-        # is swapped to native order with NaN replaced in one C pass outside the GIL
-        if native is np.float32 and raw.flags.c_contiguous:
-            out = (self._buffers.get("transient", raw.shape, np.float32) if transient
-                   else np.empty(raw.shape, np.float32))
+        if in_place:
             _convert.streamdet_float32_from_big_endian(
-                pointer(_convert_ffi, raw.view(np.uint32)), pointer(_convert_ffi, out), raw.size,
+                pointer(_convert_ffi, raw.view(np.uint32)), pointer(_convert_ffi, out), out.size,
                 nan_to_zero)
         else:
-            out = raw.astype(native)  # (numpy releases the GIL for a casting copy)
+            if not whole_rows:
+                raw = raw[:, :, ref_cols]
+            out = raw.astype(native)  # (a copy of the reused read buffer; numpy releases the GIL)
             if nan_to_zero and out.dtype.kind == "f":
                 np.copyto(out, 0, where=np.isnan(out))
         return out.reshape(*out_lead, nrows, out.shape[-1])
