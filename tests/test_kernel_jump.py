@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from streamdet._ckernels import sorted_row_medians
+from streamdet.algorithms import jump
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, PIXEL, SATURATED
-from streamdet.plugins import jump
 
 GROUP_TIME = 2.775
 

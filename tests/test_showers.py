@@ -12,9 +12,10 @@ import pytest
 from astropy.io import fits
 
 import streamdet
+from streamdet.algorithms import showers as jump_showers
 from streamdet.core.dqflags import PIXEL
 from streamdet.core.engine import RunConfig, process_file
-from streamdet.plugins import jump, jump_showers
+from streamdet.plugins import jump
 from streamdet.simulate import SimParams, simulate
 
 GROUP_TIME = 2.775
