@@ -80,12 +80,12 @@ judged on the rows passed unless ``all_flagged_groups`` is given; each call repo
 verdict for its ``count_rows`` in :attr:`JumpCounts.all_flagged_groups` so that an engine
 can AND them and repeat the rare band where the local verdict was wrong.
 
-MIRI shower flagging (``find_showers``) is not part of this kernel: it needs whole
-difference planes, so the step runs it across the engine's passes (:class:`ShowerSearch`,
-algorithm in :mod:`streamdet.algorithms.showers`).  NIR snowballs
-(``expand_large_events``) are not implemented; the step refuses them.  jwst skips the
-whole step (no PRIMECRS) when ngroups <= 2, which is the caller's business; this kernel
-refuses such ramps.
+MIRI shower flagging (``find_showers``) and snowball flagging (``expand_large_events``)
+are not part of this search: they need whole planes (algorithms in
+:mod:`streamdet.algorithms.showers`; the step runs them across the engine's passes,
+:mod:`streamdet.plugins.jump_showers`), and :func:`detect_jumps` refuses them.  jwst
+skips the whole step (no PRIMECRS) when ngroups <= 2, which is the caller's business;
+this search refuses such ramps.
 """
 
 from __future__ import annotations
