@@ -23,13 +23,18 @@ static inline float shower_electrons(float data, uint8_t dq, float gain)
 }
 
 /* (showers.h) */
-void showers_pixel_major_diffs(
-    const float *restrict data, int64_t ds0, int64_t ds1, int64_t ds2,
-    const uint8_t *restrict dq, int64_t qs0, int64_t qs1, int64_t qs2,
-    const float *restrict gain, int64_t gs0,
-    int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-    float *restrict out, int64_t *restrict n_valid)
+void showers_pixel_major_diffs(const showers_block *block, float *restrict out,
+                               int64_t *restrict n_valid)
 {
+    const float *restrict data = block->data, *restrict gain = block->gain;
+    const uint8_t *restrict dq = block->groupdq;
+    const int64_t ds0 = block->data_strides[0], ds1 = block->data_strides[1],
+                  ds2 = block->data_strides[2];
+    const int64_t qs0 = block->dq_strides[0], qs1 = block->dq_strides[1],
+                  qs2 = block->dq_strides[2];
+    const int64_t gs0 = block->gain_stride;
+    const int64_t nints = block->nints, ngroups = block->ngroups, nrows = block->nrows,
+                  ncols = block->ncols;
     const int64_t ndiffs = ngroups - 1, width = nints * ndiffs;
     for (int64_t r = 0; r < nrows; r++) {
         const float *g = gain + r * gs0;
@@ -54,13 +59,16 @@ void showers_pixel_major_diffs(
 }
 
 /* (showers.h) */
-void showers_ratio_plane(
-    const float *restrict prev, const float *restrict cur, int64_t ds,
-    const uint8_t *restrict qprev, const uint8_t *restrict qcur, int64_t qs,
-    const uint32_t *restrict pdq, int64_t ps, const float *restrict gain, int64_t gs,
-    const float *restrict median, const float *restrict sigma, int64_t ms,
-    int64_t nrows, int64_t ncols, float *restrict out)
+void showers_ratio_plane(const showers_difference *in, float *restrict out)
 {
+    const float *restrict prev = in->prev, *restrict cur = in->cur;
+    const uint8_t *restrict qprev = in->dq_prev, *restrict qcur = in->dq_cur;
+    const uint32_t *restrict pdq = in->pixeldq;
+    const float *restrict gain = in->gain, *restrict median = in->median,
+                *restrict sigma = in->sigma;
+    const int64_t ds = in->data_stride, qs = in->dq_stride, ps = in->pixeldq_stride,
+                  gs = in->gain_stride, ms = in->stats_stride;
+    const int64_t nrows = in->nrows, ncols = in->ncols;
     for (int64_t r = 0; r < nrows; r++) {
         for (int64_t c = 0; c < ncols; c++) {
             const float gn = gain[r * gs + c];

@@ -9,30 +9,48 @@
  * combinations, e.g. with AD_FLOOR, keep their value). */
 #include <stdint.h>
 
-/* First differences in electrons, pixel-major: out[p * nints*ndiffs + i*ndiffs + d] for
- * pixel p = row*ncols + col (NaN where a group is excluded), and per pixel the count of
- * differences that are not NaN.  data (float32) and dq (uint8) are [nints, ngroups,
- * nrows, ncols] with the element strides of their first three axes, gain [nrows, ncols]
- * with its row stride. */
-void showers_pixel_major_diffs(
-    const float *data, int64_t ds0, int64_t ds1, int64_t ds2,
-    const uint8_t *dq, int64_t qs0, int64_t qs1, int64_t qs2,
-    const float *gain, int64_t gs0,
-    int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-    float *out, int64_t *n_valid);
+/* A band of ramps and its gain: data (float32 DN) and groupdq (uint8) [nints, ngroups,
+ * nrows, ncols] with the element strides of their first three axes, gain (float32 e/DN)
+ * [nrows, ncols] with its row stride. */
+typedef struct {
+    const float *data;
+    int64_t data_strides[3];
+    const uint8_t *groupdq;
+    int64_t dq_strides[3];
+    const float *gain;
+    int64_t gain_stride;
+    int64_t nints, ngroups, nrows, ncols;
+} showers_block;
 
-/* The significance plane of the difference between groups g-1 (prev) and g (cur) of one
- * integration: |diff - median| / sigma (float), NaN where the difference is excluded or
- * where the shower search masks the pixel: group g or the pixel flagged DO_NOT_USE,
- * SATURATED or JUMP_DET, or a pixel whose only pixel flag is REFERENCE_PIXEL (stcal sets
- * those pixels' groups to DO_NOT_USE for the search).  Every input is [nrows, ncols]
- * with its row stride (median and sigma share ms); out is [nrows, ncols], contiguous. */
-void showers_ratio_plane(
-    const float *prev, const float *cur, int64_t ds,
-    const uint8_t *qprev, const uint8_t *qcur, int64_t qs,
-    const uint32_t *pdq, int64_t ps, const float *gain, int64_t gs,
-    const float *median, const float *sigma, int64_t ms,
-    int64_t nrows, int64_t ncols, float *out);
+/* First differences in electrons of a band, pixel-major: out[p * nints*ndiffs + i*ndiffs
+ * + d] for pixel p = row*ncols + col (NaN where a group is excluded), and per pixel the
+ * count of differences that are not NaN (n_valid). */
+void showers_pixel_major_diffs(const showers_block *block, float *out, int64_t *n_valid);
+
+/* One integration's groups g-1 (prev) and g (cur) over a band's rows, with the pixel
+ * flags, the gain and the per-pixel median and sigma of the differences: every plane is
+ * [nrows, ncols] with a row stride (prev and cur share data_stride, their flags
+ * dq_stride, median and sigma stats_stride). */
+typedef struct {
+    const float *prev, *cur;
+    int64_t data_stride;
+    const uint8_t *dq_prev, *dq_cur;
+    int64_t dq_stride;
+    const uint32_t *pixeldq;
+    int64_t pixeldq_stride;
+    const float *gain;
+    int64_t gain_stride;
+    const float *median, *sigma;
+    int64_t stats_stride;
+    int64_t nrows, ncols;
+} showers_difference;
+
+/* The significance plane of a difference: |diff - median| / sigma (float), NaN where the
+ * difference is excluded or where the shower search masks the pixel: group g or the
+ * pixel flagged DO_NOT_USE, SATURATED or JUMP_DET, or a pixel whose only pixel flag is
+ * REFERENCE_PIXEL (stcal sets those pixels' groups to DO_NOT_USE for the search).  out
+ * is [nrows, ncols], contiguous. */
+void showers_ratio_plane(const showers_difference *difference, float *out);
 
 /* The ring kernel and the emission threshold.  The kernel's weights are all equal
  * (astropy's ring kernels are), weight.  Its taps come as rows: tap row t (of

@@ -180,10 +180,12 @@ def median_and_sigma(data, groupdq, gain, readnoise, nframes):
         n = block_d.shape[2] * ncols
         diffs = np.empty((n, nints * (ngroups - 1)), np.float32)
         n_valid = np.empty(n, np.int64)
-        lib.showers_pixel_major_diffs(
-            pointer(ffi, block_d), *_row_strides(block_d), pointer(ffi, block_q),
-            *_row_strides(block_q), pointer(ffi, block_g), strides(block_g)[0], nints, ngroups,
-            block_d.shape[2], ncols, pointer(ffi, diffs), pointer(ffi, n_valid))
+        block = ffi.new("showers_block *", {
+            "data": pointer(ffi, block_d), "data_strides": _row_strides(block_d),
+            "groupdq": pointer(ffi, block_q), "dq_strides": _row_strides(block_q),
+            "gain": pointer(ffi, block_g), "gain_stride": strides(block_g)[0],
+            "nints": nints, "ngroups": ngroups, "nrows": block_d.shape[2], "ncols": ncols})
+        lib.showers_pixel_major_diffs(block, pointer(ffi, diffs), pointer(ffi, n_valid))
         diffs.sort(axis=1)
         # the mean of the two middle values rounds the same in double then float as in
         # numpy's float32 median
@@ -230,11 +232,15 @@ def ratio_plane(data, groupdq, pixeldq, gain, i, g, stats, out=None):
             out = np.empty((nrows, ncols), np.float32)
         prev, cur = data[i, g - 1], data[i, g]
         qprev, qcur = groupdq[i, g - 1], groupdq[i, g]
-        lib.showers_ratio_plane(
-            pointer(ffi, prev), pointer(ffi, cur), strides(prev)[0], pointer(ffi, qprev),
-            pointer(ffi, qcur), strides(qprev)[0], pointer(ffi, pixeldq), strides(pixeldq)[0],
-            pointer(ffi, gain), strides(gain)[0], pointer(ffi, centre), pointer(ffi, spread),
-            strides(centre)[0], nrows, ncols, pointer(ffi, out))
+        difference = ffi.new("showers_difference *", {
+            "prev": pointer(ffi, prev), "cur": pointer(ffi, cur), "data_stride": strides(prev)[0],
+            "dq_prev": pointer(ffi, qprev), "dq_cur": pointer(ffi, qcur),
+            "dq_stride": strides(qprev)[0],
+            "pixeldq": pointer(ffi, pixeldq), "pixeldq_stride": strides(pixeldq)[0],
+            "gain": pointer(ffi, gain), "gain_stride": strides(gain)[0],
+            "median": pointer(ffi, centre), "sigma": pointer(ffi, spread),
+            "stats_stride": strides(centre)[0], "nrows": nrows, "ncols": ncols})
+        lib.showers_ratio_plane(difference, pointer(ffi, out))
         return out
     e = _electrons(data[i, g - 1:g + 1], groupdq[i, g - 1:g + 1], gain)
     diff = e[1] - e[0]
