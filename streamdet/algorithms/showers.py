@@ -432,14 +432,19 @@ def _mean_usable_difference(values, flags):
 
 @dataclass
 class ShowerOptions:
+    """The shower search's settings.  The first three are in the algorithm's units, which
+    the step derives from its parameters (seconds, a radius) and the group time; the
+    others default to jwst 3.0's ``JumpStep`` values (the step's defaults come from
+    here)."""
+
+    groups_masked: int  #: groups flagged after a shower's (``time_masked_after_shower``)
+    max_width: float  #: widest expanded ellipse (jwst: twice ``max_extended_radius``)
+    max_amplitude: float  #: electrons per group (:func:`max_amplitude_electrons`)
     snr_threshold: float = 1.2
     min_area: float = 90
     inner_radius: float = 1.0
     outer_radius: float = 2.6
     expand_ratio: float = 1.1
-    groups_masked: int = 5
-    max_width: float = 400.0
-    max_amplitude: float = 6.0
     minimum_sigclip_groups: int = JumpParameters.minimum_sigclip_groups
 
 
@@ -514,16 +519,20 @@ def _row_strides(array):
 
 @dataclass
 class SnowballOptions:
+    """The snowball search's settings.  The first three are in the algorithm's units,
+    which the step derives from its parameters and the group time; the others default to
+    jwst 3.0's ``JumpStep`` values (the step's defaults come from here)."""
+
+    sat_expand: float  #: pixels added to a core's axes (jwst: twice ``sat_expand``)
+    max_width: float  #: widest expanded ellipse (jwst: twice ``max_extended_radius``)
+    persist_groups: int  #: groups of the next integration flagged (from seconds)
     min_jump_area: float = 5.0
     min_sat_area: float = 1.0
     expand_factor: float = 2.0
     sat_required: bool = True
     min_sat_radius_extend: float = 2.5
-    sat_expand: float = 4.0  # jwst passes twice its ``sat_expand``
     edge_size: int = 25
-    max_width: float = 400.0
     persist_next_int: bool = True
-    persist_groups: int = 1441
 
 
 @dataclass(frozen=True)

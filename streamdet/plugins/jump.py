@@ -26,10 +26,9 @@ from streamdet.core.step import Granularity, Param, Step
 from . import follows
 from .jump_showers import ShowerSearch, SnowballSearch
 
-#: the algorithms' defaults, which the step's parameters take
-_JUMP = JumpParameters()
-_SHOWERS = ShowerOptions()
-_SNOWBALLS = SnowballOptions()
+#: the algorithms' defaults, which the step's parameters take (a dataclass's class
+#: attribute is its field's default)
+_JUMP, _SHOWERS, _SNOWBALLS = JumpParameters, ShowerOptions, SnowballOptions
 
 
 def stcal_processes(maximum_cores: str, nrows: int) -> int:
