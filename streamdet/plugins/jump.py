@@ -69,16 +69,17 @@ class JumpStep(Step):
                                                  "sigma threshold with 2 differences", min=0),
         "four_group_rejection_threshold": Param(float, _JUMP.four_group_rejection_threshold,
                                                 "sigma threshold with 3 differences", min=0),
-        "maximum_cores": Param(str,
-                               "1", "jwst's process count ('1', 'half', 'all', ...); streamdet "
+        "maximum_cores": Param(str, "1", "jwst's process count ('1', 'half', 'all', ...); streamdet "
                                "uses --threads, and like stcal honours minimum_groups only when "
                                "this means more than one process"),
         "flag_4_neighbors": Param(bool, _JUMP.flag_4_neighbors,
                                   "flag the 4 neighbours of mid-sized jumps"),
-        "max_jump_to_flag_neighbors": Param(float, _JUMP.max_jump_to_flag_neighbors,
-                                            "largest jump (sigma) whose neighbours are flagged", min=0),
-        "min_jump_to_flag_neighbors": Param(float, _JUMP.min_jump_to_flag_neighbors,
-                                            "smallest jump (sigma) whose neighbours are flagged", min=0),
+        "max_jump_to_flag_neighbors": Param(
+            float, _JUMP.max_jump_to_flag_neighbors,
+            "largest jump (sigma) whose neighbours are flagged", min=0),
+        "min_jump_to_flag_neighbors": Param(
+            float, _JUMP.min_jump_to_flag_neighbors,
+            "smallest jump (sigma) whose neighbours are flagged", min=0),
         "after_jump_flag_dn1": Param(float, _JUMP.after_jump_flag_dn1,
                                      "jumps above this (DN) also flag the following groups", min=0),
         "after_jump_flag_time1": Param(float, _JUMP.after_jump_flag_time1,
@@ -103,10 +104,12 @@ class JumpStep(Step):
         "sat_expand": Param(int, 2, "snowballs: pixels added to the core's radius"),
         "edge_size": Param(int, _SNOWBALLS.edge_size,
                            "snowballs: distance from the edge where no core is required"),
-        "mask_snowball_core_next_int": Param(bool, _SNOWBALLS.persist_next_int,
-                                             "snowballs: flag saturated cores in the next integration"),
-        "snowball_time_masked_next_int": Param(int, 4000,
-                                               "snowballs: seconds of the next integration flagged"),
+        "mask_snowball_core_next_int": Param(
+            bool, _SNOWBALLS.persist_next_int,
+            "snowballs: flag saturated cores in the next integration"),
+        "snowball_time_masked_next_int": Param(
+            int, 4000,
+            "snowballs: seconds of the next integration flagged"),
         "find_showers": Param(bool, _JUMP.find_showers, "MIRI shower flagging"),
         "max_shower_amplitude": Param(float, 4.0,
                                       "showers: largest rate change (DN/s); jwst 3.0 ignores "
@@ -123,14 +126,16 @@ class JumpStep(Step):
                                              "showers: expansion of the fitted ellipse"),
         "time_masked_after_shower": Param(float, 15.0,
                                           "showers: seconds flagged after a shower", min=0),
-        "min_diffs_single_pass": Param(int, _JUMP.min_diffs_single_pass,
-                                       "below this many usable differences, search iteratively", min=1),
+        "min_diffs_single_pass": Param(
+            int, _JUMP.min_diffs_single_pass,
+            "below this many usable differences, search iteratively", min=1),
         "max_extended_radius": Param(int, 200,
                                      "largest radius of a flagged shower or snowball", min=0),
         "minimum_groups": Param(int, _JUMP.minimum_groups,
                                 "fewest groups for jump detection", min=2),
-        "minimum_sigclip_groups": Param(int, _JUMP.minimum_sigclip_groups,
-                                        "integrations needed to sigma-clip across integrations", min=1),
+        "minimum_sigclip_groups": Param(
+            int, _JUMP.minimum_sigclip_groups,
+            "integrations needed to sigma-clip across integrations", min=1),
         "only_use_ints": Param(bool, _JUMP.only_use_ints,
                                "sigma-clip each group across integrations only"),
     }
@@ -159,7 +164,8 @@ class JumpStep(Step):
         self.lock = threading.Lock()
         # the frame-wide searches after the two-point one, in stcal's order; each needs
         # an extra band pass (see the engine's frame_passes)
-        self.snowballs = SnowballSearch(self.params, meta) if self.params["expand_large_events"] else None
+        self.snowballs = (SnowballSearch(self.params, meta)
+                          if self.params["expand_large_events"] else None)
         self.showers = ShowerSearch(self.params, meta) if self.params["find_showers"] else None
         self.searches = [s for s in (self.snowballs, self.showers) if s is not None]
         return None
