@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from streamdet._ckernels import sorted_row_medians
+from streamdet.algorithms import jump
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, PIXEL, SATURATED
-from streamdet.plugins import jump
 
 GROUP_TIME = 2.775
 
@@ -511,3 +511,16 @@ def test_other_dtypes_and_layouts():
     with pytest.raises(ValueError):
         jump.detect_jumps(data, np.asfortranarray(groupdq), pixeldq.copy(), gain=gain,
                           readnoise=readnoise, nframes=1, group_time=GROUP_TIME)
+
+
+def test_kernel_calls_are_checked_against_their_headers():
+    """jump.h / jump_sigclip.h declare the kernels: a buffer of the wrong element type is
+    a TypeError at the call, not memory read as something else."""
+    data = np.zeros((1, 3, 2, 4), np.float32)
+    groupdq = np.zeros(data.shape, np.uint8)
+    with pytest.raises(TypeError):
+        jump._pixel_major_differences(data, groupdq, np.ones((2, 4), np.float64))
+    with pytest.raises(TypeError):
+        jump._flagged_everywhere(groupdq.astype(np.uint16))
+    diffs, n_valid = jump._pixel_major_differences(data, groupdq, np.ones((2, 4), np.float32))
+    assert diffs.shape == (8, 2) and np.all(diffs == 0) and np.all(n_valid == 2)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from streamdet._ckernels import ptr, sorted_row_medians
+from streamdet.algorithms import jump
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, SATURATED
-from streamdet.plugins import jump
 
 ROUNDS = 5
 

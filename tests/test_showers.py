@@ -12,9 +12,10 @@ import pytest
 from astropy.io import fits
 
 import streamdet
+from streamdet.algorithms import showers as jump_showers
 from streamdet.core.dqflags import PIXEL
 from streamdet.core.engine import RunConfig, process_file
-from streamdet.plugins import jump, jump_showers
+from streamdet.plugins import jump
 from streamdet.simulate import SimParams, simulate
 
 GROUP_TIME = 2.775
@@ -71,7 +72,7 @@ def stcal_showers(data, groupdq, pixeldq, gain, rn, *, minimum_sigclip_groups=10
 
 
 def ours(data, groupdq, pixeldq, gain, rn, **options):
-    defaults = dict(groups_masked=int(15 // GROUP_TIME),
+    defaults = dict(groups_masked=int(15 // GROUP_TIME), max_width=2 * 200,
                     max_amplitude=jump_showers.max_amplitude_electrons(GROUP_TIME))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -217,7 +218,7 @@ def test_snowballs_match_stcal(seed, required, persist):
         warnings.simplefilter("ignore")
         expected, n_expected = flag_large_events(groupdq.copy(), 4, 2, jd)
     got, n_got = jump_showers.flag_snowballs(groupdq, jump_showers.SnowballOptions(
-        sat_required=required, persist_groups=persist))
+        sat_expand=2 * 2, max_width=2 * 200, sat_required=required, persist_groups=persist))
     assert n_got == n_expected > 0
     assert np.count_nonzero(expected != groupdq) > 1000
     assert np.array_equal(got, expected)

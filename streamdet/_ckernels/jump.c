@@ -1,11 +1,6 @@
-/* Per-pixel loops of the jump step (streamdet/plugins/jump.py holds the algorithm's
- * description and the numpy parts: the sort, the rarely-run searches).
- *
- * Every ramp-shaped argument is [nints, ngroups, nrows, ncols] given as a pointer to its
- * first element and the element strides of its first three axes, so the engine's band
- * views need no copy; the column axis must be contiguous (as in any row slice), which
- * keeps the inner loops vectorisable.  Images ([nrows, ncols]) likewise take a row stride.
- * Pixels are walked in tiles of TILE columns, group plane by group plane: each plane's
+/* Per-pixel loops of the jump step; the functions called from Python, their layouts and
+ * semantics are declared in jump.h.  The column axis is contiguous, which keeps the inner
+ * loops vectorisable.  Pixels are walked in tiles of TILE columns, group plane by group plane: each plane's
  * read is then a contiguous run, which lets the compiler vectorise the arithmetic, while
  * the per-pixel state of one tile stays in L1.
  *
@@ -20,13 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "jump.h"
+
 #define TILE 128
 
-/* groupdq bits (streamdet.core.dqflags) */
-#define DO_NOT_USE 1u
-#define SATURATED 2u
-#define JUMP_DET 4u
-#define UNUSABLE (SATURATED | DO_NOT_USE)
+#define UNUSABLE (DQ_SATURATED | DQ_DO_NOT_USE)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -76,10 +69,10 @@ static int64_t settle(uint8_t *restrict q, int64_t n, int count)
     int64_t jumps = 0;
     for (int64_t c = 0; c < n; c++) {
         const uint8_t v = q[c];
-        if (v & JUMP_DET) {
+        if (v & DQ_JUMP_DET) {
             jumps++;
             if (v & UNUSABLE)
-                q[c] = (uint8_t)(v & ~JUMP_DET);
+                q[c] = (uint8_t)(v & ~DQ_JUMP_DET);
         }
     }
     return count ? jumps : 0;
@@ -140,21 +133,22 @@ static ALWAYS_INLINE void pixel_major_diffs(
     }
 }
 
-/* First differences in electrons, pixel-major: out[p * nints*ndiffs + i*ndiffs + d]
- * for pixel p = row*ncols + col, with NaN for unusable ones, and per pixel the count of
- * non-NaN differences.  A tile's differences are made plane by plane into a scratch
- * buffer and then transposed, so that both the reads and the writes of the arrays run
- * along memory.  Returns 0, or -1 when the scratch buffer cannot be had. */
-int64_t jump_pixel_major_diffs(
-    const float *restrict data, int64_t ds0, int64_t ds1, int64_t ds2,
-    const uint8_t *restrict dq, int64_t qs0, int64_t qs1, int64_t qs2,
-    const float *restrict gain, int64_t gs0,
-    int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-    float *restrict out, int64_t *restrict n_valid)
+/* (jump.h) A tile's differences are made plane by plane into a scratch buffer and then
+ * transposed, so that both the reads and the writes of the arrays run along memory. */
+int64_t jump_pixel_major_diffs(const jump_block *block, float *out, int64_t *n_valid)
 {
     /* the scratch buffer's rows are padded by a cache line: the transpose reads down its
      * columns, which at a power-of-two row length would crowd a few cache sets (measured:
      * a fifth slower) */
+    const float *data = block->data, *gain = block->gain;
+    const uint8_t *dq = block->groupdq;
+    const int64_t ds0 = block->data_strides[0], ds1 = block->data_strides[1],
+                  ds2 = block->data_strides[2];
+    const int64_t qs0 = block->dq_strides[0], qs1 = block->dq_strides[1],
+                  qs2 = block->dq_strides[2];
+    const int64_t gs0 = block->gain_stride;
+    const int64_t nints = block->nints, ngroups = block->ngroups, nrows = block->nrows,
+                  ncols = block->ncols;
     const int64_t pad = 64 / (int64_t)sizeof(float);
     const int64_t stride = min64(TILE, ncols) + pad;
     float *buf = malloc(sizeof(float) * (size_t)(stride * nints * (ngroups - 1)));
@@ -170,41 +164,31 @@ int64_t jump_pixel_major_diffs(
     return 0;
 }
 
-/* One pass over a block's differences with each pixel's median known:
- *
- * - significance |diff - median| / sigma (double, as stcal computes it) of the
- *   differences that pass a float screen, |diff - (float)median| > screen_factor *
- *   (float)sigma with screen_factor = screen_limit less 0.1 % (rounded to float), and
- *   then exceed screen_limit.  The screen is a superset of the exact test: its rounding
- *   is orders of magnitude below the margin for any median a 16-bit ramp can have; it
- *   spares the division for all but a few differences;
- * - of those, single-pass jumps (above jump_limit and finite: an infinite significance
- *   means an infinite difference, which stcal does not count as usable; jump_limit is
- *   infinite outside the single-pass search) get JUMP_DET, and neighbour sources (strictly
- *   between nb_lo and nb_hi, when flag_nb) are appended to ``sources`` as flat indices
- *   into the band's [nints, ndiffs, band_nrows, band_ncols] (the block starting at row
- *   r0, column c0_block);
- * - when after0 is given, after-jump candidates: after{0,1}[i,d,r,c] = diff - median >=
- *   after_level{0,1} (both arrays share the strides as0..as2);
- * - when settle_flags, every group of the block is settled (see settle()), counting
- *   JUMP_DET in the rows where counted[r] is nonzero.
- *
- * result[0] = number of sources written, result[1] = JUMP_DET count.
- * ``sources`` must hold one entry per difference of the block. */
-void jump_scan(
-    const double *restrict median, const double *restrict noise_floor, int64_t fs0,
-    const float *restrict data, int64_t ds0, int64_t ds1, int64_t ds2,
-    uint8_t *restrict dq, int64_t qs0, int64_t qs1, int64_t qs2,
-    const float *restrict gain, int64_t gs0,
-    int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-    float screen_factor, double screen_limit, double jump_limit,
-    int64_t flag_nb, double nb_lo, double nb_hi,
-    uint8_t *restrict after0, uint8_t *restrict after1, int64_t as0, int64_t as1, int64_t as2,
-    double after_level0, double after_level1,
-    int64_t settle_flags, const uint8_t *restrict counted,
-    int64_t *restrict sources, int64_t r0, int64_t c0_block, int64_t band_nrows,
-    int64_t band_ncols, int64_t *restrict result)
+/* (jump.h) */
+void jump_scan(const jump_block *block, const jump_scan_params *params,
+               const double *restrict median, const double *restrict noise_floor,
+               int64_t fs0, uint8_t *restrict after0, uint8_t *restrict after1,
+               const uint8_t *restrict counted, int64_t *restrict sources, int64_t r0,
+               int64_t c0_block, int64_t *restrict result)
 {
+    const float *restrict data = block->data, *restrict gain = block->gain;
+    uint8_t *restrict dq = block->groupdq;
+    const int64_t ds0 = block->data_strides[0], ds1 = block->data_strides[1],
+                  ds2 = block->data_strides[2];
+    const int64_t qs0 = block->dq_strides[0], qs1 = block->dq_strides[1],
+                  qs2 = block->dq_strides[2];
+    const int64_t gs0 = block->gain_stride;
+    const int64_t nints = block->nints, ngroups = block->ngroups, nrows = block->nrows,
+                  ncols = block->ncols;
+    const float screen_factor = params->screen_factor;
+    const double screen_limit = params->screen_limit, jump_limit = params->jump_limit;
+    const int64_t flag_nb = params->flag_neighbours;
+    const double nb_lo = params->neighbour_low, nb_hi = params->neighbour_high;
+    const int64_t as0 = params->after_strides[0], as1 = params->after_strides[1],
+                  as2 = params->after_strides[2];
+    const double after_level0 = params->after_level0, after_level1 = params->after_level1;
+    const int64_t settle_flags = params->settle_flags;
+    const int64_t band_nrows = params->band_nrows, band_ncols = params->band_ncols;
     const int64_t ndiffs = ngroups - 1;
     const int screening = screen_limit < INFINITY;
     int64_t n_sources = 0, n_jumps = 0;
@@ -271,12 +255,12 @@ void jump_scan(
                                     ((i * ndiffs + (k - 1)) * band_nrows + r0 + r) * band_ncols
                                     + c0_block + c0 + c;
                             if (level > jump_limit && isfinite(level)) {
-                                q[c] |= JUMP_DET;
-                                bits |= JUMP_DET;
+                                q[c] |= DQ_JUMP_DET;
+                                bits |= DQ_JUMP_DET;
                             }
                         }
                     }
-                    if (settle_flags && (bits & JUMP_DET))
+                    if (settle_flags && (bits & DQ_JUMP_DET))
                         n_jumps += settle(q, n, count_row);
                 }
             }
@@ -286,11 +270,14 @@ void jump_scan(
     result[1] = n_jumps;
 }
 
-/* settle() over every group of a ramp; counted may be NULL (nothing counted). */
-int64_t jump_settle(uint8_t *dq, int64_t qs0, int64_t qs1, int64_t qs2,
-                    int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-                    const uint8_t *counted)
+/* (jump.h) */
+int64_t jump_settle(const jump_block *block, const uint8_t *counted)
 {
+    uint8_t *dq = block->groupdq;
+    const int64_t qs0 = block->dq_strides[0], qs1 = block->dq_strides[1],
+                  qs2 = block->dq_strides[2];
+    const int64_t nints = block->nints, ngroups = block->ngroups, nrows = block->nrows,
+                  ncols = block->ncols;
     int64_t n = 0;
     for (int64_t i = 0; i < nints; i++)
         for (int64_t k = 0; k < ngroups; k++)
@@ -299,21 +286,19 @@ int64_t jump_settle(uint8_t *dq, int64_t qs0, int64_t qs1, int64_t qs2,
     return n;
 }
 
-/* 4-neighbour flagging from sources (flat indices into [nints, ngroups-1, nrows, ncols],
- * difference d being group d+1).  Only sources that are JUMP_DET count, judged before
- * any neighbour is flagged so that flags do not chain; neighbours that are unusable in
- * that group are left alone.  ``sources`` is overwritten. */
-void jump_flag_neighbours(uint8_t *dq, int64_t qs0, int64_t qs1, int64_t qs2,
-                          int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-                          int64_t *sources, int64_t n_sources)
+/* (jump.h) */
+void jump_flag_neighbours(const jump_block *block, int64_t *sources, int64_t n_sources)
 {
-    (void)nints;
+    uint8_t *dq = block->groupdq;
+    const int64_t qs0 = block->dq_strides[0], qs1 = block->dq_strides[1],
+                  qs2 = block->dq_strides[2];
+    const int64_t ngroups = block->ngroups, nrows = block->nrows, ncols = block->ncols;
     const int64_t plane = nrows * ncols, ndiffs = ngroups - 1;
     int64_t kept = 0;
     for (int64_t s = 0; s < n_sources; s++) {
         const int64_t f = sources[s], p = f % plane, id = f / plane;
         const int64_t i = id / ndiffs, k = id % ndiffs + 1;
-        if (dq[i * qs0 + k * qs1 + (p / ncols) * qs2 + p % ncols] & JUMP_DET)
+        if (dq[i * qs0 + k * qs1 + (p / ncols) * qs2 + p % ncols] & DQ_JUMP_DET)
             sources[kept++] = f;
     }
     static const int dr[4] = {-1, 1, 0, 0}, dc[4] = {0, 0, -1, 1};
@@ -326,7 +311,7 @@ void jump_flag_neighbours(uint8_t *dq, int64_t qs0, int64_t qs1, int64_t qs2,
                 continue;
             uint8_t *q = dq + i * qs0 + k * qs1 + rr * qs2 + cc;
             if (!(*q & UNUSABLE))
-                *q |= JUMP_DET;
+                *q |= DQ_JUMP_DET;
         }
     }
 }

@@ -1,6 +1,4 @@
-/* Jump detection's sigma-clip search (streamdet/plugins/jump.py, _sigma_clip_flag):
- * the iterated median / population-std clip that stcal runs through astropy's sigma_clip
- * when an exposure has many integrations.
+/* Jump detection's sigma-clip search (declared in jump_sigclip.h).
  *
  * Arithmetic as numpy's formulation of it, bit for bit: values are the float32
  * differences widened to double; the centre is the mean (in double) of the two middle
@@ -11,6 +9,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "jump_sigclip.h"
 
 /* numpy's pairwise summation of n contiguous doubles */
 static double pairwise_sum(const double *a, int64_t n)
@@ -180,24 +180,16 @@ static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_s
     }
 }
 
-/* diffs: pixel-major float32 differences [npix, nints * ndiffs] of a block of nrows x
- * ncols pixels (as jump's _pixel_major_differences lays them out, NaN where unusable).
- * Clipped per (pixel, difference) across the integrations when only_use_ints, else per
- * pixel across all its differences; the bit jump_flag is set in groupdq (uint8 [nints,
- * ngroups, nrows, ncols], element strides for the first three axes, contiguous columns)
- * on group d + 1 of every clipped difference d unless that group has one of the bits
- * unusable.  bounds (may be NULL; for the tests): float64 [rows, 2], each clipped row's
- * last (low, high), rows ordered difference-major ([ndiffs, npix]) when only_use_ints.
- * Returns 0, or -1 when scratch memory is not available. */
+/* (jump_sigclip.h) */
 int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_t nints,
                         int64_t ndiffs, int64_t only_use_ints, double n_sigma, int64_t rounds,
                         uint8_t *groupdq, int64_t s_int, int64_t s_group, int64_t s_row,
-                        int64_t jump_flag, int64_t unusable, double *bounds)
+                        double *bounds)
 {
     const int64_t npix = nrows * ncols;
     const int64_t width = nints * ndiffs;
     const int64_t n = only_use_ints ? nints : width;
-    const uint8_t jump = (uint8_t)jump_flag, skip = (uint8_t)unusable;
+    const uint8_t jump = (uint8_t)DQ_JUMP_DET, skip = (uint8_t)(DQ_SATURATED | DQ_DO_NOT_USE);
     double *buffers = malloc(sizeof(double) * 3 * (size_t)(n > 0 ? n : 1));
     unsigned char *flags = malloc(3 * (size_t)(n > 0 ? n : 1));
     if (!buffers || !flags) {
@@ -234,16 +226,12 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
     return 0;
 }
 
-/* Sigma-clip mode's group reset asks, per (integration, group), whether every pixel of
- * the rows selected by rows_used (uint8 per row; NULL: all rows) has one of the bits of
- * flags set.  groupdq: uint8 [nints, ngroups, nrows, ncols] with element strides for the
- * first three axes and contiguous columns.  out: uint8 [nints, ngroups]. */
+/* (jump_sigclip.h) */
 void jump_flagged_everywhere(const uint8_t *groupdq, int64_t s_int, int64_t s_group,
                              int64_t s_row, int64_t nints, int64_t ngroups, int64_t nrows,
-                             int64_t ncols, const uint8_t *rows_used, int64_t flags,
-                             uint8_t *out)
+                             int64_t ncols, const uint8_t *rows_used, uint8_t *out)
 {
-    const uint8_t mask = (uint8_t)flags;
+    const uint8_t mask = (uint8_t)(DQ_JUMP_DET | DQ_DO_NOT_USE);
     for (int64_t i = 0; i < nints; i++) {
         for (int64_t g = 0; g < ngroups; g++) {
             const uint8_t *plane = groupdq + i * s_int + g * s_group;

@@ -1,8 +1,5 @@
-/* Per-pixel loops of the MIRI shower search (streamdet/plugins/jump_showers.py describes
- * the algorithm).  Arithmetic mirrors stcal 1.20's numpy formulation dtype for dtype:
- * electrons, differences and significances float (numpy float32), the ring average
- * double.  Built with -ffp-contract=off (no fused multiply-add).
- */
+/* Per-pixel loops of the MIRI shower search (declared in showers.h). Built with
+ * -ffp-contract=off (no fused multiply-add). */
 
 #include <math.h>
 #include <stddef.h>
@@ -10,15 +7,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* groupdq / pixeldq bits (streamdet.core.dqflags) */
-#define DO_NOT_USE 1u
-#define SATURATED 2u
-#define JUMP_DET 4u
-#define REFERENCE_PIXEL 0x80000000u
+#include "showers.h"
 
-/* stcal's shower search sets a group to NaN when its flags are exactly one of
- * DO_NOT_USE, SATURATED, JUMP_DET, JUMP_DET|DO_NOT_USE or SATURATED|DO_NOT_USE (other
- * combinations, e.g. with AD_FLOOR, keep their value): the values 1..5. */
+/* A group's value in electrons, NaN when showers.h's rule excludes it: its flags are one
+ * of the values 1..5 (DO_NOT_USE, SATURATED and JUMP_DET being the bits 1, 2 and 4). */
+#if DQ_DO_NOT_USE != 1 || DQ_SATURATED != 2 || DQ_JUMP_DET != 4
+#error "shower_electrons relies on DO_NOT_USE, SATURATED and JUMP_DET being bits 1, 2, 4"
+#endif
 static inline float shower_electrons(float data, uint8_t dq, float gain)
 {
     float e = data * gain;
@@ -27,16 +22,19 @@ static inline float shower_electrons(float data, uint8_t dq, float gain)
     return e;
 }
 
-/* First differences in electrons, pixel-major: out[p * nints*ndiffs + i*ndiffs + d] for
- * pixel p = row*ncols + col (NaN where a group is excluded, see above), and per pixel the
- * count of differences that are not NaN. */
-void showers_pixel_major_diffs(
-    const float *restrict data, int64_t ds0, int64_t ds1, int64_t ds2,
-    const uint8_t *restrict dq, int64_t qs0, int64_t qs1, int64_t qs2,
-    const float *restrict gain, int64_t gs0,
-    int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-    float *restrict out, int64_t *restrict n_valid)
+/* (showers.h) */
+void showers_pixel_major_diffs(const showers_block *block, float *restrict out,
+                               int64_t *restrict n_valid)
 {
+    const float *restrict data = block->data, *restrict gain = block->gain;
+    const uint8_t *restrict dq = block->groupdq;
+    const int64_t ds0 = block->data_strides[0], ds1 = block->data_strides[1],
+                  ds2 = block->data_strides[2];
+    const int64_t qs0 = block->dq_strides[0], qs1 = block->dq_strides[1],
+                  qs2 = block->dq_strides[2];
+    const int64_t gs0 = block->gain_stride;
+    const int64_t nints = block->nints, ngroups = block->ngroups, nrows = block->nrows,
+                  ncols = block->ncols;
     const int64_t ndiffs = ngroups - 1, width = nints * ndiffs;
     for (int64_t r = 0; r < nrows; r++) {
         const float *g = gain + r * gs0;
@@ -60,18 +58,17 @@ void showers_pixel_major_diffs(
     }
 }
 
-/* The significance plane of the difference between groups g-1 (prev) and g (cur) of one
- * integration: |diff - median| / sigma (float), NaN where the difference is excluded or
- * where the shower search masks the pixel: group g or the pixel flagged DO_NOT_USE,
- * SATURATED or JUMP_DET, or a pixel whose only pixel flag is REFERENCE_PIXEL (stcal sets
- * those pixels' groups to DO_NOT_USE for the search).  out is [nrows, ncols]. */
-void showers_ratio_plane(
-    const float *restrict prev, const float *restrict cur, int64_t ds,
-    const uint8_t *restrict qprev, const uint8_t *restrict qcur, int64_t qs,
-    const uint32_t *restrict pdq, int64_t ps, const float *restrict gain, int64_t gs,
-    const float *restrict median, const float *restrict sigma, int64_t ms,
-    int64_t nrows, int64_t ncols, float *restrict out)
+/* (showers.h) */
+void showers_ratio_plane(const showers_difference *in, float *restrict out)
 {
+    const float *restrict prev = in->prev, *restrict cur = in->cur;
+    const uint8_t *restrict qprev = in->dq_prev, *restrict qcur = in->dq_cur;
+    const uint32_t *restrict pdq = in->pixeldq;
+    const float *restrict gain = in->gain, *restrict median = in->median,
+                *restrict sigma = in->sigma;
+    const int64_t ds = in->data_stride, qs = in->dq_stride, ps = in->pixeldq_stride,
+                  gs = in->gain_stride, ms = in->stats_stride;
+    const int64_t nrows = in->nrows, ncols = in->ncols;
     for (int64_t r = 0; r < nrows; r++) {
         for (int64_t c = 0; c < ncols; c++) {
             const float gn = gain[r * gs + c];
@@ -80,7 +77,7 @@ void showers_ratio_plane(
             const float d = e1 - e0;
             float ratio = fabsf(d - median[r * ms + c]) / sigma[r * ms + c];
             const uint32_t p = pdq[r * ps + c];
-            if (((qcur[r * qs + c] | p) & (DO_NOT_USE | SATURATED | JUMP_DET)) || p == REFERENCE_PIXEL)
+            if (((qcur[r * qs + c] | p) & (DQ_DO_NOT_USE | DQ_SATURATED | DQ_JUMP_DET)) || p == DQ_REFERENCE_PIXEL)
                 ratio = NAN;
             out[r * ncols + c] = ratio;
         }
@@ -93,30 +90,20 @@ void showers_ratio_plane(
 #define HOT
 #endif
 
-/* The ring average of a significance plane, thresholded: for each pixel of the core rows
- * [core0, core1) of a band of nrows rows (band row 0 is frame row row0 of a frame of
- * frame_ny rows), sum(w * v) / sum(w) over the kernel taps whose value v is finite,
- * positions outside the frame counting as finite zeros (astropy's convolution with a
- * zero fill, as stcal's convolve_fast pads); a pixel is emission when its own value is
- * finite, the weight sum exceeds min_norm and the average exceeds threshold.  out[r, c]
- * (core rows) is 1 or 0; returns the number of emission pixels, or -1 when out of memory.
- *
- * The kernel's weights are all equal (astropy's ring kernels are), w.  Its taps come as
- * rows: tap row t has row offset row_dy[t] and the column offsets
- * dx[first[t] .. first[t+1]-1], a set shared by the rows with the same set_of[t] (the
- * ring is symmetric).  Each band row's values (0 where not finite) and finite counts
- * (16-bit: at most 65535 taps) are summed over each column set once, then the core rows
- * add up their tap rows: the same
+/* (showers.h) Each band row's values (0 where not finite) and finite counts (16-bit) are
+ * summed over each column set once, then the core rows add up their tap rows: the same
  * sums, in another order than stcal's FFT convolution, whose own rounding is of the same
  * order (1e-16 relative).  Rows beyond the frame are a padding row of counted zeros. */
 #define RING(NAME, T)                                                                    \
     HOT int64_t NAME(const T *restrict ratio, int64_t rs, int64_t nrows, int64_t ncols, \
                      int64_t row0, int64_t frame_ny, int64_t core0, int64_t core1,      \
-                     const int64_t *restrict row_dy, const int64_t *restrict set_of,     \
-                     int64_t nrows_k, const int64_t *restrict first,                     \
-                     const int64_t *restrict dx, int64_t nsets, double w,                \
-                     double min_norm, double threshold, uint8_t *restrict out)           \
+                     const showers_ring_params *ring, uint8_t *restrict out)            \
     {                                                                                    \
+        const int64_t *restrict row_dy = ring->row_dy, *restrict set_of = ring->set_of; \
+        const int64_t *restrict first = ring->first, *restrict dx = ring->dx;           \
+        const int64_t nrows_k = ring->n_tap_rows, nsets = ring->n_sets;                 \
+        const double w = ring->weight, min_norm = ring->min_norm;                       \
+        const double threshold = ring->threshold;                                       \
         int64_t pad = 0, halo = 0;                                                       \
         for (int64_t k = 0; k < first[nsets]; k++)                                       \
             pad = dx[k] > pad ? dx[k] : (-dx[k] > pad ? -dx[k] : pad);                   \

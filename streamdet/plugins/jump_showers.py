@@ -1,654 +1,253 @@
-"""MIRI shower flagging (jwst's ``find_showers``), as stcal 1.20's ``find_faint_extended``
-does it after the two-point search, in pieces an engine can stream.
-
-A cosmic-ray shower leaves faint charge over tens of pixels: too faint per pixel for the
-two-point search, but visible as a patch of slightly significant differences.  Given the
-ramp in electrons (data and CDS read noise times the gain) and the group flags left by
-the two-point search:
-
-1. **Significance** (per pixel, so any band of rows will do).  Groups whose flags are
-   exactly DO_NOT_USE, SATURATED, JUMP_DET, JUMP_DET|DO_NOT_USE or
-   SATURATED|DO_NOT_USE are excluded (stcal's rule: other combinations keep their
-   value).  With fewer than ``minimum_sigclip_groups`` integrations, each pixel's
-   median difference over *all integrations and groups* and ``sigma = sqrt(|median| +
-   rn**2 / nframes)`` (float32) give ``|diff - median| / sigma``; with more, astropy's
-   ``sigma_clipped_stats`` (5 sigma) over the integrations gives a median and standard
-   deviation per group and pixel instead.
-2. **Emission** (per difference plane, needs ``halo`` rows around a band): the
-   significance of difference ``g-1 -> g`` is masked where group ``g`` or the pixel is
-   DO_NOT_USE / SATURATED / JUMP_DET or the pixel's only flag is REFERENCE_PIXEL, then
-   averaged over a ring (astropy's ``Ring2DKernel(extend_inner_radius,
-   extend_outer_radius)``; masked pixels drop out of the average, pixels beyond the
-   frame count as zeros); pixels whose own value is valid and whose average exceeds
-   ``extend_snr_threshold`` are emission.
-3. **Showers** (a whole plane at a time): the 8-connected patches of emission whose
-   filled area reaches ``extend_min_area`` become ellipses (centroid, axis lengths less
-   one, orientation: scikit-image's region moments), searched from the integration's
-   first group that is not DO_NOT_USE everywhere plus one.  No search at all when the
-   exposure has fewer than 10 differences (stcal's ``min_diffs_for_shower``) counting
-   all-DO_NOT_USE groups out.
-4. **Flags** (per band, from the list of ellipses): each ellipse, its axes widened by
-   ``extend_ellipse_expand_ratio`` (both by the same number of pixels, capped at
-   ``max_extended_width``) and rounded as stcal rounds them, is drawn (scikit-image's
-   ``draw.ellipse``) and ORed as JUMP_DET into its group and the next
-   ``groups_masked`` groups, except where the pixel is SATURATED in that group or an
-   earlier one of them.  Flagging is deferred until every plane is searched.
-5. **Amplitude check** (per pixel and integration): the mean difference of the usable
-   groups (none of DO_NOT_USE, SATURATED, JUMP_DET) before and after the shower flags
-   are compared; where it changed by more than ``max_amplitude`` electrons per group,
-   or is not finite after (e.g. reference pixels), the integration's flags go back to
-   what the two-point search left.
-
-The functions are plain numpy/C on arrays; :func:`flag_showers` runs the whole thing
-on a whole exposure (what the tests compare with stcal).  The significances and ring
-averages are C (``_ckernels/showers.c``), the patches and ellipses scikit-image's, as
-stcal's are.
-"""
+"""The jump step's frame-wide searches across the engine's passes: MIRI showers
+(``find_showers``) and snowballs (``expand_large_events``).  Their algorithms are in
+:mod:`streamdet.algorithms.showers`; here is how they stream: what each band gives the
+extra pass, what is searched between the passes, and how the result reaches each band."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
-import warnings
-from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-from streamdet._ckernels import declare, ptr, sorted_row_medians, strides
-from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, REFERENCE_PIXEL, SATURATED
-
-_c_diffs = declare("showers", "showers_pixel_major_diffs", "piiipiiipiiiiipp")
-_c_ratio = declare("showers", "showers_ratio_plane", "ppippipipippiiip")
-_c_ring = {np.dtype(np.float32): declare("showers", "showers_ring_f32", "piiiiiiippippidddp", "i"),
-           np.dtype(np.float64): declare("showers", "showers_ring_f64", "piiiiiiippippidddp", "i")}
-
-#: stcal's ``min_diffs_for_shower``: fewer differences than this, no shower search
-MIN_DIFFS_FOR_SHOWER = 10
-#: stcal's sigma_clipped_stats threshold in the many-integration case
-SIGCLIP_SIGMA = 5.0
-_FLAGS_MASKED = DO_NOT_USE | SATURATED | JUMP_DET
-_SAMPLES_PER_BLOCK = 1 << 19
-_WARNINGS_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Ring:
-    """The ring kernel as rows of taps, for the C ring average: tap row t has row offset
-    ``row_dy[t]`` and the column offsets of set ``set_of[t]`` (``dx[first[s]:first[s+1]]``
-    for set s; rows with equal offsets share a set); every weight is ``weight``.
-    ``halo`` is the largest row offset, ``min_norm`` the weight sum below which stcal
-    calls the average undefined (1e-3 times the kernel's mean)."""
-
-    row_dy: np.ndarray
-    set_of: np.ndarray
-    first: np.ndarray
-    dx: np.ndarray
-    weight: float
-    halo: int
-    min_norm: float
-
-
-@lru_cache(maxsize=8)
-def ring(inner_radius: float, outer_radius: float) -> Ring:
-    from astropy.convolution import Ring2DKernel
-
-    kernel = Ring2DKernel(inner_radius, outer_radius).array
-    weights = np.unique(kernel[kernel != 0])
-    if weights.size != 1:  # astropy's ring kernels are flat; the C average relies on it
-        raise ValueError("the ring kernel's weights are not all equal")
-    if np.count_nonzero(kernel) > 65535:  # the C average counts taps in 16 bits
-        raise ValueError(f"ring radii {inner_radius}, {outer_radius}: kernel too large")
-    cy, cx = kernel.shape[0] // 2, kernel.shape[1] // 2
-    sets: list[tuple[int, ...]] = []
-    row_dy, set_of = [], []
-    for y in range(kernel.shape[0]):
-        offsets = tuple(int(x) - cx for x in np.flatnonzero(kernel[y]))
-        if not offsets:
-            continue
-        if offsets not in sets:
-            sets.append(offsets)
-        row_dy.append(y - cy)
-        set_of.append(sets.index(offsets))
-    first = np.cumsum([0] + [len(s) for s in sets])
-    as_int = lambda values: np.ascontiguousarray(values, np.int64)  # noqa: E731
-    return Ring(as_int(row_dy), as_int(set_of), as_int(first),
-                as_int([x for s in sets for x in s]), float(weights[0]),
-                max(abs(d) for d in row_dy) if row_dy else 0, 1e-3 * float(np.mean(kernel)))
-
-
-def groups_masked_after_shower(time_masked_after_shower: float, group_time: float) -> int:
-    return int(time_masked_after_shower // group_time)
-
-
-def max_amplitude_electrons(group_time: float) -> float:
-    """The amplitude check's limit, electrons per group, as jwst 3.0 sets it: stcal's
-    JumpData default of 6 times the group time (jwst's JumpStep scales that default, not
-    its own ``max_shower_amplitude`` parameter)."""
-    return 6.0 * group_time
-
-
-def shower_search_possible(all_dnu_groups: np.ndarray) -> bool:
-    nints, ngroups = all_dnu_groups.shape
-    return nints * (ngroups - 1) - int(np.count_nonzero(all_dnu_groups)) >= MIN_DIFFS_FOR_SHOWER
-
-
-def first_searched_groups(dnu_or_refpix_groups: np.ndarray) -> list[int]:
-    """Per integration, the first group searched: one after the first group that is not
-    DO_NOT_USE in every pixel (reference pixels counting as DO_NOT_USE)."""
-    out = []
-    for row in np.asarray(dnu_or_refpix_groups, bool):
-        usable = np.flatnonzero(~row)
-        out.append(int(usable[0]) + 1 if usable.size else 1)
-    return out
-
-
-def dnu_or_refpix_groups(groupdq: np.ndarray, pixeldq: np.ndarray) -> np.ndarray:
-    """Bool [nints, ngroups]: groups DO_NOT_USE in every pixel given, counting pixels
-    whose only flag is REFERENCE_PIXEL as DO_NOT_USE (AND over bands for the frame)."""
-    nints, ngroups = groupdq.shape[:2]
-    if groupdq[0, 0].size == 0:
-        return np.ones((nints, ngroups), bool)
-    planes = groupdq.reshape(nints, ngroups, -1)
-    refpix = (np.asarray(pixeldq) == REFERENCE_PIXEL).reshape(-1)
-    if refpix.any():
-        planes = planes[:, :, ~refpix]
-        if planes.shape[2] == 0:
-            return np.ones((nints, ngroups), bool)
-    return (np.bitwise_and.reduce(planes, axis=2) & np.uint8(DO_NOT_USE)) != 0
-
-
-# --- 1. significance -----------------------------------------------------------------
-
-def _electrons(data, groupdq, gain):
-    e = np.multiply(data, gain, dtype=np.float32)
-    excluded = (groupdq >= 1) & (groupdq <= 5)
-    e[excluded] = np.nan
-    return e
-
-
-def median_and_sigma(data, groupdq, gain, readnoise, nframes):
-    """Per pixel of a band: the median difference over all integrations and groups and
-    ``sigma`` (both float32 [rows, cols])."""
-    nints, ngroups, nrows, ncols = data.shape
-    median = np.empty((nrows, ncols), np.float32)
-    per_row = nints * (ngroups - 1) * ncols
-    step = max(1, _SAMPLES_PER_BLOCK // max(1, per_row))
-    for r0 in range(0, nrows, step):
-        rows = slice(r0, min(nrows, r0 + step))
-        block_d, block_q, block_g = data[:, :, rows], groupdq[:, :, rows], gain[rows]
-        n = block_d.shape[2] * ncols
-        diffs = np.empty((n, nints * (ngroups - 1)), np.float32)
-        n_valid = np.empty(n, np.int64)
-        _c_diffs(ptr(block_d), *_row_strides(block_d), ptr(block_q), *_row_strides(block_q),
-                 ptr(block_g), strides(block_g)[0], nints, ngroups, block_d.shape[2], ncols,
-                 ptr(diffs), ptr(n_valid))
-        diffs.sort(axis=1)
-        # the mean of the two middle values rounds the same in double then float as in
-        # numpy's float32 median
-        median[rows] = sorted_row_medians(diffs, n_valid).reshape(-1, ncols)
-    rn = np.multiply(readnoise, gain, dtype=np.float32)
-    sigma = np.sqrt(np.abs(median) + (rn * rn) / np.float32(nframes))
-    return median, sigma.astype(np.float32, copy=False)
-
-
-def sigma_clipped_median_std(data, groupdq, gain):
-    """Many-integration case: per group difference and pixel, astropy's
-    ``sigma_clipped_stats(sigma=5)`` median and standard deviation over the
-    integrations ([ndiffs, rows, cols] each)."""
-    from astropy.stats import sigma_clipped_stats
-
-    nints, ngroups, nrows, ncols = data.shape
-    median = std = None
-    per_row = nints * (ngroups - 1) * ncols
-    step = max(1, _SAMPLES_PER_BLOCK // max(1, per_row))
-    for r0 in range(0, nrows, step):
-        rows = slice(r0, min(nrows, r0 + step))
-        e = _electrons(data[:, :, rows], groupdq[:, :, rows], gain[rows])
-        diffs = np.diff(e, axis=1)
-        # all-NaN pixels give NaN statistics, as in stcal; the warnings filter is
-        # process-wide, so band threads take turns
-        with _WARNINGS_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, med, sd = sigma_clipped_stats(diffs, sigma=SIGCLIP_SIGMA, axis=0)
-        if median is None:
-            median = np.empty((ngroups - 1, nrows, ncols), med.dtype)
-            std = np.empty((ngroups - 1, nrows, ncols), sd.dtype)
-        median[:, rows], std[:, rows] = med, sd
-    return median, std
-
-
-def ratio_plane(data, groupdq, pixeldq, gain, i, g, stats, out=None):
-    """Significance of integration ``i``'s difference ``g-1 -> g`` over a band's rows,
-    NaN where excluded or masked (see the module docstring).  ``stats`` is
-    :func:`median_and_sigma`'s result, or :func:`sigma_clipped_median_std`'s."""
-    nrows, ncols = data.shape[2:]
-    centre, spread = stats
-    if centre.ndim == 2:  # per pixel: one C pass
-        if out is None:
-            out = np.empty((nrows, ncols), np.float32)
-        prev, cur = data[i, g - 1], data[i, g]
-        qprev, qcur = groupdq[i, g - 1], groupdq[i, g]
-        _c_ratio(ptr(prev), ptr(cur), strides(prev)[0], ptr(qprev), ptr(qcur), strides(qprev)[0],
-                 ptr(pixeldq), strides(pixeldq)[0], ptr(gain), strides(gain)[0],
-                 ptr(centre), ptr(spread), strides(centre)[0], nrows, ncols, ptr(out))
-        return out
-    e = _electrons(data[i, g - 1:g + 1], groupdq[i, g - 1:g + 1], gain)
-    diff = e[1] - e[0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.abs(diff - centre[g - 1]) / spread[g - 1]
-    ratio[_masked(groupdq[i, g], pixeldq)] = np.nan
-    return ratio
-
-
-def _masked(group_flags, pixeldq):
-    return (((group_flags | pixeldq) & _FLAGS_MASKED) != 0) | (pixeldq == REFERENCE_PIXEL)
-
-
-# --- 2. emission ---------------------------------------------------------------------
-
-def emission(ratio, kernel: Ring, threshold, *, row0=0, frame_ny=None, core=slice(None)):
-    """Uint8 emission mask of the rows ``core`` of a significance plane ``ratio`` (band
-    rows; band row 0 is frame row ``row0``), and its pixel count.  The band must hold
-    ``kernel.halo`` rows beyond the core wherever the frame does."""
-    nrows, ncols = ratio.shape
-    frame_ny = nrows if frame_ny is None else frame_ny
-    c0, c1, _ = core.indices(nrows)
-    if ratio.strides[1] != ratio.itemsize:
-        ratio = np.ascontiguousarray(ratio)
-    out = np.empty((c1 - c0, ncols), np.uint8)
-    n = _c_ring[ratio.dtype](ptr(ratio), strides(ratio)[0], nrows, ncols, row0, frame_ny, c0, c1,
-                             ptr(kernel.row_dy), ptr(kernel.set_of), kernel.row_dy.size,
-                             ptr(kernel.first), ptr(kernel.dx), kernel.first.size - 1,
-                             kernel.weight, kernel.min_norm, float(threshold), ptr(out))
-    if n < 0:
-        raise MemoryError("no memory for the shower search's ring average")
-    return out, int(n)
-
-
-# --- 3. showers ----------------------------------------------------------------------
-
-Ellipse = tuple  # ((centre column, centre row), (minor, major) lengths, angle degrees)
-
-
-def could_hold_shower(n_pixels: int, min_area: float) -> bool:
-    """False when ``n_pixels`` emission pixels cannot make a patch whose filled area
-    reaches ``min_area``: a patch of n pixels spans at most n+1 rows plus columns, so
-    fills at most ((n+1)/2)**2."""
-    return ((n_pixels + 1) / 2.0) ** 2 >= min_area
-
-
-def find_ellipses(plane: np.ndarray, min_area: float) -> list[Ellipse]:
-    """Ellipses of the 8-connected patches of ``plane`` (0/1) whose filled area (holes
-    included) is at least ``min_area``."""
-    from skimage.measure import label, regionprops
-
-    found = []
-    for region in regionprops(label(plane)):
-        if region.area_filled < min_area:
-            continue
-        found.append(((float(region.centroid[1]), float(region.centroid[0])),
-                      (region.axis_minor_length - 1, region.axis_major_length - 1),
-                      np.degrees(region.orientation)))
-    return found
-
-
-# --- 4. flags ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Region:
-    """A drawn (expanded) shower: integration, group, the frame rows and columns of
-    its box and the pixels of the box it covers."""
-
-    integration: int
-    group: int
-    rows: slice
-    cols: slice
-    mask: np.ndarray
-
-
-def expanded_half_axes(ellipse: Ellipse, ratio: float, max_width: float) -> tuple[int, int]:
-    """The ellipse's half axes after expansion: both full axes grow by ``ratio - 1``
-    times the minor one (so long thin patches do not become huge), are capped at
-    ``max_width`` and halved with Python's rounding (half to even), as stcal does."""
-    first, second = ellipse[1]
-    if second < first:
-        a1, a2 = first + (ratio - 1.0) * second, second * ratio
-    else:
-        a1, a2 = first * ratio, second + (ratio - 1.0) * first
-    return round(min(a1, max_width) / 2), round(min(a2, max_width) / 2)
-
-
-def ellipse_box(centre_col: float, centre_row: float, axis_col: float, axis_row: float,
-                angle: float, frame_shape: tuple[int, int]):
-    """The pixels of an ellipse (full axes ``axis_col``/``axis_row`` before rotation by
-    ``angle`` degrees) as stcal draws it: centre rounded, half axes rounded (half to
-    even), scikit-image's ``draw.ellipse`` in a box reaching two pixels beyond the
-    longer half axis, clipped to the frame.  Returns (rows, cols, mask) or None."""
-    from skimage.draw import ellipse as draw_ellipse
-
-    r_col, r_row = round(axis_col / 2), round(axis_row / 2)
-    col_c, row_c = round(centre_col), round(centre_row)
-    reach = max(r_col, r_row) + 2
-    ny, nx = frame_shape
-    y0, y1 = max(row_c - reach, 0), min(row_c + reach + 1, ny)
-    x0, x1 = max(col_c - reach, 0), min(col_c + reach + 1, nx)
-    if r_col == 0 or r_row == 0 or y1 <= y0 or x1 <= x0:
-        return None
-    mask = np.zeros((y1 - y0, x1 - x0), bool)
-    rr, cc = draw_ellipse(row_c - y0, col_c - x0, r_row, r_col, mask.shape, np.radians(angle))
-    mask[rr, cc] = True
-    if not mask.any():
-        return None
-    return slice(y0, y1), slice(x0, x1), mask
-
-
-def draw_region(ellipse: Ellipse, integration: int, group: int, ratio: float, max_width: float,
-                frame_shape: tuple[int, int]) -> Region | None:
-    """The pixels an expanded ellipse flags, in a box around its rounded centre clipped
-    to the frame."""
-    half1, half2 = expanded_half_axes(ellipse, ratio, max_width)
-    box = ellipse_box(ellipse[0][0], ellipse[0][1], 2 * half1, 2 * half2, ellipse[2], frame_shape)
-    return None if box is None else Region(integration, group, *box)
-
-
-def apply_regions(groupdq: np.ndarray, pixeldq: np.ndarray, regions, groups_masked: int,
-                  row0: int = 0, core: slice = slice(None)) -> None:
-    """OR JUMP_DET into ``groupdq`` (band [nints, ngroups, rows, cols], band row 0 =
-    frame row ``row0``) for every region, in its group and the next ``groups_masked``
-    ones, except in pixels SATURATED in that group or an earlier one of them.  Pixels
-    whose only flag is REFERENCE_PIXEL are left alone (stcal flags them and its amplitude
-    check always puts them back).  Only the band rows ``core`` are changed."""
-    nints, ngroups, nrows, _ = groupdq.shape
-    c0, c1, _ = core.indices(nrows)
-    lo, hi = row0 + c0, row0 + c1
-    for reg in regions:
-        a, b = max(reg.rows.start, lo), min(reg.rows.stop, hi)
-        if a >= b:
-            continue
-        keep = reg.mask[a - reg.rows.start:b - reg.rows.start].copy()
-        keep &= pixeldq[a - row0:b - row0, reg.cols] != REFERENCE_PIXEL
-        for g in range(reg.group, min(reg.group + groups_masked + 1, ngroups)):
-            plane = groupdq[reg.integration, g, a - row0:b - row0, reg.cols]
-            keep &= (plane & np.uint8(SATURATED)) == 0
-            plane[keep] |= np.uint8(JUMP_DET)
-
-
-# --- 5. amplitude check ----------------------------------------------------------------
-
-def revert_large_changes(data, gain, before, after, max_amplitude, core=slice(None)) -> int:
-    """Put back ``before``'s flags (all groups of an integration's pixel) where the
-    shower flags in ``after`` change the mean usable difference by more than
-    ``max_amplitude`` electrons or leave it undefined.  Only pixels of the rows
-    ``core`` whose flags changed are looked at.  Returns the pixels reverted."""
-    nints = data.shape[0]
-    reverted = 0
-    for i in range(nints):
-        changed = np.any(before[i, :, core] != after[i, :, core], axis=0)
-        if not changed.any():
-            continue
-        ys, xs = np.nonzero(changed)
-        ys = ys + core.indices(data.shape[2])[0]
-        values = np.multiply(data[i][:, ys, xs], gain[ys, xs], dtype=np.float32)
-        old = _mean_usable_difference(values, before[i][:, ys, xs])
-        new = _mean_usable_difference(values, after[i][:, ys, xs])
-        with np.errstate(invalid="ignore"):
-            change = np.abs(old - new)
-            bad = ~np.isfinite(change) | (change > np.float32(max_amplitude))
-        for y, x in zip(ys[bad], xs[bad]):
-            after[i, :, y, x] = before[i, :, y, x]
-        reverted += int(bad.sum())
-    return reverted
-
-
-def _mean_usable_difference(values, flags):
-    """numpy's float32 nanmean of the differences (groups with DO_NOT_USE, SATURATED or
-    JUMP_DET as NaN): a float32 running sum, divided in double by the count."""
-    v = values.copy()
-    v[(flags & np.uint8(_FLAGS_MASKED)) != 0] = np.nan
-    d = np.diff(v, axis=0)
-    good = ~np.isnan(d)
-    total = np.zeros(d.shape[1], np.float32)
-    for k in range(d.shape[0]):
-        total += np.where(good[k], d[k], np.float32(0))
-    count = good.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (total.astype(np.float64) / count).astype(np.float32)
-
-
-# --- the whole exposure at once -------------------------------------------------------
-
-@dataclass
-class ShowerOptions:
-    snr_threshold: float = 1.2
-    min_area: float = 90
-    inner_radius: float = 1.0
-    outer_radius: float = 2.6
-    expand_ratio: float = 1.1
-    groups_masked: int = 5
-    max_width: float = 400.0
-    max_amplitude: float = 6.0
-    minimum_sigclip_groups: int = 100
-
-
-def search_planes(emission_of, nints: int, ngroups: int, first_groups: list[int], min_area: float):
-    """Ellipses of every (integration, group) searched; ``emission_of(i, g)`` gives the
-    emission plane of difference g-1 -> g (or None when it cannot hold a shower)."""
-    found = []
-    for i in range(nints):
-        for g in range(first_groups[i], ngroups):
-            plane = emission_of(i, g)
-            if plane is None:
-                continue
-            ellipses = find_ellipses(plane, min_area)
-            if ellipses:
-                found.append((i, g, ellipses))
-    return found
-
-
-def flag_showers(data, groupdq, pixeldq, gain, readnoise, nframes, options: ShowerOptions):
-    """The whole search on a whole exposure (data in DN, groupdq as the two-point search
-    left it): returns the new groupdq and the number of showers."""
-    nints, ngroups, ny, nx = data.shape
-    data = np.asarray(data, np.float32)
-    gain = np.ascontiguousarray(gain, np.float32)
-    readnoise = np.ascontiguousarray(readnoise, np.float32)
-    all_dnu = (np.bitwise_and.reduce(groupdq.reshape(nints, ngroups, -1), axis=2) & DO_NOT_USE) != 0
-    if not shower_search_possible(all_dnu):
-        return groupdq.copy(), 0
-    if nints >= options.minimum_sigclip_groups:
-        stats = sigma_clipped_median_std(data, groupdq, gain)
-    else:
-        stats = median_and_sigma(data, groupdq, gain, readnoise, nframes)
-    kernel = ring(options.inner_radius, options.outer_radius)
-    first = first_searched_groups(dnu_or_refpix_groups(groupdq, pixeldq))
-
-    def emission_of(i, g):
-        plane, n = emission(ratio_plane(data, groupdq, pixeldq, gain, i, g, stats), kernel,
-                            options.snr_threshold)
-        return plane if could_hold_shower(n, options.min_area) else None
-
-    found = search_planes(emission_of, nints, ngroups, first, options.min_area)
-    regions = [r for i, g, ellipses in found for e in ellipses
-               if (r := draw_region(e, i, g, options.expand_ratio, options.max_width, (ny, nx)))]
-    after = groupdq.copy()
-    apply_regions(after, pixeldq, regions, options.groups_masked)
-    revert_large_changes(data, gain, groupdq, after, options.max_amplitude)
-    return after, sum(len(e) for _, _, e in found)
-
-
-def _row_strides(array):
-    if array.shape[-1] > 1 and array.strides[-1] != array.itemsize:
-        raise ValueError("the shower search needs arrays whose last axis is contiguous")
-    return strides(array)[:-1]
-
-
-# --- snowballs (expand_large_events) ---------------------------------------------------
-#
-# stcal's flag_large_events, learned from its source: for each integration, group by group
-# from the second, the 8-connected patches of JUMP_DET (least area ``min_jump_area``) are
-# snowballs when a patch of newly SATURATED pixels (this group's or the next one's, least
-# area ``min_sat_area``) has its centre inside the patch's ellipse, or when the patch lies
-# within ``edge_size`` of the frame's edge (stcal measures both coordinates against the
-# row count).  Newly saturated patches whose minor axis exceeds ``min_sat_radius_extend``
-# have their ellipse, axes grown by ``sat_expand``, set to exactly SATURATED (other flags
-# dropped) from this group on; the unexpanded ellipse is remembered for the next
-# integration.  Each snowball's ellipse, expanded by ``expand_factor`` (as the showers'),
-# gets JUMP_DET in this group where not SATURATED.  Finally, the remembered cores get
-# JUMP_DET in groups 1 .. ``persist_groups``-1 of the next integration.  The search reads
-# only the JUMP_DET and SATURATED bits of each group as the two-point search left them,
-# updated by the saturation it sets itself.
-
-
-@dataclass
-class SnowballOptions:
-    min_jump_area: float = 5.0
-    min_sat_area: float = 1.0
-    expand_factor: float = 2.0
-    sat_required: bool = True
-    min_sat_radius_extend: float = 2.5
-    sat_expand: float = 4.0  # jwst passes twice its ``sat_expand``
-    edge_size: int = 25
-    max_width: float = 400.0
-    persist_next_int: bool = True
-    persist_groups: int = 1441
-
-
-@dataclass(frozen=True)
-class Snowballs:
-    """What the snowball search found: per integration, the ordered operations
-    ``("saturate", Region)`` (exactly SATURATED from the region's group on) and
-    ``("jump", Region)`` (JUMP_DET in its group where not SATURATED); then the
-    ``persist`` regions (JUMP_DET in groups ``persist_groups`` of their integration);
-    and the number of snowballs."""
-
-    operations: list
-    persist: list
-    persist_groups: slice
-    count: int
-
-
-def _inside(point, ellipse) -> bool:
-    """Whether ``point`` (column, row) lies in ``ellipse`` (stcal's test: the ellipse
-    turned by 180 degrees less its angle, semi-axes half the lengths)."""
-    angle = np.radians(180 - ellipse[2])
-    cos, sin = np.cos(angle), np.sin(angle)
-    xc = point[0] - ellipse[0][0]
-    yc = point[1] - ellipse[0][1]
-    xr = xc * cos - yc * sin
-    yr = xc * sin + yc * cos
-    if ellipse[1][1] >= ellipse[1][0]:
-        major, minor = ellipse[1][1] * 0.5, ellipse[1][0] * 0.5
-    else:
-        major, minor = ellipse[1][0] * 0.5, ellipse[1][1] * 0.5
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return bool((xr**2 / major**2) + (yr**2 / minor**2) <= 1)
-
-
-def _near_edge(ellipse, low, high) -> bool:
-    (x, y) = ellipse[0]
-    return x < low or y < low or x > high or y > high
-
-
-def search_integration_snowballs(i: int, jump_of, sat_of, ngroups: int, frame_shape, options):
-    """One integration's snowball operations, in stcal's order; ``jump_of(g)`` and
-    ``sat_of(g)`` give the group's JUMP_DET / SATURATED planes (bool) as the two-point
-    search left them.  Returns (operations, persist regions, count)."""
-    ny, nx = frame_shape
-    saturated_since = np.zeros(frame_shape, bool)  # what this search saturated so far
-    operations, persist, count = [], [], 0
-    low, high = options.edge_size, max(0, ny - options.edge_size)
-    sat_now = sat_of(0)
-    next_new = None
-    for g in range(1, ngroups):
-        sat_prev = sat_now | saturated_since
-        sat_now = sat_of(g)
-        current = sat_now | saturated_since
-        new_sat = current & ~sat_prev
-        if g < ngroups - 1:
-            next_new = (sat_of(g + 1) | saturated_since) & ~current
-        next_ellipses = find_ellipses(next_new.astype(np.uint8), options.min_sat_area)
-        sat_ellipses = find_ellipses(new_sat.astype(np.uint8), options.min_sat_area)
-        jump_ellipses = find_ellipses((jump_of(g) & ~saturated_since).astype(np.uint8),
-                                      options.min_jump_area)
-        if options.sat_required:
-            balls = []
-            for jump in jump_ellipses:
-                if _near_edge(jump, low, high):
-                    balls.append(jump)
-                    continue
-                for sat in sat_ellipses:
-                    if _inside(sat[0], jump) and jump not in balls:
-                        balls.append(jump)
-                if g < ngroups - 1:
-                    for sat in next_ellipses:
-                        if _inside(sat[0], jump) and jump not in balls:
-                            balls.append(jump)
-            for sat in sat_ellipses:
-                if min(sat[1][1], sat[1][0]) <= options.min_sat_radius_extend:
-                    continue
-                box = ellipse_box(sat[0][0], sat[0][1], min(sat[1][0] + options.sat_expand, options.max_width),
-                                  min(sat[1][1] + options.sat_expand, options.max_width), sat[2], frame_shape)
-                if box is not None:
-                    operations.append(("saturate", Region(i, g, *box)))
-                    saturated_since[box[0], box[1]] |= box[2]
-                core = ellipse_box(sat[0][0], sat[0][1], sat[1][0], sat[1][1], sat[2], frame_shape)
-                if core is not None:
-                    persist.append(Region(i + 1, 1, *core))
+from streamdet.algorithms import showers
+from streamdet.core.dqflags import JUMP_DET, SATURATED
+
+
+class ShowerSearch:
+    """The jump step's MIRI shower search across the engine's passes (algorithm:
+    :mod:`streamdet.algorithms.showers`).
+
+    Extra band pass: each band (with ``kernel.halo`` + 1 rows of context, after the
+    two-point search) yields the emission masks of its rows for every difference plane,
+    kept bit-packed ([integration, difference, row, column/8], in memory or in a scratch
+    file). Between the passes: one plane at a time, the patches become shower regions.
+    Band pass proper: each band ORs the regions' flags into its rows and checks their
+    amplitude before ramp_fit sees them."""
+
+    #: bit-packed emission planes larger than this go to a scratch file
+    IN_MEMORY_BYTES = 32 * 1024**2
+
+    def __init__(self, params, meta):
+        self.meta = meta
+        self.kernel = showers.ring(params["extend_inner_radius"], params["extend_outer_radius"])
+        self.threshold = params["extend_snr_threshold"]
+        self.min_area = params["extend_min_area"]
+        self.expand_ratio = params["extend_ellipse_expand_ratio"]
+        # jwst's JumpStep passes twice the radius as stcal's largest full width
+        self.max_width = 2 * params["max_extended_radius"]
+        self.groups_masked = showers.groups_masked_after_shower(
+            params["time_masked_after_shower"], meta.group_time)
+        self.max_amplitude = showers.max_amplitude_electrons(meta.group_time)
+        self.sigma_clip = meta.nints >= params["minimum_sigclip_groups"]
+        self.dnu_or_refpix = np.ones((meta.nints, meta.ngroups), bool)
+        self.pixels = np.zeros((meta.nints, meta.ngroups), np.int64)  # emission pixels per plane
+        self.row_bytes = (meta.nx + 7) // 8
+        self.store = None
+        self.regions = None
+        self.found = None  # showers, once searched
+        self.lock = threading.Lock()
+
+    @property
+    def gather_halo(self):
+        # the ring average of a core row reads kernel.halo rows around it, whose flags
+        # need their own neighbours (the two-point search's halo)
+        return self.kernel.halo
+
+    # -- extra pass ----------------------------------------------------------------------
+    def _open_store(self, context):
+        shape = (self.meta.nints, self.meta.ngroups, self.meta.ny, self.row_bytes)
+        with self.lock:
+            if self.store is None:
+                self.store = _PlaneStore(shape, context.scratch_dir, self.IN_MEMORY_BYTES)
+        return self.store
+
+    def gather(self, chunk, all_dnu, gain, readnoise, context):
+        meta = self.meta
+        core = chunk.core
+        c0, c1, _ = core.indices(chunk.nrows)
+        dnu_ref = showers.dnu_or_refpix_groups(chunk.groupdq[:, :, core], chunk.pixeldq[core])
+        with self.lock:
+            self.dnu_or_refpix &= dnu_ref
+        if not showers.shower_search_possible(all_dnu):
+            return
+        store = self._open_store(context)
+        gain = np.ascontiguousarray(gain, np.float32)
+        if self.sigma_clip:
+            stats = showers.sigma_clipped_median_std(chunk.data, chunk.groupdq, gain)
         else:
-            balls = jump_ellipses
-        count += len(balls)
-        for ball in balls:
-            region = draw_region(ball, i, g, options.expand_factor, options.max_width, frame_shape)
-            if region is not None:
-                operations.append(("jump", region))
-    return operations, persist, count
+            stats = showers.median_and_sigma(chunk.data, chunk.groupdq, gain,
+                                                  np.ascontiguousarray(readnoise, np.float32),
+                                                  meta.nframes)
+        frame_row = chunk.rows.start + c0
+        counts = np.zeros((meta.nints, meta.ngroups), np.int64)
+        buffer = np.empty((chunk.nrows, meta.nx), np.float32) if not self.sigma_clip else None
+        for i in range(meta.nints):
+            for g in range(1, meta.ngroups):
+                if all_dnu[i, g]:  # masked everywhere: no emission
+                    continue
+                ratio = showers.ratio_plane(chunk.data, chunk.groupdq, chunk.pixeldq, gain,
+                                                 i, g, stats, out=buffer)
+                plane, n = showers.emission(ratio, self.kernel, self.threshold,
+                                                 row0=chunk.rows.start, frame_ny=meta.ny, core=core)
+                counts[i, g] = n
+                # written even when empty: a band run again (rerun_rows) replaces its rows
+                store.write(i, g, frame_row, np.packbits(plane, axis=1))
+        with self.lock:
+            self.pixels += counts
+
+    # -- between the passes ----------------------------------------------------------------
+    def search(self, all_dnu, context):
+        meta = self.meta
+        self.regions = []
+        self.found = 0
+        try:
+            if not showers.shower_search_possible(all_dnu):
+                return
+            first = showers.first_searched_groups(self.dnu_or_refpix)
+            planes = [(i, g) for i in range(meta.nints) for g in range(first[i], meta.ngroups)
+                      if showers.could_hold_shower(int(self.pixels[i, g]), self.min_area)]
+
+            def search_plane(plane):
+                i, g = plane
+                bits = np.unpackbits(self.store.read(i, g), axis=1, count=meta.nx)
+                return i, g, showers.find_ellipses(bits, self.min_area)
+
+            for i, g, ellipses in context.map(search_plane, planes):
+                self.found += len(ellipses)
+                for ellipse in ellipses:
+                    region = showers.draw_region(ellipse, i, g, self.expand_ratio, self.max_width,
+                                                      (meta.ny, meta.nx))
+                    if region is not None:
+                        self.regions.append(region)
+        finally:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+
+    # -- band pass proper --------------------------------------------------------------------
+    def apply(self, chunk, gain):
+        lo = chunk.rows.start + chunk.core.indices(chunk.nrows)[0]
+        hi = chunk.rows.start + chunk.core.indices(chunk.nrows)[1]
+        regions = [r for r in self.regions if r.rows.start < hi and r.rows.stop > lo]
+        if not regions:
+            return
+        core = chunk.core
+        after = chunk.groupdq[:, :, core]
+        before = after.copy()
+        showers.apply_regions(after, chunk.pixeldq[core], regions, self.groups_masked, row0=lo)
+        showers.revert_large_changes(chunk.data[:, :, core], gain[core], before, after,
+                                          self.max_amplitude)
 
 
-def apply_snowballs(groupdq: np.ndarray, found: Snowballs, row0: int = 0) -> None:
-    """Replay the snowball operations on a band ([nints, ngroups, rows, cols], band row 0
-    = frame row ``row0``; every row of the band)."""
-    nints, ngroups, nrows, _ = groupdq.shape
-    lo, hi = row0, row0 + nrows
-    sat, jump = np.uint8(SATURATED), np.uint8(JUMP_DET)
+class SnowballSearch:
+    """The jump step's snowball search (``expand_large_events``) across the engine's
+    passes (algorithm: :mod:`streamdet.algorithms.showers`): the extra band pass keeps
+    each band's JUMP_DET and SATURATED bits bit-packed; between the passes each
+    integration is searched group by group (whole planes); every later pass replays the
+    operations found on its bands, halo rows included."""
 
-    def overlap(reg):
-        a, b = max(reg.rows.start, lo), min(reg.rows.stop, hi)
-        return (a, b, reg.mask[a - reg.rows.start:b - reg.rows.start]) if a < b else None
+    gather_halo = 0
 
-    for kind, reg in found.operations:
-        part = overlap(reg)
-        if part is None:
-            continue
-        a, b, mask = part
-        if kind == "saturate":
-            for g in range(reg.group, ngroups):
-                groupdq[reg.integration, g, a - row0:b - row0, reg.cols][mask] = sat
-        else:
-            plane = groupdq[reg.integration, reg.group, a - row0:b - row0, reg.cols]
-            plane[mask & ((plane & sat) == 0)] |= jump
-    for reg in found.persist:
-        part = overlap(reg)
-        if part is None or reg.integration >= nints:
-            continue
-        a, b, mask = part
-        block = groupdq[reg.integration, found.persist_groups, a - row0:b - row0, reg.cols]
-        block[:, mask] |= jump
+    def __init__(self, params, meta):
+        self.meta = meta
+        self.options = showers.SnowballOptions(
+            min_jump_area=params["min_jump_area"], min_sat_area=params["min_sat_area"],
+            expand_factor=params["expand_factor"], sat_required=params["sat_required_snowball"],
+            min_sat_radius_extend=params["min_sat_radius_extend"],
+            sat_expand=params["sat_expand"] * 2,  # as jwst's JumpStep passes it
+            edge_size=params["edge_size"], max_width=2 * params["max_extended_radius"],
+            persist_next_int=params["mask_snowball_core_next_int"],
+            persist_groups=int(params["snowball_time_masked_next_int"] // meta.group_time))
+        self.stores = None
+        self.result = None
+        self.found = None
+        self.lock = threading.Lock()
+
+    def gather(self, chunk, all_dnu, gain, readnoise, context):
+        meta = self.meta
+        with self.lock:
+            if self.stores is None:
+                shape = (meta.nints, meta.ngroups, meta.ny, (meta.nx + 7) // 8)
+                self.stores = {bit: _PlaneStore(shape, context.scratch_dir, ShowerSearch.IN_MEMORY_BYTES)
+                               for bit in (JUMP_DET, SATURATED)}
+        core = chunk.groupdq[:, :, chunk.core]
+        row = chunk.rows.start + chunk.core.indices(chunk.nrows)[0]
+        for bit, store in self.stores.items():
+            for i in range(meta.nints):
+                for g in range(meta.ngroups):
+                    store.write(i, g, row, np.packbits((core[i, g] & np.uint8(bit)) != 0, axis=1))
+
+    def search(self, all_dnu, context):
+        meta = self.meta
+        try:
+            def one(i):
+                def plane(bit, g):
+                    return np.unpackbits(self.stores[bit].read(i, g), axis=1, count=meta.nx).astype(bool)
+                return showers.search_integration_snowballs(
+                    i, lambda g: plane(JUMP_DET, g), lambda g: plane(SATURATED, g), meta.ngroups,
+                    (meta.ny, meta.nx), self.options)
+
+            operations, persist, count = [], [], 0
+            for ops, pers, n in context.map(one, range(meta.nints)):
+                operations += ops
+                persist += pers
+                count += n
+            opts = self.options
+            keep = opts.persist_next_int and opts.persist_groups >= 1
+            self.result = showers.Snowballs(operations, persist if keep else [],
+                                                 slice(1, min(opts.persist_groups, meta.ngroups)), count)
+            self.found = count
+        finally:
+            if self.stores is not None:
+                for store in self.stores.values():
+                    store.close()
+                self.stores = None
+
+    def apply(self, chunk, gain):
+        showers.apply_snowballs(chunk.groupdq, self.result, row0=chunk.rows.start)
 
 
-def flag_snowballs(groupdq: np.ndarray, options: SnowballOptions):
-    """The whole snowball search on a whole exposure's flags: returns the new groupdq
-    and the number of snowballs."""
-    nints, ngroups, ny, nx = groupdq.shape
-    operations, persist, count = [], [], 0
-    for i in range(nints):
-        ops, pers, n = search_integration_snowballs(
-            i, lambda g: (groupdq[i, g] & JUMP_DET) != 0, lambda g: (groupdq[i, g] & SATURATED) != 0,
-            ngroups, (ny, nx), options)
-        operations += ops
-        persist += pers
-        count += n
-    found = Snowballs(operations, persist if options.persist_next_int and options.persist_groups >= 1 else [],
-                      slice(1, min(options.persist_groups, ngroups)), count)
-    out = groupdq.copy()
-    apply_snowballs(out, found)
-    return out, count
+class _PlaneStore:
+    """Bit-packed emission planes [nints, ngroups, ny, row_bytes]: a numpy array when
+    small, else a scratch file moved with positioned reads and writes (its own directory,
+    removed on close)."""
+
+    def __init__(self, shape, directory, in_memory_bytes):
+        self.shape = shape
+        self.plane_bytes = shape[2] * shape[3]
+        self.dir = None
+        if int(np.prod(shape)) <= in_memory_bytes:
+            self.array = np.zeros(shape, np.uint8)
+            return
+        self.dir = tempfile.mkdtemp(prefix="streamdet-showers-", dir=directory)
+        self.fd = os.open(os.path.join(self.dir, "emission.raw"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, int(np.prod(shape)))
+
+    def _offset(self, i, g, row):
+        return ((i * self.shape[1] + g) * self.shape[2] + row) * self.shape[3]
+
+    def write(self, i, g, row, packed):
+        if self.dir is None:
+            self.array[i, g, row:row + packed.shape[0]] = packed
+            return
+        data = np.ascontiguousarray(packed).tobytes()
+        if os.pwrite(self.fd, data, self._offset(i, g, row)) != len(data):
+            raise OSError(f"short write to the shower scratch file in {self.dir}")
+
+    def read(self, i, g):
+        if self.dir is None:
+            return self.array[i, g]
+        data = os.pread(self.fd, self.plane_bytes, self._offset(i, g, 0))
+        if len(data) != self.plane_bytes:
+            raise OSError(f"short read from the shower scratch file in {self.dir}")
+        return np.frombuffer(data, np.uint8).reshape(self.shape[2], self.shape[3])
+
+    def close(self):
+        if self.dir is not None:
+            os.close(self.fd)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self.array = None
