@@ -21,7 +21,7 @@ from astropy.io import fits
 
 from streamdet._ckernels import declare, ptr
 
-from .buffers import ThreadBuffers
+from .buffers import ThreadBuffers, fill_at
 from .errors import BadInputError, InputWarning, shown
 
 _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
@@ -520,7 +520,7 @@ class Exposure:
         for k, i in enumerate(range(i0, i1)):
             for g in range(ngroups):
                 at = self._sci_offset + (i * ngroups + g) * plane_bytes + r0 * nx * item
-                got = os.preadv(self._fd, [out[k, g]], at)
+                got = fill_at(self._fd, out[k, g], at)
                 if got != want:
                     raise _bad(self.path, f"SCI data ends early (integration {i + 1}, group "
                                           f"{g + 1}: {got} of {want} bytes)")

@@ -11,8 +11,7 @@ from typing import Optional
 
 import typer
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
+from ..core.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
 
 
 def watch(
