@@ -461,6 +461,7 @@ def demo(
     _one_shot = True
     from .core import errors
     from .core.engine import RunConfig, process_file
+    from .core.products import product_path
     from .quicklook import write_quicklook
     from .simulate import SimulationError, simulate as run_simulation
 
@@ -472,7 +473,7 @@ def demo(
         sim = run_simulation(outdir / "input", seed=1, overwrite=True)
         os.environ.update(sim.env)
         result = process_file(sim.uncal, RunConfig(output_dir=outdir / "products", overwrite=True))
-        png = outdir / "products" / f"{sim.uncal.name.replace('_uncal.fits', '')}_quicklook.png"
+        png = product_path(outdir / "products", sim.uncal, "quicklook").with_suffix(".png")
         if not png.exists():  # an installed quick-look plugin may already have drawn a richer one
             write_quicklook(sim.uncal, result.products["rate"], png)
     except Exception as exc:
