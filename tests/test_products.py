@@ -271,3 +271,18 @@ print(json.dumps({{"long_cards": [str(w.message) for w in caught
     assert report["products"] == ["fitopt", "ramp", "rate", "rateints"]
     assert report["long_cards"] == []
     assert report["filters_kept"]
+
+
+def test_output_paths_name_every_product_as_jwst_does(tmp_path):
+    from streamdet.core.products import output_paths, product_path
+
+    src = tmp_path / "in" / "jw01_mirimage_uncal.fits"
+    assert output_paths(src) == {"rate": tmp_path / "in" / "jw01_mirimage_rate.fits",
+                                 "rateints": tmp_path / "in" / "jw01_mirimage_rateints.fits"}
+    got = output_paths(src, tmp_path / "out", save_ramp=True, save_after=("jump", "jump"),
+                       extra=("fitopt",))
+    assert list(got) == ["rate", "rateints", "ramp", "jump", "fitopt"]
+    assert got["jump"] == tmp_path / "out" / "jw01_mirimage_jump.fits"
+    # a saved ramp's products are named after the exposure, not after the ramp
+    assert product_path(tmp_path, "jw01_mirimage_jump.fits", "rate") == \
+        tmp_path / "jw01_mirimage_rate.fits"
