@@ -169,11 +169,6 @@ class _ShortName:
         return True
 
 
-#: bytes that the product writer's temporary names add to a product's name
-#: (``.NAME.XXXXXXXX.tmp``, core/products.py)
-TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")
-
-
 def check_output_dir(directory: Path, source: Path | None = None, create: bool = True) -> None:
     """Refuse, before any work, an output directory that products cannot be written to.
     A missing one is created now (as the writer would later); then a file is created in
@@ -206,11 +201,10 @@ def check_product_names(path: Path, out_dir: Path, save_ramp: bool = False,
     """Refuse, before any work, an input whose product names (and the writer's temporary
     names for them) would be too long for the output directory's file system."""
     from .core.errors import BadInputError, shown
-    from .core.exposure import product_base_name
+    from .core.products import TEMP_NAME_EXTRA, output_paths
 
-    base = product_base_name(path)
-    kinds = ("rate", "rateints", *(("ramp",) if save_ramp else ()), *save_after)
-    longest = max((f"{base}_{kind}.fits" for kind in kinds), key=lambda n: len(os.fsencode(n)))
+    longest = max((p.name for p in output_paths(path, out_dir, save_ramp, save_after).values()),
+                  key=lambda n: len(os.fsencode(n)))
     existing = out_dir
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
@@ -467,6 +461,7 @@ def demo(
     _one_shot = True
     from .core import errors
     from .core.engine import RunConfig, process_file
+    from .core.products import product_path
     from .quicklook import write_quicklook
     from .simulate import SimulationError, simulate as run_simulation
 
@@ -478,7 +473,7 @@ def demo(
         sim = run_simulation(outdir / "input", seed=1, overwrite=True)
         os.environ.update(sim.env)
         result = process_file(sim.uncal, RunConfig(output_dir=outdir / "products", overwrite=True))
-        png = outdir / "products" / f"{sim.uncal.name.replace('_uncal.fits', '')}_quicklook.png"
+        png = product_path(outdir / "products", sim.uncal, "quicklook").with_suffix(".png")
         if not png.exists():  # an installed quick-look plugin may already have drawn a richer one
             write_quicklook(sim.uncal, result.products["rate"], png)
     except Exception as exc:
@@ -525,24 +520,26 @@ def _jwst_spelling(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from .core.errors import Interrupted
+    import signal
+
+    from .core.errors import EXIT_OK, Interrupted
 
     try:
         # without standalone mode click returns a command's exit code instead of exiting
         code = app(args=_jwst_spelling(sys.argv[1:]), standalone_mode=False)
-        _leave(code if isinstance(code, int) else 0)
+        _leave(code if isinstance(code, int) else EXIT_OK)
     except typer.Exit as exc:
         _leave(exc.exit_code)
     except typer.Abort:
         typer.echo("streamdet: aborted", err=True)
-        sys.exit(130)
+        sys.exit(Interrupted(signal.SIGINT).exit_code)
     except Interrupted as exc:  # a signal between two files' guarded sections
         _leave(_interrupted(exc))
     except Exception as exc:
         # click's usage errors (typer vendors click, so they are matched by their shape)
         if type(exc).__name__ == "NoArgsIsHelpError":
             typer.echo(exc.ctx.get_help())
-            sys.exit(0)
+            sys.exit(EXIT_OK)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             typer.echo(f"streamdet: error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)

@@ -10,7 +10,8 @@ pytest plugin (entry point ``pytest11``), so its fixtures need no import::
         builtin = streamdet_run(sim)
         report = compare_products(mine.products["rate"], builtin.products["rate"])
 
-Comparison tolerances are those of streamdet's own parity tests against jwst.
+Comparison tolerances are those of streamdet's own parity tests against jwst: this module
+is the one place they are stated (:data:`PRODUCTS`, :data:`KERNEL`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,37 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pytest
 
 VALUE_EXTENSIONS = ("SCI", "ERR", "VAR_POISSON", "VAR_RNOISE")
-RTOL = 1e-4                  # relative tolerance on values
-MIN_VALUE_AGREEMENT = 0.999  # fraction of pixels finite in both that must agree within RTOL
-MIN_DQ_AGREEMENT = 0.9999    # fraction of pixels whose DQ must be bit-identical
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When two results count as the same. NaN must always be in the same places."""
+
+    rtol: float                        # relative, on the values finite in both ...
+    atol: float = 0.0                  # ... plus this much absolutely (the values' unit)
+    min_value_agreement: float = 1.0   # fraction of the values finite in both within it
+    min_dq_agreement: float = 1.0      # fraction of the DQ values that are bit-identical
+
+
+#: whole products (streamdet's against jwst's Detector1, or a plugin's against the
+#: built-in step's): a chain of float32 steps computed in another order, where a few
+#: pixels at a threshold (a jump, a saturation level) may go the other way
+PRODUCTS = Tolerance(rtol=1e-4, min_value_agreement=0.999, min_dq_agreement=0.9999)
+#: one kernel against the stcal function it mirrors, on the same arrays: every value
+#: (measured: at most 1e-7 relative, ~5e-6 for slopes that are zero to float32 precision,
+#: where stcal's rounding dominates: hence atol, in the values' unit), every DQ bit
+KERNEL = Tolerance(rtol=1e-5, atol=1e-7)
+
+# the product tolerances by their earlier names
+RTOL = PRODUCTS.rtol
+MIN_VALUE_AGREEMENT = PRODUCTS.min_value_agreement
+MIN_DQ_AGREEMENT = PRODUCTS.min_dq_agreement
 
 
 @contextlib.contextmanager
@@ -89,44 +112,70 @@ def metadata_tree_text(hdu) -> str:
     return re.sub(r"(_fits_hash: )\S+", r"\1-", text)
 
 
-def compare_extension(ours: np.ndarray, theirs: np.ndarray, extension: str) -> Agreement:
+def _is_dq(name: str) -> bool:
+    return name.upper().replace(".", "_").endswith("DQ")
+
+
+def compare_extension(ours: np.ndarray, theirs: np.ndarray, extension: str,
+                      tolerance: Tolerance = PRODUCTS) -> Agreement:
+    """How ``ours`` agrees with ``theirs``: bit for bit if ``extension`` names DQ
+    (``DQ``, ``PIXELDQ``, ``rate.dq``...), else within ``tolerance``."""
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     if ours.shape != theirs.shape:
         raise AssertionError(f"{extension}: shape {ours.shape} != {theirs.shape}")
-    if extension == "DQ":
+    if _is_dq(extension):
         same = ours.astype(np.uint32) == theirs.astype(np.uint32)
-        return Agreement(extension, float(same.mean()), same.size, 0, 0.0)
+        return Agreement(extension, float(same.mean()) if same.size else 1.0, same.size, 0, 0.0)
     ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
     both = np.isfinite(ours) & np.isfinite(theirs)
     diff = np.abs(ours[both] - theirs[both])
     scale = np.abs(theirs[both])
     rel = diff / np.where(scale > 0, scale, 1.0)
-    ok = diff <= RTOL * scale
+    ok = diff <= tolerance.atol + tolerance.rtol * scale
     return Agreement(extension, float(ok.mean()) if ok.size else 1.0, int(both.sum()),
                      int((np.isnan(ours) != np.isnan(theirs)).sum()),
                      float(rel.max()) if rel.size else 0.0)
 
 
-def compare_products(ours: Path, theirs: Path) -> list[Agreement]:
+def compare_products(ours: Path, theirs: Path, tolerance: Tolerance = PRODUCTS,
+                     extensions: Iterable[str] = (*VALUE_EXTENSIONS, "DQ")) -> list[Agreement]:
     from astropy.io import fits
 
     with fits.open(ours) as a, fits.open(theirs) as b:
-        return [compare_extension(a[ext].data, b[ext].data, ext)
-                for ext in (*VALUE_EXTENSIONS, "DQ")]
+        return [compare_extension(a[ext].data, b[ext].data, ext, tolerance)
+                for ext in extensions]
 
 
-def assert_products_agree(ours: Path, theirs: Path) -> list[Agreement]:
-    """Values within RTOL on >= 99.9 % of the pixels finite in both, NaN in the same
-    places, DQ bit-identical on >= 99.99 % of the pixels."""
-    report = compare_products(ours, theirs)
-    text = f"{Path(ours).name} vs {Path(theirs).name}:\n  " + "\n  ".join(map(str, report))
+def check_agreement(report: list[Agreement], tolerance: Tolerance, what: str) -> list[Agreement]:
+    """Raise AssertionError (listing every extension) unless each one of ``report`` is
+    within ``tolerance``."""
+    text = f"{what}:\n  " + "\n  ".join(map(str, report))
     for agreement in report:
-        if agreement.extension == "DQ":
-            assert agreement.fraction >= MIN_DQ_AGREEMENT, text
+        if _is_dq(agreement.extension):
+            assert agreement.fraction >= tolerance.min_dq_agreement, text
         else:
             assert agreement.nan_mismatch == 0, text
-            assert agreement.fraction >= MIN_VALUE_AGREEMENT, text
+            assert agreement.fraction >= tolerance.min_value_agreement, text
     return report
+
+
+def assert_products_agree(ours: Path, theirs: Path, tolerance: Tolerance = PRODUCTS,
+                          extensions: Iterable[str] = (*VALUE_EXTENSIONS, "DQ")
+                          ) -> list[Agreement]:
+    """Two product files agree (by default: values within 1e-4 on >= 99.9 % of the
+    pixels finite in both, NaN in the same places, DQ bit-identical on >= 99.99 % of the
+    pixels)."""
+    return check_agreement(compare_products(ours, theirs, tolerance, extensions), tolerance,
+                           f"{Path(ours).name} vs {Path(theirs).name}")
+
+
+def assert_arrays_agree(ours: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray],
+                        tolerance: Tolerance = KERNEL) -> list[Agreement]:
+    """Two sets of named arrays agree (by default every value within :data:`KERNEL`,
+    NaN in the same places, DQ bit-identical); the names must be the same."""
+    assert list(ours) == list(theirs), (list(ours), list(theirs))
+    return check_agreement([compare_extension(ours[k], theirs[k], k, tolerance) for k in ours],
+                           tolerance, "arrays")
 
 
 # -- pytest fixtures ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamdet.simulate import simulate
@@ -135,6 +136,22 @@ def test_demo_prints_where_the_products_are(bare_env, tmp_path):
     assert printed["rate"].endswith("_rate.fits")
     assert printed["rateints"].endswith("_rateints.fits")
     assert Path(printed["quicklook"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quicklook_png_is_the_log_stretched_image_bottom_row_first(tmp_path):
+    from skimage.io import imread
+
+    from streamdet.quicklook import to_gray, write_png
+
+    image = np.array([[np.nan, 1.0, 2.0], [3.0, 4.0, 1000.0]])
+    gray = to_gray(image)
+    assert gray[0, 0] == 0 and gray[1, 2] == 255          # NaN black, the top percentile white
+    assert 0 < gray[0, 2] < gray[1, 0] < gray[1, 1] < 255  # monotonic in between
+    # logarithmic: 2 and 3 (of 1..1000) are far above their linear share of the range
+    assert gray[0, 2] > 20 * 255 * (2 - 1) / (1000 - 1)
+    assert to_gray(np.full((4, 4), 7.0)).tolist() == [[0] * 4] * 4   # flat: no division by 0
+    png = write_png(tmp_path / "q.png", gray)
+    assert np.array_equal(imread(png), gray[::-1])          # row 0 at the bottom
 
 
 _API = """

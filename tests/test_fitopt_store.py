@@ -42,6 +42,7 @@ def _bands(store, arrays, ny, band_rows):
         store.put(rows, padded, nsegs, ncrs)
 
 
+@pytest.mark.parity
 def test_jwst_fitopt_arrays_stored_in_bands_come_out_as_jwst_wrote_them(tmp_path):
     sim = simulate(tmp_path / "sim", subarray="SUB64", ngroups=8, nints=3, seed=21,
                    large_events=True)

@@ -105,7 +105,9 @@ def jwst_jump(data, groupdq, pixeldq, gain, readnoise, *, nframes=1, **params):
             exposure.primary_cosmic_rays, exposure.extended_emission_events)
 
 
-def assert_parity(exposure, nframes=1, **params):
+def assert_same_as_jwst(exposure, nframes=1, **params):
+    """Our jump flags and PRIMECRS/EXTNCRS are exactly jwst's JumpStep's (bit for bit: no
+    tolerance applies to flags), and the data are left untouched."""
     data, groupdq, pixeldq, gain, readnoise = exposure
     untouched = data.copy()
     our_dq, our_pdq, counts = ours(data, groupdq, pixeldq, gain, readnoise, nframes=nframes, **params)
@@ -127,7 +129,7 @@ def assert_parity(exposure, nframes=1, **params):
 def test_parity_two_ints_twenty_groups():
     """Single-pass search, CRs from sub-threshold to >1000 sigma, saturation, bad refs."""
     exposure = simulate(1, 2, 20, 96, 100, cr_fraction=0.02)
-    flags, counts = assert_parity(exposure)
+    flags, counts = assert_same_as_jwst(exposure)
     assert counts.primary_crs > 1000 and not counts.skipped
     assert np.count_nonzero(flags & JUMP_DET) > counts.primary_crs  # neighbours were flagged
 
@@ -135,18 +137,18 @@ def test_parity_two_ints_twenty_groups():
 @pytest.mark.parity
 def test_parity_iterative_three_ints_five_groups():
     """Only 2 usable differences per integration: the iterative search."""
-    assert_parity(simulate(2, 3, 5, 64, 64, cr_fraction=0.05))
+    assert_same_as_jwst(simulate(2, 3, 5, 64, 64, cr_fraction=0.05))
 
 
 @pytest.mark.parity
 def test_parity_iterative_many_jumps_one_int():
-    assert_parity(simulate(3, 1, 11, 48, 48, cr_fraction=0.1, keep_first_group=0.0))
+    assert_same_as_jwst(simulate(3, 1, 11, 48, 48, cr_fraction=0.1, keep_first_group=0.0))
 
 
 @pytest.mark.parity
 def test_parity_sigma_clip_across_integrations():
     exposure = simulate(4, 110, 6, 12, 14, cr_fraction=0.003)
-    _, counts = assert_parity(exposure)
+    _, counts = assert_same_as_jwst(exposure)
     assert counts.all_flagged_groups is not None
 
 
@@ -156,22 +158,22 @@ def test_parity_sigma_clip_group_reset():
     data, groupdq, pixeldq, gain, readnoise = simulate(5, 100, 5, 6, 8, cr_fraction=0.01,
                                                        bad_references=False, nan_fraction=0)
     data[7, 2:] += 30000.0
-    _, counts = assert_parity((data, groupdq, pixeldq, gain, readnoise))
+    _, counts = assert_same_as_jwst((data, groupdq, pixeldq, gain, readnoise))
     assert counts.all_flagged_groups[7, 2]
 
 
 @pytest.mark.parity
 def test_parity_sigma_clip_all_differences():
-    assert_parity(simulate(6, 2, 60, 24, 24, cr_fraction=0.02), only_use_ints=False)
+    assert_same_as_jwst(simulate(6, 2, 60, 24, 24, cr_fraction=0.02), only_use_ints=False)
 
 
 @pytest.mark.parity
 def test_parity_after_jump_flagging():
     exposure = simulate(7, 2, 20, 64, 64, cr_fraction=0.03)
-    assert_parity(exposure, after_jump_flag_dn1=300.0, after_jump_flag_time1=10.0,
+    assert_same_as_jwst(exposure, after_jump_flag_dn1=300.0, after_jump_flag_time1=10.0,
                   after_jump_flag_dn2=5000.0, after_jump_flag_time2=30.0)
     exposure = simulate(8, 3, 6, 48, 48, cr_fraction=0.05)
-    assert_parity(exposure, after_jump_flag_dn1=0.0, after_jump_flag_time1=200.0)
+    assert_same_as_jwst(exposure, after_jump_flag_dn1=0.0, after_jump_flag_time1=200.0)
 
 
 @pytest.mark.parity
@@ -181,7 +183,7 @@ def test_parity_ties_integer_ramps():
         data, groupdq, pixeldq, gain, readnoise = simulate(seed, *shape, cr_fraction=0.08)
         data = (np.round(data / 50) * 50).astype(np.float32)
         gain[:] = 4.0
-        assert_parity((data, groupdq, pixeldq, gain, readnoise))
+        assert_same_as_jwst((data, groupdq, pixeldq, gain, readnoise))
 
 
 @pytest.mark.parity
@@ -191,33 +193,33 @@ def test_parity_odd_inputs():
     for shape in ((2, 12, 32, 32), (2, 6, 32, 32)):
         data, groupdq, pixeldq, gain, readnoise = simulate(12, *shape, cr_fraction=0.05)
         groupdq[rng.random(groupdq.shape) < 0.02] |= JUMP_DET
-        assert_parity((data, groupdq, pixeldq, gain, readnoise))
+        assert_same_as_jwst((data, groupdq, pixeldq, gain, readnoise))
     # many NaN samples, both searches
     for shape in ((2, 14, 32, 32), (3, 6, 32, 32)):
         data, *rest = simulate(13, *shape, cr_fraction=0.05)
         data[rng.random(data.shape) < 0.2] = np.nan
-        assert_parity((data, *rest))
+        assert_same_as_jwst((data, *rest))
     # several frames per group
-    assert_parity(simulate(14, 2, 15, 32, 32, cr_fraction=0.05), nframes=4)
+    assert_same_as_jwst(simulate(14, 2, 15, 32, 32, cr_fraction=0.05), nframes=4)
     # zero read noise on flat data: zero sigma must not flag
     data, groupdq, pixeldq, gain, readnoise = simulate(15, 2, 8, 16, 16)
     readnoise[:8] = 0.0
     data[:, :, :4] = 1000.0
-    assert_parity((data, groupdq, pixeldq, gain, readnoise))
+    assert_same_as_jwst((data, groupdq, pixeldq, gain, readnoise))
     # non-default thresholds
-    assert_parity(simulate(16, 2, 25, 32, 32, cr_fraction=0.05), rejection_threshold=3.0,
+    assert_same_as_jwst(simulate(16, 2, 25, 32, 32, cr_fraction=0.05), rejection_threshold=3.0,
                   min_jump_to_flag_neighbors=5.0, max_jump_to_flag_neighbors=50.0)
-    assert_parity(simulate(17, 2, 25, 32, 32, cr_fraction=0.05), min_diffs_single_pass=30,
+    assert_same_as_jwst(simulate(17, 2, 25, 32, 32, cr_fraction=0.05), min_diffs_single_pass=30,
                   three_group_rejection_threshold=4.5, four_group_rejection_threshold=4.2)
 
 
 @pytest.mark.parity
 def test_parity_too_few_groups_skips_with_minus_99():
     exposure = simulate(18, 2, 3, 16, 16, cr_fraction=0.1)
-    _, counts = assert_parity(exposure)
+    _, counts = assert_same_as_jwst(exposure)
     assert counts.skipped
     data, groupdq, pixeldq, gain, readnoise = simulate(18, 2, 3, 16, 16, keep_first_group=0.0)
-    _, counts = assert_parity((data, groupdq, pixeldq, gain, readnoise))
+    _, counts = assert_same_as_jwst((data, groupdq, pixeldq, gain, readnoise))
     keywords = jump.cosmic_ray_keywords(counts, jump.unusable_groups(groupdq), GROUP_TIME, 16, 16)
     assert keywords == (None, None)
 
@@ -407,7 +409,7 @@ def test_parity_degenerate_shapes_and_dead_pixels():
             groupdq[:, :, 0, 0] |= DO_NOT_USE
             data[:, :, -1, -1] = np.nan
             groupdq[:, :, -1, -1] |= JUMP_DET
-        assert_parity((data, groupdq, pixeldq, gain, readnoise))
+        assert_same_as_jwst((data, groupdq, pixeldq, gain, readnoise))
 
 
 def _reference_differences(data, groupdq, gain):

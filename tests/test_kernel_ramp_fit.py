@@ -2,7 +2,7 @@
 chunk invariance, and parity with stcal's OLS_C ``ramp_fit`` called the way jwst 3.0's
 RampFitStep calls it (measured: identical DQ and NaNs; values equal in all but a handful
 of pixels, max 1e-7 relative except near-zero slopes, max ~5e-6 relative / 6e-8 DN/s
-absolute there)."""
+absolute there: the KERNEL tolerance of streamdet/testing.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from streamdet.plugins.ramp_fit import (
     survey_dnu_groups,
     survey_saturated_first_group,
 )
+
+from .oracle import assert_parity as oracle_parity
 
 FRAME_TIME = 2.77504
 PRODUCTS = ("sci", "err", "dq", "var_poisson", "var_rnoise")
@@ -74,44 +76,13 @@ def stcal_ramp_fit(data, groupdq, pixeldq, *, readnoise, gain, frame_time, group
     return pack(image), pack(cube)
 
 
-def differences(ours: RateArrays, theirs: RateArrays) -> dict[str, tuple[float, float]]:
-    """Max abs and rel difference per float product, after checking NaNs and DQ."""
-    out = {}
-    for name in PRODUCTS:
-        a = np.asarray(getattr(ours, name))
-        b = np.asarray(getattr(theirs, name))
-        assert a.shape == b.shape, name
-        if name == "dq":
-            bad = np.flatnonzero(a.astype(np.uint32) != b.astype(np.uint32))
-            assert bad.size == 0, (
-                f"DQ differs at {bad[:10]}: {a.ravel()[bad[:10]]} vs {b.ravel()[bad[:10]]}")
-            continue
-        nan_a, nan_b = np.isnan(a), np.isnan(b)
-        assert np.array_equal(nan_a, nan_b), (
-            f"{name}: NaN placement differs at {np.flatnonzero(nan_a != nan_b)[:10]}")
-        ok = ~nan_a
-        da = np.abs(a[ok].astype(np.float64) - b[ok].astype(np.float64))
-        scale = np.abs(b[ok].astype(np.float64))
-        rel = np.where(scale > 0, da / np.where(scale > 0, scale, 1), np.where(da > 0, np.inf, 0))
-        out[name] = (float(da.max(initial=0)), float(rel.max(initial=0)))
-    return out
+def assert_parity(ours, theirs):
+    """Both (rate, rateints) tuples agree within the kernel tolerance (tests/oracle.py)."""
+    def named(pair):
+        return {f"{label}.{name}": np.asarray(getattr(arrays, name))
+                for label, arrays in zip(("rate", "rateints"), pair) for name in PRODUCTS}
 
-
-def assert_parity(ours, theirs, rtol=1e-5, atol=1e-7):
-    """Both (rate, rateints) tuples agree; ``atol`` (DN/s) only matters for slopes that
-    are zero to float32 precision, where stcal's own rounding dominates."""
-    report = {}
-    for label, o, t in (("rate", ours[0], theirs[0]), ("rateints", ours[1], theirs[1])):
-        diffs = differences(o, t)
-        for name in diffs:
-            a = getattr(o, name).astype(np.float64)
-            b = getattr(t, name).astype(np.float64)
-            ok = ~np.isnan(b)
-            close = np.abs(a[ok] - b[ok]) <= atol + rtol * np.abs(b[ok])
-            assert close.all(), (
-                f"{label}.{name}: {np.count_nonzero(~close)} values off, max {diffs[name]}")
-        report[label] = diffs
-    return report
+    return oracle_parity(named(ours), named(theirs))
 
 
 def miri_exposure(seed, nints, ngroups, nrows, ncols, *, lead_dnu=1, rscd_groups=1,
@@ -421,6 +392,7 @@ def _clean_exposure(nints=2, ngroups=10, nrows=4, ncols=6, seed=21):
     return data, gdq, np.zeros((nrows, ncols), np.uint32), kw
 
 
+@pytest.mark.parity
 def test_nan_samples_in_template_ramps(monkeypatch):
     data, gdq, pdq, kw = _clean_exposure()
     data[0, 3, 0, 0] = np.nan          # mid ramp, one integration
@@ -470,6 +442,7 @@ def test_median_differences_exact_when_not_within_factor_two(monkeypatch):
                               np.diff(samples.astype(np.float64)))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("gain, rn", [(0.0, 10.0), (-2.0, 10.0), (4.0, 0.0), (4.0, -10.0),
                                       (np.nan, np.nan), (np.inf, 10.0)])
 def test_odd_gain_and_read_noise(monkeypatch, gain, rn):

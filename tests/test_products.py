@@ -232,3 +232,57 @@ def test_save_after_a_step_that_cannot_be_saved_is_bad_input(sim, crds_env, tmp_
     with pytest.raises(BadInputError, match=message):
         process_file(sim.uncal, RunConfig(output_dir=tmp_path, save_after=(step,)))
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
+def test_writing_products_leaves_the_callers_warning_filters_alone(sim, cli_env, tmp_path):
+    """astropy's "Card is too long" warnings from writing the products (rate, rateints,
+    a saved ramp, fitopt) never reach the caller, even when streamdet's modules were
+    first imported inside someone's ``warnings.catch_warnings()`` block (which took a
+    filter installed at import time away with it); and the caller's filters are the same
+    after the run as before."""
+    code = f"""
+import json, warnings
+from pathlib import Path
+with warnings.catch_warnings():
+    from streamdet.core import products  # first imported here, as inside a test's block
+from streamdet.core.engine import RunConfig, process_file
+
+def run(out):
+    config = RunConfig(output_dir=Path(out), save_ramp=True,
+                       params={{"ramp_fit": {{"save_opt": True}}}})
+    return process_file(Path({str(sim.uncal)!r}), config)
+
+run({str(tmp_path / "warm")!r})  # every import done before the recorded run
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    before = list(warnings.filters)
+    result = run({str(tmp_path / "recorded")!r})
+    after = list(warnings.filters)
+print(json.dumps({{"long_cards": [str(w.message) for w in caught
+                                  if "Card is too long" in str(w.message)],
+                  "filters_kept": before == after, "products": sorted(result.products)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["products"] == ["fitopt", "ramp", "rate", "rateints"]
+    assert report["long_cards"] == []
+    assert report["filters_kept"]
+
+
+def test_output_paths_name_every_product_as_jwst_does(tmp_path):
+    from streamdet.core.products import output_paths, product_path
+
+    src = tmp_path / "in" / "jw01_mirimage_uncal.fits"
+    assert output_paths(src) == {"rate": tmp_path / "in" / "jw01_mirimage_rate.fits",
+                                 "rateints": tmp_path / "in" / "jw01_mirimage_rateints.fits"}
+    got = output_paths(src, tmp_path / "out", save_ramp=True, save_after=("jump", "jump"),
+                       extra=("fitopt",))
+    assert list(got) == ["rate", "rateints", "ramp", "jump", "fitopt"]
+    assert got["jump"] == tmp_path / "out" / "jw01_mirimage_jump.fits"
+    # a saved ramp's products are named after the exposure, not after the ramp
+    assert product_path(tmp_path, "jw01_mirimage_jump.fits", "rate") == \
+        tmp_path / "jw01_mirimage_rate.fits"

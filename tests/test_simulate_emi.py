@@ -88,6 +88,7 @@ def test_clock_model_matches_the_frame_times():
             assert spatial[0, 4] - spatial[0, 3] == 1 and spatial[0, 3] == 0
 
 
+@pytest.mark.parity
 def test_row_clocks_are_jwsts():
     """The row clocks are those of jwst's emicorr ``subarray_clocks`` (read from its
     source, without importing jwst, which would configure crds in this process)."""

@@ -241,6 +241,7 @@ def test_post_hook_of_ramp_fit_gets_the_rate_models(snowball_sim, tmp_path):
                     assert hdul[0].header["S_SNOWBL"] == "COMPLETE"
 
 
+@pytest.mark.parity
 def test_jwst_dq_init_replaces_builtin_bit_for_bit(small_sim, tmp_path):
     """jwst's DQInitStep through ``--use`` (its mask from CRDS through streamdet's
     resolver) gives the built-in dq_init's products exactly, and the product records the

@@ -38,16 +38,25 @@ class ThreadBuffers:
         self._held.clear()
 
 
+def fill_at(fd: int, array: np.ndarray, offset: int) -> int:
+    """Fill the contiguous ``array`` from byte ``offset`` of ``fd``; returns the bytes
+    read, fewer than ``array.nbytes`` if the file ends first. Every positioned read of
+    streamdet's Python code goes through here (the C kernels do their own, see
+    _ckernels/scratch.c)."""
+    view = memoryview(array).cast("B")
+    done = 0
+    while done < view.nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 def read_at(fd: int, array: np.ndarray, offset: int) -> bool:
     """Fill the contiguous ``array`` from byte ``offset`` of ``fd``; False if the file
     ends first."""
-    view = memoryview(array).cast("B")
-    while view.nbytes:
-        n = os.preadv(fd, [view], offset)
-        if n <= 0:
-            return False
-        view, offset = view[n:], offset + n
-    return True
+    return fill_at(fd, array, offset) == array.nbytes
 
 
 def write_at(fd: int, array: np.ndarray, offset: int) -> None:

@@ -56,8 +56,8 @@ from .exposure import Exposure, ExposureMeta
 from .parameters import Parameters, effective as effective_parameters
 from .plugins import Observers, Registry, get_registry
 from .products import (JWST_MIRI_REFERENCES, JWST_MIRI_STEPS, CubeStore, InputMetadata,
-                       ProductRecord, RateArrays, check_writable, ref_keyword, warm_up,
-                       write_products, write_ramp)
+                       ProductRecord, RateArrays, check_writable, output_paths, product_path,
+                       ref_keyword, warm_up, write_products, write_ramp)
 from .step import Chunk, FrameContext, Granularity, Step
 
 #: default memory for the bands of the band pass in flight at once (data + groupdq, all
@@ -273,16 +273,6 @@ def _check(code: int, where: Path) -> None:
         raise OSError(-code, f"scratch file I/O failed: {os.strerror(-code)}", str(where))
 
 
-def output_paths(meta: ExposureMeta, output_dir: Path | None, save_ramp: bool = False,
-                 save_after: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Product kind -> path: ``rate``, ``rateints``, ``ramp`` (with ``save_ramp``) and
-    one ramp for each step of ``save_after``, keyed and suffixed by the step's name."""
-    directory = Path(output_dir) if output_dir else meta.path.parent
-    kinds = ("rate", "rateints", "ramp") if save_ramp else ("rate", "rateints")
-    kinds += tuple(dict.fromkeys(save_after))
-    return {kind: directory / f"{meta.base_name}_{kind}.fits" for kind in kinds}
-
-
 _collector_lock = threading.Lock()
 _collector_holds = 0
 _collector_was_enabled = False
@@ -343,7 +333,7 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
                 raise BadInputError(f"--save-after {name}: no such step (steps: {', '.join(names)})")
             if getattr(chain[names.index(name)], "produces_rate", False):
                 raise BadInputError(f"--save-after {name}: {name} makes the rate products themselves")
-        outputs = output_paths(meta, config.output_dir, config.save_ramp, config.save_after)
+        outputs = output_paths(meta.path, config.output_dir, config.save_ramp, config.save_after)
         check_writable(outputs.values(), config.overwrite, meta.path)
         resumed = _resume(chain, meta)
         source = InputMetadata(meta)  # loads the schemas in the background
@@ -389,7 +379,7 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
             extra = {kind: write for s in active for kind, write in s.extra_products().items()}
             if extra:
                 directory = outputs["rate"].parent
-                extra = {kind: (directory / f"{meta.base_name}_{kind}.fits", write)
+                extra = {kind: (product_path(directory, meta.path, kind), write)
                          for kind, write in extra.items()}
                 check_writable([path for path, _ in extra.values()], config.overwrite, meta.path)
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)

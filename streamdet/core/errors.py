@@ -15,10 +15,12 @@ import traceback
 from pathlib import Path
 from typing import IO
 
-#: exit codes of the command line
+#: exit codes of the command line (``streamdet process``, ``watch``, ``status``...);
+#: a run stopped by a signal exits with ``EXIT_SIGNAL_BASE + signal`` (SIGINT: 130)
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+EXIT_SIGNAL_BASE = 128
 
 
 class StreamdetError(Exception):
@@ -81,7 +83,7 @@ class Interrupted(BaseException):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return EXIT_SIGNAL_BASE + self.signum
 
     def __str__(self) -> str:
         return f"interrupted by {signal.Signals(self.signum).name}"

@@ -22,7 +22,7 @@ from astropy.io import fits
 from streamdet._ckernels import pointer
 from streamdet._ckernels._convert import ffi as _convert_ffi, lib as _convert
 
-from .buffers import ThreadBuffers
+from .buffers import ThreadBuffers, fill_at
 from .errors import BadInputError, InputWarning, shown
 
 #: MIRI full-frame size (rows, columns)
@@ -520,7 +520,7 @@ class Exposure:
         for k, i in enumerate(range(i0, i1)):
             for g in range(ngroups):
                 at = self._sci_offset + (i * ngroups + g) * plane_bytes + r0 * nx * item
-                got = os.preadv(self._fd, [out[k, g]], at)
+                got = fill_at(self._fd, out[k, g], at)
                 if got != want:
                     raise _bad(self.path, f"SCI data ends early (integration {i + 1}, group "
                                           f"{g + 1}: {got} of {want} bytes)")

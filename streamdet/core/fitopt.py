@@ -34,7 +34,6 @@ number of integrations.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -165,33 +164,32 @@ def write_fitopt(path: Path, store: FitoptStore, source, record) -> None:
     from astropy.io import fits
     from stdatamodels.jwst import datamodels
 
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    from streamdet.core.products import _publish, _temporary, quiet_long_cards
+
+    tmp = _temporary(path)
+    name = str(tmp)
     meta_file = store.directory / "fitopt_meta.fits"
     try:
-        with datamodels.RampFitOutputModel() as model:
-            model.update(source.model())
-            model.meta.filename = path.name
-            model.to_fits(str(meta_file), overwrite=True)
-        with fits.open(meta_file) as meta_hdus:
-            primary = meta_hdus[0].header.copy()
-            asdf_hdu = fits.BinTableHDU(meta_hdus["ASDF"].data.copy(),
-                                        header=meta_hdus["ASDF"].header.copy(), name="ASDF")
-        for key, value in record.keywords.items():
-            primary[key] = value
-        for line in record.history:
-            primary.add_history(line)
-        fits.PrimaryHDU(header=primary).writeto(name, overwrite=True, output_verify="silentfix")
-        for array in (*SEGMENT_ARRAYS, "pedestal", "crmag"):
-            _stream_array(name, store, array)
-        fits.append(name, asdf_hdu.data, header=asdf_hdu.header)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(name, 0o666 & ~umask)
-        os.replace(name, path)
+        with quiet_long_cards():
+            with datamodels.RampFitOutputModel() as model:
+                model.update(source.model())
+                model.meta.filename = path.name
+                model.to_fits(str(meta_file), overwrite=True)
+            with fits.open(meta_file) as meta_hdus:
+                primary = meta_hdus[0].header.copy()
+                asdf_hdu = fits.BinTableHDU(meta_hdus["ASDF"].data.copy(),
+                                            header=meta_hdus["ASDF"].header.copy(), name="ASDF")
+            for key, value in record.keywords.items():
+                primary[key] = value
+            for line in record.history:
+                primary.add_history(line)
+            fits.PrimaryHDU(header=primary).writeto(name, overwrite=True, output_verify="silentfix")
+            for array in (*SEGMENT_ARRAYS, "pedestal", "crmag"):
+                _stream_array(name, store, array)
+            fits.append(name, asdf_hdu.data, header=asdf_hdu.header)
+        _publish([(tmp, path)])
     finally:
-        if os.path.exists(name):
-            os.unlink(name)
+        tmp.unlink(missing_ok=True)
         meta_file.unlink(missing_ok=True)
 
 

@@ -36,7 +36,31 @@ from astropy.io import fits
 
 from .buffers import read_at, write_at
 from .errors import BadInputError
-from .exposure import ExposureMeta
+from .exposure import ExposureMeta, product_base_name
+
+#: the products every run writes (a saved ramp and a step's extra products come on top)
+RATE_PRODUCTS = ("rate", "rateints")
+
+
+def product_path(directory: str | os.PathLike, source: str | os.PathLike, kind: str) -> Path:
+    """Where product ``kind`` (``rate``, ``rateints``, ``ramp``, a step's name for a
+    ramp saved after it, ``fitopt``...) of the exposure file ``source`` goes in
+    ``directory``: ``<base>_<kind>.fits``, jwst's naming."""
+    return Path(directory) / f"{product_base_name(source)}_{kind}.fits"
+
+
+def output_paths(source: str | os.PathLike, output_dir: str | os.PathLike | None = None,
+                 save_ramp: bool = False, save_after: Iterable[str] = (),
+                 extra: Iterable[str] = ()) -> dict[str, Path]:
+    """Product kind -> path for the exposure file ``source``: ``rate``, ``rateints``,
+    ``ramp`` (with ``save_ramp``), one ramp for each step of ``save_after`` (keyed and
+    suffixed by the step's name) and the ``extra`` kinds steps add; in ``output_dir``,
+    else beside ``source``. The engine, the command line's name check and the daemon all
+    name products through this function."""
+    directory = Path(output_dir) if output_dir else Path(source).parent
+    kinds = (*RATE_PRODUCTS, *(("ramp",) if save_ramp else ()), *save_after, *extra)
+    return {kind: product_path(directory, source, kind) for kind in dict.fromkeys(kinds)}
+
 
 @dataclass
 class RateArrays:
@@ -132,11 +156,41 @@ class CubeStore:
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
 
 
+#: what astropy says for every long comment stdatamodels writes (jwst silences it too)
+_LONG_CARD = "Card is too long, comment will be truncated"
 
-# astropy says so for every long comment stdatamodels writes (jwst silences it too); a
-# filter for the whole process, as warnings.catch_warnings is not safe across the
-# threads that write products
-warnings.filterwarnings("ignore", message="Card is too long, comment will be truncated")
+
+_quiet_lock = threading.Lock()
+_quiet_writes = 0
+_quiet_scope: "warnings.catch_warnings | None" = None
+
+
+@contextmanager
+def quiet_long_cards():
+    """Silence astropy's long-comment warning while products are written.
+
+    Entered by the thread that runs a write, around the writer threads it starts and
+    joins: the filter is in place for them, and once the last write in progress ends
+    the process's filters are put back as they were before the first began (runs on
+    several threads of one process, as on a Dask worker, share one scope, since
+    ``warnings.catch_warnings`` blocks must not interleave). A filter set when this
+    module is imported would be lost if that import happened inside someone's
+    ``catch_warnings()`` block (a test's), and the writers' warnings would reach them."""
+    global _quiet_writes, _quiet_scope
+    with _quiet_lock:
+        if _quiet_writes == 0:
+            _quiet_scope = warnings.catch_warnings()
+            _quiet_scope.__enter__()
+            warnings.filterwarnings("ignore", message=_LONG_CARD)
+        _quiet_writes += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_writes -= 1
+            if _quiet_writes == 0:
+                _quiet_scope.__exit__(None, None, None)
+                _quiet_scope = None
 
 #: bytes of a FITS block (a blank primary header is one)
 _BLOCK = 2880
@@ -683,7 +737,15 @@ def _stream_extension(path: Path, header: fits.Header, store: "CubeStore", k: in
     stream.close()
 
 
+#: bytes a temporary name adds to its product's name (``.NAME.XXXXXXXX.tmp``: mkstemp's
+#: eight random characters, see :func:`_temporary`); the command line refuses an input
+#: whose product names leave no room for it
+TEMP_NAME_EXTRA = len(".") + len(".XXXXXXXX.tmp")
+
+
 def _temporary(path: Path) -> Path:
+    """A new empty file with a hidden unique name beside ``path`` (mode 0600 until
+    :func:`_publish` renames it into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -714,25 +776,26 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
     whose run fails later can withdraw exactly the files it wrote."""
     written: list[tuple[Path, Path]] = []
     try:
-        src = source.model()
-        _note_input(record, source)
-        jobs = []
-        for kind, arrays in (("rate", rate), ("rateints", rateints)):
-            streamed = isinstance(arrays, CubeStore)
-            data = {_ATTRIBUTE[name]: (_zeros(arrays.shape, dtype) if streamed else array)
-                    for (name, dtype), array in zip(
-                        zip(RateArrays.EXTENSIONS, RATE_DTYPES),
-                        [None] * 5 if streamed else arrays.arrays())}
-            tables = {"int_times": src.int_times} if kind == "rateints" else {}
-            model = build_model(kind, src, record, data, tables)
-            tmp = _temporary(outputs[kind])
-            written.append((tmp, outputs[kind]))
-            jobs.append((model, outputs[kind], tmp, arrays if streamed else None))
-        # the two files at once: much of writing is byte-swapping and file I/O, which
-        # release the GIL
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            for done in [pool.submit(_write_model, *job) for job in jobs]:
-                done.result()
+        with quiet_long_cards():
+            src = source.model()
+            _note_input(record, source)
+            jobs = []
+            for kind, arrays in (("rate", rate), ("rateints", rateints)):
+                streamed = isinstance(arrays, CubeStore)
+                data = {_ATTRIBUTE[name]: (_zeros(arrays.shape, dtype) if streamed else array)
+                        for (name, dtype), array in zip(
+                            zip(RateArrays.EXTENSIONS, RATE_DTYPES),
+                            [None] * 5 if streamed else arrays.arrays())}
+                tables = {"int_times": src.int_times} if kind == "rateints" else {}
+                model = build_model(kind, src, record, data, tables)
+                tmp = _temporary(outputs[kind])
+                written.append((tmp, outputs[kind]))
+                jobs.append((model, outputs[kind], tmp, arrays if streamed else None))
+            # the two files at once: much of writing is byte-swapping and file I/O, which
+            # release the GIL
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                for done in [pool.submit(_write_model, *job) for job in jobs]:
+                    done.result()
         _publish(written, placed)
     finally:
         for tmp, _ in written:
@@ -760,7 +823,8 @@ def write_ramp(meta: ExposureMeta, path: Path, store: "CubeStore", pixeldq: np.n
         model = build_model("ramp", src, record, arrays,
                             {"group": getattr(src, "group", None),
                              "int_times": src.int_times})
-        _write_model(model, path, tmp, store)
+        with quiet_long_cards():
+            _write_model(model, path, tmp, store)
         _publish([(tmp, path)], placed)
     finally:
         if tmp.exists():

@@ -1,7 +1,8 @@
 """``streamdet watch`` and ``streamdet status``.
 
-Only typer is imported at module level: ``streamdet --help`` must stay fast. watchdog,
-sqlite3, multiprocessing and distributed are imported inside the commands.
+Only typer and core/errors.py (the exit codes; standard library only) are imported at
+module level: ``streamdet --help`` must stay fast. watchdog, sqlite3, multiprocessing and
+distributed are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from typing import Optional
 
 import typer
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
+from ..core.errors import EXIT_BAD_INPUT, EXIT_INTERNAL
 
 
 def watch(

@@ -482,7 +482,7 @@ def rebuild(state_dir: str | os.PathLike, inbox: Path, outbox: Path, pattern: st
     quarantine gives back its quarantined row. Everything else is processed afresh."""
     import hashlib
 
-    from ..core.exposure import product_base_name
+    from ..core.products import output_paths
     from . import watcher as w
 
     aside = move_aside(state_dir)
@@ -495,8 +495,7 @@ def rebuild(state_dir: str | os.PathLike, inbox: Path, outbox: Path, pattern: st
         for directory, name in sources:
             if storable(name) != name:          # refused names are recorded when seen
                 continue
-            base = product_base_name(name)
-            products = {kind: outbox / f"{base}_{kind}.fits" for kind in ("rateints", "rate")}
+            products = dict(reversed(output_paths(name, outbox).items()))  # rate last
             if not all(p.is_file() for p in products.values()) or journal.latest(name):
                 continue
             try:

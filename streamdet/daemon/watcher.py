@@ -53,10 +53,8 @@ LEVEL1B_EXTENSIONS = ("SCI", "INT_TIMES")
 #: how many symlinks within INBOX are followed from one name
 MAX_LINKS = 8
 
-#: bytes of name the daemon adds to a product's or a report's name, beyond the input's
-#: (``<base>_rateints.fits`` and its hidden temporary ``.<product>.XXXXXXXX.tmp``;
-#: ``<name>.NN.error.json`` in the quarantine)
-PRODUCT_NAME_EXTRA = len("_rateints.fits") + len("..XXXXXXXX.tmp")
+#: bytes of name the daemon adds to a report's name, beyond the input's
+#: (``<name>.NN.error.json`` in the quarantine)
 REPORT_NAME_EXTRA = len(".99.error.json")
 
 
@@ -97,10 +95,10 @@ def name_problem(name: str, name_max: int = 255) -> str | None:
     except UnicodeEncodeError:
         return (f"file name {printable(name)} is not valid UTF-8; refused (rename it and "
                 "deliver it again)")
-    from ..core.exposure import product_base_name
+    from ..core.products import TEMP_NAME_EXTRA, output_paths
 
-    need = max(len(product_base_name(name).encode()) + PRODUCT_NAME_EXTRA,
-               size + REPORT_NAME_EXTRA)
+    longest = max(len(p.name.encode()) for p in output_paths(name).values())
+    need = max(longest + TEMP_NAME_EXTRA, size + REPORT_NAME_EXTRA)
     if need > name_max:
         return (f"file name too long ({size} bytes): its products and quarantine report "
                 f"would need names of {need} bytes, more than the {name_max} allowed here; "

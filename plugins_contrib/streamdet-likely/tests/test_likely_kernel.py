@@ -74,6 +74,7 @@ def _single_run(use):
     return np.where(starts == 1, count, -1)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("n, seed", [(11, 1), (4, 2), (29, 3), (6, 4)])
 def test_jump_search_matches_stcal_mask_jumps(n, seed):
     m = 3000
@@ -110,6 +111,7 @@ def test_jump_search_matches_stcal_mask_jumps(n, seed):
     assert (tie & jumps.any(axis=0)).sum() > 5
 
 
+@pytest.mark.parity
 def test_fit_matches_stcal_fit_ramps():
     n, m = 17, 4000
     d, use, rate, gain, rn = _rows(n, m, 7)
@@ -184,6 +186,7 @@ def _ramps(nints, ngroups, ny, nx, seed):
     return data.astype(np.float32), gdq, pdq, rn, gain, dark
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("nints, ngroups", [(1, 10), (3, 12), (2, 6)])
 def test_fit_likely_matches_stcal_likely_ramp_fit(nints, ngroups):
     from stdatamodels.jwst.datamodels import dqflags
@@ -205,6 +208,7 @@ def test_fit_likely_matches_stcal_likely_ramp_fit(nints, ngroups):
     assert ((ints.dq & JUMP_DET) != 0).sum() > ((gdq & JUMP_DET) != 0).any(axis=1).sum()
 
 
+@pytest.mark.parity
 def test_rate_combination_matches_stcal_compute_image_info():
     rng = np.random.default_rng(5)
     nints, npix = 5, 2000

@@ -127,18 +127,11 @@ def dq_summary(dq) -> dict[str, int]:
 
 
 def _log_norm(image):
-    """Log stretch between the 1st and 99.5th percentiles of the finite values."""
-    import numpy as np
-    from astropy.visualization import ImageNormalize, LogStretch
+    """Log stretch between the 1st and 99.5th percentiles of the finite values: the one
+    streamdet's own quick-look uses (astropy.visualization's ImageNormalize)."""
+    from streamdet.quicklook import log_normalization
 
-    finite = image[np.isfinite(image)]
-    if finite.size:
-        vmin, vmax = (float(v) for v in np.percentile(finite, [1.0, 99.5]))
-    else:
-        vmin, vmax = 0.0, 1.0
-    if not vmax > vmin:
-        vmax = vmin + 1.0
-    return ImageNormalize(vmin=vmin, vmax=vmax, stretch=LogStretch(), clip=True)
+    return log_normalization(image)
 
 
 def _image_panel(fig, ax, image, title: str, unit: str) -> None:
