@@ -264,7 +264,21 @@ def _steps(runs: list[Run]) -> dict[str, float]:
     return {n: statistics.median(r.report["steps"].get(n, 0.0) for r in runs) for n in names}
 
 
-def report(results: list[Result], repeat: int) -> str:
+def help_seconds(repeat: int = 7) -> dict[str, float]:
+    """Median wall seconds of the ``--help`` commands, each in a fresh process."""
+    out = {}
+    for args in (["--help"], ["process", "--help"]):
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "streamdet.cli", *args],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            times.append(time.perf_counter() - start)
+        out["streamdet " + " ".join(args)] = statistics.median(times)
+    return out
+
+
+def report(results: list[Result], repeat: int, helps: dict[str, float] | None = None) -> str:
     lines = []
     add = lines.append
     add(f"streamdet (built-in steps only: installed third-party plugins not loaded) vs "
@@ -299,6 +313,9 @@ def report(results: list[Result], repeat: int) -> str:
         a, b = _median(small.runs["streamdet"], "rss"), _median(large.runs["streamdet"], "rss")
         add(f"memory vs nints: SUB256 50 groups, 100 ints {a / 2**20:.0f} MB, 200 ints "
             f"{b / 2**20:.0f} MB: {b / a:.2f}x")
+    if helps:
+        add("fixed cost: " + ", ".join(f"{k} {v:.2f} s" for k, v in helps.items())
+            + " (medians of 7 fresh processes)")
     add("")
     add("per-step seconds (medians; jwst's include its per-step overheads; "
         "'import' is interpreter start to first step)")
@@ -369,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
               f"streamdet threads {case.threads or f'{_usable_cpus()} (default)'}", flush=True)
         with_jwst = not args.no_jwst and (case.jwst or args.jwst_all)
         results.append(run_case(case, args.workdir, repeat, with_jwst, args.timeout))
-    text = report(results, repeat)
+    text = report(results, repeat, help_seconds())
     print()
     print(text)
     if args.output:
