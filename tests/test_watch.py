@@ -718,8 +718,11 @@ def test_redelivery_changes_archive_and_status(sim, env, reference, tmp_path):
     once()
     assert len(journal_runs(state)) == runs_before
 
-    # the same content delivered again under the same name: recognised as done
-    shutil.copy2(archive / "a_uncal.fits", inbox / "a_uncal.fits")
+    # the same content delivered again under the same name, with a new mtime (a plain
+    # cp): recognised as done, and archived like the first delivery
+    shutil.copy(archive / "a_uncal.fits", inbox / "a_uncal.fits")
+    first = os.stat(archive / "a_uncal.fits").st_mtime_ns
+    os.utime(inbox / "a_uncal.fits", ns=(first - 10**10, first - 10**10))
     log = once()
     assert "a_uncal.fits: already done (same content" in log
     assert len(journal_runs(state)) == runs_before

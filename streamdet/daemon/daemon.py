@@ -541,8 +541,9 @@ class Daemon:
                                              mtime_ns=version.mtime_ns)
                 self.log("skipped", f"{name}: already done (same content, sha256 {sha[:12]})",
                          file=name, id=fid, sha256=sha)
-                if archive:
-                    self._move_input(latest, path, _unique(self.archive, name), record=False)
+                if archive:  # the row as just updated: the delivery may bear a new mtime
+                    self._move_input(self.journal.get(fid), path, _unique(self.archive, name),
+                                     record=False)
             case SameContent(row_id=fid):
                 self.journal.update_identity(fid, path=str(path), size=version.size,
                                              mtime_ns=version.mtime_ns)
