@@ -31,14 +31,18 @@ from streamdet._ckernels._linearity import ffi, lib
 from streamdet.core.dqflags import NO_LIN_CORR
 
 
-def prepare_linearity_reference(coeffs: np.ndarray, ref_dq: np.ndarray | None):
+def prepare_linearity_reference(coeffs: np.ndarray, ref_dq: np.ndarray | None,
+                                copy: bool = True):
     """Return ``(usable_coeffs, pixeldq_contribution)`` for a LINEARITY reference.
 
     ``coeffs`` ``[ncoeffs, nrows, nx]`` (float32 as stored, at least 2 terms) is copied,
     with identity coefficients put into pixels that cannot be corrected; the
-    contribution is uint32 ``[nrows, nx]``.  The inputs are not modified.
+    contribution is uint32 ``[nrows, nx]``.  The inputs are not modified, unless
+    ``copy`` is false: then float32 ``coeffs`` are repaired where they are (for a caller
+    that owns them; a full-frame reference is 17 MB).
     """
-    usable = np.array(coeffs, dtype=np.float32, copy=True)
+    usable = (np.array(coeffs, dtype=np.float32, copy=True) if copy
+              else np.asarray(coeffs, dtype=np.float32))
     if usable.ndim != 3 or usable.shape[0] < 2:
         raise ValueError(f"linearity coefficients must be [ncoeffs>=2, ny, nx], got {usable.shape}")
     frame_shape = usable.shape[1:]

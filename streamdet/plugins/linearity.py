@@ -30,7 +30,8 @@ class LinearityStep(Step):
             return "NFRAMES > 1 needs the read-level (INV_COEFFS) correction, not implemented"
         coeffs = refs.array("linearity", "COEFFS", layout=("ncoeffs>=2", "ny", "nx"))
         ref_dq = refs.dq("linearity", layout=IMAGE) if refs.has("linearity", "DQ") else None
-        self.usable, contribution = prepare_linearity_reference(coeffs, ref_dq)
+        # (refs.array returns a new array each call: it is ours to repair in place)
+        self.usable, contribution = prepare_linearity_reference(coeffs, ref_dq, copy=False)
         np.bitwise_or(pixeldq, contribution, out=pixeldq)
         return None
 
