@@ -17,7 +17,7 @@ from streamdet.core.dqflags import (
     PIXEL,
     SATURATED,
 )
-from streamdet.plugins.ramp_fit import (
+from streamdet.algorithms.ramp_fit import (
     GroupDiscard,
     RateArrays,
     UnusableExposureError,
@@ -336,7 +336,7 @@ def test_bands_stitch_to_whole_frame():
 
 @pytest.mark.parametrize("chunk", [1, 7, 100])
 def test_chunking_and_paths_are_bit_identical(monkeypatch, chunk):
-    from streamdet.plugins import ramp_fit as module
+    from streamdet.algorithms import ramp_fit as module
 
     data, gdq, pdq, kw = miri_exposure(9, 2, 12, 20, 16)
     discard = plan_group_discard(survey_dnu_groups(gdq))
@@ -380,7 +380,7 @@ def _all_general(monkeypatch, module):
 
 def _fit_both_paths(monkeypatch, data, gdq, pdq, **kw):
     """(results, median rates) through the template path, then the general path."""
-    from streamdet.plugins import ramp_fit as module
+    from streamdet.algorithms import ramp_fit as module
 
     medians = []
     real_median = module._median_rate
