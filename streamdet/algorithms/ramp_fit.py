@@ -12,7 +12,7 @@ The algorithm, as stcal runs it, in our words:
    the group that becomes first loses its JUMP_DET flag; then a final group that is
    DO_NOT_USE everywhere is cut too.  Fewer than two remaining groups means no product.
    A band of rows cannot see this, so the engine surveys it first
-   (:func:`survey_dnu_groups`, :func:`plan_group_discard`) and hands the plan to
+   (:func:`survey_group_flags`, :func:`plan_from_survey`) and hands the plan to
    :func:`fit_ramps`.
 2. *One-good-group suppression* (before the discard, on the full group axis): a ramp
    with exactly one group whose DQ is clean apart from PERSISTENCE is made DO_NOT_USE
@@ -53,7 +53,7 @@ ZEROFRAME is not handled (MIRI has none).
 Exposure-wide inputs: the discard plan above, and all integrations of a pixel at once
 (the median rate averages over them).  One more whole-exposure rule of stcal is left
 to the engine: if the first fitted group is SATURATED in every pixel of every
-integration, stcal returns no product at all (:func:`survey_saturated_first_group`).
+integration, stcal returns no product at all (:func:`plan_from_survey` says so).
 
 Implementation: pixels are processed in chunks.  Within a chunk most ramps carry
 exactly the same group flags (those of the whole-group flaggers upstream); their
@@ -157,18 +157,23 @@ def segment_bound(ngroups: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def survey_dnu_groups(groupdq: np.ndarray) -> np.ndarray:
-    """Which groups are DO_NOT_USE in every pixel of this piece of the exposure.
+def survey_group_flags(groupdq: np.ndarray) -> np.ndarray:
+    """The DQ bits set in every pixel of this piece of the exposure, per group (uint8).
 
     ``groupdq`` is ``[nints, ngroups, nrows, nx]`` or one integration
     ``[ngroups, nrows, nx]``.  The engine ANDs the vectors of all pieces and passes the
-    result to :func:`plan_group_discard`.
+    result to :func:`plan_from_survey`.
     """
     groupdq = np.asarray(groupdq)
     group_axis = groupdq.ndim - 3
     other_axes = tuple(ax for ax in range(groupdq.ndim) if ax != group_axis)
-    common = np.bitwise_and.reduce(groupdq, axis=other_axes)
-    return (common & np.uint8(DO_NOT_USE)) != 0
+    return np.bitwise_and.reduce(groupdq, axis=other_axes)
+
+
+def survey_dnu_groups(groupdq: np.ndarray) -> np.ndarray:
+    """Which groups are DO_NOT_USE in every pixel of this piece of the exposure (the
+    input of :func:`plan_group_discard`, ANDed over the pieces)."""
+    return (survey_group_flags(groupdq) & np.uint8(DO_NOT_USE)) != 0
 
 
 def plan_group_discard(dnu_everywhere: np.ndarray) -> GroupDiscard:
@@ -202,13 +207,29 @@ def survey_saturated_first_group(groupdq: np.ndarray, discard=GroupDiscard()) ->
     """True if the first fitted group is SATURATED in every pixel of this piece.
 
     When that holds for the whole exposure, stcal returns no product at all (rather
-    than all-NaN images); the engine ANDs this over pieces to decide.
+    than all-NaN images): see :func:`plan_from_survey`.
     """
-    groupdq = np.asarray(groupdq)
     first = GroupDiscard(*discard).n_leading
-    group_axis = groupdq.ndim - 3
-    plane = np.take(groupdq, first, axis=group_axis)
-    return bool(np.all((plane & np.uint8(SATURATED)) != 0))
+    return bool(survey_group_flags(groupdq)[first] & np.uint8(SATURATED))
+
+
+def plan_from_survey(common_flags: np.ndarray, still_dnu: np.ndarray | None = None
+                     ) -> GroupDiscard:
+    """The group discard of the whole exposure from its survey (:func:`survey_group_flags`
+    ANDed over every piece).  ``still_dnu``: per group, False where a step that ran after
+    the survey took DO_NOT_USE off the group in some pixel (None: none did).
+
+    Raises :class:`UnusableExposureError` where stcal makes no product: nothing left to
+    fit (:func:`plan_group_discard`), or the first fitted group SATURATED in every pixel.
+    """
+    common_flags = np.asarray(common_flags, dtype=np.uint8)
+    dnu = (common_flags & np.uint8(DO_NOT_USE)) != 0
+    if still_dnu is not None:
+        dnu &= np.asarray(still_dnu, dtype=bool)
+    discard = plan_group_discard(dnu)
+    if common_flags[discard.n_leading] & np.uint8(SATURATED):
+        raise UnusableExposureError("every pixel is saturated in the first usable group")
+    return discard
 
 
 # --------------------------------------------------------------------------------------

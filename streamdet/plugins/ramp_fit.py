@@ -15,9 +15,9 @@ from streamdet.algorithms.ramp_fit import (
     UnusableExposureError,
     fit_ramps,
     ignored_groups,
-    plan_group_discard,
+    plan_from_survey,
+    survey_group_flags,
 )
-from streamdet.core.dqflags import DO_NOT_USE, SATURATED
 from streamdet.core.errors import BadInputError
 from streamdet.core.plugins import hookimpl
 from streamdet.core.references import IMAGE
@@ -102,28 +102,21 @@ class RampFitStep(Step):
         return {"fitopt": write}
 
     def survey(self, chunk):
-        piece = np.bitwise_and.reduce(chunk.groupdq, axis=(0, 2, 3))
+        piece = survey_group_flags(chunk.groupdq)
         if self.ignored is not None:  # as if already flagged (see process)
             piece = piece | self.ignored
         with self.lock:
             self.common &= piece
 
     def _plan(self) -> GroupDiscard:
-        where = self.meta.path
-        dnu = (self.common & np.uint8(DO_NOT_USE)) != 0
         # jump's large-event searches may take DO_NOT_USE off a group (a snowball core
         # flagged SATURATED to the last group): the discard follows what jump left
         after_jump = self.meta.state.get("jump_dnu_everywhere")
-        if after_jump is not None:
-            dnu &= np.asarray(after_jump).all(axis=0)
         try:
-            discard = plan_group_discard(dnu)
+            return plan_from_survey(
+                self.common, None if after_jump is None else np.asarray(after_jump).all(axis=0))
         except UnusableExposureError as exc:
-            raise BadInputError(f"{where}: no rate can be made: {exc}") from None
-        if self.common[discard.n_leading] & np.uint8(SATURATED):
-            raise BadInputError(f"{where}: no rate can be made: every pixel is saturated in "
-                                "the first usable group")
-        return discard
+            raise BadInputError(f"{self.meta.path}: no rate can be made: {exc}") from None
 
     def process(self, chunk):
         if self.discard is None:
