@@ -85,6 +85,27 @@ def total_frames(ngroups: int, nframes: int, groupgap: int) -> int:
     return ngroups * nframes + (ngroups - 1) * groupgap
 
 
+def jwst_skips(nframes: int, groupgap: int, dark_nframes: int, dark_groupgap: int) -> bool:
+    """True when jwst skips the step: the dark has a larger NFRAMES or GROUPGAP than the
+    exposure."""
+    return dark_nframes > nframes or dark_groupgap > groupgap
+
+
+def frames_averaged(nframes: int, groupgap: int, dark_nframes: int, dark_groupgap: int
+                    ) -> bool:
+    """True when the dark's frames are averaged into the exposure's groups (NFRAMES or
+    GROUPGAP of exposure and dark differ)."""
+    return not (nframes == dark_nframes and groupgap == dark_groupgap)
+
+
+def dark_too_short(ngroups: int, nframes: int, groupgap: int, dark_ngroups: int,
+                   dark_nframes: int, dark_groupgap: int) -> bool:
+    """True when the exposure spans more frames than the dark, which jwst then extends
+    from its last two groups."""
+    return (total_frames(ngroups, nframes, groupgap)
+            > total_frames(dark_ngroups, dark_nframes, dark_groupgap))
+
+
 def subtract_dark(
     data: np.ndarray,
     pixeldq: np.ndarray,
@@ -127,10 +148,10 @@ def subtract_dark(
     if missing_frames > 0:
         extra_groups = math.ceil((missing_frames + dark_groupgap) / (dark_nframes + dark_groupgap))
 
-    if dark_nframes > nframes or dark_groupgap > groupgap:
+    if jwst_skips(nframes, groupgap, dark_nframes, dark_groupgap):
         return False
 
-    averaging = not (nframes == dark_nframes and groupgap == dark_groupgap)
+    averaging = frames_averaged(nframes, groupgap, dark_nframes, dark_groupgap)
     if dark_data is not None:
         n_dark_rows = dark_data.shape[0]
         for integ in range(nints):
@@ -156,9 +177,9 @@ def needs_raw_dark(ngroups: int, nframes: int, groupgap: int, dark_ngroups: int,
     """True when the dark is extrapolated or frame-averaged before it is subtracted: its
     NaN must then reach :func:`subtract_dark` as they are (no ``nan_zeroed``), and all
     its groups are needed."""
-    averaging = not (nframes == dark_nframes and groupgap == dark_groupgap)
-    return averaging or (total_frames(ngroups, nframes, groupgap)
-                         > total_frames(dark_ngroups, dark_nframes, dark_groupgap))
+    return (frames_averaged(nframes, groupgap, dark_nframes, dark_groupgap)
+            or dark_too_short(ngroups, nframes, groupgap, dark_ngroups, dark_nframes,
+                              dark_groupgap))
 
 
 def _subtract_finite(plane: np.ndarray, dark_plane: np.ndarray) -> None:

@@ -10,9 +10,11 @@ from streamdet.algorithms.dark_current import (
     average_dark_current,
     combined_dark_dq,
     dark_int_for,
+    dark_too_short,
+    frames_averaged,
+    jwst_skips,
     needs_raw_dark,
     subtract_dark,
-    total_frames,
 )
 from streamdet.core.plugins import hookimpl
 from streamdet.core.step import Step
@@ -44,15 +46,17 @@ class DarkCurrentStep(Step):
         self.dark_ngroups = shape[-3]
         self.dark_nframes = int(refs.number("dark", "NFRAMES", 1) or 1)
         self.dark_groupgap = int(refs.number("dark", "GROUPGAP", 0) or 0)
-        if self.dark_nframes > meta.nframes or self.dark_groupgap > meta.groupgap:
+        frames = (meta.nframes, meta.groupgap, self.dark_nframes, self.dark_groupgap)
+        if jwst_skips(*frames):
             return "the dark has larger NFRAMES or GROUPGAP than the exposure"
-        if (self.dark_ngroups < 2 and total_frames(meta.ngroups, meta.nframes, meta.groupgap)
-                > total_frames(self.dark_ngroups, self.dark_nframes, self.dark_groupgap)):
+        if self.dark_ngroups < 2 and dark_too_short(
+                meta.ngroups, meta.nframes, meta.groupgap, self.dark_ngroups,
+                self.dark_nframes, self.dark_groupgap):
             # a dark shorter than the exposure is extended from its last two groups
             refs.shape("dark", "SCI", ("nints?", "ngroups>=2", "ny", "nx"),
                        why=f"the exposure's {meta.ngroups} groups span more frames than the "
                            "dark, which is then extrapolated from its last two groups")
-        self.averaging = (self.dark_nframes, self.dark_groupgap) != (meta.nframes, meta.groupgap)
+        self.averaging = frames_averaged(*frames)
         self.meta, self.refs = meta, refs
         dq_index = (slice(None), 0) if len(refs.shape("dark", "DQ", DQ_LAYOUT)) == 4 else ()
         np.bitwise_or(pixeldq, combined_dark_dq(refs.dq("dark", index=dq_index)), out=pixeldq)
