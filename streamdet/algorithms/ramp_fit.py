@@ -562,10 +562,11 @@ def _out(array: np.ndarray):
 def _products(arrays: RateArrays, integ: int | None, var_rnoise: np.ndarray):
     """The kernels' view of ``arrays`` (of integration ``integ``, or the exposure's with
     None), with the double-precision ``var_rnoise`` in place of its own."""
-    row = (lambda a: a) if integ is None else (lambda a: a[integ])
+    if integ is not None:
+        arrays = RateArrays(*(a[integ] for a in _fields(arrays)))
     return ffi.new("rf_products *", {
-        "sci": _out(row(arrays.sci)), "err": _out(row(arrays.err)), "dq": _out(row(arrays.dq)),
-        "var_poisson": _out(row(arrays.var_poisson)), "var_rnoise": _out(var_rnoise)})
+        "sci": _out(arrays.sci), "err": _out(arrays.err), "dq": _out(arrays.dq),
+        "var_poisson": _out(arrays.var_poisson), "var_rnoise": _out(var_rnoise)})
 
 
 def _median_rate(ramps, gdqs, layouts, setup):
