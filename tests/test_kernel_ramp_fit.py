@@ -26,7 +26,6 @@ from streamdet.algorithms.ramp_fit import (
     plan_group_discard,
     survey_dnu_groups,
     survey_group_flags,
-    survey_saturated_first_group,
 )
 
 FRAME_TIME = 2.77504
@@ -312,9 +311,6 @@ def test_discard_plan():
     gdq[1, 3] = DO_NOT_USE
     assert survey_dnu_groups(gdq).tolist() == [True, False, False, False]
     assert survey_dnu_groups(gdq[1]).tolist() == [True, False, False, True]
-    assert not survey_saturated_first_group(gdq, (1, False))
-    gdq[:, 1] |= SATURATED
-    assert survey_saturated_first_group(gdq, (1, False))
 
 
 def test_plan_from_the_pieces_surveys():

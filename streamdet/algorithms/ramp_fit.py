@@ -203,16 +203,6 @@ def plan_group_discard(dnu_everywhere: np.ndarray) -> GroupDiscard:
     return GroupDiscard(n_leading, drop_last)
 
 
-def survey_saturated_first_group(groupdq: np.ndarray, discard=GroupDiscard()) -> bool:
-    """True if the first fitted group is SATURATED in every pixel of this piece.
-
-    When that holds for the whole exposure, stcal returns no product at all (rather
-    than all-NaN images): see :func:`plan_from_survey`.
-    """
-    first = GroupDiscard(*discard).n_leading
-    return bool(survey_group_flags(groupdq)[first] & np.uint8(SATURATED))
-
-
 def plan_from_survey(common_flags: np.ndarray, still_dnu: np.ndarray | None = None
                      ) -> GroupDiscard:
     """The group discard of the whole exposure from its survey (:func:`survey_group_flags`
