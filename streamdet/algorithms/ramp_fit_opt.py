@@ -100,7 +100,8 @@ def integration_results(setup, ramp, gdq, only_first, rnoise, gain, dark, median
                             (snr[:, None] >= rf._EDGES[None, :]).sum(axis=1))
             m = n[long_].astype(np.float64)
             pden[long_] = gtime * gl * (m - 1.0)
-            var_r[long_] = np.where(gl > 0.0, 12.0 * (rl / gtime) ** 2 / ((m ** 3 - m) * gl * gl), 0.0)
+            var_r[long_] = np.where(
+                gl > 0.0, 12.0 * (rl / gtime) ** 2 / ((m ** 3 - m) * gl * gl), 0.0)
             for length in np.unique(n[long_]):
                 for c in np.unique(code[n[long_] == length]):
                     pick = long_[(n[long_] == length) & (code == c)]
