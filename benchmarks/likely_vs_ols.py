@@ -118,7 +118,7 @@ def injected_jumps(catalog_path, shape) -> np.ndarray:
 
 def jump_mc_row(ngroups, nints, true_rate, subarray, npix=40000, seed=4) -> str:
     """Both kernels on synthetic ramps with one correctly flagged jump each."""
-    from streamdet.plugins.ramp_fit import fit_ramps
+    from streamdet.algorithms.ramp_fit import fit_ramps
     from streamdet_likely.kernel import fit_likely
 
     p = SimParams()

@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 
 import streamdet
-from streamdet.core.fitopt import SEGMENT_ARRAYS
+from streamdet.algorithms.ramp_fit_opt import SEGMENT_ARRAYS
 from streamdet.simulate import SimParams, simulate
 
 from .oracle import assert_parity, run_jwst_detector1

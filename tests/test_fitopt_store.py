@@ -10,7 +10,8 @@ import pytest
 from astropy.io import fits
 
 from streamdet.core.exposure import Exposure
-from streamdet.core.fitopt import SEGMENT_ARRAYS, FitoptStore, segment_bound, write_fitopt
+from streamdet.algorithms.ramp_fit_opt import SEGMENT_ARRAYS, segment_bound
+from streamdet.core.fitopt import FitoptStore, write_fitopt
 from streamdet.core.products import InputMetadata, ProductRecord
 from streamdet.simulate import simulate
 

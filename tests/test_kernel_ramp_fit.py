@@ -17,14 +17,15 @@ from streamdet.core.dqflags import (
     PIXEL,
     SATURATED,
 )
-from streamdet.plugins.ramp_fit import (
+from streamdet.algorithms.ramp_fit import (
     GroupDiscard,
     RateArrays,
     UnusableExposureError,
     fit_ramps,
+    plan_from_survey,
     plan_group_discard,
     survey_dnu_groups,
-    survey_saturated_first_group,
+    survey_group_flags,
 )
 
 from .oracle import assert_parity as oracle_parity
@@ -281,9 +282,27 @@ def test_discard_plan():
     gdq[1, 3] = DO_NOT_USE
     assert survey_dnu_groups(gdq).tolist() == [True, False, False, False]
     assert survey_dnu_groups(gdq[1]).tolist() == [True, False, False, True]
-    assert not survey_saturated_first_group(gdq, (1, False))
+
+
+def test_plan_from_the_pieces_surveys():
+    """The exposure's plan from its pieces' group flags ANDed together, as the step
+    surveys them band by band."""
+    gdq = np.zeros((2, 4, 4, 3), np.uint8)
+    gdq[:, 0] = DO_NOT_USE
+    gdq[:, 3] = DO_NOT_USE
+    gdq[1, 3, 2:, 1] = 0  # one band has a usable last group
+    pieces = [survey_group_flags(gdq[:, :, :2]), survey_group_flags(gdq[:, :, 2:])]
+    assert pieces[0].tolist() == [DO_NOT_USE, 0, 0, DO_NOT_USE]
+    assert pieces[1].tolist() == [DO_NOT_USE, 0, 0, 0]
+    assert plan_from_survey(pieces[0]) == (1, True)
+    assert plan_from_survey(pieces[0] & pieces[1]) == (1, False)
+    # a later step took DO_NOT_USE off the last group somewhere
+    assert plan_from_survey(pieces[0], still_dnu=[True, True, True, False]) == (1, False)
     gdq[:, 1] |= SATURATED
-    assert survey_saturated_first_group(gdq, (1, False))
+    with pytest.raises(UnusableExposureError, match="saturated in the first usable group"):
+        plan_from_survey(survey_group_flags(gdq))
+    with pytest.raises(UnusableExposureError, match="at least 2 groups"):
+        plan_from_survey([DO_NOT_USE, 0, DO_NOT_USE])
 
 
 def test_bands_stitch_to_whole_frame():
@@ -307,7 +326,7 @@ def test_bands_stitch_to_whole_frame():
 
 @pytest.mark.parametrize("chunk", [1, 7, 100])
 def test_chunking_and_paths_are_bit_identical(monkeypatch, chunk):
-    from streamdet.plugins import ramp_fit as module
+    from streamdet.algorithms import ramp_fit as module
 
     data, gdq, pdq, kw = miri_exposure(9, 2, 12, 20, 16)
     discard = plan_group_discard(survey_dnu_groups(gdq))
@@ -351,7 +370,7 @@ def _all_general(monkeypatch, module):
 
 def _fit_both_paths(monkeypatch, data, gdq, pdq, **kw):
     """(results, median rates) through the template path, then the general path."""
-    from streamdet.plugins import ramp_fit as module
+    from streamdet.algorithms import ramp_fit as module
 
     medians = []
     real_median = module._median_rate
@@ -583,3 +602,52 @@ def test_parity_unusable_exposure():
     assert stcal_ramp_fit(data, gdq, pdq, **kw) is None
     with pytest.raises(UnusableExposureError):
         fit_exposure(data, gdq, pdq, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# the kernels' interface (streamdet/_ckernels/ramp_fit.h, through cffi)
+# --------------------------------------------------------------------------------------
+
+
+def test_kernel_calls_are_checked_against_the_header():
+    """A wrong element type, a missing argument or an unknown struct field is refused
+    before the C code runs (through ctypes each was a wrong address or a garbage value)."""
+    from streamdet._ckernels import pointer
+    from streamdet._ckernels._ramp_fit import ffi, lib
+
+    gdq = np.array([[0, 0], [JUMP_DET, 0], [0, 0]], np.uint8)
+    template = np.empty(3, np.uint8)
+    regular = np.empty(2, bool)
+    lib.rf_layout(pointer(ffi, gdq), 3, 2, 1, pointer(ffi, template), pointer(ffi, regular))
+    assert template.tolist() == [0, 0, 0] and regular.tolist() == [False, True]
+    with pytest.raises(TypeError, match="uint8_t"):
+        lib.rf_layout(pointer(ffi, gdq.astype(np.float32)), 3, 2, 1,
+                      pointer(ffi, template), pointer(ffi, regular))
+    with pytest.raises(TypeError, match="6 arguments"):
+        lib.rf_layout(pointer(ffi, gdq), 3, 2, pointer(ffi, template), pointer(ffi, regular))
+    with pytest.raises(KeyError):
+        ffi.new("rf_segment_list *", {"count": 1, "pixels": pointer(ffi, np.zeros(1, np.int64))})
+
+
+@pytest.mark.parametrize("flags, expect_dq, expect_segments", [
+    # saturated from the first group: unusable, no segment
+    ((SATURATED, SATURATED, SATURATED), DO_NOT_USE | SATURATED, []),
+    # every group DO_NOT_USE: DO_NOT_USE only
+    ((DO_NOT_USE, DO_NOT_USE, DO_NOT_USE), DO_NOT_USE, []),
+    # a jump starts the second segment one group early; PERSISTENCE neither breaks a
+    # segment nor is lost from the DQ
+    ((0, 0, JUMP_DET, 0, PIXEL["PERSISTENCE"]), JUMP_DET | PIXEL["PERSISTENCE"],
+     [(0, 2), (2, 3)]),
+])
+def test_segment_kernel_takes_its_dq_bits_from_dqflags(flags, expect_dq, expect_segments):
+    """rf_segments tests the DQ bits the build defines from core/dqflags.py (DQ_*)."""
+    from streamdet.algorithms.ramp_fit import _find_segments
+
+    gdq = np.array(flags, np.uint8)[:, None]
+    seen = np.zeros(1, np.uint8)
+    dq = np.zeros(1, np.uint32)
+    segments = _find_segments(gdq, np.zeros(1, np.int64), seen=seen, dq=dq,
+                              fittable_only=True)
+    assert int(dq[0]) == expect_dq
+    assert int(seen[0]) == np.bitwise_or.reduce(gdq[:, 0])
+    assert list(zip(segments.start.tolist(), segments.length.tolist())) == expect_segments

@@ -10,7 +10,7 @@ from streamdet.core.dqflags import (
     AD_FLOOR, DO_NOT_USE, FLUX_ESTIMATED, HOT, NO_LIN_CORR, NO_SAT_CHECK, NONLINEAR,
     REFERENCE_PIXEL, SATURATED, UNRELIABLE_DARK,
 )
-from streamdet.plugins.dark_current import (
+from streamdet.algorithms.dark_current import (
     average_dark_current, combined_dark_dq, dark_int_for, subtract_dark,
 )
 from streamdet.algorithms.dq_init import apply_mask

@@ -11,7 +11,8 @@ import streamdet
 from streamdet import config as configmod
 from streamdet.core.dqflags import DO_NOT_USE
 from streamdet.core.errors import BadInputError
-from streamdet.plugins.ramp_fit import RampFitStep, ignored_groups
+from streamdet.algorithms.ramp_fit import ignored_groups
+from streamdet.plugins.ramp_fit import RampFitStep
 from streamdet.simulate import SimParams, simulate
 
 from .oracle import assert_parity, run_jwst_detector1

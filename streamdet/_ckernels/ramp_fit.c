@@ -1,18 +1,19 @@
-/* Per-pixel loops of the ramp_fit step (streamdet/plugins/ramp_fit.py holds the
- * algorithm's description and prepares the buffers).
+/* Per-pixel loops of ramp fitting; the declarations, the layout and what each function
+ * does: ramp_fit.h.
  *
  * Every expression below is evaluated in the dtype and order numpy used for the same
  * formula before it moved here, so results are bit-identical to it (and the build's
- * -ffp-contract=off keeps a*b+c from becoming one fused rounding).  Samples are float32,
- * everything derived from them is double.  Flag values come from the caller.
- *
- * Layout: a ramp is addressed as base[g * gs + p * ps] (group g, pixel p; strides in
- * elements), per-pixel arrays of the chunk are contiguous.
- */
+ * -ffp-contract=off keeps a*b+c from becoming one fused rounding). */
 
 #include <math.h>
 #include <stddef.h>
-#include <stdint.h>
+
+#include "ramp_fit.h"
+
+/* a segment is made of groups clean of everything but PERSISTENCE */
+#define IGNORED ((uint8_t)DQ_PERSISTENCE)
+/* a group the median rate and the segments leave out */
+#define UNUSABLE ((uint8_t)(DQ_DO_NOT_USE | DQ_SATURATED))
 
 /* pixels worked on together, so that the group rows they read (and the pixel-major
  * rows they write) stay in L1 */
@@ -28,10 +29,11 @@
 /* rf_usable_flags; always inlined so that a constant pixel stride vectorises */
 static inline __attribute__((always_inline)) void
 usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
-             int64_t npix, int64_t first, int64_t stop, int64_t suppress, int64_t ignore,
-             int64_t dnu, int64_t keep_first, uint8_t *out)
+             int64_t npix, int64_t first, int64_t stop, int64_t suppress, uint8_t *out)
 {
-    const uint8_t not_ignored = (uint8_t)~ignore;
+    const uint8_t not_ignored = (uint8_t)~IGNORED;
+    /* the discard clears JUMP_DET on the group that becomes first */
+    const uint8_t keep_first = first > 0 ? (uint8_t)~DQ_JUMP_DET : 0xFF;
     const int64_t nout = stop - first;
     for (int64_t p0 = 0; p0 < npix; p0 += BLOCK) {
         const int64_t nb = npix - p0 < BLOCK ? npix - p0 : BLOCK;
@@ -53,39 +55,30 @@ usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
                 }
             }
             for (int64_t b = 0; b < nb; b++)
-                extra[b] = clean[b] == 1 ? (uint8_t)dnu : 0;
+                extra[b] = clean[b] == 1 ? (uint8_t)DQ_DO_NOT_USE : 0;
         }
         for (int64_t g = 0; g < nout; g++) {
             const uint8_t *row = flags + (first + g) * gs + p0 * ps;
             uint8_t *dst = out + g * npix + p0;
-            const uint8_t mask = g == 0 ? (uint8_t)keep_first : 0xFF;
+            const uint8_t mask = g == 0 ? keep_first : 0xFF;
             for (int64_t b = 0; b < nb; b++)
                 dst[b] = (uint8_t)((row[b * ps] | extra[b]) & mask);
         }
     }
 }
 
-/* Group DQ of one integration as fitted: groups [first, stop) of ``flags`` into the
- * contiguous ``out`` [stop - first, npix].  With ``suppress``, a ramp with exactly one
- * group clean of everything but ``ignore`` (counted over all ``ngroups_in`` groups)
- * gains ``dnu`` everywhere; ``keep_first`` then masks the first output group. */
 void rf_usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
                      int64_t npix, int64_t first, int64_t stop, int64_t suppress,
-                     int64_t ignore, int64_t dnu, int64_t keep_first, uint8_t *out)
+                     uint8_t *out)
 {
     if (ps == 1)
-        usable_flags(flags, gs, 1, ngroups_in, npix, first, stop, suppress, ignore, dnu,
-                     keep_first, out);
+        usable_flags(flags, gs, 1, ngroups_in, npix, first, stop, suppress, out);
     else
-        usable_flags(flags, gs, ps, ngroups_in, npix, first, stop, suppress, ignore, dnu,
-                     keep_first, out);
+        usable_flags(flags, gs, ps, ngroups_in, npix, first, stop, suppress, out);
 }
 
-/* The flag template of an integration's ramps (contiguous gdq [ngroups, npix]): per
- * group the commonest value among pixels 0, step, 2 step, ... (the smallest on a tie),
- * and regular[p] = 1 where pixel p's flags equal it in every group. */
 void rf_layout(const uint8_t *gdq, int64_t ngroups, int64_t npix, int64_t step,
-               uint8_t *template, uint8_t *regular)
+               uint8_t *template_flags, uint8_t *regular)
 {
     for (int64_t g = 0; g < ngroups; g++) {
         int64_t counts[256] = {0};
@@ -96,38 +89,24 @@ void rf_layout(const uint8_t *gdq, int64_t ngroups, int64_t npix, int64_t step,
         for (int v = 1; v < 256; v++)
             if (counts[v] > counts[best])
                 best = v;
-        template[g] = (uint8_t)best;
+        template_flags[g] = (uint8_t)best;
     }
     for (int64_t p = 0; p < npix; p++)
         regular[p] = 1;
     for (int64_t g = 0; g < ngroups; g++) {
         const uint8_t *row = gdq + g * npix;
-        const uint8_t t = template[g];
+        const uint8_t t = template_flags[g];
         for (int64_t p = 0; p < npix; p++)
             regular[p] &= row[p] == t;
     }
 }
 
-/* Segments of ramps with any flags, and what their flags make of the pixel.
- *
- * For pixels pix[0..m) of gdq (group g of pixel p at gdq[g * fgs + p * fps]): a segment
- * is a run of groups clean of everything but ``ignore``, started one group early when
- * that group is ``jump`` and nothing else (but ``ignore``).  A pixel with a segment of
- * two groups or more keeps only those; otherwise only its first.  They are written in
- * pixel then time order to seg_pix (= pix[i]) / seg_start / seg_length, which hold at
- * least m * ((ngroups + 1) / 2) entries; returns their number.
- *
- * With ``seen``/``dq`` given, seen[pix[i]] gets the OR of the pixel's flags, and dq[pix[i]]
- * its ``keep`` bits plus: ``unusable`` if the first group is ``saturated``, ``dnu`` if
- * every group is ``unusable``, and ``saturated`` too if every group is saturated.  With
- * ``fittable_only`` the pixels in the first two cases get no segments. */
 int64_t rf_segments(const uint8_t *gdq, int64_t fgs, int64_t fps, const int64_t *pix,
-                    int64_t m, int64_t ngroups, int64_t ignore, int64_t jump,
-                    int64_t saturated, int64_t unusable, int64_t dnu, int64_t keep,
-                    int64_t fittable_only, uint8_t *seen, uint32_t *dq, int64_t *seg_pix,
-                    int64_t *seg_start, int64_t *seg_length)
+                    int64_t m, int64_t ngroups, int64_t fittable_only, uint8_t *seen,
+                    uint32_t *dq, int64_t *seg_pix, int64_t *seg_start, int64_t *seg_length)
 {
-    const uint8_t not_ignored = (uint8_t)~ignore;
+    const uint8_t not_ignored = (uint8_t)~IGNORED;
+    const uint8_t jump = (uint8_t)DQ_JUMP_DET;
     int64_t count = 0;
     for (int64_t i = 0; i < m; i++) {
         const int64_t p = pix[i];
@@ -142,19 +121,19 @@ int64_t rf_segments(const uint8_t *gdq, int64_t fgs, int64_t fps, const int64_t 
         for (int64_t g = 0; g < ngroups; g++) {
             const uint8_t v = f[g * fgs];
             any |= v;
-            n_unusable += (v & unusable) != 0;
-            n_saturated += (v & saturated) != 0;
+            n_unusable += (v & UNUSABLE) != 0;
+            n_saturated += (v & DQ_SATURATED) != 0;
         }
-        const int sat_first = (f[0] & saturated) != 0;
+        const int sat_first = (f[0] & DQ_SATURATED) != 0;
         const int all_bad = n_unusable == ngroups;
         if (dq != NULL) {
-            uint32_t add = any & (uint32_t)keep;
+            uint32_t add = any & (uint32_t)(DQ_JUMP_DET | DQ_PERSISTENCE);
             if (sat_first)
-                add |= (uint32_t)unusable;
+                add |= (uint32_t)UNUSABLE;
             if (all_bad)
-                add |= (uint32_t)dnu;
+                add |= (uint32_t)DQ_DO_NOT_USE;
             if (all_bad && n_saturated == ngroups)
-                add |= (uint32_t)saturated;
+                add |= (uint32_t)DQ_SATURATED;
             dq[p] |= add;
         }
         if (seen != NULL)
@@ -236,11 +215,6 @@ regular_diffs(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups, int64_
     }
 }
 
-/* Median-rate differences of ramps that share one flag template: for the ``nu`` usable
- * differences ``usable[k] -> usable[k] + 1`` writes the float32 differences pixel-major
- * into ``ordered`` [npix, nu].  Sets ``general[p]`` where those float32 differences are
- * not the exact ones (a NaN difference or sample, or samples that are not all positive
- * and within a factor two of each other: Sterbenz's lemma needs both). */
 void rf_regular_diffs(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups,
                       int64_t npix, const int64_t *usable, int64_t nu, float *ordered,
                       uint8_t *general)
@@ -251,14 +225,9 @@ void rf_regular_diffs(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups
         regular_diffs(ramp, gs, ps, ngroups, npix, usable, nu, ordered, general);
 }
 
-/* Median-rate differences of individual ramps, any flags: for pixels pix[0..m) the
- * ngroups - 1 differences in double (exact), NaN where either group is ``unusable`` or
- * the later one is a ``jump``, into diffs [m, ngroups - 1]; their count of non-NaN
- * values, and the first sample (NaN if unusable) as the fallback. */
 void rf_general_diffs(const float *ramp, int64_t gs, int64_t ps, const uint8_t *gdq,
                       int64_t fgs, int64_t fps, const int64_t *pix, int64_t m,
-                      int64_t ngroups, int64_t unusable, int64_t jump, double *diffs,
-                      int64_t *n_valid, double *first)
+                      int64_t ngroups, double *diffs, int64_t *n_valid, double *first)
 {
     const int64_t nd = ngroups - 1;
     for (int64_t i = 0; i < m; i++) {
@@ -277,13 +246,13 @@ void rf_general_diffs(const float *ramp, int64_t gs, int64_t ps, const uint8_t *
         for (int64_t g = 0; g < nd; g++) {
             const uint8_t before = f[g * fgs], after = f[(g + 1) * fgs];
             double d = (double)y[(g + 1) * gs] - (double)y[g * gs];
-            if (((before | after) & unusable) || (after & jump))
+            if (((before | after) & UNUSABLE) || (after & DQ_JUMP_DET))
                 d = NAN;
             valid += !isnan(d);
             dst[g] = d;
         }
         n_valid[i] = valid;
-        first[i] = f[0] & unusable ? NAN : (double)y[0];
+        first[i] = f[0] & UNUSABLE ? NAN : (double)y[0];
     }
 }
 
@@ -306,25 +275,25 @@ void rf_rnoise_variance(int64_t count, const double *rn, const double *gain,
         out[i] = rnoise_variance(rn[i], gain[i], length[i], timing[i]);
 }
 
-/* Fits segments and adds each into its pixel's sums (in the order given, so a pixel's
- * segments are summed in time order): 1/var_rnoise into inv_r, 1/var_poisson into
- * inv_p when positive, 1/(var_poisson + var_rnoise) into inv_e, slope/var_rnoise into
- * num; sets fitted.  Segment i is pixel pix[i] from group start[i * ss], length[i * ls]
- * groups (a stride of 0 gives every segment the same shape).
- *
- * ``table`` holds the optimal-weighting slope coefficients: those of a segment of n
- * groups with weighting exponent number c start at table[offset[n] + c * n].  ``edges``
- * are the nedges signal-to-noise thresholds choosing c.  ``only_first`` (optional)
- * marks pixels whose lone first group is timed by first_time. */
-void rf_fit_segments(const float *ramp, int64_t gs, int64_t ps, int64_t nseg,
-                     const int64_t *pix, const int64_t *start, int64_t ss,
-                     const int64_t *length, int64_t ls, const double *rnoise,
-                     const double *gain, const double *dark, const double *median_rate,
-                     const uint8_t *only_first, double gtime, double first_time,
-                     const double *table, const int64_t *offset, const double *edges,
-                     int64_t nedges, uint8_t *fitted, double *inv_r, double *inv_p,
-                     double *inv_e, double *num)
+void rf_fit_segments(const rf_fit_setup *setup, const float *ramp, int64_t gs,
+                     int64_t ps, const uint8_t *only_first,
+                     const rf_segment_list *segments, const rf_segment_sums *sums)
 {
+    /* the structs' fields as locals: the sums written below are doubles, which the
+     * compiler would otherwise have to assume may overwrite the setup's */
+    const int64_t nseg = segments->count;
+    const int64_t *pix = segments->pix;
+    const int64_t *start = segments->start, ss = segments->start_stride;
+    const int64_t *length = segments->length, ls = segments->length_stride;
+    const double *rnoise = setup->rnoise, *gain = setup->gain, *dark = setup->dark;
+    const double *median_rate = setup->median_rate;
+    const double gtime = setup->group_time, first_time = setup->first_time;
+    const double *table = setup->table, *edges = setup->edges;
+    const int64_t *offset = setup->offset;
+    const int64_t nedges = setup->nedges;
+    uint8_t *fitted = sums->fitted;
+    double *inv_r = sums->inv_r, *inv_p = sums->inv_p, *inv_e = sums->inv_e;
+    double *num = sums->num;
     /* segments are taken SEGS at a time: when they share one length (the template's
      * segments of consecutive pixels) their weighted sums run side by side, one group
      * row at a time, with the samples further on prefetched */
@@ -417,22 +386,24 @@ void rf_fit_segments(const float *ramp, int64_t gs, int64_t ps, int64_t nseg,
     }
 }
 
-/* One integration's products from its sums (rf_fit_segments), and their contributions
- * to the exposure's.  ``dq`` is the integration's DQ (without partial saturation),
- * ``seen`` the OR of each ramp's group flags; ``unusable`` and ``saturated`` are the
- * DQ bits.  Writes sci/err/var_poisson (float32), var_rnoise (double: the CHARGELOSS
- * pass may still change it) and the integration's DQ with partial saturation; adds
- * into sum_inv_p/sum_inv_r/sum_num, ORs ``keep`` bits of dq into rate_dq and keeps the
- * per-pixel "every integration"/"any integration" flags. */
 void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen,
-                           const uint8_t *fitted, const double *inv_r, const double *inv_p,
-                           const double *inv_e, const double *num, int64_t unusable,
-                           int64_t dnu, int64_t saturated, int64_t keep, double huge,
-                           float *sci, float *err, float *var_poisson, double *var_rnoise,
-                           uint32_t *dq_out, double *sum_inv_p, double *sum_inv_r,
-                           double *sum_num, uint32_t *rate_dq, uint8_t *unusable_everywhere,
-                           uint8_t *saturated_everywhere, uint8_t *saturated_somewhere)
+                           const rf_segment_sums *sums, double huge, const rf_products *out,
+                           const rf_exposure_sums *exposure)
 {
+    const uint32_t unusable = UNUSABLE, dnu = DQ_DO_NOT_USE, saturated = DQ_SATURATED;
+    const uint32_t keep = DQ_JUMP_DET | DQ_PERSISTENCE;
+    const uint8_t *fitted = sums->fitted;
+    const double *inv_r = sums->inv_r, *inv_p = sums->inv_p, *inv_e = sums->inv_e;
+    const double *num = sums->num;
+    float *sci = out->sci, *err = out->err, *var_poisson = out->var_poisson;
+    double *var_rnoise = out->var_rnoise;
+    uint32_t *dq_out = out->dq;
+    double *sum_inv_p = exposure->inv_p, *sum_inv_r = exposure->inv_r;
+    double *sum_num = exposure->num;
+    uint32_t *rate_dq = exposure->dq;
+    uint8_t *unusable_everywhere = exposure->unusable_everywhere;
+    uint8_t *saturated_everywhere = exposure->saturated_everywhere;
+    uint8_t *saturated_somewhere = exposure->saturated_somewhere;
     for (int64_t p = 0; p < npix; p++) {
         double vp = inv_p[p] > 0.0 ? 1.0 / inv_p[p] : 0.0;
         if (vp >= huge)
@@ -443,7 +414,7 @@ void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen
         const double var_err = 1.0 / inv_e[p];
         double e = fitted[p] && !(var_err > huge) ? sqrt(var_err) : 0.0;
         double s = fitted[p] ? num[p] * vr : 0.0;
-        if (dq[p] & (uint32_t)unusable) {
+        if (dq[p] & unusable) {
             s = NAN;
             vp = vr = e = 0.0;
         }
@@ -451,11 +422,11 @@ void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen
         err[p] = (float)e;
         var_poisson[p] = (float)vp;
         var_rnoise[p] = vr;
-        const uint32_t any_saturated = seen[p] & (uint32_t)saturated;
-        dq_out[p] = dq[p] | (any_saturated ? (uint32_t)saturated : 0u);
-        rate_dq[p] |= dq[p] & (uint32_t)keep;
-        unusable_everywhere[p] &= (dq[p] & (uint32_t)dnu) != 0;
-        saturated_everywhere[p] &= (dq[p] & (uint32_t)saturated) != 0;
+        const uint32_t any_saturated = seen[p] & saturated;
+        dq_out[p] = dq[p] | (any_saturated ? saturated : 0u);
+        rate_dq[p] |= dq[p] & keep;
+        unusable_everywhere[p] &= (dq[p] & dnu) != 0;
+        saturated_everywhere[p] &= (dq[p] & saturated) != 0;
         saturated_somewhere[p] |= any_saturated != 0;
         sum_inv_p[p] += inv_p[p] > 0.0 ? inv_p[p] : 0.0;
         sum_inv_r[p] += inv_r[p];
@@ -463,21 +434,25 @@ void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen
     }
 }
 
-/* The exposure's products from the sums over integrations (rf_finish_integration).
- * var_rnoise is double for the CHARGELOSS pass; rate_dq is completed in place. */
-void rf_finish_exposure(int64_t npix, const double *sum_inv_p, const double *sum_inv_r,
-                        const double *sum_num, const uint8_t *unusable_everywhere,
-                        const uint8_t *saturated_everywhere,
-                        const uint8_t *saturated_somewhere, int64_t unusable, int64_t dnu,
-                        int64_t saturated, double huge, uint32_t *rate_dq, float *sci,
-                        float *err, float *var_poisson, double *var_rnoise)
+void rf_finish_exposure(int64_t npix, const rf_exposure_sums *exposure, double huge,
+                        const rf_products *out)
 {
+    const uint32_t unusable = UNUSABLE, dnu = DQ_DO_NOT_USE, saturated = DQ_SATURATED;
+    const double *sum_inv_p = exposure->inv_p, *sum_inv_r = exposure->inv_r;
+    const double *sum_num = exposure->num;
+    const uint32_t *rate_dq = exposure->dq;
+    const uint8_t *unusable_everywhere = exposure->unusable_everywhere;
+    const uint8_t *saturated_everywhere = exposure->saturated_everywhere;
+    const uint8_t *saturated_somewhere = exposure->saturated_somewhere;
+    float *sci = out->sci, *err = out->err, *var_poisson = out->var_poisson;
+    double *var_rnoise = out->var_rnoise;
+    uint32_t *dq_out = out->dq;
     for (int64_t p = 0; p < npix; p++) {
         uint32_t dq = rate_dq[p];
         if (unusable_everywhere[p])
-            dq |= (uint32_t)dnu;
+            dq |= dnu;
         if (saturated_everywhere[p])
-            dq |= (uint32_t)saturated;
+            dq |= saturated;
         double vp = sum_inv_p[p] > 0.0 ? 1.0 / sum_inv_p[p] : 0.0;
         if (vp >= huge || vp < 0.0)
             vp = 0.0;
@@ -487,14 +462,14 @@ void rf_finish_exposure(int64_t npix, const double *sum_inv_p, const double *sum
             vr = 0.0;
         double e = sqrt(vp + vr);
         double s = sum_num[p] * vr;
-        if (dq & (uint32_t)unusable) {
+        if (dq & unusable) {
             s = NAN;
             vp = vr = e = 0.0;
         }
         /* partial saturation is flagged only after the NaN decision above */
         if (saturated_somewhere[p])
-            dq |= (uint32_t)saturated;
-        rate_dq[p] = dq;
+            dq |= saturated;
+        dq_out[p] = dq;
         sci[p] = (float)s;
         err[p] = (float)e;
         var_poisson[p] = (float)vp;

@@ -39,21 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamdet.algorithms.ramp_fit_opt import SEGMENT_ARRAYS, jump_bound, segment_bound
 from streamdet.core.buffers import read_at, write_at
-
-#: the per-segment arrays, in RampFitOutputModel's order
-SEGMENT_ARRAYS = ("slope", "sigslope", "var_poisson", "var_rnoise", "yint", "sigyint",
-                  "weights")
-
-
-def segment_bound(ngroups: int) -> int:
-    """Most fitted segments a ramp of ``ngroups`` groups can have."""
-    return max(1, (ngroups + 1) // 2)
-
-
-def jump_bound(ngroups: int) -> int:
-    """Most JUMP_DET groups after the first a ramp of ``ngroups`` groups can have."""
-    return max(0, ngroups - 1)
 
 
 class FitoptStore:

@@ -1,7 +1,8 @@
 """ramp_fit's optional results (``save_opt``): per integration the fitted segments'
 slopes, uncertainties, variances, intercepts and weights, the pedestal and the jump
 magnitudes, as stcal 1.20's OLS_C fitter reports them (see streamdet/core/fitopt.py for
-what each holds). Only runs when ``save_opt`` is on: the default path does none of this.
+what each holds, and for their store and writer). Only runs when ``save_opt`` is on: the
+default path does none of this.
 
 The segments are those the fit uses (ramp_fit._find_segments, ordered by pixel then
 time); their values are recomputed here in double precision with the fit's own weights,
@@ -13,9 +14,21 @@ from __future__ import annotations
 import numpy as np
 
 from streamdet.core.dqflags import JUMP_DET, SATURATED
-from streamdet.core.fitopt import SEGMENT_ARRAYS
 
 from . import ramp_fit as rf
+from .ramp_fit import segment_bound
+
+#: the per-segment arrays, in RampFitOutputModel's order
+SEGMENT_ARRAYS = ("slope", "sigslope", "var_poisson", "var_rnoise", "yint", "sigyint",
+                  "weights")
+
+__all__ = ["SEGMENT_ARRAYS", "empty_results", "integration_results", "jump_bound",
+           "segment_bound"]
+
+
+def jump_bound(ngroups: int) -> int:
+    """Most JUMP_DET groups after the first a ramp of ``ngroups`` groups can have."""
+    return max(0, ngroups - 1)
 
 #: stcal's constant for the two-group uncertainties
 _SQRT2 = 1.41421356
@@ -87,7 +100,8 @@ def integration_results(setup, ramp, gdq, only_first, rnoise, gain, dark, median
                             (snr[:, None] >= rf._EDGES[None, :]).sum(axis=1))
             m = n[long_].astype(np.float64)
             pden[long_] = gtime * gl * (m - 1.0)
-            var_r[long_] = np.where(gl > 0.0, 12.0 * (rl / gtime) ** 2 / ((m ** 3 - m) * gl * gl), 0.0)
+            var_r[long_] = np.where(
+                gl > 0.0, 12.0 * (rl / gtime) ** 2 / ((m ** 3 - m) * gl * gl), 0.0)
             for length in np.unique(n[long_]):
                 for c in np.unique(code[n[long_] == length]):
                     pick = long_[(n[long_] == length) & (code == c)]
