@@ -48,6 +48,11 @@ class MissingModuleError(StreamdetError):
         top = module.split(".")[0]
         package = _DISTRIBUTIONS.get(top, top)
         by = f" (needed by {needed_by})" if needed_by else ""
+        if module.startswith("streamdet._ckernels."):  # built from C at install time
+            super().__init__(f"internal error: streamdet's compiled kernel {module!r} is not "
+                             "built; reinstall streamdet with a C compiler available "
+                             "(pip install . builds the kernels)")
+            return
         super().__init__(f"internal error: the Python module {module!r} is not installed{by}; "
                          f"install it with: pip install {package}")
 
