@@ -1,8 +1,9 @@
 """A quick-look PNG of an exposure (``streamdet demo``): the last group of integration 1
 beside the rate image, each log-stretched.
 
-The stretch is astropy.visualization's, and :func:`log_normalization` is the one the
-streamdet-quicklook plugin's matplotlib figure uses too. The PNG is written by
+The stretch is astropy.visualization's, applied to arrays (:func:`to_gray`) or, for the
+streamdet-quicklook plugin's matplotlib figure, as a normalization
+(:func:`log_normalization`); both take their limits from :func:`log_limits`. The PNG is written by
 scikit-image (already a runtime dependency, for the shower search), so the demo needs
 no matplotlib: the plugin's richer figure is there for those who install it.
 """
@@ -18,27 +19,38 @@ from astropy.io import fits
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
 
-def log_normalization(image: np.ndarray):
-    """An astropy ``ImageNormalize``: logarithmic between the 1st and 99.5th
-    percentiles of the finite values of ``image``, clipped to [0, 1] (NaN stays NaN)."""
-    from astropy.visualization import AsymmetricPercentileInterval, ImageNormalize, LogStretch
+def log_limits(image: np.ndarray) -> tuple[float, float]:
+    """The stretch's limits: the 1st and 99.5th percentiles of the finite values of
+    ``image`` (astropy.visualization's interval), widened for a flat image."""
+    from astropy.visualization import AsymmetricPercentileInterval
 
     finite = np.asarray(image, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
+    vmin, vmax = 0.0, 1.0
     if finite.size:
-        interval = AsymmetricPercentileInterval(LOW_PERCENTILE, HIGH_PERCENTILE)
-        vmin, vmax = interval.get_limits(finite)
-    else:
-        vmin, vmax = 0.0, 1.0
+        vmin, vmax = AsymmetricPercentileInterval(LOW_PERCENTILE, HIGH_PERCENTILE).get_limits(finite)
     if not vmax > vmin:  # a flat image: any positive range shows it
         vmax = vmin + 1.0
-    return ImageNormalize(vmin=float(vmin), vmax=float(vmax), stretch=LogStretch(), clip=True)
+    return float(vmin), float(vmax)
+
+
+def log_normalization(image: np.ndarray):
+    """An astropy ``ImageNormalize`` (a matplotlib ``Normalize``: needs matplotlib) for
+    figures: logarithmic between :func:`log_limits`, clipped to [0, 1]."""
+    from astropy.visualization import ImageNormalize, LogStretch
+
+    vmin, vmax = log_limits(image)
+    return ImageNormalize(vmin=vmin, vmax=vmax, stretch=LogStretch(), clip=True)
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
-    """``image`` through :func:`log_normalization` as 8-bit gray (NaN black)."""
+    """``image`` log-stretched between :func:`log_limits` as 8-bit gray (NaN black): the
+    same stretch as :func:`log_normalization`, without matplotlib."""
+    from astropy.visualization import LogStretch
+
     image = np.asarray(image, dtype=np.float64)
-    scaled = np.asarray(log_normalization(image)(image), dtype=np.float64)
+    vmin, vmax = log_limits(image)
+    scaled = LogStretch()(np.clip((image - vmin) / (vmax - vmin), 0.0, 1.0))
     return np.round(np.nan_to_num(scaled, nan=0.0) * 255).astype(np.uint8)
 
 

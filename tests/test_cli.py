@@ -365,3 +365,15 @@ def test_process_ends_quickly_but_runs_atexit_handlers(sim, env, tmp_path):
     bad = run_cli(["process", tmp_path / "none_uncal.fits"], env, tmp_path, cmd=cmd)
     assert bad.returncode == 2
     assert bad.stdout.splitlines() == ["atexit handler ran"]
+
+
+def test_quicklook_png_needs_no_matplotlib(tmp_path):
+    """matplotlib is not a dependency: the demo's PNG must be drawn without it (a fresh
+    install has none; astropy's ImageNormalize would need it)."""
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "import numpy as np\n"
+            "from streamdet.quicklook import to_gray, write_png\n"
+            f"write_png({str(tmp_path / 'q.png')!r}, to_gray(np.arange(12.0).reshape(3, 4)))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
