@@ -23,6 +23,7 @@ from streamdet._ckernels import declare, ptr
 
 from .buffers import ThreadBuffers
 from .errors import BadInputError, InputWarning, shown
+from .step import ExposureState
 
 _int16_to_float32 = declare("convert", "streamdet_float32_from_big_endian_int16", "ppiffii")
 
@@ -66,9 +67,8 @@ class ExposureMeta:
     nints_total: int      # NINTS of the whole exposure (segmented files hold a part)
     int_times: fits.BinTableHDU | None = None
     extra: dict = field(default_factory=dict)
-    #: exposure-level values one step leaves for later ones, as jwst keeps them on the
-    #: model (``average_dark_current`` from dark_current for ramp_fit, for instance)
-    state: dict = field(default_factory=dict)
+    #: exposure-level values one step leaves for later ones (see ExposureState)
+    state: ExposureState = field(default_factory=ExposureState)
 
     @property
     def int_index(self) -> np.ndarray:

@@ -680,7 +680,7 @@ def _redo_chargeloss_rnoise(flags, lossy, only_first, ints_vr, rate_vr, rnoise, 
 from streamdet.core.errors import BadInputError  # noqa: E402
 from streamdet.core.plugins import hookimpl  # noqa: E402
 from streamdet.core.references import IMAGE  # noqa: E402
-from streamdet.core.step import Granularity, Param, Step  # noqa: E402
+from streamdet.core.step import Granularity, Param, RateProducer, RateResult  # noqa: E402
 
 from . import follows  # noqa: E402
 
@@ -709,7 +709,7 @@ def ignored_groups(ngroups: int, firstgroup: int | None, lastgroup: int | None
     return flags if flags.any() else None
 
 
-class RampFitStep(Step):
+class RampFitStep(RateProducer):
     """OLS ramp fitting with optimal weighting (jwst 3.0 ``ramp_fit``, OLS_C).
 
     Needs every integration of a pixel at once (the Poisson variance uses the median
@@ -722,7 +722,6 @@ class RampFitStep(Step):
     granularity = Granularity.EXPOSURE
     thread_safe = True
     status_keyword = "S_RAMP"
-    produces_rate = True
     params_spec = {
         "suppress_one_group": Param(bool, True, "give no rate from a ramp with only its first group usable"),
         "firstgroup": Param(int, None, "ignore the groups before this one (0-based; None: from the first)", optional=True),
@@ -787,7 +786,7 @@ class RampFitStep(Step):
         dnu = (self.common & np.uint8(DO_NOT_USE)) != 0
         # jump's large-event searches may take DO_NOT_USE off a group (a snowball core
         # flagged SATURATED to the last group): the discard follows what jump left
-        after_jump = self.meta.state.get("jump_dnu_everywhere")
+        after_jump = self.meta.state.jump_dnu_everywhere
         if after_jump is not None:
             dnu &= np.asarray(after_jump).all(axis=0)
         try:
@@ -810,8 +809,8 @@ class RampFitStep(Step):
             # before fitting, so the MIRI discard and suppression see them too
             np.bitwise_or(chunk.groupdq, self.ignored[None, :, None, None], out=chunk.groupdq)
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
-        dark = self.meta.state.get("average_dark_current")
-        return fit_ramps(
+        dark = self.meta.state.average_dark_current
+        rate, rateints = fit_ramps(
             chunk.data[:, :, core], chunk.groupdq[:, :, core], chunk.pixeldq[core],
             readnoise=self.readnoise[rows], gain=self.gain[rows],
             frame_time=self.meta.frame_time, group_time=self.meta.group_time,
@@ -822,6 +821,7 @@ class RampFitStep(Step):
             opt_sink=None if self.fitopt is None else
             lambda integ, first, arrays, nsegs, ncrs, base=rows.start * self.meta.nx:
             self.fitopt.put_pixels(integ, base + first, arrays, nsegs, ncrs))
+        return RateResult(rate, rateints)
 
 
 @hookimpl
