@@ -10,8 +10,13 @@ Lifecycle of one exposure
    step's name replaces it when chosen with ``--use NAME=IMPL``; a new name with
    ``after``/``before`` inserts a step), ``implementation``, ``reftypes``,
    ``params_spec`` (:class:`Param`), ``granularity``, ``halo``... and the capabilities
-   below. The engine makes **one instance per exposure**, with the parameters validated
-   into ``self.params`` (``skip`` taken out into ``self.skip``).
+   below. A step name's place is that of its first implementation declaring one (for a
+   built-in step, the built-in's: a replacement keeps it); a new step goes right next
+   to its anchor (several at one anchor keep their registration order); one with an
+   unknown anchor or none is left out as broken. A replacement is used only when chosen
+   (``--use`` or the ``implementation_parameter``); two plugins giving the same new name
+   need ``--use``. The engine makes **one instance per exposure**, with the parameters
+   validated into ``self.params`` (``skip`` taken out into ``self.skip``).
 2. **Resume.** A ramp that went through steps already (``S_*`` COMPLETE or SKIPPED in a
    saved RampModel) skips them; their :class:`ExposureState` values come from the input.
 3. **Prepare.** ``prepare(meta, refs, pixeldq)`` once per step not skipped, in chain
@@ -50,7 +55,10 @@ Lifecycle of one exposure
 8. **Products.** ``on_products`` steps (after the rate producer) get
    ``process_products(rate, rateints)``; then ``finish()`` of every step that ran gives
    its header keywords, and ``extra_products()`` writers run once rate and rateints are
-   in place.
+   in place. Each product records every step's ``status_keyword``, one HISTORY card per
+   step that ran (``streamdet: STEP=IMPLEMENTATION (DISTRIBUTION VERSION)``, the
+   distribution's metadata filling ``package``/``package_version``) and, in its ASDF
+   extension, each step's status, reason and parameters differing from their defaults.
 
 Rules for ``process``
 ---------------------
@@ -175,13 +183,13 @@ class Chunk:
         return self.data.shape[2]
 
 
-@dataclass
+@dataclass(slots=True)
 class ExposureState:
     """Exposure-level values one step hands to later ones, as jwst keeps them on its
     model: ``meta.state`` during a run. Each field has one writer; readers get None when
     that step did not run (skipped, or another implementation). A plugin's values for
     its own use stay on its step instance; a value shared between steps gets a field
-    here."""
+    here (an unknown name is an AttributeError, not a new key)."""
 
     #: e-/s per pixel, float32 ``[ny, nx]``: the dark current dark_current subtracted
     #: (its reference's AVDRKCUR, else its own estimate), for the Poisson variance of the
