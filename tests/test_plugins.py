@@ -11,7 +11,7 @@ import pytest
 from astropy.io import fits
 
 from streamdet import hookimpl
-from streamdet.core.engine import HISTORY_WIDTH, history_line
+from streamdet.core.record import HISTORY_WIDTH, history_line
 from streamdet.core.errors import BadInputError, PluginError
 from streamdet.core.plugins import Observers, PluginWarning, build_registry
 from streamdet.core.step import Granularity, Param, RateProducer, Step
