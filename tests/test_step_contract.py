@@ -95,3 +95,21 @@ def test_exposure_state_carries_named_values_only(streamdet_sim, streamdet_run):
     assert np.isfinite(state.average_dark_current).all()
     with pytest.raises(AttributeError):
         state.average_dark_curent = 1.0  # a misspelt key is refused, not a new entry
+
+
+def test_the_old_produces_rate_flag_is_reported_not_silently_ignored():
+    """A rate producer written before RateProducer (a Step with ``produces_rate = True``)
+    would otherwise be taken for an ordinary step, and the chain would end without one."""
+    from streamdet.core.plugins import build_registry
+    from streamdet.core.step import Granularity
+
+    class OldFit(Step):
+        name = "ramp_fit"
+        implementation = "old"
+        produces_rate = True
+        granularity = Granularity.EXPOSURE
+
+    registry = build_registry((plugin(OldFit, name="oldpkg"),), only_builtin=True)
+    text = "\n".join(registry.broken)
+    assert "oldpkg" in text and "subclasses streamdet.core.step.RateProducer" in text
+    assert "old" not in {cls.implementation for cls in registry.implementations["ramp_fit"]}

@@ -18,7 +18,8 @@ Lifecycle of one exposure
    need ``--use``. The engine makes **one instance per exposure**, with the parameters
    validated into ``self.params`` (``skip`` taken out into ``self.skip``).
 2. **Resume.** A ramp that went through steps already (``S_*`` COMPLETE or SKIPPED in a
-   saved RampModel) skips them; their :class:`ExposureState` values come from the input.
+   saved RampModel) skips them; :class:`ExposureState` then takes what the input
+   records (``average_dark_current`` from its AVDRKCUR).
 3. **Prepare.** ``prepare(meta, refs, pixeldq)`` once per step not skipped, in chain
    order, before any data: read references (cut to the exposure), OR reference-only
    pixel flags into the exposure-wide ``pixeldq``, leave values for later steps in
@@ -48,8 +49,9 @@ Lifecycle of one exposure
      pass's input and see what ``between_passes`` concluded.
    * ``rerun_rows()`` (once, after all bands of a pass): row ranges whose results a
      frame-wide verdict known only at the end invalidates; the engine runs those bands
-     again, from the same input, through every step of the pass (after an extra pass
-     too, before ``between_passes``). The step's state from the first round is there.
+     again, from the same input, through every step of the pass (in an extra pass too:
+     up to the gathering step, before ``between_passes``). The step's state from the
+     first round is there.
    * ``needs_whole_exposure = True``: the band pass holding this step is one band of
      every row, at the memory cost of the whole ramp.
 8. **Products.** ``on_products`` steps (after the rate producer) get
