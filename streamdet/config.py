@@ -36,6 +36,7 @@ from typing import Any
 from .core import jwstparams
 from .core.engine import RunConfig
 from .core.errors import BadInputError
+from .core.step import RateProducer
 
 
 def jwst_spelling(argv: list[str]) -> list[str]:
@@ -283,10 +284,10 @@ def _validate(run: RunConfig, origin: dict[tuple[str, ...], str], registry=None,
                                 f"no step reads a reference of type {reftype!r} "
                                 f"(types: {', '.join(reftypes)})")
     chain = build_chain(registry, run)
-    active = [s for s in chain if not s.skip and not getattr(s, "on_products", False)]
-    producers = [s for s in active if getattr(s, "produces_rate", False)]
+    active = [s for s in chain if not s.skip and not s.on_products]
+    producers = [s for s in active if isinstance(s, RateProducer)]
     if not producers or producers[-1] is not active[-1]:
-        skipped = [s.name for s in chain if s.skip and getattr(s, "produces_rate", False)]
+        skipped = [s.name for s in chain if s.skip and isinstance(s, RateProducer)]
         if skipped:
             where = origin.get(("param", skipped[0], "skip"), f"--skip {skipped[0]}")
             raise BadInputError(f"{where}: step {skipped[0]!r} makes the rate images and "

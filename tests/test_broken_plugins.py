@@ -96,7 +96,7 @@ FAKES = {
 GOOD_ORDER = [*MIRI_ORDER[: MIRI_ORDER.index("rscd") + 1], "good_step",
               *MIRI_ORDER[MIRI_ORDER.index("rscd") + 1:]]
 
-#: a complete HISTORY record of one step (see streamdet.core.engine.history_line)
+#: a complete HISTORY record of one step (see streamdet.core.record.history_line)
 HISTORY_RECORD = re.compile(r"streamdet: (?P<step>\w+)=(?P<implementation>\S+) "
                             r"\((?P<package>\S+) (?P<version>\S+)\)")
 

@@ -11,10 +11,10 @@ import pytest
 from astropy.io import fits
 
 from streamdet import hookimpl
-from streamdet.core.engine import HISTORY_WIDTH, history_line
+from streamdet.core.record import HISTORY_WIDTH, history_line
 from streamdet.core.errors import BadInputError, PluginError
 from streamdet.core.plugins import Observers, PluginWarning, build_registry
-from streamdet.core.step import Granularity, Param, Step
+from streamdet.core.step import Granularity, Param, RateProducer, Step
 from streamdet.plugins import MIRI_ORDER
 
 
@@ -227,12 +227,11 @@ def test_plugin_autoload_can_be_switched_off(monkeypatch):
 
 # -- a parameter that chooses the implementation (jwst's ramp_fit.algorithm) ---------------
 
-class _OtherFit(Step):
+class _OtherFit(RateProducer):
     """A second ramp_fit implementation, as the streamdet-likely package provides one."""
 
     name = "ramp_fit"
     implementation = "likely"
-    produces_rate = True
     granularity = Granularity.EXPOSURE
     params_spec = {"algorithm": Param(str, "LIKELY", "", choices=("OLS_C", "OLS", "LIKELY"))}
 

@@ -377,10 +377,8 @@ PARITY_CASES = {
 PARITY_CASES["sub64_3x1_snowball_in_last_group"] = (
     dict(subarray="SUB64", ngroups=3, nints=1, seed=1, large_events=True), {"expand_large_events": True})
 #: snowball cores set to exactly SATURATED through the last group take DO_NOT_USE away
-#: from it, so jwst's ramp_fit keeps that group (and reports SATURATED); streamdet's
-#: ramp_fit plans its discard from the integration pass and drops it. jump publishes
-#: meta.state["jump_dnu_everywhere"] for ramp_fit to AND into its plan (not done yet:
-#: ramp_fit.py is another change's).
+#: from it, so jwst's ramp_fit keeps that group (and reports SATURATED); jump publishes
+#: meta.state.jump_dnu_everywhere and ramp_fit ANDs it into its discard plan.
 #: cases where streamdet is known to differ from jwst (none now: ramp_fit's group discard
 #: follows the DO_NOT_USE jump leaves after its searches)
 KNOWN_DIFFERENCES: dict[str, str] = {}

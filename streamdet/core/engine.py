@@ -1,5 +1,11 @@
 """The streaming engine: walks an exposure through the chain of steps in bounded chunks.
 
+What steps may expect of it is written in core/step.py. One exposure, phase by phase
+(:func:`_process_file`): configure the chain (:func:`_configure_chain`), resume,
+resolve the references, ``prepare`` the steps, split off the ``on_products`` steps,
+then the passes (:func:`_run`: the steps' whole-exposure pre-pass, the first
+integration pass, the band passes), and finally :func:`_finish_and_write`.
+
 Two passes, so that peak memory is one band of rows (plus the frame-sized results),
 whatever the number of integrations:
 
@@ -39,6 +45,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,10 +62,10 @@ from .errors import BadInputError, PluginError
 from .exposure import Exposure, ExposureMeta
 from .parameters import Parameters, effective as effective_parameters
 from .plugins import Observers, Registry, get_registry
-from .products import (JWST_MIRI_REFERENCES, JWST_MIRI_STEPS, CubeStore, InputMetadata,
-                       ProductRecord, RateArrays, check_writable, output_paths, product_path,
-                       ref_keyword, warm_up, write_products, write_ramp)
-from .step import Chunk, FrameContext, Granularity, Step
+from .products import (CubeStore, InputMetadata, ProductRecord, RateArrays, check_writable,
+                       output_paths, product_path, warm_up, write_products, write_ramp)
+from .record import product_record
+from .step import Chunk, FrameContext, Granularity, InputRamp, RateProducer, RateResult, Step
 
 #: default memory for the bands of the band pass in flight at once (data + groupdq, all
 #: integrations; shared among the threads)
@@ -74,9 +81,6 @@ RATEINTS_IN_MEMORY_BYTES = 16 * 1024**2
 #: the integration pass's output is kept in memory up to this size (and up to
 #: ``band_bytes``), else in a scratch file
 SCRATCH_IN_MEMORY_BYTES = 64 * 1024**2
-#: characters of one FITS HISTORY card's text: a longer entry is continued on a second
-#: card, and readers look for one card per step
-HISTORY_WIDTH = 72
 
 
 def usable_cpus() -> int:
@@ -311,6 +315,7 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
 
 
 def _process_file(path, config, registry, on_progress, source_fd=None) -> Result:
+    """One exposure, phase by phase (each phase a function below, in this order)."""
     warm_up()  # the products' schemas load while references are looked up
     config = config or RunConfig()
     registry = registry or get_registry()
@@ -319,109 +324,164 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
     timings: dict[str, float] = defaultdict(float)
     with Exposure(path, fd=source_fd) as exposure:
         meta = exposure.meta
-        t0 = time.perf_counter()
-        parameters = effective_parameters(config, meta, registry, usable_cpus())
-        timings["parameters"] += time.perf_counter() - t0
-        chain = build_chain(registry, config, parameters.steps)
-        if config.threads is None and parameters.threads is not None:
-            config = replace(config, threads=parameters.threads)
-        if parameters.save_ramp and not config.save_ramp:
-            config = replace(config, save_ramp=True)
-        names = [s.name for s in chain]
-        for name in config.save_after:
-            if name not in names:
-                raise BadInputError(f"--save-after {name}: no such step (steps: {', '.join(names)})")
-            if getattr(chain[names.index(name)], "produces_rate", False):
-                raise BadInputError(f"--save-after {name}: {name} makes the rate products themselves")
+        chain, config, parameters = _configure_chain(meta, config, registry, timings)
         outputs = output_paths(meta.path, config.output_dir, config.save_ramp, config.save_after)
         check_writable(outputs.values(), config.overwrite, meta.path)
         resumed = _resume(chain, meta)
         source = InputMetadata(meta)  # loads the schemas in the background
-
-        active = [s for s in chain if not s.skip]
-        reftypes = list(dict.fromkeys(r for s in active for r in s.reftypes))
-        t0 = time.perf_counter()
-        resolved = refmod.resolve(meta, reftypes, config.overrides)
-        optional = [r for s in active for r in s.optional_reftypes if r not in resolved]
-        resolved.update(refmod.resolve_optional(meta, list(dict.fromkeys(optional)),
-                                                config.overrides))
-        refs = refmod.References(meta, resolved)
-        timings["references"] += time.perf_counter() - t0
+        resolved, refs = _resolve_references(meta, chain, config, timings)
         pixeldq = exposure.initial_pixeldq()
         try:
-            for step in active:
-                missing = [r for r in step.reftypes if resolved[r].not_applicable]
-                if missing:
-                    step.skip, step.skip_reason = True, f"reference {', '.join(missing)} is N/A"
-                    continue
-                t0 = time.perf_counter()
-                reason = step.prepare(meta, refs, pixeldq)
-                timings[step.name] += time.perf_counter() - t0
-                if reason:
-                    step.skip, step.skip_reason = True, reason
-            # steps on the rate products run after the passes, not in them
-            on_products = [s for s in chain if not s.skip and getattr(s, "on_products", False)]
-            active = [s for s in chain if not s.skip and s not in on_products]
-            producers = [s for s in active if getattr(s, "produces_rate", False)]
-            if not producers or producers[-1] is not active[-1]:
-                # a rate producer skipped for want of a reference: the input's fault
-                needed = [(s, r) for s in chain if getattr(s, "produces_rate", False)
-                          for r in s.reftypes if r in resolved and resolved[r].not_applicable]
-                if not producers and needed:
-                    step, reftype = needed[0]
-                    given = ("--override" if resolved[reftype].source == "override"
-                             else "CRDS")
-                    raise BadInputError(
-                        f"{meta.path}: the {reftype} reference is N/A (from {given}): step "
-                        f"{step.name} cannot compute the rate without it")
-                raise PluginError("the chain must end with a step that produces the rate "
-                                  "(ramp_fit); it is skipped or followed by another step")
-            extra = {kind: write for s in active for kind, write in s.extra_products().items()}
-            if extra:
-                directory = outputs["rate"].parent
-                extra = {kind: (product_path(directory, meta.path, kind), write)
-                         for kind, write in extra.items()}
-                check_writable([path for path, _ in extra.values()], config.overwrite, meta.path)
+            _prepare_steps(meta, chain, refs, resolved, pixeldq, timings)
+            active, on_products = _ramp_and_product_steps(meta, chain, resolved)
+            extra = _extra_product_writers(meta, active, outputs, config)
             observers.notify("streamdet_exposure_started", exposure=exposure, chain=chain)
             captures = _capture_points(chain, active, config)
             rate, rateints, saved = _run(exposure, refs, active, pixeldq, config, timings,
                                          observers, on_progress, captures)
-            placed: list[tuple[Path, int, int]] = []  # the products this run put in place
-            try:
-                for step in on_products:
-                    t0 = time.perf_counter()
-                    step.process_products(rate, rateints)
-                    timings[step.name] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                finished = {s.name: s.finish() for s in chain if not s.skip}
-                write_products(meta, outputs, rate, rateints,
-                               product_record(chain, resolved, finished, resumed,
-                                              parameters=parameters), source, placed=placed)
-                for kind, store in saved.items():
-                    upto = None if kind == "ramp" else kind
-                    write_ramp(meta, outputs[kind], store, pixeldq,
-                               product_record(chain, resolved, finished, resumed, upto=upto,
-                                              before_rate=kind == "ramp",
-                                              parameters=parameters),
-                               source, meta.state.get("average_dark_current"), placed=placed)
-                for kind, (path, write) in extra.items():
-                    write(path, product_record(chain, resolved, finished, resumed,
-                                               parameters=parameters), source)
-                    st = os.stat(path)
-                    placed.append((path, st.st_dev, st.st_ino))
-                    outputs[kind] = path
-                timings["write"] += time.perf_counter() - t0
-            except BaseException:
-                withdraw(placed)  # no partial set of products
-                raise
-            finally:
-                _close_stores(rateints, *saved.values())
+            record = partial(product_record, chain, resolved, resumed=resumed,
+                             parameters=parameters)
+            _finish_and_write(meta, chain, on_products, rate, rateints, saved, extra,
+                              outputs, pixeldq, source, record, timings)
         finally:
             refs.close()
     observers.notify("streamdet_exposure_finished", exposure=exposure, products=outputs,
                      timings=dict(timings))
     return Result(outputs, dict(timings), chain, resolved, time.perf_counter() - started,
                   parameters)
+
+
+def _configure_chain(meta: ExposureMeta, config: RunConfig, registry: Registry,
+                     timings: dict[str, float]
+                     ) -> tuple[list[Step], RunConfig, Parameters]:
+    """The chain with this exposure's effective parameters (the run's, the CRDS
+    ``pars-*`` references', jwst's spellings), and the run's configuration completed by
+    them (threads, save_ramp); refuses a ``--save-after`` naming no step or the rate
+    producer."""
+    t0 = time.perf_counter()
+    parameters = effective_parameters(config, meta, registry, usable_cpus())
+    timings["parameters"] += time.perf_counter() - t0
+    chain = build_chain(registry, config, parameters.steps)
+    if config.threads is None and parameters.threads is not None:
+        config = replace(config, threads=parameters.threads)
+    if parameters.save_ramp and not config.save_ramp:
+        config = replace(config, save_ramp=True)
+    names = [s.name for s in chain]
+    for name in config.save_after:
+        if name not in names:
+            raise BadInputError(f"--save-after {name}: no such step (steps: {', '.join(names)})")
+        if isinstance(chain[names.index(name)], RateProducer):
+            raise BadInputError(f"--save-after {name}: {name} makes the rate products themselves")
+    return chain, config, parameters
+
+
+def _resolve_references(meta: ExposureMeta, chain: list[Step], config: RunConfig,
+                        timings: dict[str, float]
+                        ) -> tuple[dict[str, refmod.Resolved], refmod.References]:
+    """The reference files of the steps that will run (``--override`` first, then
+    CRDS), the optional ones included, and the reader over them (close it)."""
+    active = [s for s in chain if not s.skip]
+    reftypes = list(dict.fromkeys(r for s in active for r in s.reftypes))
+    t0 = time.perf_counter()
+    resolved = refmod.resolve(meta, reftypes, config.overrides)
+    optional = [r for s in active for r in s.optional_reftypes if r not in resolved]
+    resolved.update(refmod.resolve_optional(meta, list(dict.fromkeys(optional)),
+                                            config.overrides))
+    refs = refmod.References(meta, resolved)
+    timings["references"] += time.perf_counter() - t0
+    return resolved, refs
+
+
+def _prepare_steps(meta: ExposureMeta, chain: list[Step], refs: refmod.References,
+                   resolved: dict[str, refmod.Resolved], pixeldq: np.ndarray,
+                   timings: dict[str, float]) -> None:
+    """``prepare`` of every step that is to run, in chain order; a step whose reference
+    is N/A, or whose ``prepare`` gives a reason, is skipped with that reason."""
+    for step in [s for s in chain if not s.skip]:
+        missing = [r for r in step.reftypes if resolved[r].not_applicable]
+        if missing:
+            step.skip, step.skip_reason = True, f"reference {', '.join(missing)} is N/A"
+            continue
+        t0 = time.perf_counter()
+        reason = step.prepare(meta, refs, pixeldq)
+        timings[step.name] += time.perf_counter() - t0
+        if reason:
+            step.skip, step.skip_reason = True, reason
+
+
+def _ramp_and_product_steps(meta: ExposureMeta, chain: list[Step],
+                            resolved: dict[str, refmod.Resolved]
+                            ) -> tuple[list[Step], list[Step]]:
+    """The steps that run, as those on the ramp (the passes: ending with the rate
+    producer) and the ``on_products`` ones (after the passes). Refuses a chain whose
+    ramp steps do not end with a :class:`RateProducer`: the input's fault when its
+    reference is N/A, a plugin's otherwise."""
+    on_products = [s for s in chain if not s.skip and s.on_products]
+    active = [s for s in chain if not s.skip and s not in on_products]
+    producers = [s for s in active if isinstance(s, RateProducer)]
+    if not producers or producers[-1] is not active[-1]:
+        # a rate producer skipped for want of a reference: the input's fault
+        needed = [(s, r) for s in chain if isinstance(s, RateProducer)
+                  for r in s.reftypes if r in resolved and resolved[r].not_applicable]
+        if not producers and needed:
+            step, reftype = needed[0]
+            given = ("--override" if resolved[reftype].source == "override"
+                     else "CRDS")
+            raise BadInputError(
+                f"{meta.path}: the {reftype} reference is N/A (from {given}): step "
+                f"{step.name} cannot compute the rate without it")
+        raise PluginError("the chain must end with a step that produces the rate "
+                          "(ramp_fit); it is skipped or followed by another step")
+    return active, on_products
+
+
+def _extra_product_writers(meta: ExposureMeta, active: list[Step], outputs: dict[str, Path],
+                           config: RunConfig) -> dict[str, tuple[Path, Callable]]:
+    """The steps' products beyond rate and rateints (``Step.extra_products``): kind ->
+    (path beside the rate, writer), checked writable before any work."""
+    extra = {kind: write for s in active for kind, write in s.extra_products().items()}
+    if extra:
+        directory = outputs["rate"].parent
+        extra = {kind: (product_path(directory, meta.path, kind), write)
+                 for kind, write in extra.items()}
+        check_writable([path for path, _ in extra.values()], config.overwrite, meta.path)
+    return extra
+
+
+def _finish_and_write(meta: ExposureMeta, chain: list[Step], on_products: list[Step],
+                      rate: RateArrays, rateints: RateArrays | CubeStore,
+                      saved: dict[str, CubeStore], extra: dict[str, tuple[Path, Callable]],
+                      outputs: dict[str, Path], pixeldq: np.ndarray, source: InputMetadata,
+                      record: Callable[..., ProductRecord], timings: dict[str, float]) -> None:
+    """The ``on_products`` steps, every step's ``finish``, then the products: rate and
+    rateints, the saved ramps, the steps' extra products (added to ``outputs``). All
+    or none: on failure the products this run put in place are withdrawn. ``record``
+    makes a product's :class:`ProductRecord` from the steps' ``finish`` keywords."""
+    placed: list[tuple[Path, int, int]] = []  # the products this run put in place
+    try:
+        for step in on_products:
+            t0 = time.perf_counter()
+            step.process_products(rate, rateints)
+            timings[step.name] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        finished = {s.name: s.finish() for s in chain if not s.skip}
+        write_products(meta, outputs, rate, rateints, record(finished), source, placed=placed)
+        for kind, store in saved.items():
+            upto = None if kind == "ramp" else kind
+            write_ramp(meta, outputs[kind], store, pixeldq,
+                       record(finished, upto=upto, before_rate=kind == "ramp"),
+                       source, meta.state.average_dark_current, placed=placed)
+        for kind, (path, write) in extra.items():
+            write(path, record(finished), source)
+            st = os.stat(path)
+            placed.append((path, st.st_dev, st.st_ino))
+            outputs[kind] = path
+        timings["write"] += time.perf_counter() - t0
+    except BaseException:
+        withdraw(placed)  # no partial set of products
+        raise
+    finally:
+        _close_stores(rateints, *saved.values())
 
 
 def _resume(chain: list[Step], meta: ExposureMeta) -> set[str]:
@@ -439,7 +499,7 @@ def _resume(chain: list[Step], meta: ExposureMeta) -> set[str]:
             step.skip_reason = f"done in the input ({step.status_keyword}={str(status).strip()})"
             done.add(step.name)
     if "dark_current" in done and meta.extra.get("avdrkcur") is not None:
-        meta.state["average_dark_current"] = meta.extra["avdrkcur"]
+        meta.state.average_dark_current = meta.extra["avdrkcur"]
     return done
 
 
@@ -454,110 +514,6 @@ def _capture_points(chain: list[Step], active: list[Step], config: RunConfig) ->
     return points
 
 
-def product_record(chain: list[Step], resolved: dict[str, refmod.Resolved],
-                   finished: dict[str, dict], resumed: set[str], upto: str | None = None,
-                   before_rate: bool = False, parameters: Parameters | None = None
-                   ) -> ProductRecord:
-    """What a product records of this run: the status keyword of every step (jwst's
-    whole MIRI set; up to step ``upto`` inclusive, or every step before the rate
-    producer with ``before_rate``), the references, the keywords of the steps that ran,
-    HISTORY, and the provenance (implementations, parameters that differ from their
-    defaults). Steps done in the input keep the input's keywords."""
-    names = [s.name for s in chain]
-    steps = {s.name: s for s in chain}
-    # jwst's steps that streamdet's chain lacks go after the chain step they follow in
-    # jwst's order, so that a cut after a step keeps exactly what jwst's would
-    order: list[str] = []
-    jwst_names = [n for n, _ in JWST_MIRI_STEPS]
-    for name in names:
-        order.append(name)
-    for i, (name, _) in enumerate(JWST_MIRI_STEPS):
-        if name in names:
-            continue
-        before = [n for n in jwst_names[:i] if n in order]
-        order.insert(order.index(before[-1]) + 1 if before else 0, name)
-    if upto is not None:
-        order = order[:order.index(upto) + 1]
-    elif before_rate:
-        producer = next(s.name for s in reversed(chain) if getattr(s, "produces_rate", False))
-        order = order[:order.index(producer)]
-    jwst_keyword = dict(JWST_MIRI_STEPS)
-    keywords: dict[str, object] = {}
-    defaults: dict[str, object] = {}
-    for reftype, res in resolved.items():
-        keywords[ref_keyword(reftype)] = res.header_value
-    contexts = {r.context for r in resolved.values() if r.context}
-    if contexts:
-        keywords["CRDS_CTX"] = sorted(contexts)[0]
-        keywords["CRDS_VER"] = refmod.crds_version()
-    history, log, provenance_steps = [], [], []
-    for name in order:
-        step = steps.get(name)
-        if step is None:
-            defaults[jwst_keyword[name]] = "SKIPPED"
-            continue
-        if name in resumed:
-            status = "DONE IN INPUT"
-        else:
-            status = "SKIPPED" if step.skip else "COMPLETE"
-            # jwst's steps are recorded run or not, as jwst does; a step jwst lacks (a
-            # plugin's) only when it ran, so the default set is exactly jwst's
-            if step.status_keyword and (name in jwst_keyword or not step.skip):
-                keywords[step.status_keyword] = status
-            if not step.skip:
-                keywords.update(finished.get(name, {}))  # a step's own keywords win
-                history.append(history_line(step))
-        changed = _changed_params(step)
-        provenance_steps.append({"step": name, "implementation": step.implementation,
-                                 "package": str(step.package),
-                                 "package_version": str(step.package_version),
-                                 "status": status, "reason": step.skip_reason,
-                                 "parameters": changed})
-        log.append(f"{name}: {status.lower()}, {step.implementation} ({step.package} "
-                   f"{step.package_version})"
-                   + (f": {step.skip_reason}" if step.skip_reason else "")
-                   + (f"; parameters differing from defaults: {changed}" if changed else ""))
-    for keyword in JWST_MIRI_REFERENCES:
-        if keyword not in keywords:
-            defaults[keyword] = refmod.NA
-    import streamdet  # noqa: PLC0415
-
-    if parameters is not None:
-        # the CRDS parameter references applied, one HISTORY card each, and where every
-        # value that differs from a default came from
-        history += [_cut(f"streamdet: {p.reftype}={p.header_value}", HISTORY_WIDTH)
-                    for p in parameters.pars]
-        log += [f"parameter {line}" for line in parameters.lines()]
-    provenance = {"software": "streamdet", "version": streamdet.__version__,
-                  "steps": provenance_steps,
-                  "parameter_sources": [] if parameters is None else [
-                      {"step": p.step, "name": p.name, "value": _plain(p.value),
-                       "source": p.source, "origin": p.origin} for p in parameters.settings],
-                  "references": {r: {"path": res.path or "N/A", "source": res.source}
-                                 for r, res in resolved.items()}}
-    return ProductRecord(keywords, history, provenance, log, defaults)
-
-
-def _plain(value):
-    """``value`` as ASDF can store it (numbers, strings, booleans, lists, None)."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
-
-
-def _changed_params(step: Step) -> dict[str, object]:
-    """The step's parameters whose values differ from the declared defaults."""
-    spec = step.all_params()
-    values = dict(step.params, skip=getattr(step, "skip_requested", step.skip))
-    out = {}
-    for name, value in values.items():
-        if name in spec and value != spec[name].default:
-            out[name] = value.item() if isinstance(value, np.generic) else value
-    return out
-
-
 def withdraw(placed: list[tuple[Path, int, int]]) -> None:
     """Remove the files of ``placed`` (``(path, st_dev, st_ino)`` as this run wrote them)
     that are still the very files written: one replaced since by someone else is theirs."""
@@ -568,33 +524,6 @@ def withdraw(placed: list[tuple[Path, int, int]]) -> None:
                 os.unlink(path)
         except OSError:
             pass
-
-
-def history_line(step: Step) -> str:
-    """The HISTORY record of a step that ran, one card long:
-    ``streamdet: STEP=IMPLEMENTATION (DISTRIBUTION VERSION)``.
-
-    Beyond :data:`HISTORY_WIDTH` characters the distribution name and version give way
-    first, sharing the room left (the shorter keeps its length if it takes no more than
-    half; a cut is marked ``...``), as the step and implementation are what readers look
-    for; a step and implementation too long for even that cut the line itself."""
-    head = f"streamdet: {step.name}={step.implementation}"
-    package, version = str(step.package), str(step.package_version)
-    room = HISTORY_WIDTH - len(head) - len(" ( )")  # for the distribution and version
-    if len(package) + len(version) > room >= 2 * len("..."):
-        half = room // 2
-        if len(version) <= half:
-            package = _cut(package, room - len(version))
-        elif len(package) <= half:
-            version = _cut(version, room - len(package))
-        else:
-            package, version = _cut(package, room - half), _cut(version, half)
-    return _cut(f"{head} ({package} {version})", HISTORY_WIDTH)
-
-
-def _cut(text: str, width: int) -> str:
-    """``text`` in at most ``width`` (>= 3) characters, a cut marked ``...``."""
-    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class _Pool:
@@ -682,266 +611,382 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
     them once written)."""
     meta = exposure.meta
     passes = stages(active)
+    _check_producer_placement(active)
+    pool = _Pool(max(1, int(config.threads or default_threads())), timings, observers, exposure)
+    run = _Passes(exposure, pixeldq, config, pool, on_progress)
+    rateints = None
+    saved: dict[str, CubeStore] = {}
+    try:
+        scratch = run.new_scratch()
+        # ramps to save, kept in scratch files as they leave the step they are saved after
+        for kind in captures or {}:
+            saved[kind] = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx),
+                                    config.scratch_dir,
+                                    extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
+        capture = _capture_plan(passes, captures or {}, saved)
+        run.prepass(active)
+        run.first_pass(passes[0][1], passes[1][1], scratch, capture[0])
+        # reading is over: the band pass has buffers of its own
+        exposure.drop_buffers()
+        refs.drop_buffers()
+        rate, rateints = _allocate_products(meta, config)
+        run.later_passes(passes, scratch, rate, rateints, capture)
+        return rate, rateints, saved
+    except BaseException:
+        _close_stores(rateints, *saved.values())
+        raise
+    finally:
+        run.close()
+
+
+def _check_producer_placement(active: list[Step]) -> None:
+    """The rate producer (the last step) runs in a band pass: one that needs whole
+    integrations cannot come after a step that needs all integrations."""
     producer = active[-1]
     if producer.granularity == Granularity.INTEGRATION and any(
             s.granularity == Granularity.EXPOSURE for s in active[:-1]):
         raise PluginError(f"step {producer.name!r} produces the rate and needs whole "
                           "integrations, but comes after a step that needs all integrations; "
                           "this order is not supported")
-    int_index = meta.int_index
-    ny = meta.ny
-    pool = _Pool(max(1, int(config.threads or default_threads())), timings, observers, exposure)
 
-    def threads_for(steps: list[Step]) -> int:
+
+def _capture_plan(passes: list[tuple[str, list[Step]]], captures: dict[str, int],
+                  saved: dict[str, CubeStore]) -> list[dict[int, list[CubeStore]]]:
+    """Per pass, its step index -> the stores of ``saved`` filled just before that step
+    runs (a ramp saved after the last step of the first pass is taken there, not re-read
+    later). ``captures``: saved ramp kind -> active steps that have run on it."""
+    capture = [defaultdict(list) for _ in passes]
+    for kind, count in captures.items():
+        first = 0
+        for n, (_, steps) in enumerate(passes):
+            if count <= first + len(steps) if n == 0 else count < first + len(steps):
+                capture[n][count - first].append(saved[kind])
+                break
+            first += len(steps)
+    return capture
+
+
+def _allocate_products(meta: ExposureMeta, config: RunConfig
+                       ) -> tuple[RateArrays, RateArrays | CubeStore]:
+    """The rate arrays, and the rateints arrays (in a scratch store when large)."""
+    rate = RateArrays.allocate((meta.ny, meta.nx))
+    cube_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
+    if cube_bytes > config.rateints_in_memory_bytes:
+        return rate, CubeStore((meta.nints, meta.ny, meta.nx), config.scratch_dir)
+    return rate, RateArrays.allocate((meta.nints, meta.ny, meta.nx))
+
+
+class _Passes:
+    """What the passes of one exposure share (the input, the exposure-wide pixel flags,
+    the thread pool, the scratch files), and the passes themselves, in the order
+    :func:`_run` calls them."""
+
+    def __init__(self, exposure: Exposure, pixeldq: np.ndarray, config: RunConfig,
+                 pool: "_Pool", on_progress):
+        self.exposure, self.meta = exposure, exposure.meta
+        self.pixeldq, self.config, self.pool = pixeldq, config, pool
+        self.on_progress = on_progress
+        # in memory only when no bigger than what one band of the band pass may hold anyway
+        self.scratch_in_memory = min(config.scratch_in_memory_bytes, config.band_bytes)
+        self.scratches: list[_Scratch] = []
+
+    def new_scratch(self) -> _Scratch:
+        scratch = _Scratch(self.meta, self.config.scratch_dir, self.scratch_in_memory)
+        self.scratches.append(scratch)
+        return scratch
+
+    def close(self) -> None:
+        self.pool.close()
+        for scratch in self.scratches:
+            scratch.close()
+
+    def threads_for(self, steps: list[Step]) -> int:
         """Threads for one pass: several only when every step in it says it may."""
-        return pool.threads if all(getattr(s, "thread_safe", False) for s in steps) else 1
+        return self.pool.threads if all(s.thread_safe for s in steps) else 1
 
-    # in memory only when no bigger than what one band of the band pass may hold anyway
-    in_memory = min(config.scratch_in_memory_bytes, config.band_bytes)
-    scratch = _Scratch(meta, config.scratch_dir, in_memory)
-    other: _Scratch | None = None  # a second one, when a band pass is not the last pass
-    rateints = None
-    saved: dict[str, CubeStore] = {}
-    try:
-        # ramps to save, kept in scratch files as they leave the step they are saved after
-        for kind in captures or {}:
-            saved[kind] = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx),
-                                    config.scratch_dir,
-                                    extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
-        pass1, pass2 = passes[0][1], passes[1][1]
-        # per pass, its step index -> the stores filled just before that step runs (a
-        # ramp saved after the last step of pass 1 is taken there, not re-read later)
-        capture = [defaultdict(list) for _ in passes]
-        for kind, count in (captures or {}).items():
-            first = 0
-            for n, (_, steps) in enumerate(passes):
-                if count <= first + len(steps) if n == 0 else count < first + len(steps):
-                    capture[n][count - first].append(saved[kind])
-                    break
-                first += len(steps)
-        capture1 = capture[0]
-        # -- pass 1: integrations, in bands of rows when every step is pixel-local -------
-        threads1 = threads_for(pass1 + pass2)  # the next pass's steps survey on these threads
-        # margins[k]: rows beyond the core that step k's chunk must cover so that the
-        # halos of it and of every later step are correct
-        halos = [max(0, int(getattr(s, "halo", 0) or 0)) for s in pass1]
-        margins = [sum(halos[k:]) for k in range(len(pass1))] + [0]
-        if all(s.granularity == Granularity.GROUP for s in pass1):
-            row_bytes = meta.ngroups * meta.nx * 5
-            rows1 = max(1, int(config.pass1_band_bytes // (row_bytes * threads1))
-                        - 2 * margins[0])
-        else:
-            rows1 = ny
-        bands1 = _bands(ny, rows1)
+    def prepass(self, active: list[Step]) -> None:
+        """The steps declaring ``prepass_exposure`` see the input's integrations, one
+        at a time, before any step runs on them."""
+        exposure = self.exposure
 
-        tall1 = min(ny, rows1 + 2 * margins[0])
-        plane1 = meta.ngroups * meta.nx
-        pass1_buffers = ThreadBuffers()
+        def read(i: int) -> tuple[np.ndarray, np.ndarray]:
+            data, groupdq = exposure.read(slice(i, i + 1))
+            return data[0], groupdq[0]
 
-        def pass1_piece(task: tuple[int, slice]) -> None:
-            i, core = task
-            r0, r1 = max(0, core.start - margins[0]), min(ny, core.stop + margins[0])
-            t0 = time.perf_counter()
-            shape = (1, meta.ngroups, r1 - r0, meta.nx)
-            size = plane1 * (r1 - r0)
-            # sized for the tallest piece, so that a buffer is never grown
-            data = pass1_buffers.get("data", (plane1 * tall1,), np.float32)[:size].reshape(shape)
-            groupdq = pass1_buffers.get("groupdq", (plane1 * tall1,), np.uint8)[:size].reshape(shape)
-            exposure.read_into(slice(i, i + 1), slice(r0, r1), data, groupdq)
-            pool.add("read", time.perf_counter() - t0)
-            for k, step in enumerate(pass1 + [None]):
-                a, b = max(0, core.start - margins[k]), min(ny, core.stop + margins[k])
-                chunk = Chunk(data[:, :, a - r0:b - r0], groupdq[:, :, a - r0:b - r0],
-                              pixeldq[a:b], int_index[i:i + 1], slice(a, b),
-                              core=slice(core.start - a, core.stop - a))
-                for store in capture1.get(k, ()):
-                    local = slice(core.start - r0, core.stop - r0)
-                    store.put(np.s_[i, :, core], (data[0, :, local], groupdq[0, :, local]))
-                if step is not None:
-                    pool.step(step, chunk)
-            for step in pass2:  # chunk now covers the core rows only
-                pool.step(step, chunk, survey=True)
-            t0 = time.perf_counter()
-            scratch.write(i, core, chunk.data[0], chunk.groupdq[0])
-            pool.add("scratch", time.perf_counter() - t0)
+        ramp = InputRamp(self.meta.nints, read)
+        for step in active:
+            if step.prepass_exposure:
+                t0 = time.perf_counter()
+                step.prepass(ramp)
+                self.pool.add(step.name, time.perf_counter() - t0)
 
-        tasks = [(i, core) for i in range(meta.nints) for core in bands1]
-        for n, _ in enumerate(pool.map(pass1_piece, tasks, at_once=threads1), start=1):
-            if on_progress and n % len(bands1) == 0:
-                on_progress("integrations", n // len(bands1), meta.nints)
+    def first_pass(self, steps: list[Step], surveyors: list[Step], scratch: _Scratch,
+                   captures: dict[int, list[CubeStore]]) -> None:
+        """The integration pass from the input into ``scratch``: integrations in bands of
+        rows when every step is pixel-local (whole otherwise); ``surveyors`` (the next
+        pass's steps) survey each piece as it leaves."""
+        _FirstPass(self, steps, surveyors, scratch, captures).run()
 
-        # reading is over: the band pass has buffers of its own
-        pass1_buffers.drop()
-        exposure.drop_buffers()
-        refs.drop_buffers()
-
-        # -- products -------------------------------------------------------------------
-        rate = RateArrays.allocate((meta.ny, meta.nx))
-        cube_bytes = meta.nints * meta.ny * meta.nx * 4 * 5
-        if cube_bytes > config.rateints_in_memory_bytes:
-            rateints = CubeStore((meta.nints, meta.ny, meta.nx), config.scratch_dir)
-        else:
-            rateints = RateArrays.allocate((meta.nints, meta.ny, meta.nx))
-        # -- the passes after the first: band passes, and integration passes between them
+    def later_passes(self, passes: list[tuple[str, list[Step]]], scratch: _Scratch,
+                     rate: RateArrays, rateints, capture: list[dict[int, list[CubeStore]]]
+                     ) -> None:
+        """The passes after the first, from ``scratch`` (the first pass's output): band
+        passes, and integration passes between them. A band pass that is not the last
+        writes to a second scratch file, which becomes the next pass's source."""
+        spare: _Scratch | None = None
         for n, (kind, steps) in enumerate(passes[1:], start=1):
             last = n == len(passes) - 1
             label = "" if n == 1 else f" ({steps[0].name}...)"
             if kind == "band":
                 target = None
                 if not last:
-                    if other is None:
-                        other = _Scratch(meta, config.scratch_dir, in_memory)
-                    target = other
-                _band_pass(meta, steps, scratch, target, pixeldq, config, pool,
-                           threads_for(steps), rate, rateints, capture[n], on_progress, label)
+                    if spare is None:
+                        spare = self.new_scratch()
+                    target = spare
+                _BandPass(self, steps, scratch, target, self.threads_for(steps), rate,
+                          rateints, capture[n], label).run()
                 if target is not None:
-                    scratch, other = target, scratch
+                    scratch, spare = target, scratch
             else:
                 surveyors = passes[n + 1][1]
-                _integration_pass(meta, steps, surveyors, scratch, pixeldq, pool,
-                                  threads_for(steps + surveyors), capture[n], on_progress,
-                                  label)
-        return rate, rateints, saved
-    except BaseException:
-        _close_stores(rateints, *saved.values())
-        raise
-    finally:
-        pool.close()
-        scratch.close()
-        if other is not None:
-            other.close()
+                _LaterIntegrationPass(self, steps, surveyors, scratch,
+                                      self.threads_for(steps + surveyors), capture[n],
+                                      label).run()
 
 
-def _band_pass(meta: ExposureMeta, steps: list[Step], source: _Scratch, target: _Scratch | None,
-               pixeldq: np.ndarray, config: RunConfig, pool: "_Pool", threads: int,
-               rate: RateArrays, rateints, captures: dict[int, list[CubeStore]], on_progress,
-               label: str) -> None:
+class _FirstPass:
+    """The integration pass that reads the input: each integration, in bands of rows
+    (plus the margins the steps' halos need) or whole, through the steps before the
+    first EXPOSURE step, surveyed by the next pass's steps, into the scratch file."""
+
+    def __init__(self, run: _Passes, steps: list[Step], surveyors: list[Step],
+                 scratch: _Scratch, captures: dict[int, list[CubeStore]]):
+        meta, config = run.meta, run.config
+        self.run_, self.steps, self.surveyors = run, steps, surveyors
+        self.scratch, self.captures = scratch, captures
+        self.threads = run.threads_for(steps + surveyors)  # the next pass's steps survey here
+        # margins[k]: rows beyond the core that step k's chunk must cover so that the
+        # halos of it and of every later step are correct
+        halos = [max(0, int(s.halo or 0)) for s in steps]
+        self.margins = [sum(halos[k:]) for k in range(len(steps))] + [0]
+        if all(s.granularity == Granularity.GROUP for s in steps):
+            row_bytes = meta.ngroups * meta.nx * 5
+            rows = max(1, int(config.pass1_band_bytes // (row_bytes * self.threads))
+                       - 2 * self.margins[0])
+        else:
+            rows = meta.ny
+        self.bands = _bands(meta.ny, rows)
+        self.tall = min(meta.ny, rows + 2 * self.margins[0])
+        self.plane = meta.ngroups * meta.nx
+        self.buffers = ThreadBuffers()
+
+    def run(self) -> None:
+        meta, pool, on_progress = self.run_.meta, self.run_.pool, self.run_.on_progress
+        tasks = [(i, core) for i in range(meta.nints) for core in self.bands]
+        for n, _ in enumerate(pool.map(self.piece, tasks, at_once=self.threads), start=1):
+            if on_progress and n % len(self.bands) == 0:
+                on_progress("integrations", n // len(self.bands), meta.nints)
+        self.buffers.drop()
+
+    def piece(self, task: tuple[int, slice]) -> None:
+        """Integration ``i``, rows ``core`` (and their margins), through the pass."""
+        i, core = task
+        run, meta, margins = self.run_, self.run_.meta, self.margins
+        ny, pool, pixeldq = meta.ny, run.pool, run.pixeldq
+        r0, r1 = max(0, core.start - margins[0]), min(ny, core.stop + margins[0])
+        t0 = time.perf_counter()
+        shape = (1, meta.ngroups, r1 - r0, meta.nx)
+        size = self.plane * (r1 - r0)
+        # sized for the tallest piece, so that a buffer is never grown
+        data = self.buffers.get("data", (self.plane * self.tall,), np.float32)[:size].reshape(shape)
+        groupdq = self.buffers.get("groupdq", (self.plane * self.tall,), np.uint8)[:size].reshape(shape)
+        run.exposure.read_into(slice(i, i + 1), slice(r0, r1), data, groupdq)
+        pool.add("read", time.perf_counter() - t0)
+        int_index = meta.int_index
+        for k, step in enumerate(self.steps + [None]):
+            a, b = max(0, core.start - margins[k]), min(ny, core.stop + margins[k])
+            chunk = Chunk(data[:, :, a - r0:b - r0], groupdq[:, :, a - r0:b - r0],
+                          pixeldq[a:b], int_index[i:i + 1], slice(a, b),
+                          core=slice(core.start - a, core.stop - a))
+            for store in self.captures.get(k, ()):
+                local = slice(core.start - r0, core.stop - r0)
+                store.put(np.s_[i, :, core], (data[0, :, local], groupdq[0, :, local]))
+            if step is not None:
+                pool.step(step, chunk)
+        for step in self.surveyors:  # chunk now covers the core rows only
+            pool.step(step, chunk, survey=True)
+        t0 = time.perf_counter()
+        self.scratch.write(i, core, chunk.data[0], chunk.groupdq[0])
+        pool.add("scratch", time.perf_counter() - t0)
+
+
+class _BandPass:
     """Bands of rows spanning every integration, read from ``source``, through ``steps``.
     The last band pass ends with the rate producer, whose results land in ``rate`` and
     ``rateints``; an earlier one writes its bands' core rows to ``target`` (``source``
     stays as it was, so that the bands a step asks to re-run start from the same data).
     ``captures``: step index -> saved-ramp stores that take the band's core rows just
-    before that step runs."""
-    ny = meta.ny
-    int_index = meta.int_index
-    halo = max((s.halo for s in steps), default=0)
-    # extra band passes before this one, for steps that need frame-wide work on their
-    # band results (jump's snowball and shower searches): (index in steps, step, stage,
-    # halo of that pass); none by default
-    frame_stages = [(k, step, j, max(max(s.halo for s in steps[:k + 1]),
-                                     step.halo + max(0, int(step.gather_halo(j)))))
-                    for k, step in enumerate(steps) for j in range(step.frame_passes())]
-    sizing_halo = max([halo] + [h for *_, h in frame_stages])
-    row_bytes = meta.nints * meta.ngroups * meta.nx * 5
-    # the band budget is for all bands in flight, so memory does not grow with the
-    # number of threads; an exposure so thick that a thread's share would be mostly
-    # halo (recomputed) rows runs its bands on fewer threads instead
-    def rows_each(sharing: int) -> int:
-        return int(config.band_bytes // (row_bytes * sharing)) - 2 * sizing_halo
+    before that step runs. The steps' extra passes (``frame_passes``) and re-runs
+    (``rerun_rows``) happen here (see core/step.py)."""
 
-    sharing = threads
-    while sharing > 1 and rows_each(sharing) < max(2, 2 * sizing_halo):
-        sharing -= 1
-    band = max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing)))
-    if any(getattr(s, "needs_whole_exposure", False) for s in steps):
-        # a step that asked for the whole exposure at once (at that memory cost)
-        band, sharing = ny, 1
-    bands = _bands(ny, band)
-    plane = meta.nints * meta.ngroups * meta.nx
+    def __init__(self, run: _Passes, steps: list[Step], source: _Scratch,
+                 target: _Scratch | None, threads: int, rate: RateArrays, rateints,
+                 captures: dict[int, list[CubeStore]], label: str):
+        meta = run.meta
+        self.run_, self.steps, self.source, self.target = run, steps, source, target
+        self.rate, self.rateints, self.captures, self.label = rate, rateints, captures, label
+        self.halo = max((s.halo for s in steps), default=0)
+        # extra band passes before this one, for steps that need frame-wide work on their
+        # band results (jump's snowball and shower searches): (index in steps, step, stage,
+        # halo of that pass); none by default
+        self.frame_stages = [(k, step, j, max(max(s.halo for s in steps[:k + 1]),
+                                              step.halo + max(0, int(step.gather_halo(j)))))
+                             for k, step in enumerate(steps) for j in range(step.frame_passes())]
+        sizing_halo = max([self.halo] + [h for *_, h in self.frame_stages])
+        band, self.sharing = _band_rows(meta, run.config.band_bytes, threads, sizing_halo)
+        if any(s.needs_whole_exposure for s in steps):
+            # a step that asked for the whole exposure at once (at that memory cost)
+            band, self.sharing = meta.ny, 1
+        self.bands = _bands(meta.ny, band)
+        self.plane = meta.nints * meta.ngroups * meta.nx
+        self.tall = min(meta.ny, band + 2 * sizing_halo)
+        self.buffers = ThreadBuffers()
+        pool = run.pool
+        self.context = FrameContext(run.config.scratch_dir, lambda fn, items: pool.map(fn, items))
 
-    tall = min(ny, band + 2 * sizing_halo)
-    band_buffers = ThreadBuffers()
+    def run(self) -> None:
+        pool, on_progress = self.run_.pool, self.run_.on_progress
+        for stage in self.frame_stages:
+            self.extra_pass(stage)
+        for b, _ in enumerate(pool.map(self.band, self.bands, at_once=self.sharing), start=1):
+            if on_progress:
+                on_progress("bands" + self.label, b, len(self.bands))
+        self.rerun(self.steps)
+        self.buffers.drop()
 
-    def buffers(nrows: int) -> tuple[np.ndarray, np.ndarray]:
-        """This thread's band buffers (sized for the tallest band, never grown)."""
-        shape = (meta.nints, meta.ngroups, nrows, meta.nx)
-        return (band_buffers.get("data", (plane * tall,), np.float32)[:plane * nrows].reshape(shape),
-                band_buffers.get("groupdq", (plane * tall,), np.uint8)[:plane * nrows].reshape(shape))
-
-    def run_band(core: slice, stage: tuple | None = None) -> None:
-        band_halo = halo if stage is None else stage[3]
-        r0, r1 = max(0, core.start - band_halo), min(ny, core.stop + band_halo)
-        data, groupdq = buffers(r1 - r0)
+    def extra_pass(self, stage: tuple) -> None:
+        """One of a step's ``frame_passes``: every band up to that step and into its
+        ``gather``, the re-runs asked for, then its ``between_passes``."""
+        k, gatherer, j, _ = stage
+        pool = self.run_.pool
+        for _ in pool.map(partial(self.band, stage=stage), self.bands, at_once=self.sharing):
+            pass
+        self.rerun(self.steps[:k + 1], stage)
         t0 = time.perf_counter()
-        source.read(slice(r0, r1), data, groupdq)
+        gatherer.between_passes(j, self.context)
+        pool.add(gatherer.name, time.perf_counter() - t0)
+
+    def rerun(self, steps: list[Step], stage: tuple | None = None) -> None:
+        """The bands ``steps`` ask to re-run (``rerun_rows``), in row order, once each."""
+        redo = {(s.start, s.stop) for step in steps for s in step.rerun_rows()}
+        for start, stop in sorted(redo):
+            self.band(slice(start, stop), stage)
+
+    def band_buffers(self, nrows: int) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's band buffers (sized for the tallest band, never grown)."""
+        meta, plane, tall = self.run_.meta, self.plane, self.tall
+        shape = (meta.nints, meta.ngroups, nrows, meta.nx)
+        return (self.buffers.get("data", (plane * tall,), np.float32)[:plane * nrows].reshape(shape),
+                self.buffers.get("groupdq", (plane * tall,), np.uint8)[:plane * nrows].reshape(shape))
+
+    def band(self, core: slice, stage: tuple | None = None) -> None:
+        """The band of rows ``core`` (and its halo): through every step of the pass, or,
+        in an extra pass ``stage``, up to the gathering step and into its ``gather``."""
+        run, meta = self.run_, self.run_.meta
+        pool, ny = run.pool, meta.ny
+        band_halo = self.halo if stage is None else stage[3]
+        r0, r1 = max(0, core.start - band_halo), min(ny, core.stop + band_halo)
+        data, groupdq = self.band_buffers(r1 - r0)
+        t0 = time.perf_counter()
+        self.source.read(slice(r0, r1), data, groupdq)
         pool.add("scratch", time.perf_counter() - t0)
-        chunk = Chunk(data, groupdq, pixeldq[r0:r1], int_index, slice(r0, r1),
+        chunk = Chunk(data, groupdq, run.pixeldq[r0:r1], meta.int_index, slice(r0, r1),
                       core=slice(core.start - r0, core.stop - r0))
         if stage is not None:  # an extra pass: up to the gathering step only
             k, gatherer, j, _ = stage
-            for step in steps[:k + 1]:
+            for step in self.steps[:k + 1]:
                 pool.step(step, chunk)
             t0 = time.perf_counter()
-            gatherer.gather(chunk, j, context)
+            gatherer.gather(chunk, j, self.context)
             pool.add(gatherer.name, time.perf_counter() - t0)
             return
         result = None
-        for j, step in enumerate(steps):
-            for store in captures.get(j, ()):
+        for j, step in enumerate(self.steps):
+            for store in self.captures.get(j, ()):
                 local = chunk.core
                 store.put(np.s_[:, :, core], (data[:, :, local], groupdq[:, :, local]))
             result = pool.step(step, chunk)
-        if target is not None:
+        if self.target is not None:
             t0 = time.perf_counter()
             local = chunk.core
             for i in range(meta.nints):
-                target.write(i, core, data[i, :, local], groupdq[i, :, local])
+                self.target.write(i, core, data[i, :, local], groupdq[i, :, local])
             pool.add("scratch", time.perf_counter() - t0)
             return
-        band_rate, band_rateints = result
-        rate.put(np.s_[core], band_rate)
-        rateints.put(np.s_[:, core], band_rateints)
-
-    context = FrameContext(config.scratch_dir, lambda fn, items: pool.map(fn, items))
-    for stage in frame_stages:
-        k, gatherer, j, _ = stage
-        for _ in pool.map(lambda core, stage=stage: run_band(core, stage), bands, at_once=sharing):
-            pass
-        redo = {(s.start, s.stop) for step in steps[:k + 1] for s in step.rerun_rows()}
-        for start, stop in sorted(redo):
-            run_band(slice(start, stop), stage)
-        t0 = time.perf_counter()
-        gatherer.between_passes(j, context)
-        pool.add(gatherer.name, time.perf_counter() - t0)
-    for b, _ in enumerate(pool.map(run_band, bands, at_once=sharing), start=1):
-        if on_progress:
-            on_progress("bands" + label, b, len(bands))
-    redo = {(s.start, s.stop) for step in steps for s in step.rerun_rows()}
-    for start, stop in sorted(redo):
-        run_band(slice(start, stop))
-    band_buffers.drop()
+        producer = self.steps[-1]
+        if not isinstance(result, RateResult):
+            raise PluginError(f"step {producer.describe()} makes the rate but its process "
+                              f"returned {type(result).__name__}, not a RateResult")
+        self.rate.put(np.s_[core], result.rate)
+        self.rateints.put(np.s_[:, core], result.rateints)
 
 
-def _integration_pass(meta: ExposureMeta, steps: list[Step], surveyors: list[Step],
-                      scratch: _Scratch, pixeldq: np.ndarray, pool: "_Pool", threads: int,
-                      captures: dict[int, list[CubeStore]], on_progress, label: str) -> None:
+def _band_rows(meta: ExposureMeta, band_bytes: int, threads: int, halo: int
+               ) -> tuple[int, int]:
+    """Rows of a band pass's bands, and how many bands are in flight at once.
+
+    The band budget is for all bands in flight, so memory does not grow with the number
+    of threads; an exposure so thick that a thread's share would be mostly halo
+    (recomputed) rows runs its bands on fewer threads instead."""
+    row_bytes = meta.nints * meta.ngroups * meta.nx * 5
+
+    def rows_each(sharing: int) -> int:
+        return int(band_bytes // (row_bytes * sharing)) - 2 * halo
+
+    sharing = threads
+    while sharing > 1 and rows_each(sharing) < max(2, 2 * halo):
+        sharing -= 1
+    return max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing))), sharing
+
+
+class _LaterIntegrationPass:
     """Each integration, whole, read back from ``scratch`` (the output of the band pass
     before), through ``steps``; the next band pass's steps survey it; written back in
     place (integrations are independent: nothing re-reads the old values). Memory: one
     integration per thread."""
-    buffers = ThreadBuffers()
-    shape = (1, meta.ngroups, meta.ny, meta.nx)
-    int_index = meta.int_index
 
-    def piece(i: int) -> None:
-        data = buffers.get("data", shape, np.float32)
-        groupdq = buffers.get("groupdq", shape, np.uint8)
+    def __init__(self, run: _Passes, steps: list[Step], surveyors: list[Step],
+                 scratch: _Scratch, threads: int, captures: dict[int, list[CubeStore]],
+                 label: str):
+        self.run_, self.steps, self.surveyors, self.scratch = run, steps, surveyors, scratch
+        self.threads, self.captures, self.label = threads, captures, label
+        self.buffers = ThreadBuffers()
+
+    def run(self) -> None:
+        meta, pool, on_progress = self.run_.meta, self.run_.pool, self.run_.on_progress
+        for n, _ in enumerate(pool.map(self.piece, range(meta.nints), at_once=self.threads),
+                              start=1):
+            if on_progress:
+                on_progress("integrations" + self.label, n, meta.nints)
+        self.buffers.drop()
+
+    def piece(self, i: int) -> None:
+        run, meta = self.run_, self.run_.meta
+        pool = run.pool
+        shape = (1, meta.ngroups, meta.ny, meta.nx)
+        data = self.buffers.get("data", shape, np.float32)
+        groupdq = self.buffers.get("groupdq", shape, np.uint8)
         t0 = time.perf_counter()
-        scratch.read_integration(i, data[0], groupdq[0])
+        self.scratch.read_integration(i, data[0], groupdq[0])
         pool.add("scratch", time.perf_counter() - t0)
-        chunk = Chunk(data, groupdq, pixeldq, int_index[i:i + 1], slice(0, meta.ny),
+        chunk = Chunk(data, groupdq, run.pixeldq, meta.int_index[i:i + 1], slice(0, meta.ny),
                       core=slice(0, meta.ny))
-        for j, step in enumerate(steps):
-            for store in captures.get(j, ()):
+        for j, step in enumerate(self.steps):
+            for store in self.captures.get(j, ()):
                 store.put(np.s_[i, :, 0:meta.ny], (data[0], groupdq[0]))
             pool.step(step, chunk)
-        for step in surveyors:
+        for step in self.surveyors:
             pool.step(step, chunk, survey=True)
         t0 = time.perf_counter()
-        scratch.write(i, slice(0, meta.ny), data[0], groupdq[0])
+        self.scratch.write(i, slice(0, meta.ny), data[0], groupdq[0])
         pool.add("scratch", time.perf_counter() - t0)
-
-    for n, _ in enumerate(pool.map(piece, range(meta.nints), at_once=threads), start=1):
-        if on_progress:
-            on_progress("integrations" + label, n, meta.nints)
-    buffers.drop()

@@ -24,6 +24,7 @@ from streamdet._ckernels._convert import ffi as _convert_ffi, lib as _convert
 
 from .buffers import ThreadBuffers, fill_at
 from .errors import BadInputError, InputWarning, shown
+from .step import ExposureState
 
 #: MIRI full-frame size (rows, columns)
 FULL_SHAPE = (1024, 1032)
@@ -65,9 +66,8 @@ class ExposureMeta:
     nints_total: int      # NINTS of the whole exposure (segmented files hold a part)
     int_times: fits.BinTableHDU | None = None
     extra: dict = field(default_factory=dict)
-    #: exposure-level values one step leaves for later ones, as jwst keeps them on the
-    #: model (``average_dark_current`` from dark_current for ramp_fit, for instance)
-    state: dict = field(default_factory=dict)
+    #: exposure-level values one step leaves for later ones (see ExposureState)
+    state: ExposureState = field(default_factory=ExposureState)
 
     @property
     def int_index(self) -> np.ndarray:

@@ -14,9 +14,23 @@ Three kinds of plugin use them:
   ``before``) naming the step it is placed next to.
 * **observe**: implement only the event hooks below.
 
+The rules of steps are :mod:`streamdet.core.step`'s.
+
 The event (observer) hooks are called one implementation at a time
 (:class:`streamdet.core.plugins.Observers`): one that raises is reported once per run as a
-warning naming its plugin, and the other observers and the run go on.
+warning naming its plugin, and the other observers and the run go on. An installed
+observer takes part in every run of its Python environment, so it must never modify the
+exposure, a chunk, a step or a product; catch and log its own errors (the warning is a
+last resort: the hook is still called for later events); import heavy libraries lazily;
+keep per-exposure state keyed by the ``exposure`` object (a ``weakref.WeakKeyDictionary``),
+as the daemon runs many exposures in one process. Neither ``started`` nor ``finished``
+is called for an exposure that fails before it; ``finished`` not when processing fails.
+
+A plugin that cannot be used is left out and reported (``plugin package NAME: ...``) by
+``streamdet steps``, ``process`` and ``plugins``, the others staying as they are: its
+module raises on import; ``streamdet_steps()`` raises or returns something that is not a
+Step subclass, a class without ``name``, or a ``Param`` whose default is not of its
+type; a new step anchored to an unknown step, or to none.
 """
 
 from __future__ import annotations

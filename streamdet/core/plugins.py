@@ -289,7 +289,7 @@ def build_registry(extra_plugins: tuple = (), *, only_builtin: bool = False) -> 
 
     ``only_builtin`` loads streamdet's own entry points only, leaving installed
     third-party plugins out (benchmarks, reproducing a plain run)."""
-    from .step import Step  # noqa: PLC0415 - numpy only when plugins are loaded
+    from .step import RateProducer, Step  # noqa: PLC0415 - numpy only when plugins are loaded
 
     pm = pluggy.PluginManager("streamdet")
     pm.add_hookspecs(hookspecs)
@@ -335,6 +335,11 @@ def build_registry(extra_plugins: tuple = (), *, only_builtin: bool = False) -> 
                     raise PluginError(f"{cls!r} is not a streamdet Step subclass")
                 if not getattr(cls, "name", None):
                     raise PluginError(f"{cls.__name__} declares no step name")
+                if hasattr(cls, "produces_rate") and not issubclass(cls, RateProducer):
+                    # the flag of streamdet before the contract declared RateProducer
+                    raise PluginError(f"{cls.__name__} sets produces_rate: a rate producer "
+                                      "subclasses streamdet.core.step.RateProducer and "
+                                      "returns a RateResult")
                 for pname, p in cls.params_spec.items():
                     if (not isinstance(p.default, p.type)
                             and not (p.type is float and isinstance(p.default, int))

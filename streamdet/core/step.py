@@ -1,10 +1,82 @@
-"""What a step is: its declaration (name, references, parameters, granularity) and the
-chunk of ramp it works on.
+"""The step contract: everything a step author needs, built-in or third-party.
 
-A step implementation subclasses :class:`Step`. The engine makes one instance per
-exposure, calls :meth:`Step.prepare` once, :meth:`Step.process` once per chunk and
-:meth:`Step.finish` once; steps of granularity ``EXPOSURE`` may also define
-:meth:`Step.survey` to see every integration in the engine's first pass.
+This module and :mod:`streamdet.core.hookspecs` (how a plugin hands its steps to
+streamdet) are the whole contract; the tutorial is ``docs/plugins.md``. The engine
+(``core/engine.py``) relies on nothing that is not written here.
+
+Lifecycle of one exposure
+-------------------------
+1. **Declare.** A :class:`Step` subclass sets class attributes: ``name`` (an existing
+   step's name replaces it when chosen with ``--use NAME=IMPL``; a new name with
+   ``after``/``before`` inserts a step), ``implementation``, ``reftypes``,
+   ``params_spec`` (:class:`Param`), ``granularity``, ``halo``... and the capabilities
+   below. A step name's place is that of its first implementation declaring one (for a
+   built-in step, the built-in's: a replacement keeps it); a new step goes right next
+   to its anchor (several at one anchor keep their registration order); one with an
+   unknown anchor or none is left out as broken. A replacement is used only when chosen
+   (``--use`` or the ``implementation_parameter``); two plugins giving the same new name
+   need ``--use``. The engine makes **one instance per exposure**, with the parameters
+   validated into ``self.params`` (``skip`` taken out into ``self.skip``).
+2. **Resume.** A ramp that went through steps already (``S_*`` COMPLETE or SKIPPED in a
+   saved RampModel) skips them; :class:`ExposureState` then takes what the input
+   records (``average_dark_current`` from its AVDRKCUR).
+3. **Prepare.** ``prepare(meta, refs, pixeldq)`` once per step not skipped, in chain
+   order, before any data: read references (cut to the exposure), OR reference-only
+   pixel flags into the exposure-wide ``pixeldq``, leave values for later steps in
+   ``meta.state`` (:class:`ExposureState`), return a reason to skip or None. A reference
+   type resolved N/A skips the step before ``prepare`` (``optional_reftypes`` do not).
+4. **Pre-pass** (``prepass_exposure = True``): :meth:`Step.prepass` reads the input's
+   integrations one at a time before the first pass (:class:`InputRamp`).
+5. **Integration pass.** Every integration, in bands of rows when every step of the pass
+   is ``GROUP``, whole otherwise, goes through the steps before the first ``EXPOSURE``
+   step; the steps of the band pass that follows :meth:`Step.survey` each piece as it
+   leaves. The result goes to a scratch file.
+6. **Band pass.** Bands of rows spanning every integration (plus ``halo`` rows each
+   side), read back from the scratch file, go through the first ``EXPOSURE`` step and
+   the rest; the last step, a :class:`RateProducer`, returns a :class:`RateResult` for
+   the band's core rows. An ``INTEGRATION`` step after an ``EXPOSURE`` step starts an
+   integration pass of its own (each integration read back whole from the band pass's
+   output), and the next ``EXPOSURE`` step another band pass.
+7. **Re-run protocol** (``EXPOSURE`` steps, all optional; memory stays one band plus
+   what the step keeps):
+
+   * ``frame_passes() -> n`` (asked once, after ``prepare``): before the band pass
+     proper, ``n`` extra band passes run through the steps up to and including this one,
+     with ``gather_halo(stage)`` more rows of halo; after this step's ``process`` each
+     band goes to ``gather(chunk, stage, context)``, and after each extra pass
+     ``between_passes(stage, context)`` does the frame-wide work (jump's shower search
+     on whole difference planes). The bands of the pass proper start again from the
+     pass's input and see what ``between_passes`` concluded.
+   * ``rerun_rows()`` (once, after all bands of a pass): row ranges whose results a
+     frame-wide verdict known only at the end invalidates; the engine runs those bands
+     again, from the same input, through every step of the pass (in an extra pass too:
+     up to the gathering step, before ``between_passes``). The step's state from the
+     first round is there.
+   * ``needs_whole_exposure = True``: the band pass holding this step is one band of
+     every row, at the memory cost of the whole ramp.
+8. **Products.** ``on_products`` steps (after the rate producer) get
+   ``process_products(rate, rateints)``; then ``finish()`` of every step that ran gives
+   its header keywords, and ``extra_products()`` writers run once rate and rateints are
+   in place. Each product records every step's ``status_keyword``, one HISTORY card per
+   step that ran (``streamdet: STEP=IMPLEMENTATION (DISTRIBUTION VERSION)``, the
+   distribution's metadata filling ``package``/``package_version``) and, in its ASDF
+   extension, each step's status, reason and parameters differing from their defaults.
+
+Rules for ``process``
+---------------------
+* Modify the :class:`Chunk` **in place**: ``data`` float32 and ``groupdq`` uint8
+  ``[nints, ngroups, nrows, nx]``, ``pixeldq`` uint32 ``[nrows, nx]``. Shapes vary with the
+  granularity: a ``GROUP`` step must not assume one.
+* ``chunk.core`` are the rows whose results are kept; the rest is halo, read afresh for
+  each band, so what a step writes there is discarded. ``pixeldq`` is a view of the
+  exposure-wide flags: in the band pass write it in the core rows only.
+* ``thread_safe = True`` lets ``process``, ``survey`` and ``gather`` run concurrently on
+  disjoint rows (``--threads``); a pass is serial unless every step in it says so.
+  Results must not depend on the band sizes nor on the number of threads.
+* Flags: the names of :mod:`streamdet.core.dqflags` (jwst's values).
+* Errors: raise :class:`~streamdet.core.errors.BadInputError` (one line naming the file
+  and what is wrong: exit 2) when the input is at fault; anything else is an internal
+  error (exit 1).
 """
 
 from __future__ import annotations
@@ -19,6 +91,7 @@ from .errors import BadInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .exposure import ExposureMeta
+    from .products import CubeStore, RateArrays
     from .references import References
 
 
@@ -28,8 +101,7 @@ class Granularity(str, enum.Enum):
     #: pixel-local and integration-local: any chunk will do.
     GROUP = "group"
     #: all rows and groups of one integration at once (e.g. emicorr's frame statistics).
-    #: After an EXPOSURE step such a step gets a pass of its own: each integration is
-    #: read back whole from the band pass's output (see core/engine.py ``stages``).
+    #: After an EXPOSURE step such a step gets an integration pass of its own.
     INTEGRATION = "integration"
     #: all integrations of a pixel at once (e.g. jump's median over every difference).
     EXPOSURE = "exposure"
@@ -113,12 +185,59 @@ class Chunk:
         return self.data.shape[2]
 
 
+@dataclass(slots=True)
+class ExposureState:
+    """Exposure-level values one step hands to later ones, as jwst keeps them on its
+    model: ``meta.state`` during a run. Each field has one writer; readers get None when
+    that step did not run (skipped, or another implementation). A plugin's values for
+    its own use stay on its step instance; a value shared between steps gets a field
+    here (an unknown name is an AttributeError, not a new key)."""
+
+    #: e-/s per pixel, float32 ``[ny, nx]``: the dark current dark_current subtracted
+    #: (its reference's AVDRKCUR, else its own estimate), for the Poisson variance of the
+    #: rate producers (ramp_fit, likely) and the saved ramps' AVDRKCUR extension. Written
+    #: in dark_current's ``prepare``; from a resumed ramp's AVDRKCUR when dark_current was
+    #: done in the input.
+    average_dark_current: np.ndarray | None = None
+    #: bool ``[nints, ngroups]``: groups DO_NOT_USE in every pixel once jump's large-event
+    #: searches have run (a snowball core set SATURATED takes DO_NOT_USE away), for
+    #: ramp_fit's leading/final group discard. Written by jump's ``between_passes``.
+    jump_dnu_everywhere: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class InputRamp:
+    """What :meth:`Step.prepass` reads: the input's ramp as the file holds it, before
+    any step has run, one integration at a time."""
+
+    #: integrations in the file (file-local numbers ``0 .. nints - 1``; absolute ones
+    #: are ``meta.intstart - 1`` more)
+    nints: int
+    #: ``read(i)``: integration ``i`` as fresh arrays of its own (yours to modify):
+    #: ``(data float32 [ngroups, ny, nx], groupdq uint8 [ngroups, ny, nx])``
+    read: Callable[[int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class RateResult:
+    """What a :class:`RateProducer`'s ``process`` returns: the rates of the chunk's core
+    rows (``chunk.core``), which the engine puts into the rate products."""
+
+    #: the exposure's rate, ``[ncore, nx]`` arrays
+    rate: "RateArrays"
+    #: one rate per integration, ``[nints, ncore, nx]`` arrays
+    rateints: "RateArrays"
+
+
 class Step:
     """Base class of every step implementation, built-in or third-party.
 
     Subclasses set the class attributes below and override :meth:`process` (and
-    usually :meth:`prepare`). Parameters arrive validated as ``self.params``.
+    usually :meth:`prepare`); see the module's text for when each is called. Parameters
+    arrive validated as ``self.params``.
     """
+
+    # -- identity and place in the chain -------------------------------------------------
 
     #: the step name the chain knows (``"jump"``); several implementations may share it.
     name: ClassVar[str]
@@ -139,15 +258,19 @@ class Step:
     #: what to install for an implementation this package does not provide (the message
     #: when the parameter above asks for it and it is missing): ``{implementation: text}``
     implementation_sources: ClassVar[dict[str, str]] = {}
-    granularity: ClassVar[Granularity] = Granularity.GROUP
-    #: rows of neighbours needed above and below each chunk (band chunks only).
-    halo: ClassVar[int] = 0
+    #: in the chain but skipped unless ``--set NAME.skip=false``
     default_skip: ClassVar[bool] = False
     #: for a new step: the step it follows (or precedes) in the chain.
     after: ClassVar[str | None] = None
     before: ClassVar[str | None] = None
-    #: the primary-header keyword recording this step's status (``S_JUMP``).
+    #: the primary-header keyword recording this step's status (``S_JUMP``, 8 characters
+    #: at most): COMPLETE or SKIPPED; a step jwst lacks records it only when it ran.
     status_keyword: ClassVar[str | None] = None
+
+    # -- what the engine must give it -----------------------------------------------------
+    granularity: ClassVar[Granularity] = Granularity.GROUP
+    #: rows of neighbours needed above and below each chunk (band chunks only).
+    halo: ClassVar[int] = 0
     #: True when ``process`` and ``survey`` may run concurrently on disjoint rows
     #: (``--threads``); the run stays serial unless every active step says so.
     thread_safe: ClassVar[bool] = False
@@ -155,6 +278,9 @@ class Step:
     #: through every integration), at the memory cost of holding it all; the other
     #: steps of the same band pass then see that one band too.
     needs_whole_exposure: ClassVar[bool] = False
+    #: :meth:`prepass` sees every integration of the input before the first pass (a fit
+    #: over the whole exposure that the first integration's correction needs: emicorr).
+    prepass_exposure: ClassVar[bool] = False
     #: a step placed after the rate producer, working on the rate products rather than
     #: the ramp: the engine calls ``process_products(rate, rateints)`` once the band
     #: pass is over (``rate`` RateArrays 2-D; ``rateints`` RateArrays or CubeStore, see
@@ -198,9 +324,18 @@ class Step:
 
     # -- called by the engine -------------------------------------------------------------
     def prepare(self, meta: "ExposureMeta", refs: "References", pixeldq: np.ndarray) -> str | None:
-        """Read references (cut to the exposure), apply reference-only pixel flags to
-        the exposure-wide ``pixeldq``, and return a reason to skip, or None to run."""
+        """Read references (cut to the exposure: ``refs.array``, ``refs.block``,
+        ``refs.dq``, ``refs.header``, ``refs.path``, ``refs.resolved``), apply
+        reference-only pixel flags to the exposure-wide ``pixeldq`` (uint32 ``[ny, nx]``),
+        leave values for later steps in ``meta.state`` (:class:`ExposureState`) and
+        return a reason to skip, or None to run."""
         return None
+
+    def prepass(self, ramp: InputRamp) -> None:
+        """``prepass_exposure`` steps: see every integration of the input (as the file
+        holds it: the steps before this one have not run on it) before the first pass,
+        one at a time (memory: what the step keeps). Called once, after every
+        ``prepare``, on the engine's thread."""
 
     def survey(self, chunk: Chunk) -> None:
         """EXPOSURE steps: see every piece of the exposure as the first pass leaves it.
@@ -210,9 +345,11 @@ class Step:
         pieces may arrive concurrently (see ``thread_safe``)."""
 
     def process(self, chunk: Chunk) -> Any:
+        """Modify ``chunk`` in place (see the module's rules). Once per chunk; a
+        :class:`RateProducer` returns a :class:`RateResult`, other steps None."""
         raise NotImplementedError
 
-    def process_products(self, rate, rateints) -> None:
+    def process_products(self, rate: "RateArrays", rateints: "RateArrays | CubeStore") -> None:
         """``on_products`` steps: modify the rate products in place."""
         raise NotImplementedError
 
@@ -262,6 +399,19 @@ class Step:
         return f"{self.name} ({self.implementation}, {self.package} {self.package_version})"
 
 
+class RateProducer(Step):
+    """A step that makes the rate products (the built-in ``ramp_fit``, ``likely``).
+
+    The last step of the ramp chain that runs must be one (``on_products`` steps may
+    follow): skipping it is refused, and a chain ending otherwise is a plugin error. It
+    runs in the last band pass, whatever its granularity (not ``INTEGRATION`` after an
+    ``EXPOSURE`` step), and its ``process`` returns a :class:`RateResult` for the core rows.
+    """
+
+    def process(self, chunk: Chunk) -> RateResult:
+        raise NotImplementedError
+
+
 @dataclass
 class FrameContext:
     """What the engine lends a step's :meth:`Step.between_passes`: a directory for
@@ -270,7 +420,3 @@ class FrameContext:
 
     scratch_dir: Any
     map: Callable[[Callable, Any], Any]
-
-
-#: signature of a rate producer's result, see streamdet.plugins.ramp_fit
-RateSink = Callable[[slice, Any, Any], None]

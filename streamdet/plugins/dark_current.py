@@ -61,7 +61,7 @@ class DarkCurrentStep(Step):
         dq_index = (slice(None), 0) if len(refs.shape("dark", "DQ", DQ_LAYOUT)) == 4 else ()
         np.bitwise_or(pixeldq, combined_dark_dq(refs.dq("dark", index=dq_index)), out=pixeldq)
         scalar = refs.number("dark", "AVDRKCUR", None, float)
-        meta.state["average_dark_current"] = average_dark_current(
+        meta.state.average_dark_current = average_dark_current(
             (meta.ny, meta.nx), ref_scalar=scalar)
         # the plain case reads only the groups it subtracts, with NaN already zeroed
         self.raw = needs_raw_dark(meta.ngroups, meta.nframes, meta.groupgap, self.dark_ngroups,

@@ -185,7 +185,7 @@ class JumpStep(Step):
         # for the steps after jump (ramp_fit's MIRI discard of groups DO_NOT_USE
         # everywhere is jwst's decision on the flags jump leaves): snowball cores set to
         # exactly SATURATED take DO_NOT_USE away from later groups
-        self.meta.state["jump_dnu_everywhere"] = self.dnu_after_searches()
+        self.meta.state.jump_dnu_everywhere = self.dnu_after_searches()
 
     def dnu_after_searches(self):
         """Groups DO_NOT_USE everywhere once the snowball search has run: its saturated

@@ -21,7 +21,7 @@ from streamdet.algorithms.ramp_fit import (
 from streamdet.core.errors import BadInputError
 from streamdet.core.plugins import hookimpl
 from streamdet.core.references import IMAGE
-from streamdet.core.step import Granularity, Param, Step
+from streamdet.core.step import Granularity, Param, RateProducer, RateResult
 
 from . import follows
 
@@ -32,7 +32,7 @@ ALGORITHMS = {"OLS_C": "builtin", "OLS": "builtin", "LIKELY": "likely"}
 _DEFAULTS = RampFitParameters()
 
 
-class RampFitStep(Step):
+class RampFitStep(RateProducer):
     """OLS ramp fitting with optimal weighting (jwst 3.0 ``ramp_fit``, OLS_C).
 
     Needs every integration of a pixel at once (the Poisson variance uses the median
@@ -45,7 +45,6 @@ class RampFitStep(Step):
     granularity = Granularity.EXPOSURE
     thread_safe = True
     status_keyword = "S_RAMP"
-    produces_rate = True
     params_spec = {
         "suppress_one_group": Param(bool, _DEFAULTS.suppress_one_group,
                                     "give no rate from a ramp with only its first group usable"),
@@ -111,7 +110,7 @@ class RampFitStep(Step):
     def _plan(self) -> GroupDiscard:
         # jump's large-event searches may take DO_NOT_USE off a group (a snowball core
         # flagged SATURATED to the last group): the discard follows what jump left
-        after_jump = self.meta.state.get("jump_dnu_everywhere")
+        after_jump = self.meta.state.jump_dnu_everywhere
         try:
             return plan_from_survey(
                 self.common, None if after_jump is None else np.asarray(after_jump).all(axis=0))
@@ -129,8 +128,8 @@ class RampFitStep(Step):
             # before fitting, so the MIRI discard and suppression see them too
             np.bitwise_or(chunk.groupdq, self.ignored[None, :, None, None], out=chunk.groupdq)
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
-        dark = self.meta.state.get("average_dark_current")
-        return fit_ramps(
+        dark = self.meta.state.average_dark_current
+        rate, rateints = fit_ramps(
             chunk.data[:, :, core], chunk.groupdq[:, :, core], chunk.pixeldq[core],
             readnoise=self.readnoise[rows], gain=self.gain[rows],
             frame_time=self.meta.frame_time, group_time=self.meta.group_time,
@@ -141,6 +140,7 @@ class RampFitStep(Step):
             opt_sink=None if self.fitopt is None else
             lambda integ, first, arrays, nsegs, ncrs, base=rows.start * self.meta.nx:
             self.fitopt.put_pixels(integ, base + first, arrays, nsegs, ncrs))
+        return RateResult(rate, rateints)
 
 
 @hookimpl

@@ -15,17 +15,17 @@ exposure (names of the table or values in Hz), keeping the table's clocks.
 
 Streaming: jwst's default fit finds one amplitude and phase for all integrations, and the
 pixels it trusts depend on a median over all of them, so the first integration cannot be
-corrected before every integration has been seen. At its first chunk the step therefore
-reads the exposure's integrations again from the file, one at a time (two passes per
-frequency), fits, and then corrects each integration the engine hands it. It assumes the
-data it receives are the file's (only ``dq_init``, which changes no data, runs before it
-in the MIRI chain). Memory: one integration plus one float32 map per integration.
+corrected before every integration has been seen. The step therefore declares the
+engine's whole-exposure pre-pass (``Step.prepass``): before the first pass it reads the
+input's integrations one at a time (two passes per frequency) and fits; then it corrects
+each integration the engine hands it. The pre-pass sees the file's data, which is what
+the step receives (only ``dq_init``, which changes no data, runs before it in the MIRI
+chain). Memory: one integration plus one float32 map per integration.
 """
 
 from __future__ import annotations
 
 from streamdet.core.errors import BadInputError
-from streamdet.core.exposure import Exposure
 from streamdet.core.plugins import hookimpl
 from streamdet.core.step import Granularity, Param, Step
 
@@ -49,6 +49,7 @@ class EmiCorrStep(Step):
     implementation = "joint"
     before = "saturation"
     granularity = Granularity.INTEGRATION
+    prepass_exposure = True
     #: the MASK, to see the pixel DQ as jwst's emicorr does: the file's, plus dq_init's
     #: mask (the engine's exposure-wide pixeldq also carries flags that later steps take
     #: from their references up front, which jwst only adds after emicorr)
@@ -124,28 +125,13 @@ class EmiCorrStep(Step):
             return table
         return builtin_table()
 
-    def _fit(self, chunk) -> None:
-        meta, pixeldq = self.meta, self.pixeldq
-        if meta.nints == 1:
-            raw = chunk.data[0].copy()
-
-            def read(i):
-                return raw.copy()
-            self.fitted = self._fit_with(read, pixeldq)
-            return
-        with Exposure(meta.path) as exposure:
-            def read(i):
-                return exposure.read(slice(i, i + 1))[0][0]
-            self.fitted = self._fit_with(read, pixeldq)
-
-    def _fit_with(self, read, pixeldq):
-        return fit_exposure(read, self.meta.nints, pixeldq, self.components, self.readout,
-                            nphases_opt=self.params["nphases_opt"],
-                            separate=self.params["fit_ints_separately"])
+    def prepass(self, ramp):
+        self.fitted = fit_exposure(lambda i: ramp.read(i)[0], ramp.nints, self.pixeldq,
+                                   self.components, self.readout,
+                                   nphases_opt=self.params["nphases_opt"],
+                                   separate=self.params["fit_ints_separately"])
 
     def process(self, chunk):
-        if self.fitted is None:
-            self._fit(chunk)
         first = self.meta.intstart - 1
         for plane, absolute in enumerate(chunk.int_index):
             apply_fits(chunk.data[plane], int(absolute) - first, self.fitted)

@@ -229,3 +229,27 @@ def test_bad_parameters(brightsky, streamdet_run, tmp_path):
     with pytest.raises(BadInputError, match="emicorr.reference"):
         streamdet_run(brightsky, steps={"emicorr": {"skip": False,
                                                     "reference": str(tmp_path / "x.asdf")}})
+
+
+def test_fit_reads_the_input_the_engine_reads_even_when_its_name_is_replaced(sub256, tmp_path):
+    """The daemon hands the engine an open descriptor of the file it checked: a file
+    renamed over the name since must not be what emicorr fits (it used to reopen the
+    exposure by name; the engine's pre-pass reads through the descriptor)."""
+    emi, clean = sub256
+    steps = {"emicorr": {"skip": False, "frequencies": "Hz218a"}}
+    name = tmp_path / "in" / emi.uncal.name
+    name.parent.mkdir()
+    shutil.copyfile(emi.uncal, name)
+    registry = build_registry()
+    with crds_environment(emi):
+        expected = process_file(name, RunConfig(params=steps, output_dir=tmp_path / "expected"),
+                                registry=registry)
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            shutil.copyfile(clean.uncal, tmp_path / "other.fits")
+            os.replace(tmp_path / "other.fits", name)  # the EMI exposure now has no name
+            got = process_file(name, RunConfig(params=steps, output_dir=tmp_path / "got"),
+                               registry=registry, source_fd=fd)
+        finally:
+            os.close(fd)
+    same_products(got.products["rate"], expected.products["rate"])

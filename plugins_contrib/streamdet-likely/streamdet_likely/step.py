@@ -15,7 +15,7 @@ import numpy as np
 
 from streamdet.core.errors import BadInputError
 from streamdet.core.plugins import hookimpl
-from streamdet.core.step import Granularity, Param
+from streamdet.core.step import Granularity, Param, RateResult
 from streamdet.plugins.ramp_fit import ALGORITHMS, RampFitStep
 
 from .kernel import MIN_GROUPS, fit_likely
@@ -69,12 +69,13 @@ class LikelyRampFitStep(RampFitStep):
             return super().process(chunk)
         core = chunk.core
         rows = slice(chunk.rows.start + core.start, chunk.rows.start + core.stop)
-        dark = self.meta.state.get("average_dark_current")
-        return fit_likely(
+        dark = self.meta.state.average_dark_current
+        rate, rateints = fit_likely(
             chunk.data[:, :, core], chunk.groupdq[:, :, core], chunk.pixeldq[core],
             readnoise=self.readnoise[rows], gain=self.gain[rows],
             group_time=self.meta.group_time,
             average_dark_current=None if dark is None else np.asarray(dark)[rows])
+        return RateResult(rate, rateints)
 
 
 @hookimpl
