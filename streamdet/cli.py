@@ -171,12 +171,9 @@ class _ShortName:
 
 def check_output_dir(directory: Path, source: Path | None = None, create: bool = True) -> None:
     """Refuse, before any work, an output directory that products cannot be written to.
-    A missing one is created now (as the writer would later); then a file is created in
-    it and removed at once: the only test that holds for root, read-only mounts, ACLs and
-    network file systems alike."""
-    import tempfile
-
+    A missing one is created now (as the writer would later), then probed."""
     from .core.errors import BadInputError, shown
+    from .core.products import probe_writable
 
     lead = f"{shown(source)}: " if source is not None else ""
     if directory.exists() and not directory.is_dir():
@@ -188,12 +185,10 @@ def check_output_dir(directory: Path, source: Path | None = None, create: bool =
         raise BadInputError(f"{lead}output directory {shown(directory)} cannot be created "
                             f"({exc.strerror or exc})") from None
     try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".streamdet-probe-")
+        probe_writable(directory)
     except OSError as exc:
         raise BadInputError(f"{lead}output directory {shown(directory)} is not writable "
                             f"({exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def check_product_names(path: Path, out_dir: Path, save_ramp: bool = False,
@@ -201,17 +196,11 @@ def check_product_names(path: Path, out_dir: Path, save_ramp: bool = False,
     """Refuse, before any work, an input whose product names (and the writer's temporary
     names for them) would be too long for the output directory's file system."""
     from .core.errors import BadInputError, shown
-    from .core.products import TEMP_NAME_EXTRA, output_paths
+    from .core.products import TEMP_NAME_EXTRA, name_max, output_paths
 
     longest = max((p.name for p in output_paths(path, out_dir, save_ramp, save_after).values()),
                   key=lambda n: len(os.fsencode(n)))
-    existing = out_dir
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    limit = name_max(out_dir)
     need = len(os.fsencode(longest)) + TEMP_NAME_EXTRA
     if need > limit:
         raise BadInputError(
@@ -448,7 +437,7 @@ def simulate(
                                        bad_input=(SimulationError,)))
     typer.echo(f"uncal: {result.uncal}")
     typer.echo(f"truth: {result.truth_rate}")
-    typer.echo("export " + " ".join(f"{k}={v}" for k, v in result.env.items()))
+    typer.echo(result.shell_exports())
 
 
 @app.command()

@@ -268,7 +268,7 @@ def read_parameter_file(path: str | Path) -> ParameterFile:
     path = Path(path)
     try:
         with asdf.open(path, lazy_load=False, memmap=False) as af:
-            tree = _plain(dict(af.tree))
+            tree = plain(dict(af.tree))
     except FileNotFoundError:
         raise BadInputError(f"{path}: no such parameter file") from None
     except Exception as exc:
@@ -309,12 +309,13 @@ def read_parameter_file(path: str | Path) -> ParameterFile:
     return out
 
 
-def _plain(value):
-    """ASDF tree values as plain Python (lists for sequences, dicts for mappings)."""
+def plain(value):
+    """ASDF tree values as plain Python: dicts for mappings, lists for sequences, Python
+    scalars for numpy ones (the products' provenance is read back with it too)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return value.item()
     return value

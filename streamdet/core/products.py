@@ -37,6 +37,7 @@ from astropy.io import fits
 from .buffers import read_at, write_at
 from .errors import BadInputError
 from .exposure import ExposureMeta, product_base_name
+from .jwstparams import plain
 
 #: the products every run writes (a saved ramp and a step's extra products come on top)
 RATE_PRODUCTS = ("rate", "rateints")
@@ -258,6 +259,27 @@ def rateints_by_integration(rateints: "RateArrays | CubeStore", whole: bool = Fa
         for k, array in enumerate(piece.arrays()):
             for j, i in enumerate(range(a, b)):
                 rateints.write_plane(k, i, array[j])
+
+
+def probe_writable(directory: Path) -> None:
+    """Create a file in ``directory`` and remove it at once (OSError if that fails): the
+    one test of writability that holds for root, read-only mounts, ACLs, immutable
+    directories and network file systems alike."""
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".streamdet-probe-", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name (bytes) the file system of ``directory``, or of its nearest
+    existing parent, allows (255 if it does not say)."""
+    directory = Path(directory)
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
 
 
 def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None:
@@ -490,7 +512,7 @@ class InputMetadata:
                 with asdf.open(io.BytesIO(self._asdf), lazy_load=False, memmap=False,
                                _force_raw_types=True) as tree:
                     found = tree.tree.get("streamdet")
-                    return _plain(found) if found is not None else None
+                    return plain(found) if found is not None else None
         except Exception:  # a foreign or damaged tree: nothing to carry on
             return None
 
@@ -532,15 +554,6 @@ class InputMetadata:
             return new_model("RampModel", fits.HDUList(hdus))
         except Exception:
             return new_model("RampModel")
-
-
-def _plain(node: Any) -> Any:
-    """``node`` as plain dicts, lists and scalars."""
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
-    return node.item() if isinstance(node, np.generic) else node
 
 
 def _layout_free(header: fits.Header) -> fits.Header:

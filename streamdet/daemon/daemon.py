@@ -127,23 +127,12 @@ def _make_dir(path: Path, what: str) -> None:
 
 
 def _check_writable(directory: Path, what: str) -> None:
-    """Create and remove a file in ``directory``: the one test of writability that holds
-    for root, read-only mounts, ACLs and immutable directories alike."""
-    import tempfile
+    from streamdet.core.products import probe_writable
 
     try:
-        fd, name = tempfile.mkstemp(dir=directory, prefix=".streamdet-probe-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(name)
+        probe_writable(directory)
     except OSError as exc:
         raise WatchError(f"cannot write in {what} {directory}: {exc.strerror or exc}") from None
-
-
-def _name_max(directory: Path) -> int:
-    try:
-        return int(os.pathconf(directory, "PC_NAME_MAX"))
-    except (OSError, ValueError):
-        return 255
 
 
 class Daemon:
@@ -178,13 +167,15 @@ class Daemon:
             raise WatchError("the outbox must not be the inbox")
         if self.state_dir == self.inbox:
             raise WatchError("the state directory must not be the inbox")
+        from streamdet.core import products
+
         # found now, not after the first file ran: every directory the daemon writes in
         for directory, what in ((self.outbox, "the outbox"), (self.state_dir, "the state directory"),
                                 (self.archive, "the archive")):
             if directory is not None:
                 _check_writable(directory, what)
         #: the longest file name every directory the daemon names files in takes
-        self.name_max = min(_name_max(d) for d in (self.outbox, self.state_dir, self.archive)
+        self.name_max = min(products.name_max(d) for d in (self.outbox, self.state_dir, self.archive)
                             if d is not None)
         self.executor = executor
         self.journal: Journal | None = None

@@ -6,13 +6,13 @@ extra pass, what is searched between the passes, and how the result reaches each
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import threading
 
 import numpy as np
 
 from streamdet.algorithms import showers
+from streamdet.core.buffers import read_at, write_at
 from streamdet.core.dqflags import JUMP_DET, SATURATED
 
 
@@ -212,42 +212,38 @@ class SnowballSearch:
 
 class _PlaneStore:
     """Bit-packed emission planes [nints, ngroups, ny, row_bytes]: a numpy array when
-    small, else a scratch file moved with positioned reads and writes (its own directory,
-    removed on close)."""
+    small, else a nameless scratch file (like the engine's: nothing is left behind however
+    the process ends) moved with positioned reads and writes."""
 
     def __init__(self, shape, directory, in_memory_bytes):
         self.shape = shape
         self.plane_bytes = shape[2] * shape[3]
-        self.dir = None
+        self.file = None
         if int(np.prod(shape)) <= in_memory_bytes:
             self.array = np.zeros(shape, np.uint8)
             return
-        self.dir = tempfile.mkdtemp(prefix="streamdet-showers-", dir=directory)
-        self.fd = os.open(os.path.join(self.dir, "emission.raw"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self.fd, int(np.prod(shape)))
+        self.file = tempfile.TemporaryFile(prefix="streamdet-showers-", dir=directory)
+        os.ftruncate(self.file.fileno(), int(np.prod(shape)))
 
     def _offset(self, i, g, row):
         return ((i * self.shape[1] + g) * self.shape[2] + row) * self.shape[3]
 
     def write(self, i, g, row, packed):
-        if self.dir is None:
+        if self.file is None:
             self.array[i, g, row:row + packed.shape[0]] = packed
             return
-        data = np.ascontiguousarray(packed).tobytes()
-        if os.pwrite(self.fd, data, self._offset(i, g, row)) != len(data):
-            raise OSError(f"short write to the shower scratch file in {self.dir}")
+        write_at(self.file.fileno(), np.ascontiguousarray(packed), self._offset(i, g, row))
 
     def read(self, i, g):
-        if self.dir is None:
+        if self.file is None:
             return self.array[i, g]
-        data = os.pread(self.fd, self.plane_bytes, self._offset(i, g, 0))
-        if len(data) != self.plane_bytes:
-            raise OSError(f"short read from the shower scratch file in {self.dir}")
-        return np.frombuffer(data, np.uint8).reshape(self.shape[2], self.shape[3])
+        plane = np.empty((self.shape[2], self.shape[3]), np.uint8)
+        if not read_at(self.file.fileno(), plane, self._offset(i, g, 0)):
+            raise OSError(f"short read from the shower scratch file {self.file.name}")
+        return plane
 
     def close(self):
-        if self.dir is not None:
-            os.close(self.fd)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
         self.array = None
