@@ -19,6 +19,7 @@ place, so a reader never sees a partial product.
 
 from __future__ import annotations
 
+import importlib
 import io
 import mmap
 import os
@@ -282,11 +283,29 @@ def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None
 
 # -- the input's metadata, as jwst's models see it ------------------------------------------
 
-def datamodels():
-    """``stdatamodels.jwst.datamodels`` (imported on first use: about 0.2 s)."""
-    from stdatamodels.jwst import datamodels as dm  # noqa: PLC0415
+#: the module of each product model class in ``stdatamodels.jwst.datamodels``
+_MODEL_MODULE = {"ImageModel": "image", "CubeModel": "cube", "RampModel": "ramp"}
 
-    return dm
+#: packages whose ``__init__`` the products do not need (see :mod:`.deferred_import`)
+_DEFERRED_PACKAGES = ("astropy.nddata", "stdatamodels.jwst.datamodels")
+
+
+def _defer_unneeded_inits() -> None:
+    from .deferred_import import defer_package_init  # noqa: PLC0415
+
+    for package in _DEFERRED_PACKAGES:
+        defer_package_init(package)
+
+
+def model_class(name: str) -> type:
+    """The ``stdatamodels.jwst.datamodels`` class ``name``, imported from its own module
+    only: the package's ``__init__`` (every JWST model, astropy.modeling, and through
+    astropy.nddata scipy.sparse and astropy.table: about 0.3 s of CPU) is left for
+    whoever needs it."""
+    _defer_unneeded_inits()
+    module = importlib.import_module(
+        f"stdatamodels.jwst.datamodels.{_MODEL_MODULE[name]}")
+    return getattr(module, name)
 
 
 #: the asdf plugins (entry points) the products need: asdf's core extensions and the
@@ -311,6 +330,7 @@ def _product_plugins() -> dict | None:
     global _plugins
     with _plugins_lock:
         if _plugins is None:
+            _defer_unneeded_inits()  # before the JWST schemas' entry point is loaded
             try:
                 from importlib.metadata import entry_points  # noqa: PLC0415
 
@@ -434,7 +454,7 @@ def new_model(name: str, *args, **kwargs):
     whole resolved schema (~15 ms of CPU each). The model's schema tree is only read
     (stdatamodels merges it into a new tree with shallow copies), so sharing it is
     safe."""
-    cls = getattr(datamodels(), name)
+    cls = model_class(name)
     with _schemas_lock:
         schema = _schemas.get(name)
         if schema is None:
