@@ -70,6 +70,17 @@ def test_first_use_of_a_package_name_runs_the_init_once(package):
     assert deferpkg_runs.count == 1
 
 
+def test_a_star_import_runs_the_init(package):
+    import deferpkg_runs
+
+    defer_package_init(package)
+    import deferpkg.sub  # noqa: F401
+
+    names: dict = {}
+    exec(f"from {package} import *", names)
+    assert names["WHOLE"] == 42 and deferpkg_runs.count == 1
+
+
 def test_an_imported_package_is_left_alone(package):
     import deferpkg
 
