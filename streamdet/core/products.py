@@ -434,7 +434,7 @@ _warm_lock = threading.Lock()
 
 def warm_up() -> None:
     """Start loading stdatamodels, asdf's extensions and the products' schemas (about
-    0.6 s of CPU, once per process) on a background thread; called when a run starts, so
+    0.2 s of CPU, once per process; less with the schema cache) on a background thread; called when a run starts, so
     that it overlaps the reference look-up, which keeps one core busy only."""
     global _warm
     with _warm_lock:
