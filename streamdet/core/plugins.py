@@ -215,7 +215,8 @@ def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
     if dist is None:
         return ep.module.split(".")[0], "?"
-    return dist.metadata["Name"], dist.version
+    metadata = dist.metadata  # parses the METADATA file anew at every call: once here
+    return metadata["Name"], metadata["Version"]
 
 
 def _order(steps: list[type[Step]], broken: list[str]) -> list[str]:
@@ -294,14 +295,20 @@ def build_registry(extra_plugins: tuple = (), *, only_builtin: bool = False) -> 
     pm = pluggy.PluginManager("streamdet")
     pm.add_hookspecs(hookspecs)
     reg = Registry(pm)
-    eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    eps.sort(key=lambda ep: (_dist_of(ep)[0] != BUILTIN_PACKAGE,))
+    # the entry points of one distribution share its Distribution object
+    dist_names: dict[int, tuple[str, str]] = {}
+    eps = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        key = id(getattr(ep, "dist", None) or ep)
+        if key not in dist_names:
+            dist_names[key] = _dist_of(ep)
+        eps.append((ep, dist_names[key]))
+    eps.sort(key=lambda pair: (pair[1][0] != BUILTIN_PACKAGE,))
     if only_builtin:
-        eps = [ep for ep in eps if _dist_of(ep)[0] == BUILTIN_PACKAGE]
+        eps = [pair for pair in eps if pair[1][0] == BUILTIN_PACKAGE]
     sources: list[tuple[object, str, str, str]] = []
     seen_modules: set[str] = set()
-    for ep in eps:
-        package, version = _dist_of(ep)
+    for ep, (package, version) in eps:
         if ep.value in seen_modules:  # one distribution installed twice (e.g. editable + wheel)
             continue
         seen_modules.add(ep.value)

@@ -19,9 +19,15 @@ place, so a reader never sees a partial product.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
 import io
+import json
 import mmap
 import os
+import pickle
+import sys
 import tempfile
 import threading
 import warnings
@@ -304,11 +310,29 @@ def check_writable(paths: Iterable[Path], overwrite: bool, source: Path) -> None
 
 # -- the input's metadata, as jwst's models see it ------------------------------------------
 
-def datamodels():
-    """``stdatamodels.jwst.datamodels`` (imported on first use: about 0.2 s)."""
-    from stdatamodels.jwst import datamodels as dm  # noqa: PLC0415
+#: the module of each product model class in ``stdatamodels.jwst.datamodels``
+_MODEL_MODULE = {"ImageModel": "image", "CubeModel": "cube", "RampModel": "ramp"}
 
-    return dm
+#: packages whose ``__init__`` the products do not need (see :mod:`.deferred_import`)
+_DEFERRED_PACKAGES = ("astropy.nddata", "stdatamodels.jwst.datamodels")
+
+
+def _defer_unneeded_inits() -> None:
+    from .deferred_import import defer_package_init  # noqa: PLC0415
+
+    for package in _DEFERRED_PACKAGES:
+        defer_package_init(package)
+
+
+def model_class(name: str) -> type:
+    """The ``stdatamodels.jwst.datamodels`` class ``name``, imported from its own module
+    only: the package's ``__init__`` (every JWST model, astropy.modeling, and through
+    astropy.nddata scipy.sparse and astropy.table: about 0.3 s of CPU) is left for
+    whoever needs it."""
+    _defer_unneeded_inits()
+    module = importlib.import_module(
+        f"stdatamodels.jwst.datamodels.{_MODEL_MODULE[name]}")
+    return getattr(module, name)
 
 
 #: the asdf plugins (entry points) the products need: asdf's core extensions and the
@@ -333,6 +357,7 @@ def _product_plugins() -> dict | None:
     global _plugins
     with _plugins_lock:
         if _plugins is None:
+            _defer_unneeded_inits()  # before the JWST schemas' entry point is loaded
             try:
                 from importlib.metadata import entry_points  # noqa: PLC0415
 
@@ -360,6 +385,7 @@ def _product_plugins() -> dict | None:
                 _plugins = {"extensions": extensions, "resource_mappings": mappings,
                             "resource_manager": manager}
                 _parse_schemas_once(manager)
+                _read_schema_cache()
             except Exception:  # an asdf without these internals: its own full configuration
                 _plugins = {}
     return _plugins or None
@@ -380,8 +406,6 @@ def _parse_schemas_once(manager) -> None:
     original = asdf_schema._make_schema_loader
     if getattr(original, "_streamdet", False):
         return
-    parsed: dict[str, tuple] = {}
-    parsed_lock = threading.Lock()
 
     def make_loader():
         load = original()
@@ -389,12 +413,12 @@ def _parse_schemas_once(manager) -> None:
         def cached(url):
             if asdf_schema.get_config().resource_manager is not manager:
                 return load(url)
-            with parsed_lock:
-                found = parsed.get(url)
+            with _parsed_lock:
+                found = _parsed.get(url)
             if found is None:
                 found = load(url)
-                with parsed_lock:
-                    parsed.setdefault(url, found)
+                with _parsed_lock:
+                    _parsed.setdefault(url, found)
             return found
 
         return cached
@@ -432,7 +456,7 @@ _warm_lock = threading.Lock()
 
 def warm_up() -> None:
     """Start loading stdatamodels, asdf's extensions and the products' schemas (about
-    0.6 s of CPU, once per process) on a background thread; called when a run starts, so
+    0.2 s of CPU, once per process; less with the schema cache) on a background thread; called when a run starts, so
     that it overlaps the reference look-up, which keeps one core busy only."""
     global _warm
     with _warm_lock:
@@ -446,8 +470,91 @@ def _load_schemas() -> None:
             new_model(name)
 
 
+#: the products' schemas: resolved, by model class name, and as asdf's loader parses them
+#: for validation, by URL; filled once per process, or from the schema cache
 _schemas: dict[str, dict] = {}
+_parsed: dict[str, Any] = {}
 _schemas_lock = threading.Lock()
+_parsed_lock = threading.Lock()
+
+# -- the schemas kept between processes ----------------------------------------------------
+#
+# Parsing the products' YAML schemas and resolving their references costs about 0.1 s of
+# CPU in every process, for a result that changes only with the installed asdf,
+# asdf-standard and stdatamodels. So it is kept in a pickle (STREAMDET_SCHEMA_CACHE,
+# default ~/.cache/streamdet/product_schemas.pickle; "off" disables it), keyed by those
+# versions, Python's, and the name, size and modification time of every JWST schema file
+# (an editable stdatamodels changes them under one version). A file with another key is
+# ignored and replaced; one that cannot be read or written costs only the time saved.
+
+_SCHEMA_CACHE_FORMAT = 1
+_schema_cache_state = {"key": None, "loaded": 0}
+
+
+def _schema_cache_file() -> Path | None:
+    chosen = os.environ.get("STREAMDET_SCHEMA_CACHE")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "streamdet" / "product_schemas.pickle"
+
+
+def _schema_sources_key() -> str:
+    import asdf  # noqa: PLC0415
+    import asdf_standard  # noqa: PLC0415
+    import stdatamodels  # noqa: PLC0415
+
+    jwst_schemas = Path(stdatamodels.__file__).parent / "jwst" / "datamodels" / "schemas"
+    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                   for e in os.scandir(jwst_schemas) if e.is_file())
+    blob = json.dumps([_SCHEMA_CACHE_FORMAT, sys.version, asdf.__version__,
+                       getattr(asdf_standard, "__version__", "?"), stdatamodels.__version__,
+                       files])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_schema_cache() -> None:
+    """Fill :data:`_schemas` and :data:`_parsed` from the schema cache when its key is
+    current (called once, when the products' asdf configuration is made)."""
+    path = _schema_cache_file()
+    if path is None:
+        return
+    key = _schema_sources_key()
+    _schema_cache_state["key"] = key
+    try:
+        with open(path, "rb") as f:
+            kept = pickle.load(f)
+    except Exception:  # absent, unreadable or from another format: parsed anew
+        return
+    if not isinstance(kept, dict) or kept.get("key") != key:
+        return
+    with _schemas_lock, _parsed_lock:
+        _schemas.update(kept["resolved"])
+        _parsed.update(kept["parsed"])
+        _schema_cache_state["loaded"] = len(_schemas) + len(_parsed)
+
+
+def _write_schema_cache() -> None:
+    """Keep the schemas parsed so far when the cache lacks some of them (called after
+    products are written, when validation has parsed what it needs)."""
+    path = _schema_cache_file()
+    key = _schema_cache_state["key"]
+    if path is None or key is None:
+        return
+    with _schemas_lock, _parsed_lock:
+        if len(_schemas) + len(_parsed) <= _schema_cache_state["loaded"]:
+            return
+        kept = {"key": key, "resolved": dict(_schemas), "parsed": dict(_parsed)}
+        _schema_cache_state["loaded"] = len(_schemas) + len(_parsed)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=".product_schemas.",
+                                         suffix=".tmp", delete=False) as out:
+            pickle.dump(kept, out, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(out.name, path)
+    except Exception:  # a read-only home: the next process parses them again
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(out.name)
 
 
 def new_model(name: str, *args, **kwargs):
@@ -456,7 +563,7 @@ def new_model(name: str, *args, **kwargs):
     whole resolved schema (~15 ms of CPU each). The model's schema tree is only read
     (stdatamodels merges it into a new tree with shallow copies), so sharing it is
     safe."""
-    cls = getattr(datamodels(), name)
+    cls = model_class(name)
     with _schemas_lock:
         schema = _schemas.get(name)
         if schema is None:
@@ -810,6 +917,7 @@ def write_products(meta: ExposureMeta, outputs: dict[str, Path], rate: RateArray
                 for done in [pool.submit(_write_model, *job) for job in jobs]:
                     done.result()
         _publish(written, placed)
+        _write_schema_cache()
     finally:
         for tmp, _ in written:
             if tmp.exists():

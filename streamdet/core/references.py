@@ -13,6 +13,7 @@ Reading the chosen files is :mod:`streamdet.core.reference_files` (:class:`Refer
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -112,7 +113,10 @@ def _crds_context() -> str | None:
         return os.environ.get("CRDS_CONTEXT")
 
 
+@functools.lru_cache(maxsize=1)
 def crds_version() -> str:
+    """The installed crds' version (looked up once per process: each look-up scans every
+    installed distribution)."""
     try:
         return importlib.metadata.version("crds")
     except Exception:
