@@ -130,9 +130,62 @@ static double median(double *a, int64_t n)
     return (a[low] + upper) * 0.5;
 }
 
+/* The kept values' mean and population standard deviation, as the clip takes them:
+ * sums in numpy's order (every value kept, the usual first round: one run). */
+static void moments(const double *values, const unsigned char *keep, int64_t n,
+                    int64_t n_kept, double *sq, double *mean_out, double *std_out)
+{
+    const int all_kept = n_kept == n;
+    const double mean = (all_kept ? 0. + pairwise_sum(values, n) : masked_sum(values, keep, n))
+                        / (double)n_kept;
+    for (int64_t i = 0; i < n; i++) {
+        const double d = values[i] - mean;
+        sq[i] = d * d;
+    }
+    *mean_out = mean;
+    *std_out = sqrt((all_kept ? 0. + pairwise_sum(sq, n) : masked_sum(sq, keep, n))
+                    / (double)n_kept);
+}
+
+/* Whether the first round keeps every kept value, proven without its median (which is
+ * most of a round's cost, and most rows lose nothing).  With spread = n_sigma * std the
+ * round keeps v when fl(centre - spread) <= v <= fl(centre + spread).  Take L and U with
+ * fl(U - spread) <= min and fl(L + spread) >= max; if at most (m - 1) / 2 kept values lie
+ * below L and at most m - 1 - m / 2 above U (m kept), both middle values of the sorted
+ * kept values lie in [L, U], so does centre (their mean: rounding is monotonic), and
+ * since fl(c -/+ spread) is monotonic in c, every value is inside the round's bounds.
+ * When this answers 0 the round is simply run. */
+static int keeps_all(const double *values, const unsigned char *keep, int64_t n,
+                     int64_t n_kept, double spread)
+{
+    double lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (keep[i]) {
+            lo = values[i] < lo ? values[i] : lo;
+            hi = values[i] > hi ? values[i] : hi;
+        }
+    }
+    double upper = lo + spread, lower = hi - spread;
+    /* nudged past the rounding of the subtraction (a few steps at most); a spread
+     * that is not finite fails these tests and the round runs */
+    for (int k = 0; k < 4 && !(upper - spread <= lo); k++)
+        upper = nextafter(upper, -INFINITY);
+    for (int k = 0; k < 4 && !(lower + spread >= hi); k++)
+        lower = nextafter(lower, INFINITY);
+    if (!(upper - spread <= lo && lower + spread >= hi && lower <= upper))
+        return 0;
+    int64_t below = 0, above = 0;
+    for (int64_t i = 0; i < n; i++) {
+        below += keep[i] & (values[i] < lower);
+        above += keep[i] & (values[i] > upper);
+    }
+    return below <= (n_kept - 1) / 2 && above <= n_kept - 1 - n_kept / 2;
+}
+
 /* One row of n values: rejected[i] = 1 for finite values outside the bounds of the last
  * clipping round, 0 otherwise.  values, sq, work: n doubles each, keep, usable: n bytes
- * each (scratch). */
+ * each (scratch).  bounds (for the tests): the last round's (low, high); without them a
+ * first round that provably keeps everything is not run (keeps_all). */
 static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_sigma,
                      int64_t rounds, double *values, double *sq, double *work,
                      unsigned char *keep, unsigned char *usable, uint8_t *rejected,
@@ -144,23 +197,23 @@ static void clip_row(const float *src, int64_t src_stride, int64_t n, double n_s
         usable[i] = keep[i] = isfinite(values[i]) != 0;
         n_kept += keep[i];
     }
-    double low = NAN, high = NAN;
+    double low = NAN, high = NAN, mean, std;
+    if (rounds > 0 && n_kept > 0) {
+        moments(values, keep, n, n_kept, sq, &mean, &std);
+        if (!bounds && keeps_all(values, keep, n, n_kept, n_sigma * std)) {
+            for (int64_t i = 0; i < n; i++)
+                rejected[i] = 0;
+            return;
+        }
+    }
     for (int64_t round = 0; round < rounds && n_kept > 0; round++) {
         int64_t m = 0;
         for (int64_t i = 0; i < n; i++)
             if (keep[i])
                 work[m++] = values[i];
         const double centre = median(work, m);
-        /* every value kept (the usual first round): one run */
-        const int all_kept = n_kept == n;
-        const double mean = (all_kept ? 0. + pairwise_sum(values, n) : masked_sum(values, keep, n))
-                            / (double)n_kept;
-        for (int64_t i = 0; i < n; i++) {
-            const double d = values[i] - mean;
-            sq[i] = d * d;
-        }
-        const double std = sqrt((all_kept ? 0. + pairwise_sum(sq, n) : masked_sum(sq, keep, n))
-                                / (double)n_kept);
+        if (round > 0)
+            moments(values, keep, n, n_kept, sq, &mean, &std);
         low = centre - n_sigma * std;
         high = centre + n_sigma * std;
         int64_t n_now = 0;
