@@ -6,11 +6,16 @@
  * order - a masked numpy reduction adds, to a zero start, the pairwise sum of each run of
  * consecutive kept values (numpy's pairwise summation: 8 accumulators, blocks of 128) -
  * divided by the kept count. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "jump_sigclip.h"
+
+/* the loops over the differences of a pixel side by side, in wider vectors where the
+ * CPU has them */
+#define HOT __attribute__((target_clones("avx2", "default")))
 
 /* numpy's pairwise summation of n contiguous doubles */
 static double pairwise_sum(const double *a, int64_t n)
@@ -155,6 +160,26 @@ static void moments(const double *values, const unsigned char *keep, int64_t n,
  * kept values lie in [L, U], so does centre (their mean: rounding is monotonic), and
  * since fl(c -/+ spread) is monotonic in c, every value is inside the round's bounds.
  * When this answers 0 the round is simply run. */
+static int bracket(double lo, double hi, double spread, double *lower_out, double *upper_out)
+{
+    double upper = lo + spread, lower = hi - spread;
+    /* nudged past the rounding of the subtraction (a few steps at most); a spread
+     * that is not finite fails these tests and the round runs */
+    for (int k = 0; k < 4 && !(upper - spread <= lo); k++)
+        upper = nextafter(upper, -INFINITY);
+    for (int k = 0; k < 4 && !(lower + spread >= hi); k++)
+        lower = nextafter(lower, INFINITY);
+    *lower_out = lower;
+    *upper_out = upper;
+    return upper - spread <= lo && lower + spread >= hi && lower <= upper;
+}
+
+/* the counts' test, m values kept of which below lie under L and above over U */
+static int middle_inside(int64_t m, int64_t below, int64_t above)
+{
+    return below <= (m - 1) / 2 && above <= m - 1 - m / 2;
+}
+
 static int keeps_all(const double *values, const unsigned char *keep, int64_t n,
                      int64_t n_kept, double spread)
 {
@@ -165,21 +190,119 @@ static int keeps_all(const double *values, const unsigned char *keep, int64_t n,
             hi = values[i] > hi ? values[i] : hi;
         }
     }
-    double upper = lo + spread, lower = hi - spread;
-    /* nudged past the rounding of the subtraction (a few steps at most); a spread
-     * that is not finite fails these tests and the round runs */
-    for (int k = 0; k < 4 && !(upper - spread <= lo); k++)
-        upper = nextafter(upper, -INFINITY);
-    for (int k = 0; k < 4 && !(lower + spread >= hi); k++)
-        lower = nextafter(lower, INFINITY);
-    if (!(upper - spread <= lo && lower + spread >= hi && lower <= upper))
+    double lower, upper;
+    if (!bracket(lo, hi, spread, &lower, &upper))
         return 0;
     int64_t below = 0, above = 0;
     for (int64_t i = 0; i < n; i++) {
         below += keep[i] & (values[i] < lower);
         above += keep[i] & (values[i] > upper);
     }
-    return below <= (n_kept - 1) / 2 && above <= n_kept - 1 - n_kept / 2;
+    return middle_inside(n_kept, below, above);
+}
+
+/* Many rows at once: lane l of x is x[i * nl + l], i < n.  out[l] = pairwise_sum of
+ * lane l, with the very additions pairwise_sum makes (the lanes only run side by side).
+ * r: 8 * nl doubles, stack: nl doubles per level of recursion (64 levels suffice). */
+HOT static void pairwise_lanes(const double *x, int64_t n, int64_t nl, double *out, double *r,
+                           double *stack)
+{
+    if (n < 8) {
+        for (int64_t l = 0; l < nl; l++)
+            out[l] = 0.;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t l = 0; l < nl; l++)
+                out[l] += x[i * nl + l];
+        return;
+    }
+    if (n <= 128) {
+        for (int k = 0; k < 8; k++)
+            for (int64_t l = 0; l < nl; l++)
+                r[k * nl + l] = x[k * nl + l];
+        int64_t i;
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int k = 0; k < 8; k++)
+                for (int64_t l = 0; l < nl; l++)
+                    r[k * nl + l] += x[(i + k) * nl + l];
+        for (int64_t l = 0; l < nl; l++)
+            out[l] = ((r[l] + r[nl + l]) + (r[2 * nl + l] + r[3 * nl + l]))
+                     + ((r[4 * nl + l] + r[5 * nl + l]) + (r[6 * nl + l] + r[7 * nl + l]));
+        for (; i < n; i++)
+            for (int64_t l = 0; l < nl; l++)
+                out[l] += x[i * nl + l];
+        return;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    pairwise_lanes(x, n2, nl, out, r, stack);
+    pairwise_lanes(x + n2 * nl, n - n2, nl, stack, r, stack + nl);
+    for (int64_t l = 0; l < nl; l++)
+        out[l] += stack[l];
+}
+
+/* The first-round shortcut (keeps_all) for all differences of one pixel at once, in
+ * its pixel-major layout (integration-major, the differences side by side, so the
+ * loops run over contiguous values): done[d] = 1 where difference d provably clips
+ * nothing, every value being usable, or has no usable value at all; 0 where its row
+ * must be clipped (clip_row).  Same arithmetic as clip_row's first round.  values, sq:
+ * nints * ndiffs doubles; lane: (17 + 64) * ndiffs doubles. */
+HOT static void pixel_shortcut(const float *restrict row, int64_t nints, int64_t ndiffs,
+                               double n_sigma, double *restrict values, double *restrict sq,
+                               double *restrict lane, unsigned char *restrict done)
+{
+    const int64_t size = nints * ndiffs;
+    double *restrict mean = lane, *restrict std = lane + ndiffs,
+           *restrict lo = lane + 2 * ndiffs, *restrict hi = lane + 3 * ndiffs,
+           *restrict lower = lane + 4 * ndiffs, *restrict upper = lane + 5 * ndiffs,
+           *restrict below = lane + 6 * ndiffs, *restrict above = lane + 7 * ndiffs,
+           *restrict count = lane + 8 * ndiffs,
+           *r = lane + 9 * ndiffs, *stack = lane + 17 * ndiffs;
+    for (int64_t i = 0; i < size; i++)
+        values[i] = (double)row[i];
+    for (int64_t d = 0; d < ndiffs; d++) {
+        count[d] = 0.;
+        lo[d] = INFINITY;
+        hi[d] = -INFINITY;
+    }
+    /* NaN and infinities are never the least or greatest: a lane holding one is not
+     * all usable and is left to clip_row anyway */
+    for (int64_t i = 0; i < nints; i++) {
+        const double *restrict v = values + i * ndiffs;
+        for (int64_t d = 0; d < ndiffs; d++) {
+            count[d] += fabs(v[d]) <= DBL_MAX ? 1. : 0.;
+            lo[d] = v[d] < lo[d] ? v[d] : lo[d];
+            hi[d] = v[d] > hi[d] ? v[d] : hi[d];
+        }
+    }
+    pairwise_lanes(values, nints, ndiffs, mean, r, stack);
+    for (int64_t d = 0; d < ndiffs; d++)
+        mean[d] = (0. + mean[d]) / (double)nints;
+    for (int64_t i = 0; i < nints; i++)
+        for (int64_t d = 0; d < ndiffs; d++) {
+            const double dv = values[i * ndiffs + d] - mean[d];
+            sq[i * ndiffs + d] = dv * dv;
+        }
+    pairwise_lanes(sq, nints, ndiffs, std, r, stack);
+    int any = 0;
+    for (int64_t d = 0; d < ndiffs; d++) {
+        std[d] = sqrt((0. + std[d]) / (double)nints);
+        done[d] = count[d] == (double)nints
+                  && bracket(lo[d], hi[d], n_sigma * std[d], &lower[d], &upper[d]);
+        any |= done[d];
+        below[d] = above[d] = 0.;
+    }
+    if (any) {
+        for (int64_t i = 0; i < nints; i++) {
+            const double *restrict v = values + i * ndiffs;
+            for (int64_t d = 0; d < ndiffs; d++) {
+                below[d] += v[d] < lower[d] ? 1. : 0.;
+                above[d] += v[d] > upper[d] ? 1. : 0.;
+            }
+        }
+    }
+    for (int64_t d = 0; d < ndiffs; d++)
+        done[d] = count[d] == 0.
+                  || (done[d] && middle_inside(nints, (int64_t)below[d], (int64_t)above[d]));
 }
 
 /* One row of n values: rejected[i] = 1 for finite values outside the bounds of the last
@@ -243,20 +366,30 @@ int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_
     const int64_t width = nints * ndiffs;
     const int64_t n = only_use_ints ? nints : width;
     const uint8_t jump = (uint8_t)DQ_JUMP_DET, skip = (uint8_t)(DQ_SATURATED | DQ_DO_NOT_USE);
-    double *buffers = malloc(sizeof(double) * 3 * (size_t)(n > 0 ? n : 1));
-    unsigned char *flags = malloc(3 * (size_t)(n > 0 ? n : 1));
+    /* the per-pixel shortcut of every difference at once (the step's call: no bounds) */
+    const int shortcut = only_use_ints && !bounds && rounds > 0 && width > 0;
+    const size_t lanes = shortcut ? (size_t)(2 * width + 81 * ndiffs) : 0;
+    double *buffers = malloc(sizeof(double) * (3 * (size_t)(n > 0 ? n : 1) + lanes));
+    unsigned char *flags = malloc(3 * (size_t)(n > 0 ? n : 1) + (size_t)ndiffs + 1);
     if (!buffers || !flags) {
         free(buffers);
         free(flags);
         return -1;
     }
     double *values = buffers, *sq = buffers + n, *work = buffers + 2 * n;
-    unsigned char *keep = flags, *usable = flags + n, *rejected = flags + 2 * n;
+    double *px_values = buffers + 3 * n, *px_sq = px_values + width,
+           *px_lane = px_sq + width;
+    unsigned char *keep = flags, *usable = flags + n, *rejected = flags + 2 * n,
+                  *done = flags + 3 * n;
     for (int64_t p = 0; p < npix; p++) {
         const float *row = diffs + p * width;
         uint8_t *pixel = groupdq + (p / ncols) * s_row + p % ncols + s_group;  /* group 1 */
         if (only_use_ints) {
+            if (shortcut)
+                pixel_shortcut(row, nints, ndiffs, n_sigma, px_values, px_sq, px_lane, done);
             for (int64_t d = 0; d < ndiffs; d++) {
+                if (shortcut && done[d])
+                    continue;
                 clip_row(row + d, ndiffs, n, n_sigma, rounds, values, sq, work, keep, usable,
                          rejected, bounds ? bounds + 2 * (d * npix + p) : NULL);
                 uint8_t *q = pixel + d * s_group;
