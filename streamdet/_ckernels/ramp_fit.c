@@ -27,6 +27,9 @@
 #define PREFETCH 128
 #define AHEAD 4
 
+/* the loops over many pixels, in wider vectors where the CPU has them */
+#define HOT __attribute__((target_clones("avx2", "default")))
+
 /* rf_usable_flags; always inlined so that a constant pixel stride vectorises */
 static inline __attribute__((always_inline)) void
 usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
@@ -68,7 +71,7 @@ usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
     }
 }
 
-void rf_usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
+HOT void rf_usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
                      int64_t npix, int64_t first, int64_t stop, int64_t suppress,
                      uint8_t *out)
 {
@@ -78,7 +81,7 @@ void rf_usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngrou
         usable_flags(flags, gs, ps, ngroups_in, npix, first, stop, suppress, out);
 }
 
-void rf_layout(const uint8_t *gdq, int64_t ngroups, int64_t npix, int64_t step,
+HOT void rf_layout(const uint8_t *gdq, int64_t ngroups, int64_t npix, int64_t step,
                uint8_t *template_flags, uint8_t *regular)
 {
     for (int64_t g = 0; g < ngroups; g++) {
@@ -273,8 +276,7 @@ regular_medians(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups, int6
     }
 }
 
-__attribute__((target_clones("avx2", "default")))
-int64_t rf_regular_medians(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups,
+HOT int64_t rf_regular_medians(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups,
                            int64_t npix, const int64_t *usable, int64_t nu, double group_time,
                            double *median, uint8_t *general)
 {
@@ -353,7 +355,7 @@ void rf_rnoise_variance(int64_t count, const double *rn, const double *gain,
         out[i] = rnoise_variance(rn[i], gain[i], length[i], timing[i]);
 }
 
-void rf_fit_segments(const rf_fit_setup *setup, const float *ramp, int64_t gs,
+HOT void rf_fit_segments(const rf_fit_setup *setup, const float *ramp, int64_t gs,
                      int64_t ps, const uint8_t *only_first,
                      const rf_segment_list *segments, const rf_segment_sums *sums)
 {
@@ -464,7 +466,7 @@ void rf_fit_segments(const rf_fit_setup *setup, const float *ramp, int64_t gs,
     }
 }
 
-void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen,
+HOT void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen,
                            const rf_segment_sums *sums, double huge, const rf_products *out,
                            const rf_exposure_sums *exposure)
 {
