@@ -57,15 +57,17 @@ def numpy_sigma_clip(diffs, shape, n_sigma, only_use_ints):
     return mask, np.stack([low, high], axis=1)
 
 
-def compiled_sigma_clip(diffs, shape, n_sigma, only_use_ints, groupdq=None):
+def compiled_sigma_clip(diffs, shape, n_sigma, only_use_ints, groupdq=None, with_bounds=True):
     """The C kernel through the step's wrapper: the JUMP_DET it sets in a groupdq band
-    view (clean unless given) and the bounds it can report for tests."""
+    view (clean unless given) and the bounds it can report for tests (None without
+    ``with_bounds``: the step's call, which skips the first round's median where it
+    provably clips nothing)."""
     nints, ngroups, nrows, ncols = shape
     rows = nrows * ncols * ((ngroups - 1) if only_use_ints else 1)
     if groupdq is None:
         parent = np.zeros((nints, ngroups + 1, nrows + 2, ncols + 3), np.uint8)
         groupdq = parent[:, 1:, 1:-1, 2:-1]  # a view with the engine's kind of strides
-    bounds = np.empty((rows, 2))
+    bounds = np.empty((rows, 2)) if with_bounds else None
     jump._sigma_clip_flag(diffs, groupdq, n_sigma, only_use_ints, bounds)
     return (groupdq[:, 1:] & JUMP_DET) != 0, bounds
 
@@ -115,6 +117,32 @@ def test_compiled_clip_matches_numpy_bit_for_bit(nints, ngroups, kind, only_use_
         finite = ~np.isnan(bounds)
         np.testing.assert_array_equal(bounds[finite].view(np.int64),
                                       expected_bounds[finite].view(np.int64))
+        # as the step calls it (no bounds asked for): the same flags
+        got, _ = compiled_sigma_clip(diffs, shape, n_sigma, only_use_ints, with_bounds=False)
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n_sigma", [4.0, 3.0, 2.5])
+def test_clip_without_bounds_on_many_ramps(n_sigma):
+    """Rows that keep everything, rows whose median sits near the edge of what the
+    shortcut can prove, rows with a jump or two, and ties on the bounds: the step's
+    call (no bounds, shortcut on) flags what the numpy formulation flags."""
+    rng = np.random.default_rng(int(n_sigma * 10))
+    nints, ngroups, nrows, ncols = 100, 5, 20, 30
+    ndiffs = ngroups - 1
+    npix = nrows * ncols
+    diffs = rng.normal(20, 5, (npix, nints * ndiffs))
+    diffs[::7] = np.round(diffs[::7])  # ties
+    diffs[::11] = rng.standard_t(3, diffs[::11].shape) * 5  # heavy tails
+    hit = rng.random(diffs.shape) < 0.01
+    diffs[hit] += rng.exponential(100, hit.sum())
+    diffs = np.ascontiguousarray(diffs.astype(np.float32))
+    shape = (nints, ngroups, nrows, ncols)
+    for only_use_ints in (True, False):
+        expected, _ = numpy_sigma_clip(diffs, shape, n_sigma, only_use_ints)
+        assert expected.any() and not expected.all()
+        got, _ = compiled_sigma_clip(diffs, shape, n_sigma, only_use_ints, with_bounds=False)
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("only_use_ints", [True, False])

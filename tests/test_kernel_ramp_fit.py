@@ -461,6 +461,31 @@ def test_median_differences_exact_when_not_within_factor_two(monkeypatch):
                               np.diff(samples.astype(np.float64)))
 
 
+@pytest.mark.parametrize("ngroups", [3, 4, 5, 6, 9, 17, 18, 28, 31, 33, 40, 66])
+def test_template_median_network_picks_the_middle_values(monkeypatch, ngroups):
+    """The template path's medians (a sorting network over each block of pixels, of
+    any width; a partial last block) are the general path's and numpy's."""
+    data, gdq, pdq, kw = _clean_exposure(nints=2, ngroups=ngroups, nrows=7, ncols=11,
+                                         seed=ngroups)
+    rng = np.random.default_rng(ngroups)
+    # steps of every size in any order, ties among them, a few large (jumps not flagged)
+    steps = rng.normal(30, 10, data.shape).astype(np.float32)
+    steps[:, :, ::3] = np.round(steps[:, :, ::3] / 5) * 5
+    steps[rng.random(data.shape) < 0.05] += 400
+    data = np.float32(10000) + np.cumsum(steps, axis=1, dtype=np.float32)
+    if ngroups > 4:
+        gdq[:, ngroups // 2] = JUMP_DET  # a template with a difference left out
+    (regular, general), medians = _fit_both_paths(monkeypatch, data, gdq, pdq, **kw)
+    np.testing.assert_array_equal(medians[0], medians[1])
+    _assert_identical(regular, general)
+    gtime = np.float64(np.float32(FRAME_TIME))
+    # group 0 is discarded; a difference ending on the JUMP_DET group is left out
+    usable = [g for g in range(1, ngroups - 1) if not gdq[0, g + 1, 0, 0] & JUMP_DET]
+    diffs = (data[:, 1:] - data[:, :-1])[:, usable].astype(np.float64)
+    per_int = np.median(diffs.reshape(*diffs.shape[:2], -1), axis=1) / gtime
+    np.testing.assert_array_equal(medians[0], (per_int[0] + per_int[1]) / 2)
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("gain, rn", [(0.0, 10.0), (-2.0, 10.0), (4.0, 0.0), (4.0, -10.0),
                                       (np.nan, np.nan), (np.inf, 10.0)])

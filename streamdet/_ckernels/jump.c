@@ -19,6 +19,9 @@
 
 #define TILE 128
 
+/* the hot loops, in wider vectors where the CPU has them */
+#define HOT __attribute__((target_clones("avx2", "default")))
+
 #define UNUSABLE (DQ_SATURATED | DQ_DO_NOT_USE)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -63,16 +66,24 @@ static inline int32_t is_number(float x)
 
 /* The last word on a run of groups' JUMP_DET bits before the neighbour flagging: they
  * are counted (when count), then removed from groups that are unusable.  Returns the
- * count. */
+ * count.  Such groups are rare: one branch-free pass counts and looks for them (it
+ * vectorises), a second one clears them only where there are. */
 static int64_t settle(uint8_t *restrict q, int64_t n, int count)
 {
+    const uint8_t jump = (uint8_t)DQ_JUMP_DET;
     int64_t jumps = 0;
+    uint8_t stale = 0;
     for (int64_t c = 0; c < n; c++) {
         const uint8_t v = q[c];
-        if (v & DQ_JUMP_DET) {
-            jumps++;
-            if (v & UNUSABLE)
-                q[c] = (uint8_t)(v & ~DQ_JUMP_DET);
+        const uint8_t j = (uint8_t)((v & jump) != 0);
+        jumps += j;
+        stale |= (uint8_t)(j & ((v & UNUSABLE) != 0));
+    }
+    if (stale) {
+        for (int64_t c = 0; c < n; c++) {
+            const uint8_t v = q[c];
+            if ((v & jump) && (v & UNUSABLE))
+                q[c] = (uint8_t)(v & ~jump);
         }
     }
     return count ? jumps : 0;
@@ -135,7 +146,7 @@ static ALWAYS_INLINE void pixel_major_diffs(
 
 /* (jump.h) A tile's differences are made plane by plane into a scratch buffer and then
  * transposed, so that both the reads and the writes of the arrays run along memory. */
-int64_t jump_pixel_major_diffs(const jump_block *block, float *out, int64_t *n_valid)
+HOT int64_t jump_pixel_major_diffs(const jump_block *block, float *out, int64_t *n_valid)
 {
     /* the scratch buffer's rows are padded by a cache line: the transpose reads down its
      * columns, which at a power-of-two row length would crowd a few cache sets (measured:
@@ -165,7 +176,7 @@ int64_t jump_pixel_major_diffs(const jump_block *block, float *out, int64_t *n_v
 }
 
 /* (jump.h) */
-void jump_scan(const jump_block *block, const jump_scan_params *params,
+HOT void jump_scan(const jump_block *block, const jump_scan_params *params,
                const double *restrict median, const double *restrict noise_floor,
                int64_t fs0, uint8_t *restrict after0, uint8_t *restrict after1,
                const uint8_t *restrict counted, int64_t *restrict sources, int64_t r0,

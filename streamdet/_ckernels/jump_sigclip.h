@@ -12,7 +12,9 @@
  * groupdq on group d + 1 of every clipped difference d unless that group is SATURATED or
  * DO_NOT_USE.  bounds (may be NULL; for the tests): float64 [rows, 2], each clipped
  * row's last (low, high), rows ordered difference-major ([ndiffs, npix]) when
- * only_use_ints.  Returns 0, or -1 when scratch memory is not available. */
+ * only_use_ints; without them (the step's call) a row whose first round provably keeps
+ * everything is not clipped at all, which sets the same flags.  Returns 0, or -1 when
+ * scratch memory is not available. */
 int64_t jump_sigma_clip(const float *diffs, int64_t nrows, int64_t ncols, int64_t nints,
                         int64_t ndiffs, int64_t only_use_ints, double n_sigma, int64_t rounds,
                         uint8_t *groupdq, int64_t s_int, int64_t s_group, int64_t s_row,

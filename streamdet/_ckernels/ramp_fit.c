@@ -7,6 +7,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "ramp_fit.h"
 
@@ -25,6 +26,9 @@
  * for the ramp AHEAD places on in their list.  Tuned on the full-frame case. */
 #define PREFETCH 128
 #define AHEAD 4
+
+/* the loops over many pixels, in wider vectors where the CPU has them */
+#define HOT __attribute__((target_clones("avx2", "default")))
 
 /* rf_usable_flags; always inlined so that a constant pixel stride vectorises */
 static inline __attribute__((always_inline)) void
@@ -67,7 +71,7 @@ usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
     }
 }
 
-void rf_usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
+HOT void rf_usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngroups_in,
                      int64_t npix, int64_t first, int64_t stop, int64_t suppress,
                      uint8_t *out)
 {
@@ -77,14 +81,28 @@ void rf_usable_flags(const uint8_t *flags, int64_t gs, int64_t ps, int64_t ngrou
         usable_flags(flags, gs, ps, ngroups_in, npix, first, stop, suppress, out);
 }
 
-void rf_layout(const uint8_t *gdq, int64_t ngroups, int64_t npix, int64_t step,
+HOT void rf_layout(const uint8_t *gdq, int64_t ngroups, int64_t npix, int64_t step,
                uint8_t *template_flags, uint8_t *regular)
 {
     for (int64_t g = 0; g < ngroups; g++) {
         int64_t counts[256] = {0};
         const uint8_t *row = gdq + g * npix;
-        for (int64_t p = 0; p < npix; p += step)
-            counts[row[p]]++;
+        /* counted in runs: nearly every sample has the same value, and incrementing
+         * one counter in memory sample after sample waits on the previous store each
+         * time (it was a sixth of the step with 50 groups) */
+        uint8_t current = row[0];
+        int64_t run = 0;
+        for (int64_t p = 0; p < npix; p += step) {
+            const uint8_t v = row[p];
+            if (v == current) {
+                run++;
+            } else {
+                counts[current] += run;
+                current = v;
+                run = 1;
+            }
+        }
+        counts[current] += run;
         int best = 0;
         for (int v = 1; v < 256; v++)
             if (counts[v] > counts[best])
@@ -174,11 +192,61 @@ int64_t rf_segments(const uint8_t *gdq, int64_t fgs, int64_t fps, const int64_t 
     return count;
 }
 
-/* rf_regular_diffs; always inlined so that a constant pixel stride vectorises */
-static inline __attribute__((always_inline)) void
-regular_diffs(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups, int64_t npix,
-              const int64_t *usable, int64_t nu, float *ordered, uint8_t *general)
+/* The comparators of Batcher's odd-even merge sort of n values (the form that works for
+ * any n), pruned to those that the middle positions (n - 1) / 2 and n / 2 depend on, as
+ * index pairs; returns their count.  pairs: room for n * (1 + L (L + 1) / 2) pairs,
+ * L = ceil(log2 n). */
+static int64_t median_network(int64_t n, int32_t *pairs, uint8_t *needed)
 {
+    int64_t count = 0;
+    for (int64_t p = 1; p < n; p += p)
+        for (int64_t k = p; k >= 1; k /= 2)
+            for (int64_t j = k % p; j <= n - 1 - k; j += 2 * k)
+                for (int64_t i = 0; i <= k - 1 && i <= n - j - k - 1; i++)
+                    if ((i + j) / (p * 2) == (i + j + k) / (p * 2)) {
+                        pairs[2 * count] = (int32_t)(i + j);
+                        pairs[2 * count + 1] = (int32_t)(i + j + k);
+                        count++;
+                    }
+    /* backwards: a comparator matters if it writes a position that matters */
+    for (int64_t i = 0; i < n; i++)
+        needed[i] = i == (n - 1) / 2 || i == n / 2;
+    int64_t kept = count;
+    for (int64_t c = count - 1; c >= 0; c--) {
+        const int32_t u = pairs[2 * c], v = pairs[2 * c + 1];
+        if (needed[u] || needed[v]) {
+            needed[u] = needed[v] = 1;
+            kept--;
+            pairs[2 * kept] = u;
+            pairs[2 * kept + 1] = v;
+        }
+    }
+    for (int64_t c = 0; c < count - kept; c++) {
+        pairs[2 * c] = pairs[2 * (kept + c)];
+        pairs[2 * c + 1] = pairs[2 * (kept + c) + 1];
+    }
+    return count - kept;
+}
+
+static inline __attribute__((always_inline)) void
+compare_exchange(float *restrict u, float *restrict v)
+{
+    for (int64_t b = 0; b < BLOCK; b++) {
+        const float x = u[b], y = v[b];
+        u[b] = y < x ? y : x;
+        v[b] = y < x ? x : y;
+    }
+}
+
+/* rf_regular_medians; always inlined so that a constant pixel stride vectorises.  The
+ * differences of a block of pixels sit difference-major in x [nu, BLOCK], so each
+ * comparator of the median network is one vector loop over the pixels. */
+static inline __attribute__((always_inline)) void
+regular_medians(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups, int64_t npix,
+                const int64_t *usable, int64_t nu, double group_time, const int32_t *pairs,
+                int64_t npairs, float *x, double *median, uint8_t *general)
+{
+    const float *mid_low = x + ((nu - 1) / 2) * BLOCK, *mid_high = x + (nu / 2) * BLOCK;
     for (int64_t p0 = 0; p0 < npix; p0 += BLOCK) {
         const int64_t nb = npix - p0 < BLOCK ? npix - p0 : BLOCK;
         const float *base = ramp + p0 * ps;
@@ -203,26 +271,52 @@ regular_diffs(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups, int64_
         }
         for (int64_t k = 0; k < nu; k++) {
             const float *a = base + usable[k] * gs;
-            float *dst = ordered + p0 * nu + k;
+            float *dst = x + k * BLOCK;
             for (int64_t b = 0; b < nb; b++) {
                 const float d = a[gs + b * ps] - a[b * ps];
                 bad[b] |= isnan(d) != 0;
-                dst[b * nu] = d;
+                dst[b] = d;
             }
+            for (int64_t b = nb; b < BLOCK; b++)
+                dst[b] = 0.0f;
         }
-        for (int64_t b = 0; b < nb; b++)
+        for (int64_t c = 0; c < npairs; c++)
+            compare_exchange(x + pairs[2 * c] * BLOCK, x + pairs[2 * c + 1] * BLOCK);
+        for (int64_t b = 0; b < nb; b++) {
+            double m = ((double)mid_low[b] + (double)mid_high[b]) * 0.5;
+            median[p0 + b] = m / group_time;
             general[p0 + b] |= bad[b] || !(low[b] > 0.0f && high[b] <= 2.0f * low[b]);
+        }
     }
 }
 
-void rf_regular_diffs(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups,
-                      int64_t npix, const int64_t *usable, int64_t nu, float *ordered,
-                      uint8_t *general)
+HOT int64_t rf_regular_medians(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups,
+                           int64_t npix, const int64_t *usable, int64_t nu, double group_time,
+                           double *median, uint8_t *general)
 {
+    int64_t levels = 0;
+    while (((int64_t)1 << levels) < nu)
+        levels++;
+    int32_t *pairs = malloc(sizeof(int32_t) * 2 * (size_t)(nu * (1 + levels * (levels + 1) / 2)));
+    uint8_t *needed = malloc((size_t)nu);
+    float *x = malloc(sizeof(float) * (size_t)(nu * BLOCK));
+    if (!pairs || !needed || !x) {
+        free(pairs);
+        free(needed);
+        free(x);
+        return -1;
+    }
+    const int64_t npairs = median_network(nu, pairs, needed);
     if (ps == 1)
-        regular_diffs(ramp, gs, 1, ngroups, npix, usable, nu, ordered, general);
+        regular_medians(ramp, gs, 1, ngroups, npix, usable, nu, group_time, pairs, npairs, x,
+                        median, general);
     else
-        regular_diffs(ramp, gs, ps, ngroups, npix, usable, nu, ordered, general);
+        regular_medians(ramp, gs, ps, ngroups, npix, usable, nu, group_time, pairs, npairs, x,
+                        median, general);
+    free(pairs);
+    free(needed);
+    free(x);
+    return 0;
 }
 
 void rf_general_diffs(const float *ramp, int64_t gs, int64_t ps, const uint8_t *gdq,
@@ -275,7 +369,7 @@ void rf_rnoise_variance(int64_t count, const double *rn, const double *gain,
         out[i] = rnoise_variance(rn[i], gain[i], length[i], timing[i]);
 }
 
-void rf_fit_segments(const rf_fit_setup *setup, const float *ramp, int64_t gs,
+HOT void rf_fit_segments(const rf_fit_setup *setup, const float *ramp, int64_t gs,
                      int64_t ps, const uint8_t *only_first,
                      const rf_segment_list *segments, const rf_segment_sums *sums)
 {
@@ -386,7 +480,7 @@ void rf_fit_segments(const rf_fit_setup *setup, const float *ramp, int64_t gs,
     }
 }
 
-void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen,
+HOT void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen,
                            const rf_segment_sums *sums, double huge, const rf_products *out,
                            const rf_exposure_sums *exposure)
 {

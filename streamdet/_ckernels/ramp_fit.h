@@ -99,14 +99,16 @@ int64_t rf_segments(const uint8_t *gdq, int64_t fgs, int64_t fps, const int64_t 
                     int64_t m, int64_t ngroups, int64_t fittable_only, uint8_t *seen,
                     uint32_t *dq, int64_t *seg_pix, int64_t *seg_start, int64_t *seg_length);
 
-/* Median-rate differences of ramps that share one flag template: for the ``nu`` usable
- * differences ``usable[k] -> usable[k] + 1`` writes the float32 differences pixel-major
- * into ``ordered`` [npix, nu].  Sets ``general[p]`` where those float32 differences are
- * not the exact ones (a NaN difference or sample, or samples that are not all positive
- * and within a factor two of each other: Sterbenz's lemma needs both). */
-void rf_regular_diffs(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups,
-                      int64_t npix, const int64_t *usable, int64_t nu, float *ordered,
-                      uint8_t *general);
+/* Median rates of ramps that share one flag template: median[p] is the median of pixel
+ * p's ``nu`` float32 differences ``usable[k] -> usable[k] + 1`` (the mean, in double, of
+ * the two middle ones) over ``group_time``, for every pixel.  Sets ``general[p]`` where
+ * those float32 differences are not the exact ones (a NaN difference or sample, or
+ * samples that are not all positive and within a factor two of each other: Sterbenz's
+ * lemma needs both); the caller replaces those medians.  Returns 0, or -1 when scratch
+ * memory is not available. */
+int64_t rf_regular_medians(const float *ramp, int64_t gs, int64_t ps, int64_t ngroups,
+                           int64_t npix, const int64_t *usable, int64_t nu, double group_time,
+                           double *median, uint8_t *general);
 
 /* Median-rate differences of individual ramps, any flags: for pixels pix[0..m) the
  * ngroups - 1 differences in double (exact), NaN where either group is DO_NOT_USE or

@@ -65,8 +65,10 @@ frame.  Arithmetic is double precision; results are rounded to float32 like stca
 
 The per-pixel loops (flags, differences, medians, segments, fits, products) are C in
 ``streamdet/_ckernels/ramp_fit.c`` (declared in ``ramp_fit.h``), one call each over a
-chunk, so that band threads do not queue for the GIL; numpy's sort orders the
-differences for the medians.  This module prepares the buffers and keeps the per-chunk
+chunk, so that band threads do not queue for the GIL.  The template ramps' median
+rates come from a median network run over a block of pixels at once (vector loops: a
+row-by-row sort of a few dozen differences was a third of the step on time series);
+numpy's sort orders the few general ramps' differences.  This module prepares the buffers and keeps the per-chunk
 bookkeeping.  The optional results (``save_opt``) are :mod:`.ramp_fit_opt`'s; the step
 that reads the references and calls :func:`fit_ramps` is ``streamdet/plugins/ramp_fit.py``.
 """
@@ -578,16 +580,14 @@ def _median_rate(ramps, gdqs, layouts, setup):
             unusable = ((t[1:] | t[:-1]) & np.uint8(_UNUSABLE)) | (t[1:] & np.uint8(JUMP_DET))
             usable = np.flatnonzero(unusable == 0)
             if usable.size:
-                # float32 differences, pixel-major for the sort; the kernel sends the
-                # ramps where those are not the exact differences (and NaN ramps, whose
-                # count of valid differences is their own) to the general path
-                ordered = np.empty((npix, usable.size), dtype=np.float32)
+                # medians of the float32 differences; the kernel sends the ramps where
+                # those are not the exact differences (and NaN ramps, whose count of
+                # valid differences is their own) to the general path
                 gs, ps = strides(ramp)
-                lib.rf_regular_diffs(pointer(ffi, ramp), gs, ps, ngroups, npix,
-                                     pointer(ffi, usable), usable.size, pointer(ffi, ordered),
-                                     pointer(ffi, general))
-                ordered.sort(axis=1)
-                median[:] = _middle(ordered, usable.size, None, setup.group_time)
+                if lib.rf_regular_medians(pointer(ffi, ramp), gs, ps, ngroups, npix,
+                                          pointer(ffi, usable), usable.size, setup.group_time,
+                                          pointer(ffi, median), pointer(ffi, general)):
+                    raise MemoryError("no scratch memory for ramp_fit's median rates")
             else:
                 first = ramp[0].astype(np.float64) / setup.group_time
                 if t[0] & _UNUSABLE:
