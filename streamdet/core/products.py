@@ -41,6 +41,7 @@ import numpy as np
 from astropy.io import fits
 
 from .buffers import read_at, write_at
+from .caches import cache_file
 from .errors import BadInputError
 from .exposure import ExposureMeta, product_base_name
 from .jwstparams import plain
@@ -492,11 +493,7 @@ _schema_cache_state = {"key": None, "loaded": 0}
 
 
 def _schema_cache_file() -> Path | None:
-    chosen = os.environ.get("STREAMDET_SCHEMA_CACHE")
-    if chosen is not None:
-        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "streamdet" / "product_schemas.pickle"
+    return cache_file("STREAMDET_SCHEMA_CACHE", "product_schemas.pickle")
 
 
 def _schema_sources_key() -> str:

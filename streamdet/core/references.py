@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .caches import cache_file
 from .errors import MissingModuleError, ReferenceError_, missing_module
 from .exposure import ExposureMeta
 # the reading side, under the names the steps have always imported from here
@@ -218,11 +219,7 @@ _memo_lock = threading.Lock()
 
 
 def _memo_file() -> Path | None:
-    chosen = os.environ.get("STREAMDET_CRDS_MEMO")
-    if chosen is not None:
-        return None if chosen.strip().lower() in ("", "off", "0", "no") else Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "streamdet" / "crds_lookups.json"
+    return cache_file("STREAMDET_CRDS_MEMO", "crds_lookups.json")
 
 
 def _file_state(path: Path) -> list[int] | None:
