@@ -185,6 +185,8 @@ class _Scratch:
     (``_ckernels/scratch.c``): the kernel scatters and gathers the lines, with no
     transposed copy in memory and without the GIL."""
 
+    label = "scratch"  # what reading it is timed as
+
     def __init__(self, meta: ExposureMeta, directory: Path | None, in_memory_bytes: int):
         self.shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
         self.files = None
@@ -617,7 +619,6 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
     rateints = None
     saved: dict[str, CubeStore] = {}
     try:
-        scratch = run.new_scratch()
         # ramps to save, kept in scratch files as they leave the step they are saved after
         for kind in captures or {}:
             saved[kind] = CubeStore((meta.nints, meta.ngroups, meta.ny, meta.nx),
@@ -625,6 +626,12 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                                     extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
         capture = _capture_plan(passes, captures or {}, saved)
         run.prepass(active)
+        if _fusable(passes, capture):
+            rate, rateints = _allocate_products(meta, config)
+            run.fused_pass(passes[0][1], passes[1][1], rate, rateints, capture[1])
+            exposure.drop_buffers()
+            return rate, rateints, saved
+        scratch = run.new_scratch()
         run.first_pass(passes[0][1], passes[1][1], scratch, capture[0])
         # reading is over: the band pass has buffers of its own
         exposure.drop_buffers()
@@ -637,6 +644,20 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         raise
     finally:
         run.close()
+
+
+def _fusable(passes: list[tuple[str, list[Step]]],
+             capture: list[dict[int, list[CubeStore]]]) -> bool:
+    """Whether the band pass may read its bands from the input and run the first pass's
+    steps on them itself, with no copy of the first pass's output kept (see
+    ``Step.recomputable`` and ``Step.survey_with_bands``): two passes, the first all
+    recomputable GROUP steps, every surveyor of the second able to survey band by band,
+    and no ramp saved from inside the first."""
+    if len(passes) != 2 or capture[0]:
+        return False
+    (_, lead), (_, steps) = passes
+    return (all(s.granularity == Granularity.GROUP and s.recomputable for s in lead)
+            and all(s.survey_with_bands or type(s).survey is Step.survey for s in steps))
 
 
 def _check_producer_placement(active: list[Step]) -> None:
@@ -726,6 +747,17 @@ class _Passes:
         rows when every step is pixel-local (whole otherwise); ``surveyors`` (the next
         pass's steps) survey each piece as it leaves."""
         _FirstPass(self, steps, surveyors, scratch, captures).run()
+        for step in surveyors:
+            step.survey_complete()  # nothing processed yet: nothing to redo
+
+    def fused_pass(self, lead: list[Step], steps: list[Step], rate: RateArrays, rateints,
+                   captures: dict[int, list[CubeStore]]) -> None:
+        """The only pass when :func:`_fusable`: bands of rows of every integration, read
+        from the input, through the first pass's steps (``lead``), surveyed, then
+        through ``steps``."""
+        _BandPass(self, steps, _InputBands(self.exposure), None,
+                  self.threads_for(lead + steps), rate, rateints, captures, "",
+                  lead=lead).run()
 
     def later_passes(self, passes: list[tuple[str, list[Step]]], scratch: _Scratch,
                      rate: RateArrays, rateints, capture: list[dict[int, list[CubeStore]]]
@@ -752,6 +784,8 @@ class _Passes:
                 _LaterIntegrationPass(self, steps, surveyors, scratch,
                                       self.threads_for(steps + surveyors), capture[n],
                                       label).run()
+                for step in surveyors:
+                    step.survey_complete()
 
 
 class _FirstPass:
@@ -829,20 +863,26 @@ class _BandPass:
     before that step runs. The steps' extra passes (``frame_passes``) and re-runs
     (``rerun_rows``) happen here (see core/step.py)."""
 
-    def __init__(self, run: _Passes, steps: list[Step], source: _Scratch,
+    def __init__(self, run: _Passes, steps: list[Step], source: "_Scratch | _InputBands",
                  target: _Scratch | None, threads: int, rate: RateArrays, rateints,
-                 captures: dict[int, list[CubeStore]], label: str):
+                 captures: dict[int, list[CubeStore]], label: str, lead: list[Step] = ()):
         meta = run.meta
         self.run_, self.steps, self.source, self.target = run, steps, source, target
         self.rate, self.rateints, self.captures, self.label = rate, rateints, captures, label
         self.halo = max((s.halo for s in steps), default=0)
+        # a fused pass (see _fusable): the first pass's steps run on each band first, each
+        # on the rows the band needs plus the halos of it and of the lead steps after it
+        self.lead = list(lead)
+        lead_halos = [max(0, int(s.halo or 0)) for s in self.lead]
+        self.lead_margins = [sum(lead_halos[k:]) for k in range(len(self.lead))] + [0]
+        self.surveyors = [s for s in steps if type(s).survey is not Step.survey] if lead else []
         # extra band passes before this one, for steps that need frame-wide work on their
         # band results (jump's snowball and shower searches): (index in steps, step, stage,
         # halo of that pass); none by default
         self.frame_stages = [(k, step, j, max(max(s.halo for s in steps[:k + 1]),
                                               step.halo + max(0, int(step.gather_halo(j)))))
                              for k, step in enumerate(steps) for j in range(step.frame_passes())]
-        sizing_halo = max([self.halo] + [h for *_, h in self.frame_stages])
+        sizing_halo = max([self.halo] + [h for *_, h in self.frame_stages]) + self.lead_margins[0]
         band, self.sharing = _band_rows(meta, run.config.band_bytes, threads, sizing_halo)
         if any(s.needs_whole_exposure for s in steps):
             # a step that asked for the whole exposure at once (at that memory cost)
@@ -855,22 +895,35 @@ class _BandPass:
         self.context = FrameContext(run.config.scratch_dir, lambda fn, items: pool.map(fn, items))
 
     def run(self) -> None:
-        pool, on_progress = self.run_.pool, self.run_.on_progress
         for stage in self.frame_stages:
             self.extra_pass(stage)
-        for b, _ in enumerate(pool.map(self.band, self.bands, at_once=self.sharing), start=1):
-            if on_progress:
-                on_progress("bands" + self.label, b, len(self.bands))
+        self.sweep()
         self.rerun(self.steps)
         self.buffers.drop()
+
+    def sweep(self, stage: tuple | None = None) -> None:
+        """Every band once. In a fused pass the first sweep is also the survey: a band is
+        surveyed just before its steps run, which use what has been surveyed so far; a
+        surveyor whose bands saw less than the whole survey (``survey_complete``) has
+        the sweep made again, with the survey whole."""
+        pool, on_progress = self.run_.pool, self.run_.on_progress
+        band = self.band if stage is None else partial(self.band, stage=stage)
+        label = "bands" + self.label if stage is None else None
+        for _ in range(2):
+            for b, _ in enumerate(pool.map(band, self.bands, at_once=self.sharing), start=1):
+                if on_progress and label:
+                    on_progress(label, b, len(self.bands))
+            redo = [s for s in self.surveyors if not s.survey_complete()]
+            self.surveyors = []  # whole from now on
+            if not redo:
+                return
 
     def extra_pass(self, stage: tuple) -> None:
         """One of a step's ``frame_passes``: every band up to that step and into its
         ``gather``, the re-runs asked for, then its ``between_passes``."""
         k, gatherer, j, _ = stage
         pool = self.run_.pool
-        for _ in pool.map(partial(self.band, stage=stage), self.bands, at_once=self.sharing):
-            pass
+        self.sweep(stage)
         self.rerun(self.steps[:k + 1], stage)
         t0 = time.perf_counter()
         gatherer.between_passes(j, self.context)
@@ -895,11 +948,15 @@ class _BandPass:
         run, meta = self.run_, self.run_.meta
         pool, ny = run.pool, meta.ny
         band_halo = self.halo if stage is None else stage[3]
-        r0, r1 = max(0, core.start - band_halo), min(ny, core.stop + band_halo)
+        margin = band_halo + self.lead_margins[0]
+        r0, r1 = max(0, core.start - margin), min(ny, core.stop + margin)
         data, groupdq = self.band_buffers(r1 - r0)
         t0 = time.perf_counter()
         self.source.read(slice(r0, r1), data, groupdq)
-        pool.add("scratch", time.perf_counter() - t0)
+        pool.add(self.source.label, time.perf_counter() - t0)
+        if self.lead:
+            data, groupdq, r0 = self.lead_steps(data, groupdq, r0, core, band_halo)
+            r1 = r0 + data.shape[2]
         chunk = Chunk(data, groupdq, run.pixeldq[r0:r1], meta.int_index, slice(r0, r1),
                       core=slice(core.start - r0, core.stop - r0))
         if stage is not None:  # an extra pass: up to the gathering step only
@@ -929,6 +986,46 @@ class _BandPass:
                               f"returned {type(result).__name__}, not a RateResult")
         self.rate.put(np.s_[core], result.rate)
         self.rateints.put(np.s_[:, core], result.rateints)
+
+
+    def lead_steps(self, data: np.ndarray, groupdq: np.ndarray, r0: int, core: slice,
+                   band_halo: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """A fused pass's band (rows from ``r0``) through the first pass's steps, then
+        surveyed (while the survey is not whole); returns the views of the rows the
+        band's own steps get (``core`` and ``band_halo`` rows each side) and their
+        first row."""
+        run, meta = self.run_, self.run_.meta
+        pool, ny, pixeldq = run.pool, meta.ny, run.pixeldq
+        for k, step in enumerate(self.lead + [None]):
+            reach = band_halo + self.lead_margins[k]
+            a = max(r0, core.start - reach)
+            b = min(r0 + data.shape[2], core.stop + reach)
+            part = np.s_[:, :, a - r0:b - r0]
+            chunk = Chunk(data[part], groupdq[part], pixeldq[a:b], meta.int_index, slice(a, b),
+                          core=slice(core.start - a, core.stop - a))
+            if step is not None:
+                pool.step(step, chunk)
+        if self.surveyors:
+            own = np.s_[:, :, core.start - r0:core.stop - r0]
+            piece = Chunk(data[own], groupdq[own], pixeldq[core], meta.int_index, core,
+                          core=slice(0, core.stop - core.start))
+            for step in self.surveyors:
+                pool.step(step, piece, survey=True)
+        return chunk.data, chunk.groupdq, a
+
+
+class _InputBands:
+    """A fused pass's source: bands of rows of every integration, read from the input
+    (through the exposure's per-thread read buffers: one integration at a time)."""
+
+    label = "read"
+
+    def __init__(self, exposure: Exposure):
+        self.exposure = exposure
+
+    def read(self, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
+        for i in range(data.shape[0]):
+            self.exposure.read_into(slice(i, i + 1), rows, data[i:i + 1], groupdq[i:i + 1])
 
 
 def _band_rows(meta: ExposureMeta, band_bytes: int, threads: int, halo: int

@@ -54,6 +54,16 @@ Lifecycle of one exposure
      first round is there.
    * ``needs_whole_exposure = True``: the band pass holding this step is one band of
      every row, at the memory cost of the whole ramp.
+
+   **Fused pass.** When every step of the integration pass is a ``recomputable`` GROUP
+   step and every step of the (only) band pass that surveys declares
+   ``survey_with_bands``, no copy of the integration pass's output is kept: the band
+   pass reads each band from the input and runs the integration pass's steps on it
+   first (so they may see the same rows again, in several bands' halos and in re-runs,
+   all integrations at once). Each band is surveyed just before the band's steps run,
+   which then work with the survey as far as it has got; after every band has been
+   seen once, ``survey_complete()`` says whether what the step did so far stands. If
+   a step says no, every band is done again, with the survey whole.
 8. **Products.** ``on_products`` steps (after the rate producer) get
    ``process_products(rate, rateints)``; then ``finish()`` of every step that ran gives
    its header keywords, and ``extra_products()`` writers run once rate and rateints are
@@ -278,6 +288,15 @@ class Step:
     #: through every integration), at the memory cost of holding it all; the other
     #: steps of the same band pass then see that one band too.
     needs_whole_exposure: ClassVar[bool] = False
+    #: GROUP steps: ``process`` may run again on rows it has seen, from the same input,
+    #: with the same outcome (state kept per row, or ORed), so the engine may recompute
+    #: the step's output rather than keep a copy of it (the fused pass).
+    recomputable: ClassVar[bool] = False
+    #: EXPOSURE steps that ``survey``: the survey may come band by band, each band just
+    #: before ``process`` sees it (the fused pass); ``survey`` must then be idempotent
+    #: (seeing a piece again changes nothing) and ``process`` must record what survey it
+    #: used, for :meth:`survey_complete`.
+    survey_with_bands: ClassVar[bool] = False
     #: :meth:`prepass` sees every integration of the input before the first pass (a fit
     #: over the whole exposure that the first integration's correction needs: emicorr).
     prepass_exposure: ClassVar[bool] = False
@@ -343,6 +362,13 @@ class Step:
         A piece is one integration, whole or a band of its rows (``chunk.core`` are the
         rows that belong to it); accumulate over pieces, do not assign. With threads,
         pieces may arrive concurrently (see ``thread_safe``)."""
+
+    def survey_complete(self) -> bool:
+        """``survey_with_bands`` steps, in a fused pass, once every band has been
+        surveyed (and processed, or gathered in an extra pass): True when every band
+        was processed with what the whole survey gives; False has every band done again
+        (the step then uses the whole survey). Called once."""
+        return True
 
     def process(self, chunk: Chunk) -> Any:
         """Modify ``chunk`` in place (see the module's rules). Once per chunk; a

@@ -38,6 +38,7 @@ class DarkCurrentStep(Step):
     reftypes = ("dark",)
     status_keyword = "S_DARK"
     thread_safe = True
+    recomputable = True
 
     def prepare(self, meta, refs, pixeldq):
         shape = refs.shape("dark", "SCI", SCI_LAYOUT)

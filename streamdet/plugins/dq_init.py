@@ -19,6 +19,7 @@ class DQInitStep(Step):
     reftypes = ("mask",)
     status_keyword = "S_DQINIT"
     thread_safe = True
+    recomputable = True
 
     def prepare(self, meta, refs, pixeldq):
         self.mask_dq = refs.dq("mask", layout=IMAGE)

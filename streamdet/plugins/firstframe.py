@@ -20,6 +20,7 @@ class FirstFrameStep(Step):
     default_skip = True
     status_keyword = "S_FRSTFR"
     thread_safe = True
+    recomputable = True
     params_spec = {
         "bright_use_group1": Param(bool, FirstFrameParams.bright_use_group1,
                                    "keep group 1 for pixels saturated by group 3"),

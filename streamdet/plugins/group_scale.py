@@ -48,6 +48,7 @@ class GroupScaleStep(Step):
     after = follows("group_scale")
     status_keyword = "S_GRPSCL"
     thread_safe = True
+    recomputable = True
 
     def prepare(self, meta, refs, pixeldq):
         self.factor = group_scale_factor(meta)

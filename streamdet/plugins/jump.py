@@ -61,6 +61,7 @@ class JumpStep(Step):
     granularity = Granularity.EXPOSURE
     halo = 1
     thread_safe = True
+    survey_with_bands = True
     status_keyword = "S_JUMP"
     params_spec = {
         "rejection_threshold": Param(float, _JUMP.rejection_threshold,
@@ -159,6 +160,8 @@ class JumpStep(Step):
         self.two_point = JumpParameters(**two_point)
         # groups DO_NOT_USE in every pixel seen so far, ANDed over the surveyed pieces
         self.all_dnu = np.ones((meta.nints, meta.ngroups), dtype=bool)
+        # the surveys bands were processed with (a fused pass surveys as the bands go)
+        self.used_surveys: set[bytes] = set()
         self.counts: dict[tuple[int, int], JumpCounts] = {}
         self.global_flagged = None
         self.lock = threading.Lock()
@@ -177,8 +180,8 @@ class JumpStep(Step):
         return self.searches[stage].gather_halo
 
     def gather(self, chunk, stage, context):
-        self.searches[stage].gather(chunk, self.dnu_after_searches(), self.gain[chunk.rows],
-                                    self.readnoise[chunk.rows], context)
+        self.searches[stage].gather(chunk, self.dnu_after_searches(self._surveyed()),
+                                    self.gain[chunk.rows], self.readnoise[chunk.rows], context)
 
     def between_passes(self, stage, context):
         self.searches[stage].search(self.dnu_after_searches(), context)
@@ -187,13 +190,14 @@ class JumpStep(Step):
         # exactly SATURATED take DO_NOT_USE away from later groups
         self.meta.state.jump_dnu_everywhere = self.dnu_after_searches()
 
-    def dnu_after_searches(self):
-        """Groups DO_NOT_USE everywhere once the snowball search has run: its saturated
-        cores are set to exactly SATURATED from their group on, which takes DO_NOT_USE
-        away there (e.g. from the last group)."""
+    def dnu_after_searches(self, all_dnu=None):
+        """Groups DO_NOT_USE everywhere (``all_dnu``: the survey's, by default) once the
+        snowball search has run: its saturated cores are set to exactly SATURATED from
+        their group on, which takes DO_NOT_USE away there (e.g. from the last group)."""
+        all_dnu = self.all_dnu if all_dnu is None else all_dnu
         if self.snowballs is None or self.snowballs.result is None:
-            return self.all_dnu
-        out = self.all_dnu.copy()
+            return all_dnu
+        out = all_dnu.copy()
         for kind, region in self.snowballs.result.operations:
             if kind == "saturate":
                 out[region.integration, region.group:] = False
@@ -205,13 +209,27 @@ class JumpStep(Step):
         with self.lock:
             self.all_dnu[local] &= piece
 
+    def _surveyed(self):
+        """The survey as far as it has got, noted as used (see survey_complete)."""
+        with self.lock:
+            now = self.all_dnu.copy()
+            self.used_surveys.add(now.tobytes())
+        return now
+
+    def survey_complete(self):
+        # the groups unusable everywhere decide the search mode and which differences
+        # count: bands that saw fewer pieces than all may have decided otherwise
+        stale = self.used_surveys - {self.all_dnu.tobytes()}
+        self.used_surveys.clear()
+        return not stale
+
     def process(self, chunk):
         rows = chunk.rows
         self.counts[_core_rows(chunk)] = detect_jumps(
             chunk.data, chunk.groupdq, chunk.pixeldq,
             gain=self.gain[rows], readnoise=self.readnoise[rows],
             nframes=self.meta.nframes, group_time=self.meta.group_time,
-            parameters=self.two_point, all_dnu_groups=self.all_dnu,
+            parameters=self.two_point, all_dnu_groups=self._surveyed(),
             median_gain=self.median_gain, all_flagged_groups=self.global_flagged,
             count_rows=chunk.core)
         for search in self.searches:

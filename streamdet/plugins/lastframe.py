@@ -17,6 +17,7 @@ class LastFrameStep(Step):
     after = follows("lastframe")
     status_keyword = "S_LASTFR"
     thread_safe = True
+    recomputable = True
 
     def prepare(self, meta, refs, pixeldq):
         if meta.ngroups <= MIN_GROUPS_EXCLUSIVE:

@@ -24,6 +24,7 @@ class LinearityStep(Step):
     reftypes = ("linearity",)
     status_keyword = "S_LINEAR"
     thread_safe = True
+    recomputable = True
 
     def prepare(self, meta, refs, pixeldq):
         if meta.nframes > 1:

@@ -20,6 +20,7 @@ from streamdet.algorithms.ramp_fit import (
 )
 from streamdet.core.errors import BadInputError
 from streamdet.core.plugins import hookimpl
+from streamdet.core.products import RateArrays
 from streamdet.core.references import IMAGE
 from streamdet.core.step import Granularity, Param, RateProducer, RateResult
 
@@ -44,6 +45,7 @@ class RampFitStep(RateProducer):
     reftypes = ("readnoise", "gain")
     granularity = Granularity.EXPOSURE
     thread_safe = True
+    survey_with_bands = True
     status_keyword = "S_RAMP"
     params_spec = {
         "suppress_one_group": Param(bool, _DEFAULTS.suppress_one_group,
@@ -71,6 +73,9 @@ class RampFitStep(RateProducer):
         # bits set in every pixel of every integration, per group (from the survey)
         self.common = np.full(meta.ngroups, 0xFF, dtype=np.uint8)
         self.discard = None
+        # the discards bands were fitted with (a fused pass surveys as the bands go)
+        self.used_discards: set = set()
+        self.survey_whole = False
         self.lock = threading.Lock()
         self.ignored = ignored_groups(meta.ngroups, self.params["firstgroup"],
                                       self.params["lastgroup"])
@@ -117,11 +122,36 @@ class RampFitStep(RateProducer):
         except UnusableExposureError as exc:
             raise BadInputError(f"{self.meta.path}: no rate can be made: {exc}") from None
 
+    def survey_complete(self):
+        with self.lock:
+            used, self.used_discards = self.used_discards, set()
+            self.survey_whole = True
+        # the plan from the whole survey (its error, if any, stands); planned here only
+        # when bands were fitted: jump's searches may still change it before the fit
+        return not used or used == {self._plan()}
+
+    def _discard_now(self):
+        """The group discard from the survey as far as it has got; None when that part
+        leaves nothing to fit (the whole survey may not: see survey_complete)."""
+        with self.lock:
+            try:
+                discard = self._plan()
+            except BadInputError:
+                discard = None
+            self.used_discards.add(discard)
+        return discard
+
     def process(self, chunk):
-        if self.discard is None:
-            with self.lock:
-                if self.discard is None:
-                    self.discard = self._plan()
+        if self.survey_whole:
+            if self.discard is None:
+                with self.lock:
+                    if self.discard is None:
+                        self.discard = self._plan()
+            discard = self.discard
+        else:
+            discard = self._discard_now()
+            if discard is None:  # a partial survey's verdict: the band is done again
+                return self._placeholder(chunk)
         core = chunk.core
         if self.ignored is not None:
             # jwst flags the groups outside firstgroup..lastgroup DO_NOT_USE in the ramp
@@ -136,11 +166,16 @@ class RampFitStep(RateProducer):
             nframes=self.meta.nframes, groupgap=self.meta.groupgap,
             dropframes1=self.meta.drop_frames1,
             average_dark_current=None if dark is None else dark[rows],
-            suppress_one_group=self.params["suppress_one_group"], discard=self.discard,
+            suppress_one_group=self.params["suppress_one_group"], discard=discard,
             opt_sink=None if self.fitopt is None else
             lambda integ, first, arrays, nsegs, ncrs, base=rows.start * self.meta.nx:
             self.fitopt.put_pixels(integ, base + first, arrays, nsegs, ncrs))
         return RateResult(rate, rateints)
+
+    def _placeholder(self, chunk):
+        ncore = len(range(*chunk.core.indices(chunk.nrows)))
+        return RateResult(RateArrays.allocate((ncore, self.meta.nx)),
+                          RateArrays.allocate((chunk.data.shape[0], ncore, self.meta.nx)))
 
 
 @hookimpl

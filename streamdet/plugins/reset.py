@@ -25,6 +25,7 @@ class ResetStep(Step):
     reftypes = ("reset",)
     status_keyword = "S_RESET"
     thread_safe = True
+    recomputable = True
 
     def prepare(self, meta, refs, pixeldq):
         shape = refs.shape("reset", "SCI", ("nints?", "ngroups", "ny", "nx"))

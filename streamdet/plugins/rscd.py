@@ -22,6 +22,7 @@ class RscdStep(Step):
     reftypes = ("rscd",)
     granularity = Granularity.GROUP
     thread_safe = True
+    recomputable = True
     status_keyword = "S_RSCD"
 
     def prepare(self, meta, refs, pixeldq):

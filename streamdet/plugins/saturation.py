@@ -22,6 +22,7 @@ class SaturationStep(Step):
     reftypes = ("saturation",)
     status_keyword = "S_SATURA"
     thread_safe = True
+    recomputable = True
     params_spec = {
         "n_pix_grow_sat": Param(int, DEFAULTS.n_pix_grow_sat,
                                 "grow saturation flags into this many neighbouring pixels",
