@@ -364,6 +364,16 @@ class _Thresholds:
     two_diffs: float
 
 
+def search_mode(all_dnu_groups: np.ndarray, parameters: JumpParameters = JumpParameters()) -> str:
+    """How :func:`detect_jumps` searches, given the groups DO_NOT_USE in every pixel of
+    the frame (bool ``[nints, ngroups]``): "sigclip", "single", "iterative" or "skip".
+    The only use the search makes of that frame-wide survey."""
+    all_dnu_groups = np.asarray(all_dnu_groups, dtype=bool)
+    p = parameters
+    return _search_mode(all_dnu_groups, *all_dnu_groups.shape, p.min_diffs_single_pass,
+                        p.minimum_groups, p.minimum_sigclip_groups, p.only_use_ints)
+
+
 def _search_mode(all_dnu_groups, nints, ngroups, min_diffs_single_pass, minimum_groups,
                  minimum_sigclip_groups, only_use_ints) -> str:
     dead_per_int = all_dnu_groups.sum(axis=1)

@@ -185,8 +185,6 @@ class _Scratch:
     (``_ckernels/scratch.c``): the kernel scatters and gathers the lines, with no
     transposed copy in memory and without the GIL."""
 
-    label = "scratch"  # what reading it is timed as
-
     def __init__(self, meta: ExposureMeta, directory: Path | None, in_memory_bytes: int):
         self.shape = (meta.nints, meta.ngroups, meta.ny, meta.nx)
         self.files = None
@@ -951,12 +949,13 @@ class _BandPass:
         margin = band_halo + self.lead_margins[0]
         r0, r1 = max(0, core.start - margin), min(ny, core.stop + margin)
         data, groupdq = self.band_buffers(r1 - r0)
-        t0 = time.perf_counter()
-        self.source.read(slice(r0, r1), data, groupdq)
-        pool.add(self.source.label, time.perf_counter() - t0)
         if self.lead:
             data, groupdq, r0 = self.lead_steps(data, groupdq, r0, core, band_halo)
             r1 = r0 + data.shape[2]
+        else:
+            t0 = time.perf_counter()
+            self.source.read(slice(r0, r1), data, groupdq)
+            pool.add("scratch", time.perf_counter() - t0)
         chunk = Chunk(data, groupdq, run.pixeldq[r0:r1], meta.int_index, slice(r0, r1),
                       core=slice(core.start - r0, core.stop - r0))
         if stage is not None:  # an extra pass: up to the gathering step only
@@ -990,42 +989,46 @@ class _BandPass:
 
     def lead_steps(self, data: np.ndarray, groupdq: np.ndarray, r0: int, core: slice,
                    band_halo: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """A fused pass's band (rows from ``r0``) through the first pass's steps, then
-        surveyed (while the survey is not whole); returns the views of the rows the
+        """A fused pass's band (rows from ``r0``), read from the input and through the
+        first pass's steps one integration at a time (while it is in the CPU's caches),
+        then surveyed (while the survey is not whole); returns the views of the rows the
         band's own steps get (``core`` and ``band_halo`` rows each side) and their
         first row."""
         run, meta = self.run_, self.run_.meta
-        pool, ny, pixeldq = run.pool, meta.ny, run.pixeldq
-        for k, step in enumerate(self.lead + [None]):
-            reach = band_halo + self.lead_margins[k]
-            a = max(r0, core.start - reach)
-            b = min(r0 + data.shape[2], core.stop + reach)
-            part = np.s_[:, :, a - r0:b - r0]
-            chunk = Chunk(data[part], groupdq[part], pixeldq[a:b], meta.int_index, slice(a, b),
-                          core=slice(core.start - a, core.stop - a))
-            if step is not None:
-                pool.step(step, chunk)
+        pool, pixeldq = run.pool, run.pixeldq
+        rows = slice(r0, r0 + data.shape[2])
+        for i in range(meta.nints):
+            plane = np.s_[i:i + 1]
+            t0 = time.perf_counter()
+            self.source.read(rows, plane, data, groupdq)
+            pool.add("read", time.perf_counter() - t0)
+            for k, step in enumerate(self.lead):
+                reach = band_halo + self.lead_margins[k]
+                a, b = max(r0, core.start - reach), min(rows.stop, core.stop + reach)
+                part = np.s_[i:i + 1, :, a - r0:b - r0]
+                pool.step(step, Chunk(data[part], groupdq[part], pixeldq[a:b],
+                                      meta.int_index[plane], slice(a, b),
+                                      core=slice(core.start - a, core.stop - a)))
+        a, b = max(r0, core.start - band_halo), min(rows.stop, core.stop + band_halo)
+        part = np.s_[:, :, a - r0:b - r0]
         if self.surveyors:
             own = np.s_[:, :, core.start - r0:core.stop - r0]
             piece = Chunk(data[own], groupdq[own], pixeldq[core], meta.int_index, core,
                           core=slice(0, core.stop - core.start))
             for step in self.surveyors:
                 pool.step(step, piece, survey=True)
-        return chunk.data, chunk.groupdq, a
+        return data[part], groupdq[part], a
 
 
 class _InputBands:
-    """A fused pass's source: bands of rows of every integration, read from the input
-    (through the exposure's per-thread read buffers: one integration at a time)."""
-
-    label = "read"
+    """A fused pass's source: bands of rows, read from the input one integration at a
+    time (through the exposure's per-thread read buffers)."""
 
     def __init__(self, exposure: Exposure):
         self.exposure = exposure
 
-    def read(self, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
-        for i in range(data.shape[0]):
-            self.exposure.read_into(slice(i, i + 1), rows, data[i:i + 1], groupdq[i:i + 1])
+    def read(self, rows: slice, plane: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
+        self.exposure.read_into(plane, rows, data[plane], groupdq[plane])
 
 
 def _band_rows(meta: ExposureMeta, band_bytes: int, threads: int, halo: int

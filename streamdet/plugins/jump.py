@@ -17,7 +17,8 @@ from dataclasses import fields
 import numpy as np
 
 from streamdet.algorithms.jump import (JumpCounts, JumpParameters, cosmic_ray_keywords,
-                                       detect_jumps, exposure_median_gain, unusable_groups)
+                                       detect_jumps, exposure_median_gain, search_mode,
+                                       unusable_groups)
 from streamdet.algorithms.showers import ShowerOptions, SnowballOptions
 from streamdet.core.plugins import hookimpl
 from streamdet.core.references import IMAGE
@@ -180,7 +181,10 @@ class JumpStep(Step):
         return self.searches[stage].gather_halo
 
     def gather(self, chunk, stage, context):
-        self.searches[stage].gather(chunk, self.dnu_after_searches(self._surveyed()),
+        # the searches skip the planes unusable everywhere: what they gathered stands
+        # only if the survey they saw was the whole one
+        all_dnu = self._surveyed(lambda now: now.tobytes())
+        self.searches[stage].gather(chunk, self.dnu_after_searches(all_dnu),
                                     self.gain[chunk.rows], self.readnoise[chunk.rows], context)
 
     def between_passes(self, stage, context):
@@ -209,17 +213,22 @@ class JumpStep(Step):
         with self.lock:
             self.all_dnu[local] &= piece
 
-    def _surveyed(self):
-        """The survey as far as it has got, noted as used (see survey_complete)."""
+    def _surveyed(self, what_counts):
+        """The survey as far as it has got; ``what_counts(survey)``, what a band's
+        results depend on, is noted for survey_complete."""
         with self.lock:
             now = self.all_dnu.copy()
-            self.used_surveys.add(now.tobytes())
+        depends_on = what_counts(now)
+        with self.lock:
+            self.used_surveys.add(depends_on)
         return now
 
+    def _mode(self, all_dnu):
+        return search_mode(all_dnu, self.two_point)
+
     def survey_complete(self):
-        # the groups unusable everywhere decide the search mode and which differences
-        # count: bands that saw fewer pieces than all may have decided otherwise
-        stale = self.used_surveys - {self.all_dnu.tobytes()}
+        whole = {self._mode(self.all_dnu), self.all_dnu.tobytes()}
+        stale = self.used_surveys - whole
         self.used_surveys.clear()
         return not stale
 
@@ -229,7 +238,8 @@ class JumpStep(Step):
             chunk.data, chunk.groupdq, chunk.pixeldq,
             gain=self.gain[rows], readnoise=self.readnoise[rows],
             nframes=self.meta.nframes, group_time=self.meta.group_time,
-            parameters=self.two_point, all_dnu_groups=self._surveyed(),
+            # the two-point search uses the survey only to choose its mode
+            parameters=self.two_point, all_dnu_groups=self._surveyed(self._mode),
             median_gain=self.median_gain, all_flagged_groups=self.global_flagged,
             count_rows=chunk.core)
         for search in self.searches:

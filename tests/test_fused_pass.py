@@ -1,0 +1,84 @@
+"""The fused pass (core/engine.py ``_fusable``): time series read their bands from the
+input and run the first pass's steps on them, with no scratch copy of the ramp; the
+surveys come band by band, and the bands are done again when a partial survey misled
+them. Its products must be those of the two-pass run (forced here by saving the ramp
+after dark_current, which the first pass must then hand over)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from streamdet.core.dqflags import DO_NOT_USE
+from streamdet.core.engine import RunConfig, process_file
+from streamdet.simulate import simulate
+from streamdet.testing import crds_environment
+
+IMAGES = ("SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE")
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    return simulate(tmp_path_factory.mktemp("sim"), subarray="SUB64", ngroups=8, nints=6, seed=5)
+
+
+def run(sim, uncal, out, two_pass=False, **config):
+    bands = []
+
+    def progress(kind, done, total):
+        if kind == "bands":
+            bands.append(done)
+
+    extra = {"save_after": ("dark_current",)} if two_pass else {}
+    with crds_environment(sim):
+        result = process_file(uncal, RunConfig(output_dir=out, **extra, **config),
+                              on_progress=progress)
+    return result, bands
+
+
+def images(path):
+    with fits.open(path) as hdul:
+        return {name: hdul[name].data.copy() for name in IMAGES}
+
+
+def assert_same_products(a, b):
+    for kind in ("rate", "rateints"):
+        x, y = images(a.products[kind]), images(b.products[kind])
+        for name in IMAGES:
+            assert np.array_equal(x[name], y[name], equal_nan=True), (kind, name)
+
+
+def test_time_series_keep_no_copy_of_the_ramp(sim, tmp_path):
+    fused, bands = run(sim, sim.uncal, tmp_path / "fused", band_bytes=200_000)
+    two_pass, _ = run(sim, sim.uncal, tmp_path / "two", two_pass=True, band_bytes=200_000)
+    assert "scratch" not in fused.timings and "scratch" in two_pass.timings
+    assert len(bands) > 3 and bands == list(range(1, len(bands) + 1))  # one sweep
+    assert_same_products(fused, two_pass)
+
+
+@pytest.mark.parametrize("groups", [slice(2, 7), slice(1, 2), slice(0, 8)],
+                         ids=["jump-mode", "ramp_fit-discard", "no-rate-there"])
+def test_bands_misled_by_a_partial_survey_are_done_again(sim, tmp_path, groups):
+    """The input flags ``groups`` DO_NOT_USE in the top half of the frame, in every
+    integration: the first bands alone say those groups are unusable everywhere, which
+    the whole frame does not. Misled, jump would skip its search there (too few groups
+    left), ramp_fit would drop the second group too (RSCD flags the first), or find no
+    rate to make at all."""
+    uncal = tmp_path / sim.uncal.name
+    shutil.copy(sim.uncal, uncal)
+    with fits.open(uncal, mode="update") as hdul:
+        groupdq = np.zeros(hdul["SCI"].data.shape, np.uint8)
+        groupdq[:, groups, :32, :] = DO_NOT_USE
+        hdul.append(fits.ImageHDU(groupdq, name="GROUPDQ"))
+    fused, bands = run(sim, uncal, tmp_path / "fused", threads=2, band_bytes=150_000)
+    two_pass, _ = run(sim, uncal, tmp_path / "two", two_pass=True, threads=2,
+                      band_bytes=150_000)
+    assert "scratch" not in fused.timings
+    sweep = len(bands) // 2
+    assert bands == list(range(1, sweep + 1)) * 2  # every band twice
+    assert_same_products(fused, two_pass)
+    with fits.open(fused.products["rate"]) as hdul:
+        assert np.isfinite(hdul["SCI"].data[32:]).mean() > 0.9  # the other half has rates
