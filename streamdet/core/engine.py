@@ -22,6 +22,11 @@ whatever the number of integrations:
    ramp_fit); the rate producer's results for the band's own rows land in the product
    arrays.
 
+When pass 1's steps are recomputable GROUP steps and pass 2's surveyors can survey band
+by band, the two are **fused** (:func:`_fusable`): the band pass reads its bands from the
+input and runs pass 1's steps on them itself, and no scratch copy is kept (see the
+"fused pass" of core/step.py).
+
 A step that needs frame-wide work on its own band results first (jump's shower and
 snowball searches look at whole planes) declares ``frame_passes()``: the band pass then
 runs that many extra times beforehand, up to that step, handing each band to its
