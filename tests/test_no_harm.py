@@ -419,19 +419,17 @@ def test_unusable_output_directory_is_refused_before_any_work(crds, tmp_path, mo
 
 # -- 10. signals ------------------------------------------------------------------------------
 
-# the run stops itself with a real signal at a known point: just after the integration pass
-# has written its first piece to the scratch files (forced to disk)
+# the run stops itself with a real signal at a known point: just after the band pass has
+# written its first band of the saved ramp (--save-ramp) to its scratch files, on disk
 _SIGNAL_MID_RUN = """
 import os, signal, sys
-from streamdet.core import engine
+from streamdet.core import products
 signum = int(os.environ["TEST_SIGNAL"])
-_init, _write = engine._Scratch.__init__, engine._Scratch.write
-def init(self, meta, directory, in_memory_bytes):
-    _init(self, meta, directory, 0)
-def write(self, *args):
-    _write(self, *args)
+_put = products.CubeStore.put
+def put(self, *args):
+    _put(self, *args)
     os.kill(os.getpid(), signum)
-engine._Scratch.__init__, engine._Scratch.write = init, write
+products.CubeStore.put = put
 from streamdet.cli import main
 sys.argv = ["streamdet", *sys.argv[1:]]
 main()

@@ -23,7 +23,7 @@ whatever the number of integrations:
    arrays.
 
 When pass 1's steps are recomputable GROUP steps and pass 2's surveyors can survey band
-by band, the two are **fused** (:func:`_fusable`): the band pass reads its bands from the
+by band, the two are **fused** (:func:`_fusion`): the band pass reads its bands from the
 input and runs pass 1's steps on them itself, and no scratch copy is kept (see the
 "fused pass" of core/step.py).
 
@@ -629,9 +629,13 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                                     extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
         capture = _capture_plan(passes, captures or {}, saved)
         run.prepass(active)
-        if _fusable(passes, capture):
+        fusion = _fusion(passes, capture, run.scratch_fits_in_memory())
+        if fusion:
+            if fusion == "survey first":  # a first pass for the surveys only
+                run.first_pass(passes[0][1], passes[1][1], None, {})
             rate, rateints = _allocate_products(meta, config)
-            run.fused_pass(passes[0][1], passes[1][1], rate, rateints, capture[1])
+            run.fused_pass(passes[0][1], passes[1][1], rate, rateints, capture[1],
+                           surveyed=fusion == "survey first")
             exposure.drop_buffers()
             return rate, rateints, saved
         scratch = run.new_scratch()
@@ -649,18 +653,24 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         run.close()
 
 
-def _fusable(passes: list[tuple[str, list[Step]]],
-             capture: list[dict[int, list[CubeStore]]]) -> bool:
-    """Whether the band pass may read its bands from the input and run the first pass's
+def _fusion(passes: list[tuple[str, list[Step]]], capture: list[dict[int, list[CubeStore]]],
+            scratch_in_memory: bool) -> str | None:
+    """Whether the band pass reads its bands from the input and runs the first pass's
     steps on them itself, with no copy of the first pass's output kept (see
     ``Step.recomputable`` and ``Step.survey_with_bands``): two passes, the first all
-    recomputable GROUP steps, every surveyor of the second able to survey band by band,
-    and no ramp saved from inside the first."""
+    recomputable GROUP steps, and no ramp saved from inside the first. "fused" when
+    every surveyor of the second pass can survey band by band; "survey first" when one
+    cannot (refpix) and the copy would go to a file: a first pass then runs for the
+    surveys alone, and the band pass computes its output again, which costs less than
+    writing it out and reading it back; None: the two passes, with the copy."""
     if len(passes) != 2 or capture[0]:
-        return False
+        return None
     (_, lead), (_, steps) = passes
-    return (all(s.granularity == Granularity.GROUP and s.recomputable for s in lead)
-            and all(s.survey_with_bands or type(s).survey is Step.survey for s in steps))
+    if not all(s.granularity == Granularity.GROUP and s.recomputable for s in lead):
+        return None
+    if all(s.survey_with_bands or type(s).survey is Step.survey for s in steps):
+        return "fused"
+    return None if scratch_in_memory else "survey first"
 
 
 def _check_producer_placement(active: list[Step]) -> None:
@@ -714,6 +724,10 @@ class _Passes:
         self.scratch_in_memory = min(config.scratch_in_memory_bytes, config.band_bytes)
         self.scratches: list[_Scratch] = []
 
+    def scratch_fits_in_memory(self) -> bool:
+        meta = self.meta
+        return meta.nints * meta.ngroups * meta.ny * meta.nx * 5 <= self.scratch_in_memory
+
     def new_scratch(self) -> _Scratch:
         scratch = _Scratch(self.meta, self.config.scratch_dir, self.scratch_in_memory)
         self.scratches.append(scratch)
@@ -744,23 +758,24 @@ class _Passes:
                 step.prepass(ramp)
                 self.pool.add(step.name, time.perf_counter() - t0)
 
-    def first_pass(self, steps: list[Step], surveyors: list[Step], scratch: _Scratch,
+    def first_pass(self, steps: list[Step], surveyors: list[Step], scratch: _Scratch | None,
                    captures: dict[int, list[CubeStore]]) -> None:
-        """The integration pass from the input into ``scratch``: integrations in bands of
-        rows when every step is pixel-local (whole otherwise); ``surveyors`` (the next
-        pass's steps) survey each piece as it leaves."""
+        """The integration pass from the input into ``scratch`` (None: for the surveys
+        alone): integrations in bands of rows when every step is pixel-local (whole
+        otherwise); ``surveyors`` (the next pass's steps) survey each piece as it
+        leaves."""
         _FirstPass(self, steps, surveyors, scratch, captures).run()
         for step in surveyors:
             step.survey_complete()  # nothing processed yet: nothing to redo
 
     def fused_pass(self, lead: list[Step], steps: list[Step], rate: RateArrays, rateints,
-                   captures: dict[int, list[CubeStore]]) -> None:
-        """The only pass when :func:`_fusable`: bands of rows of every integration, read
-        from the input, through the first pass's steps (``lead``), surveyed, then
-        through ``steps``."""
+                   captures: dict[int, list[CubeStore]], surveyed: bool) -> None:
+        """The fused band pass (see :func:`_fusion`): bands of rows of every integration,
+        read from the input, through the first pass's steps (``lead``), surveyed (unless
+        ``surveyed`` already), then through ``steps``."""
         _BandPass(self, steps, _InputBands(self.exposure), None,
                   self.threads_for(lead + steps), rate, rateints, captures, "",
-                  lead=lead).run()
+                  lead=lead, surveyed=surveyed).run()
 
     def later_passes(self, passes: list[tuple[str, list[Step]]], scratch: _Scratch,
                      rate: RateArrays, rateints, capture: list[dict[int, list[CubeStore]]]
@@ -853,8 +868,9 @@ class _FirstPass:
         for step in self.surveyors:  # chunk now covers the core rows only
             pool.step(step, chunk, survey=True)
         t0 = time.perf_counter()
-        self.scratch.write(i, core, chunk.data[0], chunk.groupdq[0])
-        pool.add("scratch", time.perf_counter() - t0)
+        if self.scratch is not None:  # None: a pass for the surveys alone
+            self.scratch.write(i, core, chunk.data[0], chunk.groupdq[0])
+            pool.add("scratch", time.perf_counter() - t0)
 
 
 class _BandPass:
@@ -868,17 +884,21 @@ class _BandPass:
 
     def __init__(self, run: _Passes, steps: list[Step], source: "_Scratch | _InputBands",
                  target: _Scratch | None, threads: int, rate: RateArrays, rateints,
-                 captures: dict[int, list[CubeStore]], label: str, lead: list[Step] = ()):
+                 captures: dict[int, list[CubeStore]], label: str, lead: list[Step] = (),
+                 surveyed: bool = False):
         meta = run.meta
         self.run_, self.steps, self.source, self.target = run, steps, source, target
         self.rate, self.rateints, self.captures, self.label = rate, rateints, captures, label
         self.halo = max((s.halo for s in steps), default=0)
-        # a fused pass (see _fusable): the first pass's steps run on each band first, each
+        # a fused pass (see _fusion): the first pass's steps run on each band first, each
         # on the rows the band needs plus the halos of it and of the lead steps after it
         self.lead = list(lead)
+        self.fused = isinstance(source, _InputBands)  # reads the input (maybe no lead)
         lead_halos = [max(0, int(s.halo or 0)) for s in self.lead]
         self.lead_margins = [sum(lead_halos[k:]) for k in range(len(self.lead))] + [0]
-        self.surveyors = [s for s in steps if type(s).survey is not Step.survey] if lead else []
+        # the steps surveying as the bands go (none when a first pass made the survey)
+        self.surveyors = ([s for s in steps if type(s).survey is not Step.survey]
+                          if self.fused and not surveyed else [])
         # extra band passes before this one, for steps that need frame-wide work on their
         # band results (jump's snowball and shower searches): (index in steps, step, stage,
         # halo of that pass); none by default
@@ -954,7 +974,7 @@ class _BandPass:
         margin = band_halo + self.lead_margins[0]
         r0, r1 = max(0, core.start - margin), min(ny, core.stop + margin)
         data, groupdq = self.band_buffers(r1 - r0)
-        if self.lead:
+        if self.fused:
             data, groupdq, r0 = self.lead_steps(data, groupdq, r0, core, band_halo)
             r1 = r0 + data.shape[2]
         else:
