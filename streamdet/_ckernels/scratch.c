@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include "scratch.h"
 
@@ -101,4 +102,27 @@ int64_t streamdet_scratch_read_integration(int64_t fd, void *dest, int64_t i, in
 {
     return integration_rows(fd, dest, i, row0, nrows, nints, ngroups, line_bytes,
                             s_group, s_row, 0);
+}
+
+int64_t streamdet_read_spans(int64_t fd, void *dest, int64_t offset, int64_t stride,
+                             int64_t nspans, int64_t span_bytes)
+{
+    char *out = dest;
+    for (int64_t k = 0; k < nspans; k++) {
+        int64_t done = 0;
+        while (done < span_bytes) {
+            ssize_t got = pread((int)fd, out + done, (size_t)(span_bytes - done),
+                                (off_t)(offset + k * stride + done));
+            if (got < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (got == 0)
+                return k;
+            done += got;
+        }
+        out += span_bytes;
+    }
+    return nspans;
 }

@@ -27,3 +27,11 @@ int64_t streamdet_scratch_write(int64_t fd, const void *src, int64_t i, int64_t 
 int64_t streamdet_scratch_read_integration(int64_t fd, void *dest, int64_t i, int64_t row0,
                                            int64_t nrows, int64_t nints, int64_t ngroups,
                                            int64_t line_bytes, int64_t s_group, int64_t s_row);
+
+/* Input files (streamdet/core/exposure.py): `nspans` spans of `span_bytes` bytes, the
+ * k-th at file offset `offset + k*stride`, read one after the other into `dest` (the
+ * rows of a band in each group plane of one integration), with positioned reads and no
+ * Python in between. Returns nspans when all were read whole, the index of the span
+ * the file ended in otherwise, or -errno on failure. */
+int64_t streamdet_read_spans(int64_t fd, void *dest, int64_t offset, int64_t stride,
+                             int64_t nspans, int64_t span_bytes);

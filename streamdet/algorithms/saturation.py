@@ -159,25 +159,34 @@ def flag_saturation(
         "bias": ffi.NULL if bias_frame is None else pointer(ffi, bias_frame),
         "bias_f": bias_f, "bias_d": bias_d})
 
+    diluted = _dilution_factors(frames) if frames is not None else []
     for integ in range(nints):
         with group_planes(data[integ], groupdq[integ], modified=(1,)) as (ramp, ramp_dq):
             params.gstride = strides(ramp)[0]
             lib.streamdet_flag_saturation(pointer(ffi, ramp), pointer(ffi, ramp_dq),
                                           pointer(ffi, limit), pointer(ffi, work), params)
-        if frames is not None:
+        if diluted:
             _flag_diluted_saturation(data[integ], groupdq[integ], limit, unchecked,
-                                     frames, n_pix_grow_sat)
+                                     diluted, n_pix_grow_sat)
 
     np.bitwise_or(pixeldq, ref_pixeldq, out=pixeldq)
 
 
-def _flag_diluted_saturation(ramp, ramp_dq, limit, unchecked, frames, n_pix_grow_sat):
-    # a group averaging frames before and after the saturating one sits below threshold
+def _dilution_factors(frames) -> list[tuple[int, float]]:
+    """``(group, factor)`` for the groups whose frames' mean differs from their last
+    frame (none when each group is one frame), last group but one first."""
+    out = []
     for grp in range(len(frames) - 2, -1, -1):
         frames_here = frames[grp]
         factor = np.mean(frames_here) / frames_here[-1]
-        if factor == 1:
-            continue
+        if factor != 1:
+            out.append((grp, factor))
+    return out
+
+
+def _flag_diluted_saturation(ramp, ramp_dq, limit, unchecked, diluted, n_pix_grow_sat):
+    # a group averaging frames before and after the saturating one sits below threshold
+    for grp, factor in diluted:
         scaled_limit = limit * np.where(unchecked, 1.0, factor)
         this_dq = ramp_dq[grp]
         candidate = (
