@@ -42,6 +42,7 @@ NO_SAT_CHECK where the threshold is NaN - so it could be applied once per exposu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def flag_saturation(
         "bias": ffi.NULL if bias_frame is None else pointer(ffi, bias_frame),
         "bias_f": bias_f, "bias_d": bias_d})
 
-    diluted = _dilution_factors(frames) if frames is not None else []
+    diluted = _dilution_factors(ngroups, nframes) if frames is not None else ()
     for integ in range(nints):
         with group_planes(data[integ], groupdq[integ], modified=(1,)) as (ramp, ramp_dq):
             params.gstride = strides(ramp)[0]
@@ -172,16 +173,19 @@ def flag_saturation(
     np.bitwise_or(pixeldq, ref_pixeldq, out=pixeldq)
 
 
-def _dilution_factors(frames) -> list[tuple[int, float]]:
+@lru_cache(maxsize=32)
+def _dilution_factors(ngroups: int, nframes: int) -> tuple[tuple[int, float], ...]:
     """``(group, factor)`` for the groups whose frames' mean differs from their last
-    frame (none when each group is one frame), last group but one first."""
+    frame (none when each group is one frame), last group but one first. Cached: the
+    engine calls the step once per integration and band."""
+    frames = frames_of_groups(ngroups, nframes)
     out = []
     for grp in range(len(frames) - 2, -1, -1):
         frames_here = frames[grp]
         factor = np.mean(frames_here) / frames_here[-1]
         if factor != 1:
             out.append((grp, factor))
-    return out
+    return tuple(out)
 
 
 def _flag_diluted_saturation(ramp, ramp_dq, limit, unchecked, diluted, n_pix_grow_sat):
