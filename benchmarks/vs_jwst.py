@@ -70,8 +70,13 @@ CASES = {
              note="jwst not run by default (~15 GB, minutes; --jwst-all runs it)"),
         Case("full_50x2_1thread", "FULL", 50, 2, threads=1, jwst=False,
              note="streamdet on one thread, for the thread scaling line"),
+        Case("sub256_30x100_1thread", "SUB256", 30, 100, threads=1, jwst=False,
+             note="streamdet on one thread, for the engine's scaling line"),
         Case("sub256_60x500", "SUB256", 60, 500, jwst=False,
-             note="jwst issue 5310's size (MemoryError at 7.2 GiB); jwst does not fit"),
+             note="jwst issue 5310's size (MemoryError at 7.2 GiB); jwst does not fit in 24 GB"),
+        Case("full_250x5", "FULL", 250, 5, jwst=False,
+             note="jwst issue 8679's size (2.6 GB uncal; 89 GB, killed after 24 h); "
+                  "jwst does not fit in 24 GB"),
         Case("full_50x2_showers", "FULL", 50, 2, seed=22, large_events=True,
              jump=(("find_showers", True),), note="showers in the data, jump.find_showers on"),
     )
@@ -308,6 +313,14 @@ def report(results: list[Result], repeat: int, helps: dict[str, float] | None = 
         one, many = _median(base.runs["streamdet"], "wall"), _median(threaded.runs["streamdet"], "wall")
         add(f"threads: full_50x2 streamdet 1 thread {one:.2f} s, {_usable_cpus()} threads "
             f"(default) {many:.2f} s: {one / many:.2f}x")
+    threaded, base = by_name.get("sub256_30x100"), by_name.get("sub256_30x100_1thread")
+    if base and threaded and base.runs.get("streamdet") and threaded.runs.get("streamdet"):
+        # inside the engine: streamdet's own run seconds (the file's processing, products
+        # written), without the interpreter's start and the imports
+        one, many = (_median_report(base.runs["streamdet"], "run"),
+                     _median_report(threaded.runs["streamdet"], "run"))
+        add(f"threads inside the engine: sub256_30x100 run 1 thread {one:.2f} s, "
+            f"{_usable_cpus()} threads {many:.2f} s: {one / many:.2f}x")
     small, large = by_name.get("sub256_50x100"), by_name.get("sub256_50x200")
     if small and large and small.runs.get("streamdet") and large.runs.get("streamdet"):
         a, b = _median(small.runs["streamdet"], "rss"), _median(large.runs["streamdet"], "rss")
