@@ -84,15 +84,24 @@ def test_bands_misled_by_a_partial_survey_are_done_again(sim, tmp_path, groups):
         assert np.isfinite(hdul["SCI"].data[32:]).mean() > 0.9  # the other half has rates
 
 
-def test_full_frame_surveys_first_then_recomputes(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("large_events", [False, True], ids=["plain", "showers-snowballs"])
+def test_full_frame_surveys_first_then_recomputes(tmp_path_factory, tmp_path, large_events):
     """refpix needs every row of an integration before it corrects any: a full frame
     whose copy of the ramp would go to a file gets a first pass for the surveys alone,
-    then the fused band pass, with the two-pass products."""
-    full = simulate(tmp_path_factory.mktemp("full"), subarray="FULL", ngroups=6, nints=2, seed=9)
-    kept, bands = run(full, full.uncal, tmp_path / "recomputed", scratch_in_memory_bytes=0)
+    then the fused band pass (and jump's extra passes for its large-event searches),
+    with the two-pass products."""
+    full = simulate(tmp_path_factory.mktemp("full"), subarray="FULL", ngroups=10, nints=2,
+                    seed=22 if large_events else 9, large_events=large_events)
+    params = ({"jump": {"find_showers": True, "expand_large_events": True}}
+              if large_events else {})
+    kept, bands = run(full, full.uncal, tmp_path / "recomputed", scratch_in_memory_bytes=0,
+                      params=params)
     two_pass, _ = run(full, full.uncal, tmp_path / "two", two_pass=True,
-                      scratch_in_memory_bytes=0)
+                      scratch_in_memory_bytes=0, params=params)
     assert "scratch" not in kept.timings and "scratch" in two_pass.timings
     assert kept.timings["refpix"] > 0
     assert bands == list(range(1, len(bands) + 1))  # one sweep: the survey was whole
     assert_same_products(kept, two_pass)
+    if large_events:
+        with fits.open(kept.products["rate"]) as hdul:
+            assert hdul[0].header["EXTNCRS"] > 0  # the searches found events
