@@ -81,6 +81,10 @@ DEFAULT_BAND_BYTES = 128 * 1024**2
 MAX_BAND_ROWS = 48
 #: default memory for one band of the integration pass (data + groupdq, one integration)
 DEFAULT_PASS1_BAND_BYTES = 16 * 1024**2
+#: a fused pass runs the first pass's steps on this much of a band at a time (whole
+#: integrations): small enough to stay in the CPU's caches between the steps, large
+#: enough that the Python between the calls is not what the time goes to
+LEAD_BATCH_BYTES = 4 * 1024**2
 #: rateints arrays larger than this are kept in scratch files rather than memory
 RATEINTS_IN_MEMORY_BYTES = 16 * 1024**2
 #: the integration pass's output is kept in memory up to this size (and up to
@@ -1015,22 +1019,23 @@ class _BandPass:
     def lead_steps(self, data: np.ndarray, groupdq: np.ndarray, r0: int, core: slice,
                    band_halo: int) -> tuple[np.ndarray, np.ndarray, int]:
         """A fused pass's band (rows from ``r0``), read from the input and through the
-        first pass's steps one integration at a time (while it is in the CPU's caches),
+        first pass's steps a few integrations at a time (while in the CPU's caches),
         then surveyed (while the survey is not whole); returns the views of the rows the
         band's own steps get (``core`` and ``band_halo`` rows each side) and their
         first row."""
         run, meta = self.run_, self.run_.meta
         pool, pixeldq = run.pool, run.pixeldq
         rows = slice(r0, r0 + data.shape[2])
-        for i in range(meta.nints):
-            plane = np.s_[i:i + 1]
+        at_once = max(1, LEAD_BATCH_BYTES // (data[0].nbytes + groupdq[0].nbytes))
+        for i in range(0, meta.nints, at_once):
+            plane = np.s_[i:i + at_once]
             t0 = time.perf_counter()
             self.source.read(rows, plane, data, groupdq)
             pool.add("read", time.perf_counter() - t0)
             for k, step in enumerate(self.lead):
                 reach = band_halo + self.lead_margins[k]
                 a, b = max(r0, core.start - reach), min(rows.stop, core.stop + reach)
-                part = np.s_[i:i + 1, :, a - r0:b - r0]
+                part = np.s_[plane, :, a - r0:b - r0]
                 pool.step(step, Chunk(data[part], groupdq[part], pixeldq[a:b],
                                       meta.int_index[plane], slice(a, b),
                                       core=slice(core.start - a, core.stop - a)))
