@@ -1,12 +1,8 @@
 """The command line's option values converted without pydantic (streamdet.cli_values):
 every command gets, for every value, what typer's own (pydantic) conversion gives, the
-same error for a bad one, and a run of ``streamdet process`` does not import pydantic."""
+same error for a bad one. (That a run does not import pydantic: test_startup_imports.)"""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import typer.main
@@ -82,21 +78,3 @@ def test_the_plain_conversion_is_used_for_the_options_of_a_run():
     cli_values.convert_plainly(command, parent)
     kinds = {p.name: type(p._runtime_param).__name__ for p in command.get_params(parent)}
     assert set(kinds.values()) == {"_PlainValues"}, kinds
-
-
-def test_a_run_does_not_import_pydantic(tmp_path):
-    """Every option of ``process`` converted (the run then stops: no such file)."""
-    code = (
-        "import sys, atexit\n"
-        "atexit.register(lambda: print('pydantic' in sys.modules))\n"
-        f"sys.argv = ['streamdet', 'process', {str(tmp_path / 'no_uncal.fits')!r}, '-o', "
-        f"{str(tmp_path / 'out')!r}, '--set', 'jump.rejection_threshold=5', '--threads', '2',"
-        " '--skip', 'jump', '--overwrite']\n"
-        "from streamdet.cli import main\n"
-        "main()\n")
-    env = {**os.environ, "STREAMDET_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert "no such file" in done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "False"
