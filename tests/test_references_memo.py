@@ -54,6 +54,17 @@ def test_second_lookup_skips_crds_and_agrees(sim, tmp_path):
     assert off["asked_crds"] and off["paths"] == first["paths"]
 
 
+def test_crds_verbosity_does_not_change_the_answer(sim, tmp_path):
+    """The command line quiets crds (CRDS_VERBOSITY=-3) unless -v; the Python API does
+    not: both find what the other remembered."""
+    memo = tmp_path / "memo.json"
+    first = lookup(sim, memo, CRDS_VERBOSITY=None)
+    quiet = lookup(sim, memo, CRDS_VERBOSITY="-3")
+    assert first["asked_crds"] and not quiet["asked_crds"]
+    assert quiet["paths"] == first["paths"]
+    assert lookup(sim, memo, CRDS_CLIENT_RETRY_COUNT="2")["asked_crds"]  # any other: asked
+
+
 def test_changed_rules_reference_or_environment_ask_crds_again(sim, tmp_path):
     memo = tmp_path / "memo.json"
     first = lookup(sim, memo)
