@@ -44,3 +44,25 @@ def test_a_plain_run_imports_only_what_it_needs(sim, tmp_path):
     assert (out / f"{sim.uncal.name.replace('_uncal', '_rate')}").is_file()
     imported = done.stdout.strip().splitlines()[-1]
     assert imported == "IMPORTED []", {m: NOT_NEEDED[m] for m in NOT_NEEDED if m in imported}
+
+
+def test_the_products_schemas_load_when_the_products_are_written(sim):
+    """Not on a thread of their own from the run's start: loading them holds the GIL,
+    as does most of a run meanwhile, and the contention cost more than the overlap."""
+    code = (
+        "import sys, threading\n"
+        "from streamdet.core.exposure import Exposure\n"
+        "from streamdet.core.products import InputMetadata\n"
+        f"with Exposure({str(sim.uncal)!r}) as exposure:\n"
+        "    source = InputMetadata(exposure.meta)\n"
+        "    print(sorted(t.name for t in threading.enumerate()),\n"
+        "          'stdatamodels' in sys.modules)\n"
+        "    model = source.model()\n"
+        "    print(type(model).__name__, model.meta.exposure.ngroups,\n"
+        "          'stdatamodels' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = done.stdout.strip().splitlines()[-2:]
+    assert before == "['MainThread'] False"
+    assert after == "RampModel 5 True"

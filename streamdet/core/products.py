@@ -5,8 +5,7 @@
 so they carry the ASDF extension stpipe reads, validate against the schemas, and hold the
 input's metadata the way jwst's ramp_fit carries it (``model.update(input)``: every
 PRIMARY and SCI keyword the schema maps). The input's metadata model is built from its
-headers alone; the schemas it needs load in the background while the exposure streams
-through the engine.
+headers alone, when the products are written (the schemas load then, once per process).
 
 Arrays that grow with the number of integrations (rateints, ramps) stay in scratch files
 (:class:`CubeStore`): stdatamodels writes every header and the ASDF extension while the
@@ -32,7 +31,7 @@ import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -514,25 +513,16 @@ _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS
                "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "EXTVER",
                "CHECKSUM", "DATASUM"}
 
-_background = ThreadPoolExecutor(1, thread_name_prefix="streamdet-meta")
-_warm: Future | None = None
-_warm_lock = threading.Lock()
-
-
 def warm_up() -> None:
-    """Start loading stdatamodels, asdf's extensions and the products' schemas (about
-    0.2 s of CPU, once per process; less with the schema cache) on a background thread; called when a run starts, so
-    that it overlaps the reference look-up, which keeps one core busy only."""
-    global _warm
-    with _warm_lock:
-        if _warm is None:
-            _warm = _background.submit(_load_schemas)
+    """Nothing (the engine's call from a run's start is left over): the products'
+    schemas load on first use, by the thread that writes.
 
-
-def _load_schemas() -> None:
-    with _asdf_scope():
-        for name in MODEL_OF.values():
-            new_model(name)
+    Loading them (imports, YAML, schemas: ~0.1 s of CPU) on a background thread while
+    the run went on gained nothing: it holds the GIL, as does most of what a run does
+    meanwhile, and the two threads contending for it and for the import locks cost more
+    CPU and wall time than they overlapped (on a loaded 2-core machine, SUB64 5x2: 0.83
+    -> 0.77 s of CPU, 1.37 -> 1.18 s wall; FULL 10x1: 1.60 -> 1.47 s of CPU, 2.77 ->
+    2.42 s wall; medians of 15 and 7 interleaved runs)."""
 
 
 #: the products' schemas: resolved, by model class name, and as asdf's loader parses them
@@ -654,8 +644,7 @@ class InputMetadata:
     """The input's metadata as a stdatamodels RampModel (what jwst's ramp_fit carries
     over), built from copies of its headers and small tables, never from its SCI.
 
-    The schemas load on a background thread from the run's start (:func:`warm_up`); the
-    model itself is built on first use, by the writing thread, so that the schema's
+    The model is built on first use, by the writing thread, so that the schema's
     complaints about the input's values can be caught (``warnings.catch_warnings`` is
     not thread-safe): a value the schema refuses is not carried over, as in jwst, and is
     listed in :attr:`rejected` (recorded in the products' provenance) rather than
@@ -675,7 +664,6 @@ class InputMetadata:
         self._model = None
         self.rejected: list[str] = []
         self._asdf = meta.extra.get("asdf")
-        warm_up()
 
     def earlier_provenance(self) -> Any:
         """The ``streamdet`` section of a saved ramp's metadata tree (the run that made
@@ -701,8 +689,6 @@ class InputMetadata:
 
     def model(self):
         if self._model is None:
-            if _warm is not None:
-                _warm.result()
             from stdatamodels.validate import ValidationWarning  # noqa: PLC0415
 
             with _asdf_scope(), warnings.catch_warnings(record=True) as caught:
