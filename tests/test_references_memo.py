@@ -99,3 +99,13 @@ def test_unreadable_memo_is_ignored(sim, tmp_path):
     assert first["asked_crds"]
     assert not lookup(sim, memo)["asked_crds"]
     assert len(json.loads(memo.read_text())) >= 1
+
+
+def test_the_suite_keeps_its_answers_out_of_the_users_memo():
+    """(conftest.py) the suite's throwaway CRDS caches would push the user's remembered
+    answers out of ~/.cache/streamdet/crds_lookups.json."""
+    from streamdet.core import references
+
+    users = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamdet"
+             / "crds_lookups.json")
+    assert references._memo_file() not in (None, users)
