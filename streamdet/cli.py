@@ -15,8 +15,28 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from .cli_values import convert_plainly
+
+
+class _Commands(TyperGroup):
+    """streamdet's commands: the group and the command invoked convert their plain
+    option values without pydantic (see :mod:`streamdet.cli_values`)."""
+
+    def parse_args(self, ctx, args):
+        convert_plainly(self, ctx)
+        return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            convert_plainly(command, ctx)
+        return name, command, rest
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Streaming JWST MIRI Detector1 processing: uncal ramps to rate images.")
 
 #: set by the one-shot commands (process, demo): once they return, everything they made

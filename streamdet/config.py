@@ -29,7 +29,6 @@ as ``--set jump.rejection_threshold=5`` (see :func:`jwst_spelling`).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +111,8 @@ def load(config_file: Path | None = None, *, skip: list[str] = (), sets: list[st
     if config_file is not None and jwstparams.is_asdf(Path(config_file)):
         data, save_ramp = _from_parameter_file(Path(config_file))
     elif config_file is not None:
+        import tomllib  # noqa: PLC0415 - ~0.01 s (its regexes), for a TOML file only
+
         try:
             data = tomllib.loads(Path(config_file).read_text())
         except FileNotFoundError:

@@ -54,6 +54,17 @@ def test_second_lookup_skips_crds_and_agrees(sim, tmp_path):
     assert off["asked_crds"] and off["paths"] == first["paths"]
 
 
+def test_crds_verbosity_does_not_change_the_answer(sim, tmp_path):
+    """The command line quiets crds (CRDS_VERBOSITY=-3) unless -v; the Python API does
+    not: both find what the other remembered."""
+    memo = tmp_path / "memo.json"
+    first = lookup(sim, memo, CRDS_VERBOSITY=None)
+    quiet = lookup(sim, memo, CRDS_VERBOSITY="-3")
+    assert first["asked_crds"] and not quiet["asked_crds"]
+    assert quiet["paths"] == first["paths"]
+    assert lookup(sim, memo, CRDS_CLIENT_RETRY_COUNT="2")["asked_crds"]  # any other: asked
+
+
 def test_changed_rules_reference_or_environment_ask_crds_again(sim, tmp_path):
     memo = tmp_path / "memo.json"
     first = lookup(sim, memo)
@@ -88,3 +99,13 @@ def test_unreadable_memo_is_ignored(sim, tmp_path):
     assert first["asked_crds"]
     assert not lookup(sim, memo)["asked_crds"]
     assert len(json.loads(memo.read_text())) >= 1
+
+
+def test_the_suite_keeps_its_answers_out_of_the_users_memo():
+    """(conftest.py) the suite's throwaway CRDS caches would push the user's remembered
+    answers out of ~/.cache/streamdet/crds_lookups.json."""
+    from streamdet.core import references
+
+    users = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamdet"
+             / "crds_lookups.json")
+    assert references._memo_file() not in (None, users)

@@ -14,6 +14,10 @@ import sys
 #: does, keep the schemas, and report what came from the cache
 _FRESH_PROCESS = """
 import json, pickle, sys
+import yaml
+parsed_yaml = []  # what asdf parses with yaml.safe_load (its extension manifests)
+_safe_load = yaml.safe_load
+yaml.safe_load = lambda text: parsed_yaml.append(1) or _safe_load(text)
 import numpy as np
 from stdatamodels import fits_support
 from streamdet.core import products
@@ -25,9 +29,15 @@ with products._asdf_scope():
         fits_support.to_fits(model._instance, model._schema)  # validates: parses schemas
 products._write_schema_cache()
 with open(sys.argv[1], "wb") as out:
-    pickle.dump({"resolved": products._schemas, "parsed": products._parsed}, out)
+    pickle.dump({"resolved": products._schemas, "parsed": products._parsed,
+                 "manifests": products._manifests, "plugin_dists": products._plugin_dists}, out)
+extensions = products._product_plugins()["extensions"]
 print(json.dumps({"loaded": products._schema_cache_state["loaded"],
-                  "key": products._schema_cache_state["key"]}))
+                  "key": products._schema_cache_state["key"],
+                  "parsed_yaml": len(parsed_yaml),
+                  "manifests": [e.delegate._manifest for e in extensions],
+                  "extension_packages": [[e.package_name, e.package_version]
+                                         for e in extensions]}, default=str))
 """
 
 
@@ -47,12 +57,32 @@ def test_a_second_process_takes_the_schemas_from_the_cache(tmp_path):
     assert first["loaded"] > 0 and cache.is_file()  # written, after parsing anew
     second, cached = _run(tmp_path, str(cache), "second.pickle")
     assert second["key"] == first["key"]
-    assert second["loaded"] == len(cached["resolved"]) + len(cached["parsed"])
+    assert second["loaded"] == sum(len(cached[part]) for part in
+                                   ("resolved", "parsed", "manifests", "plugin_dists"))
     assert set(cached["resolved"]) == {"ImageModel", "CubeModel", "RampModel"}
     uncached, plain = _run(tmp_path, "off", "plain.pickle")
     assert uncached["key"] is None and not (tmp_path / "off").exists()
     assert cached["resolved"] == plain["resolved"] == fresh["resolved"]
     assert cached["parsed"] == plain["parsed"]
+
+
+def test_a_second_process_takes_asdfs_manifests_and_plugin_packages_from_the_cache(tmp_path):
+    """asdf's core extensions parse their manifests (YAML) when first loaded, and finding
+    the asdf entry points scans every installed distribution: both are kept too."""
+    from importlib.metadata import entry_points
+
+    cache = tmp_path / "schemas.pickle"
+    first, _ = _run(tmp_path, str(cache), "first.pickle")
+    second, _ = _run(tmp_path, str(cache), "second.pickle")
+    plain, _ = _run(tmp_path, "off", "plain.pickle")
+    assert first["parsed_yaml"] >= 1 and plain["parsed_yaml"] == first["parsed_yaml"]
+    assert second["parsed_yaml"] == 0
+    assert second["manifests"] == plain["manifests"] == first["manifests"]
+    core = next(p for p in entry_points(group="asdf.extensions")
+                if p.value == "asdf._core._integration:get_extensions")
+    assert second["extension_packages"] == plain["extension_packages"]
+    assert {tuple(p) for p in second["extension_packages"]} == {(core.dist.name,
+                                                                 core.dist.version)}
 
 
 def test_a_cache_from_other_sources_is_ignored_and_replaced(tmp_path):

@@ -5,8 +5,7 @@
 so they carry the ASDF extension stpipe reads, validate against the schemas, and hold the
 input's metadata the way jwst's ramp_fit carries it (``model.update(input)``: every
 PRIMARY and SCI keyword the schema maps). The input's metadata model is built from its
-headers alone; the schemas it needs load in the background while the exposure streams
-through the engine.
+headers alone, when the products are written (the schemas load then, once per process).
 
 Arrays that grow with the number of integrations (rateints, ramps) stay in scratch files
 (:class:`CubeStore`): stdatamodels writes every header and the ASDF extension while the
@@ -32,7 +31,7 @@ import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -354,42 +353,106 @@ def _product_plugins() -> dict | None:
 
     asdf otherwise loads every installed package's plugins when a model is first made
     (asdf-astropy, gwcs and, through it, scipy.optimize: about 0.5 s of CPU in a
-    one-shot run)."""
+    one-shot run). The schema cache, read first, gives the entry points' distributions
+    and asdf's parsed core manifests, which otherwise cost a scan of every installed
+    distribution's entry points and ~0.03 s of YAML parsing."""
     global _plugins
     with _plugins_lock:
         if _plugins is None:
             _defer_unneeded_inits()  # before the JWST schemas' entry point is loaded
             try:
-                from importlib.metadata import entry_points  # noqa: PLC0415
+                from importlib.metadata import EntryPoint  # noqa: PLC0415
 
                 from asdf.extension import ExtensionProxy  # noqa: PLC0415
                 from asdf.resource import ResourceManager, ResourceMappingProxy  # noqa: PLC0415
 
                 import asdf  # noqa: PLC0415
 
+                _read_schema_cache()
+                with _kept_lock:
+                    if not _plugin_dists:
+                        _plugin_dists.update(_find_plugin_dists())
+                    dists = dict(_plugin_dists)
+
                 def load(group, proxy) -> list:
-                    points = {p.value: p for p in entry_points(group=group)}
                     found = []
                     for value in _ASDF_PLUGINS[group]:
-                        point = points[value]
-                        elements = point.load()()
+                        package, version = dists[value]
+                        elements = EntryPoint(package, value, group).load()()
                         for element in elements if isinstance(elements, list) else [elements]:
-                            found.append(proxy(element, package_name=point.dist.name,
-                                               package_version=point.dist.version))
+                            found.append(proxy(element, package_name=package,
+                                               package_version=version))
                     return found
 
                 mappings = load("asdf.resource_mappings", ResourceMappingProxy)
                 manager = ResourceManager(mappings)
-                with asdf.config_context() as config:  # the core extensions read manifests
+                with asdf.config_context() as config, _manifests_kept():
+                    # the core extensions read their manifests through this manager
                     config._resource_mappings, config._resource_manager = mappings, manager
                     extensions = load("asdf.extensions", ExtensionProxy)
                 _plugins = {"extensions": extensions, "resource_mappings": mappings,
                             "resource_manager": manager}
                 _parse_schemas_once(manager)
-                _read_schema_cache()
             except Exception:  # an asdf without these internals: its own full configuration
                 _plugins = {}
     return _plugins or None
+
+
+def _find_plugin_dists() -> dict[str, tuple[str, str]]:
+    """Entry point of :data:`_ASDF_PLUGINS` -> (distribution name, version), as the
+    installed packages declare them (KeyError when one is not declared)."""
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    found = {}
+    for group, values in _ASDF_PLUGINS.items():
+        points = {p.value: p for p in entry_points(group=group)}
+        for value in values:
+            found[value] = (points[value].dist.name, points[value].dist.version)
+    return found
+
+
+class _ManifestLoader:
+    """Stands for the ``yaml`` module in asdf's manifest reader while the products'
+    extensions load: a manifest whose text was parsed before (by this process or, through
+    the schema cache, an earlier one) is not parsed again. Keyed by the text itself, so
+    what it returns is what parsing that text gives."""
+
+    def __init__(self, yaml):
+        self._yaml = yaml
+
+    def safe_load(self, text):
+        key = hashlib.sha256(text.encode() if isinstance(text, str) else bytes(text)).hexdigest()
+        with _kept_lock:
+            kept = _manifests.get(key)
+        if kept is not None:
+            return pickle.loads(kept)  # a fresh copy, as parsing would give
+        parsed = self._yaml.safe_load(text)
+        with contextlib.suppress(Exception), _kept_lock:
+            _manifests.setdefault(key, pickle.dumps(parsed, protocol=pickle.HIGHEST_PROTOCOL))
+        return parsed
+
+    def __getattr__(self, name):
+        return getattr(self._yaml, name)
+
+
+@contextmanager
+def _manifests_kept():
+    """asdf's extension manifests read through :class:`_ManifestLoader` for the duration
+    (other threads reading manifests meanwhile get the same results as from yaml)."""
+    try:
+        from asdf.extension import _manifest  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    real = getattr(_manifest, "yaml", None)
+    if real is None or isinstance(real, _ManifestLoader):
+        yield
+        return
+    _manifest.yaml = _ManifestLoader(real)
+    try:
+        yield
+    finally:
+        _manifest.yaml = real
 
 
 def _parse_schemas_once(manager) -> None:
@@ -450,25 +513,16 @@ _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS
                "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "EXTVER",
                "CHECKSUM", "DATASUM"}
 
-_background = ThreadPoolExecutor(1, thread_name_prefix="streamdet-meta")
-_warm: Future | None = None
-_warm_lock = threading.Lock()
-
-
 def warm_up() -> None:
-    """Start loading stdatamodels, asdf's extensions and the products' schemas (about
-    0.2 s of CPU, once per process; less with the schema cache) on a background thread; called when a run starts, so
-    that it overlaps the reference look-up, which keeps one core busy only."""
-    global _warm
-    with _warm_lock:
-        if _warm is None:
-            _warm = _background.submit(_load_schemas)
+    """Nothing (the engine's call from a run's start is left over): the products'
+    schemas load on first use, by the thread that writes.
 
-
-def _load_schemas() -> None:
-    with _asdf_scope():
-        for name in MODEL_OF.values():
-            new_model(name)
+    Loading them (imports, YAML, schemas: ~0.1 s of CPU) on a background thread while
+    the run went on gained nothing: it holds the GIL, as does most of what a run does
+    meanwhile, and the two threads contending for it and for the import locks cost more
+    CPU and wall time than they overlapped (on a loaded 2-core machine, SUB64 5x2: 0.83
+    -> 0.77 s of CPU, 1.37 -> 1.18 s wall; FULL 10x1: 1.60 -> 1.47 s of CPU, 2.77 ->
+    2.42 s wall; medians of 15 and 7 interleaved runs)."""
 
 
 #: the products' schemas: resolved, by model class name, and as asdf's loader parses them
@@ -477,6 +531,11 @@ _schemas: dict[str, dict] = {}
 _parsed: dict[str, Any] = {}
 _schemas_lock = threading.Lock()
 _parsed_lock = threading.Lock()
+#: asdf's parsed extension manifests (pickled, by the SHA-256 of their text) and the
+#: distribution (name, version) of each entry point of :data:`_ASDF_PLUGINS`
+_manifests: dict[str, bytes] = {}
+_plugin_dists: dict[str, tuple[str, str]] = {}
+_kept_lock = threading.Lock()
 
 # -- the schemas kept between processes ----------------------------------------------------
 #
@@ -487,6 +546,8 @@ _parsed_lock = threading.Lock()
 # versions, Python's, and the name, size and modification time of every JWST schema file
 # (an editable stdatamodels changes them under one version). A file with another key is
 # ignored and replaced; one that cannot be read or written costs only the time saved.
+# The same file keeps asdf's parsed core manifests (by their text) and the distributions
+# of the asdf entry points the products use (which are those three packages').
 
 _SCHEMA_CACHE_FORMAT = 1
 _schema_cache_state = {"key": None, "loaded": 0}
@@ -510,9 +571,14 @@ def _schema_sources_key() -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _kept_count() -> int:
+    return len(_schemas) + len(_parsed) + len(_manifests) + len(_plugin_dists)
+
+
 def _read_schema_cache() -> None:
-    """Fill :data:`_schemas` and :data:`_parsed` from the schema cache when its key is
-    current (called once, when the products' asdf configuration is made)."""
+    """Fill :data:`_schemas`, :data:`_parsed`, :data:`_manifests` and
+    :data:`_plugin_dists` from the schema cache when its key is current (called once,
+    when the products' asdf configuration is made)."""
     path = _schema_cache_file()
     if path is None:
         return
@@ -525,10 +591,12 @@ def _read_schema_cache() -> None:
         return
     if not isinstance(kept, dict) or kept.get("key") != key:
         return
-    with _schemas_lock, _parsed_lock:
+    with _schemas_lock, _parsed_lock, _kept_lock:
         _schemas.update(kept["resolved"])
         _parsed.update(kept["parsed"])
-        _schema_cache_state["loaded"] = len(_schemas) + len(_parsed)
+        _manifests.update(kept.get("manifests", {}))
+        _plugin_dists.update(kept.get("plugin_dists", {}))
+        _schema_cache_state["loaded"] = _kept_count()
 
 
 def _write_schema_cache() -> None:
@@ -538,11 +606,12 @@ def _write_schema_cache() -> None:
     key = _schema_cache_state["key"]
     if path is None or key is None:
         return
-    with _schemas_lock, _parsed_lock:
-        if len(_schemas) + len(_parsed) <= _schema_cache_state["loaded"]:
+    with _schemas_lock, _parsed_lock, _kept_lock:
+        if _kept_count() <= _schema_cache_state["loaded"]:
             return
-        kept = {"key": key, "resolved": dict(_schemas), "parsed": dict(_parsed)}
-        _schema_cache_state["loaded"] = len(_schemas) + len(_parsed)
+        kept = {"key": key, "resolved": dict(_schemas), "parsed": dict(_parsed),
+                "manifests": dict(_manifests), "plugin_dists": dict(_plugin_dists)}
+        _schema_cache_state["loaded"] = _kept_count()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=".product_schemas.",
@@ -575,8 +644,7 @@ class InputMetadata:
     """The input's metadata as a stdatamodels RampModel (what jwst's ramp_fit carries
     over), built from copies of its headers and small tables, never from its SCI.
 
-    The schemas load on a background thread from the run's start (:func:`warm_up`); the
-    model itself is built on first use, by the writing thread, so that the schema's
+    The model is built on first use, by the writing thread, so that the schema's
     complaints about the input's values can be caught (``warnings.catch_warnings`` is
     not thread-safe): a value the schema refuses is not carried over, as in jwst, and is
     listed in :attr:`rejected` (recorded in the products' provenance) rather than
@@ -596,7 +664,6 @@ class InputMetadata:
         self._model = None
         self.rejected: list[str] = []
         self._asdf = meta.extra.get("asdf")
-        warm_up()
 
     def earlier_provenance(self) -> Any:
         """The ``streamdet`` section of a saved ramp's metadata tree (the run that made
@@ -622,8 +689,6 @@ class InputMetadata:
 
     def model(self):
         if self._model is None:
-            if _warm is not None:
-                _warm.result()
             from stdatamodels.validate import ValidationWarning  # noqa: PLC0415
 
             with _asdf_scope(), warnings.catch_warnings(record=True) as caught:

@@ -204,7 +204,8 @@ def _from_crds(meta: ExposureMeta, reftypes: list[str], params: dict | None = No
 # in large parts of astropy and asdf). Its answers depend only on the selectors, the
 # context, the cache's rules and the crds version, so they are kept in a small JSON file
 # (STREAMDET_CRDS_MEMO, default ~/.cache/streamdet/crds_lookups.json; "off" disables it)
-# and used again while everything they depend on is unchanged: every CRDS_* variable and
+# and used again while everything they depend on is unchanged: every CRDS_* variable (but
+# the verbosity) and
 # the crds version are part of the key, and a hit is only taken when the cache's
 # configuration files (config/jwst: the context, the bad-files list), its mappings
 # directory, the context's pmap, imaps and MIRI rmaps and the selected reference files
@@ -256,9 +257,15 @@ def _watched_files(context: str | None, answer) -> list[str]:
     return [str(f) for f in files]
 
 
+#: CRDS_* variables that do not change crds' answers: left out of the memo's key (the
+#: command line sets CRDS_VERBOSITY=-3 unless -v or --debug; the Python API does not)
+_NOT_IN_MEMO_KEY = ("CRDS_VERBOSITY",)
+
+
 def _memo_key(kind: str, params: dict, reftypes: list[str]) -> str | None:
     _apply_crds_defaults()  # as crds will see them
-    crds_env = {k: v for k, v in os.environ.items() if k.startswith("CRDS_")}
+    crds_env = {k: v for k, v in os.environ.items()
+                if k.startswith("CRDS_") and k not in _NOT_IN_MEMO_KEY}
     if "CRDS_PATH" not in crds_env or any(crds_env.get(k, "None") not in ("", "None")
                                           for k in _UNFOLLOWED_CRDS_VARIABLES):
         return None
