@@ -68,7 +68,7 @@ from .exposure import Exposure, ExposureMeta
 from .parameters import Parameters, effective as effective_parameters
 from .plugins import Observers, Registry, get_registry
 from .products import (CubeStore, InputMetadata, ProductRecord, RateArrays, check_writable,
-                       output_paths, product_path, warm_up, write_products, write_ramp)
+                       output_paths, product_path, write_products, write_ramp)
 from .record import product_record
 from .step import Chunk, FrameContext, Granularity, InputRamp, RateProducer, RateResult, Step
 
@@ -325,7 +325,6 @@ def process_file(path: str | Path, config: RunConfig | None = None, registry: Re
 
 def _process_file(path, config, registry, on_progress, source_fd=None) -> Result:
     """One exposure, phase by phase (each phase a function below, in this order)."""
-    warm_up()  # the products' schemas load while references are looked up
     config = config or RunConfig()
     registry = registry or get_registry()
     observers = Observers(registry.pm, where=path)

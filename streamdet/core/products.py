@@ -513,18 +513,6 @@ _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "NAXIS
                "BZERO", "BSCALE", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "EXTVER",
                "CHECKSUM", "DATASUM"}
 
-def warm_up() -> None:
-    """Nothing (the engine's call from a run's start is left over): the products'
-    schemas load on first use, by the thread that writes.
-
-    Loading them (imports, YAML, schemas: ~0.1 s of CPU) on a background thread while
-    the run went on gained nothing: it holds the GIL, as does most of what a run does
-    meanwhile, and the two threads contending for it and for the import locks cost more
-    CPU and wall time than they overlapped (on a loaded 2-core machine, SUB64 5x2: 0.83
-    -> 0.77 s of CPU, 1.37 -> 1.18 s wall; FULL 10x1: 1.60 -> 1.47 s of CPU, 2.77 ->
-    2.42 s wall; medians of 15 and 7 interleaved runs)."""
-
-
 #: the products' schemas: resolved, by model class name, and as asdf's loader parses them
 #: for validation, by URL; filled once per process, or from the schema cache
 _schemas: dict[str, dict] = {}
