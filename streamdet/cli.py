@@ -538,6 +538,11 @@ def _jwst_spelling(argv: list[str]) -> list[str]:
 def main() -> None:
     import signal
 
+    # streamdet runs threads of its own; OpenBLAS's (loaded with numpy, one per CPU) only
+    # spin beside them after the odd small BLAS call a library makes: 2-4 % of a full
+    # frame's CPU. Before numpy is imported, and only when the user has not chosen.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
     from .core.errors import EXIT_OK, Interrupted
 
     try:

@@ -66,3 +66,28 @@ def test_the_products_schemas_load_when_the_products_are_written(sim):
     before, after = done.stdout.strip().splitlines()[-2:]
     assert before == "['MainThread'] False"
     assert after == "RampModel 5 True"
+
+
+@pytest.mark.parametrize("chosen", [None, "2"], ids=["default", "user-chosen"])
+def test_a_one_shot_run_neither_sweeps_nor_spins(sim, tmp_path, chosen):
+    """The cyclic collector stays off through a one-file run (its sweeps over the fresh
+    imports found nothing to free), and OpenBLAS gets one thread unless the user chose."""
+    out = tmp_path / "out"
+    code = (
+        "import gc, os, sys, atexit\n"
+        "atexit.register(lambda: print('STATE', os.environ.get('OPENBLAS_NUM_THREADS'), "
+        "gc.isenabled(), gc.get_stats()[2]['collections']))\n"
+        f"sys.argv = ['streamdet', 'process', '--overwrite', '-o', {str(out)!r}, "
+        f"{str(sim.uncal)!r}]\n"
+        "from streamdet.cli import main\n"
+        "main()\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CRDS_") and k != "OPENBLAS_NUM_THREADS"}
+    env.update(sim.env, STREAMDET_DISABLE_PLUGIN_AUTOLOAD="1")
+    if chosen:
+        env["OPENBLAS_NUM_THREADS"] = chosen
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = done.stdout.strip().splitlines()[-1]
+    assert state == f"STATE {chosen or '1'} False 0"
