@@ -4,6 +4,10 @@ by numpy with its NaNs left out, whatever the row holds."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -79,6 +83,37 @@ def test_rows_from_a_strided_view_and_the_sampled_path_near_the_middle():
     tied = np.where(rng.random((5, 3000)) < 0.6, np.float32(1.0),
                     rng.normal(0.0, 3.0, (5, 3000)).astype(np.float32))
     assert_same(row_medians(tied), sorted_median(tied))
+
+
+@pytest.mark.parametrize("width", [66, 100, 256, 301, 1100])
+def test_many_rows_each_way_the_middle_can_fall(width):
+    """Enough rows that every case of the sampled first pass occurs: the middle value
+    below, among or above the kept ones, and the second middle value kept or not."""
+    rng = np.random.default_rng(width)
+    values = rng.normal(0.0, 1.0, (3000, width)).astype(np.float32)
+    values[:1000] = np.round(values[:1000] * 4)          # ties around the middle
+    values[2000:][rng.random((1000, width)) < 0.1] = np.nan
+    assert_same(row_medians(values), sorted_median(values))
+
+
+def test_the_plain_c_path_gives_the_same_medians(tmp_path):
+    """Without AVX-512 (forced here) the float rows take the plain C quickselect."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from streamdet._ckernels import row_medians\n"
+        "rng = np.random.default_rng(3)\n"
+        "for width in (1, 2, 9, 16, 17, 64, 100, 2900):\n"
+        "    v = rng.normal(0, 1, (200, width)).astype(np.float32)\n"
+        "    v[:70] = np.round(v[:70] * 3)\n"
+        "    v[rng.random(v.shape) < 0.2] = np.nan\n"
+        "    np.save(f'{width}_in.npy', v)\n"
+        "    np.save(f'{width}_out.npy', row_medians(v))\n")
+    env = dict(os.environ, STREAMDET_KERNELS_NO_AVX512="1")
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True)
+    for width in (1, 2, 9, 16, 17, 64, 100, 2900):
+        values = np.load(tmp_path / f"{width}_in.npy")
+        assert_same(np.load(tmp_path / f"{width}_out.npy"), sorted_median(values))
 
 
 def test_empty_inputs():

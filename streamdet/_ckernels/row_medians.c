@@ -2,15 +2,25 @@
  *
  * Why selection: the jump step wants the median of ~3000 differences per pixel on time
  * series; sorting them (numpy's AVX-512 sort) was the step's largest cost after the
- * sigma clip, and a median needs only the one or two middle values.  A three-way
- * quickselect visits about 2n values where a sort does n log n work, and with AVX-512's
- * compress instruction each partition pass is branch-free, 16 values at a time.
+ * sigma clip, and a median needs only the one or two middle values.  With AVX-512 a
+ * row is searched in three moves, each branch-free over 16 values at a time:
+ *   1. two pivots from a small sorted sample, just below and above its middle, and one
+ *      pass that keeps the values between them (a quarter to a third of the row; the
+ *      few rows whose middle is not between them are searched whole);
+ *   2. a three-way quickselect on what was kept, partitioning with the compress
+ *      instruction, down to 32 values;
+ *   3. those sorted by bitonic networks in vector registers (rows of up to 64 values
+ *      go there directly).
+ * Without AVX-512 (and for double rows, which are short: ramp_fit's) a plain C
+ * quickselect does it.  Rows of 65 to ~250 values take ~1.7x the time of numpy's
+ * sort (its networks are better tuned); shorter and longer ones less (3-4x less at
+ * 3000).
  *
  * Exactness: the two middle values are order statistics, the same whichever way they
  * are found, so the median equals the sorted one bit for bit (-0.0 and 0.0 compare
  * equal, in numpy's sort as here, so a median of zero may carry either sign, as it may
- * there).  The partitions compare with < and >, which NaN would defeat: NaNs are left
- * out first, while the numbers are copied into scratch memory. */
+ * there).  The comparisons are ordered ones, for which NaN is neither below nor above a
+ * pivot: NaNs are counted out, or turned into +inf where a row is sorted whole. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,7 +28,7 @@
 
 #include "row_medians.h"
 
-/* ranges this short are finished by ranking every value against the others */
+/* ranges this short are finished by ranking every value against the others (plain C) */
 #define SMALL 16
 /* scratch slack: the vector loops store whole vectors of 16 floats past a range's end */
 #define SLACK 16
@@ -33,7 +43,7 @@
     }                                                                                   \
     static inline T pivot_##T(const T *x, int64_t m)                                    \
     {                                                                                   \
-        const int64_t s = m / 9;                                                        \
+        const int64_t s = m >> 3; /* (a shift: a division would cost more) */          \
         return median3_##T(median3_##T(x[0], x[s], x[2 * s]),                           \
                            median3_##T(x[3 * s], x[4 * s], x[5 * s]),                   \
                            median3_##T(x[6 * s], x[7 * s], x[m - 1]));                  \
@@ -43,7 +53,8 @@ MEDIAN3(double)
 
 /* The plain C building blocks, for any element type:
  * compact: the numbers of row[0:width] into dst, returns their count;
- * partition: src[0:m] into lo (< p, *nl of them) and hi (> p, *ng, their smallest *gmin);
+ * partition: src[0:m] into lo (< p, *nl of them) and hi (> p, *ng of them);
+ * smallest: the smallest of x[0:m] (m > 0);
  * small_select: the k-th and (k+1)-th smallest of src[0:m] (m <= SMALL) into *a, *b,
  *   upper standing for the (k+1)-th when k is the last. */
 #define SCALAR_BLOCKS(T)                                                                \
@@ -58,21 +69,25 @@ MEDIAN3(double)
         return n;                                                                       \
     }                                                                                   \
     static void partition_##T(const T *restrict src, int64_t m, T p, T *restrict lo,    \
-                              T *restrict hi, int64_t *nl, int64_t *ng, T *gmin)        \
+                              T *restrict hi, int64_t *nl, int64_t *ng)                 \
     {                                                                                   \
         int64_t l = 0, g = 0;                                                           \
-        T smallest = (T)INFINITY;                                                       \
         for (int64_t i = 0; i < m; i++) {                                               \
             const T x = src[i];                                                         \
             lo[l] = x;                                                                  \
             hi[g] = x;                                                                  \
             l += x < p;                                                                 \
             g += x > p;                                                                 \
-            smallest = (x > p && x < smallest) ? x : smallest;                          \
         }                                                                               \
         *nl = l;                                                                        \
         *ng = g;                                                                        \
-        *gmin = smallest;                                                               \
+    }                                                                                   \
+    static T smallest_##T(const T *x, int64_t m)                                        \
+    {                                                                                   \
+        T least = x[0];                                                                 \
+        for (int64_t i = 1; i < m; i++)                                                 \
+            least = x[i] < least ? x[i] : least;                                        \
+        return least;                                                                   \
     }                                                                                   \
     static void small_select_##T(const T *src, int64_t m, int64_t k, T upper, T *a,     \
                                  T *b)                                                  \
@@ -99,24 +114,24 @@ SCALAR_BLOCKS(double)
  * searched moves between the three buffers: it is partitioned into the other two and
  * continues in the part that holds the k-th smallest.  `upper` is the smallest value
  * left out above the range, which is the (k+1)-th when the k-th is the range's largest
- * (leaving out the part above a pivot p leaves out p itself, the smallest of it). */
-#define SELECT(NAME, T, PARTITION, SMALL_SELECT, ATTR)                                  \
+ * (leaving out the part above a pivot p leaves out p itself, the smallest of it); NaN
+ * when the caller has not worked it out, and *b is then NaN if it was needed. */
+#define SELECT(NAME, T, PARTITION, SMALL_SELECT, SMALL_SIZE, ATTR)                      \
     ATTR static void NAME(T *src, T *lo, T *hi, int64_t m, int64_t k, T upper, T *a,    \
                           T *b)                                                         \
     {                                                                                   \
         T *spare;                                                                       \
-        while (m > SMALL) {                                                             \
+        while (m > SMALL_SIZE) {                                                        \
             const T p = pivot_##T(src, m);                                              \
             int64_t nl, ng;                                                             \
-            T gmin;                                                                     \
-            PARTITION(src, m, p, lo, hi, &nl, &ng, &gmin);                              \
+            PARTITION(src, m, p, lo, hi, &nl, &ng);                                     \
             const int64_t le = m - ng;                                                  \
             if (k < nl) {                                                               \
                 upper = p;                                                              \
                 spare = src, src = lo, lo = spare, m = nl;                              \
             } else if (k < le) {                                                        \
                 *a = p;                                                                 \
-                *b = k + 1 < le ? p : (ng ? gmin : upper);                              \
+                *b = k + 1 < le ? p : (ng ? smallest_##T(hi, ng) : upper);              \
                 return;                                                                 \
             } else {                                                                    \
                 k -= le;                                                                \
@@ -125,8 +140,8 @@ SCALAR_BLOCKS(double)
         }                                                                               \
         SMALL_SELECT(src, m, k, upper, a, b);                                           \
     }
-SELECT(select_float, float, partition_float, small_select_float, )
-SELECT(select_double, double, partition_double, small_select_double, )
+SELECT(select_float, float, partition_float, small_select_float, SMALL, )
+SELECT(select_double, double, partition_double, small_select_double, SMALL, )
 
 /* One row's median (row_medians.h), s0..s2 being scratch of width + SLACK values each. */
 #define ROW_MEDIAN(T)                                                                   \
@@ -170,10 +185,9 @@ AVX512 static int64_t compact_float_avx512(const float *restrict row, int64_t wi
 
 AVX512 static void partition_float_avx512(const float *restrict src, int64_t m, float p,
                                           float *restrict lo, float *restrict hi,
-                                          int64_t *nl, int64_t *ng, float *gmin)
+                                          int64_t *nl, int64_t *ng)
 {
     const __m512 pivot = _mm512_set1_ps(p);
-    __m512 smallest = _mm512_set1_ps(INFINITY);
     int64_t l = 0, g = 0;
     for (int64_t i = 0; i < m; i += 16) {
         const __mmask16 in = first_lanes(m - i);
@@ -184,102 +198,279 @@ AVX512 static void partition_float_avx512(const float *restrict src, int64_t m, 
         _mm512_storeu_ps(hi + g, _mm512_maskz_compress_ps(above, x));
         l += __builtin_popcount(below);
         g += __builtin_popcount(above);
-        smallest = _mm512_mask_min_ps(smallest, above, smallest, x);
     }
     *nl = l;
     *ng = g;
-    *gmin = _mm512_reduce_min_ps(smallest);
+}
+
+/* Ranges of up to 64 values are sorted outright, in up to four vectors, by bitonic
+ * networks (min/max of each lane and a permuted partner: no branch on the data), the
+ * vectors past the range padded with +infinity. */
+#define SORTED_MAX 64
+/* (the sizes below were the quickest of the powers of two tried, on rows of normal
+ * noise 9 to 2900 wide) */
+/* rows this short are sorted outright */
+#define DIRECT_MAX 64
+/* the quickselect sorts ranges this short */
+#define PICK_MAX 32
+/* rows this long take their pivots from a sample of 32 values, longer ones from 64 (at
+ * 1024), shorter ones from 16 */
+#define SAMPLE_32 256
+
+/* One compare-exchange step within a vector: lane i meets lane i ^ j and keeps the
+ * larger value where `larger` has its bit. */
+AVX512 static inline __m512 exchange(__m512 x, __m512i partner_lanes, __mmask16 larger)
+{
+    const __m512 partner = _mm512_permutexvar_ps(partner_lanes, x);
+    /* min and max side by side, then a blend: a shorter chain than max merged into min */
+    return _mm512_mask_blend_ps(larger, _mm512_min_ps(x, partner),
+                                _mm512_max_ps(x, partner));
+}
+
+/* partner lanes i ^ j, and the lanes with bit j set (the upper lane of each pair) */
+#define XOR1 _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1)
+#define XOR2 _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2)
+#define XOR4 _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4)
+#define XOR8 _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8)
+#define BIT1 ((__mmask16)0xAAAA)
+#define BIT2 ((__mmask16)0xCCCC)
+#define BIT4 ((__mmask16)0xF0F0)
+#define BIT8 ((__mmask16)0xFF00)
+
+/* ascending; a pair lies in a descending block of size k where lane bit k is set */
+AVX512 static inline __m512 sort16(__m512 x)
+{
+    x = exchange(x, XOR1, BIT1 ^ BIT2);                                   /* k = 2 */
+    x = exchange(x, XOR2, BIT2 ^ BIT4);                                   /* k = 4 */
+    x = exchange(x, XOR1, BIT1 ^ BIT4);
+    x = exchange(x, XOR4, BIT4 ^ BIT8);                                   /* k = 8 */
+    x = exchange(x, XOR2, BIT2 ^ BIT8);
+    x = exchange(x, XOR1, BIT1 ^ BIT8);
+    x = exchange(x, XOR8, BIT8);                                          /* k = 16 */
+    x = exchange(x, XOR4, BIT4);
+    x = exchange(x, XOR2, BIT2);
+    return exchange(x, XOR1, BIT1);
+}
+
+/* a bitonic vector into ascending order */
+AVX512 static inline __m512 clean16(__m512 x)
+{
+    x = exchange(x, XOR8, BIT8);
+    x = exchange(x, XOR4, BIT4);
+    x = exchange(x, XOR2, BIT2);
+    return exchange(x, XOR1, BIT1);
+}
+
+AVX512 static inline __m512 reverse16(__m512 x)
+{
+    return _mm512_permutexvar_ps(
+        _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), x);
+}
+
+AVX512 static inline void order(__m512 *lo, __m512 *hi)
+{
+    const __m512 a = *lo;
+    *lo = _mm512_min_ps(a, *hi);
+    *hi = _mm512_max_ps(a, *hi);
+}
+
+/* v[0:n] (n = 1, 2 or 4 vectors: a constant where it is inlined, so that the loops
+ * unroll) into one ascending run: each vector sorted, then runs merged pairwise, the
+ * second of each pair reversed so that the two form a bitonic sequence, which the
+ * half-cleaners at every distance put in order. */
+AVX512 static inline __attribute__((always_inline)) void sort_vectors(__m512 *v, int n)
+{
+    for (int r = 0; r < n; r++)
+        v[r] = sort16(v[r]);
+    for (int len = 2; len <= n; len *= 2) {
+        const int half = len / 2;
+        for (int base = 0; base < n; base += len) {
+            __m512 *run = v + base;
+            for (int i = 0; i < half / 2; i++) {
+                const __m512 t = run[half + i];
+                run[half + i] = run[len - 1 - i];
+                run[len - 1 - i] = t;
+            }
+            for (int i = 0; i < half; i++) {
+                run[half + i] = reverse16(run[half + i]);
+                order(&run[i], &run[half + i]);
+            }
+            for (int d = half / 2; d >= 1; d /= 2)
+                for (int i = 0; i < len; i++)
+                    if ((i & d) == 0)
+                        order(&run[i], &run[i + d]);
+            for (int i = 0; i < len; i++)
+                run[i] = clean16(run[i]);
+        }
+    }
+}
+
+/* the k-th and (k+1)-th values of the numbers in v[0:n] (NaN-free, padded with +inf),
+ * `upper` for the (k+1)-th when k is the last of m */
+AVX512 static inline __attribute__((always_inline)) void pick_sorted(
+    __m512 *v, int n, int64_t m, int64_t k, float upper, float *a, float *b)
+{
+    float sorted[SORTED_MAX];
+    sort_vectors(v, n);
+    for (int r = 0; r < n; r++)
+        _mm512_storeu_ps(sorted + 16 * r, v[r]);
+    *a = sorted[k];
+    *b = k + 1 < m ? sorted[k + 1] : upper;
+}
+
+AVX512 static void pick_from_vectors(__m512 *v, int64_t m, int64_t k, float upper,
+                                     float *a, float *b)
+{
+    if (m <= 16)
+        pick_sorted(v, 1, m, k, upper, a, b);
+    else if (m <= 32)
+        pick_sorted(v, 2, m, k, upper, a, b);
+    else
+        pick_sorted(v, 4, m, k, upper, a, b);
 }
 
 AVX512 static void small_select_float_avx512(const float *src, int64_t m, int64_t k,
                                              float upper, float *a, float *b)
 {
-    const __mmask16 in = first_lanes(m);
-    const __m512 x = _mm512_maskz_loadu_ps(in, src);
-    *b = upper;
-    for (int64_t j = 0; j < m; j++) {
-        const __m512 v = _mm512_set1_ps(src[j]);
-        const int64_t lt = __builtin_popcount(_mm512_mask_cmp_ps_mask(in, x, v, _CMP_LT_OQ));
-        const int64_t le = __builtin_popcount(_mm512_mask_cmp_ps_mask(in, x, v, _CMP_LE_OQ));
-        if (lt <= k && k < le)
-            *a = src[j];
-        if (lt <= k + 1 && k + 1 < le)
-            *b = src[j];
-    }
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    __m512 v[SORTED_MAX / 16];
+    for (int r = 0; r < SORTED_MAX / 16; r++)
+        v[r] = _mm512_mask_loadu_ps(inf, first_lanes(m > 16 * r ? m - 16 * r : 0),
+                                    src + 16 * r);
+    pick_from_vectors(v, m, k, upper, a, b);
 }
 
 SELECT(select_float_avx512, float, partition_float_avx512, small_select_float_avx512,
-       AVX512)
+       PICK_MAX, AVX512)
 
-/* A first pass that keeps only the values between two pivots taken from a sample, just
- * below and just above the sample's median: the middle value of the row then lies
- * between them but for a few percent of rows, and the quickselect starts on about a
- * quarter of the values instead of all of them.  Returns the count kept in `mid`, with
- * the counts below (*nbelow) and the smallest value above (*above_min, INFINITY for
- * none). */
-#define SAMPLE 64
-#define SAMPLE_SPREAD 8
-
-AVX512 static int64_t keep_middle_avx512(const float *restrict src, int64_t m,
-                                         float *restrict mid, int64_t *nbelow,
-                                         float *above_min)
+/* Two pivots, just below and just above the middle of a sample of 16 * nvec values
+ * spread over the row (NaN counted as +inf and left out of the ranks), for a first
+ * pass that keeps only the values between them: the row's middle values lie there but
+ * for a few percent of rows, and there are a quarter to a third as many.  Returns 0
+ * when the sample is mostly NaN (no pivots taken). */
+AVX512 static int sample_pivots(const float *row, int64_t width, int nvec, float *low,
+                                float *high)
 {
-    float sample[SAMPLE + SLACK], work[2][SAMPLE + SLACK], low, high, unused;
-    for (int64_t j = 0; j < SAMPLE; j++)
-        sample[j] = src[(j * m) / SAMPLE];
-    memcpy(work[0], sample, sizeof(float) * SAMPLE);
-    select_float_avx512(work[0], work[1], mid, SAMPLE, SAMPLE / 2 - SAMPLE_SPREAD,
-                        INFINITY, &low, &unused);
-    memcpy(work[0], sample, sizeof(float) * SAMPLE);
-    select_float_avx512(work[0], work[1], mid, SAMPLE, SAMPLE / 2 + SAMPLE_SPREAD,
-                        INFINITY, &high, &unused);
+    const int size = 16 * nvec, shift = 3 + nvec - (nvec == 4); /* size = 1 << shift */
+    float sample[64];
+    for (int j = 0; j < size; j++)
+        sample[j] = row[((int64_t)j * width) >> shift];
+    const __m512 inf = _mm512_set1_ps(INFINITY);
+    __m512 v[4];
+    int numbers = 0;
+    for (int r = 0; r < nvec; r++) {
+        const __m512 x = _mm512_loadu_ps(sample + 16 * r);
+        const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
+        v[r] = _mm512_mask_mov_ps(inf, number, x);
+        numbers += __builtin_popcount(number);
+    }
+    if (2 * numbers < size)
+        return 0;
+    if (nvec == 1)
+        sort_vectors(v, 1);
+    else if (nvec == 2)
+        sort_vectors(v, 2);
+    else
+        sort_vectors(v, 4);
+    for (int r = 0; r < nvec; r++)
+        _mm512_storeu_ps(sample + 16 * r, v[r]);
+    /* about one standard deviation of the sample rank of the row's median each way */
+    const int spread = (int)sqrtf((float)numbers);
+    const int lo = (numbers - 1) / 2 - spread, hi = numbers / 2 + spread;
+    *low = sample[lo < 0 ? 0 : lo];
+    *high = sample[hi > numbers - 1 ? numbers - 1 : hi];
+    return 1;
+}
+
+/* The numbers of row[0:width] between low and high (inclusive) into mid; returns their
+ * count, with the count of all numbers (*numbers) and of those below low (*below). */
+AVX512 static int64_t keep_between(const float *restrict row, int64_t width, float low,
+                                   float high, float *restrict mid, int64_t *numbers,
+                                   int64_t *below)
+{
     const __m512 lo = _mm512_set1_ps(low), hi = _mm512_set1_ps(high);
-    __m512 smallest = _mm512_set1_ps(INFINITY);
-    int64_t below = 0, kept = 0;
-    for (int64_t i = 0; i < m; i += 16) {
-        const __mmask16 in = first_lanes(m - i);
-        const __m512 x = _mm512_maskz_loadu_ps(in, src + i);
+    int64_t n = 0, under_count = 0, kept = 0;
+    for (int64_t i = 0; i < width; i += 16) {
+        const __mmask16 in = first_lanes(width - i);
+        const __m512 x = _mm512_maskz_loadu_ps(in, row + i);
+        const __mmask16 number = _mm512_mask_cmp_ps_mask(in, x, x, _CMP_ORD_Q);
         const __mmask16 under = _mm512_mask_cmp_ps_mask(in, x, lo, _CMP_LT_OQ);
         const __mmask16 over = _mm512_mask_cmp_ps_mask(in, x, hi, _CMP_GT_OQ);
-        const __mmask16 between = in & (__mmask16)~(under | over);
+        const __mmask16 between = number & (__mmask16)~(under | over);
         _mm512_storeu_ps(mid + kept, _mm512_maskz_compress_ps(between, x));
         kept += __builtin_popcount(between);
-        below += __builtin_popcount(under);
-        smallest = _mm512_mask_min_ps(smallest, over, smallest, x);
+        n += __builtin_popcount(number);
+        under_count += __builtin_popcount(under);
     }
-    *nbelow = below;
-    *above_min = _mm512_reduce_min_ps(smallest);
+    *numbers = n;
+    *below = under_count;
     return kept;
+}
+
+/* the smallest number of row[0:width] above high (+inf for none) */
+AVX512 static float smallest_above(const float *row, int64_t width, float high)
+{
+    const __m512 hi = _mm512_set1_ps(high);
+    __m512 least = _mm512_set1_ps(INFINITY);
+    for (int64_t i = 0; i < width; i += 16) {
+        const __mmask16 in = first_lanes(width - i);
+        const __m512 x = _mm512_maskz_loadu_ps(in, row + i);
+        least = _mm512_mask_min_ps(least, _mm512_mask_cmp_ps_mask(in, x, hi, _CMP_GT_OQ),
+                                   least, x);
+    }
+    return _mm512_reduce_min_ps(least);
 }
 
 AVX512 static double row_median_float_avx512(const float *row, int64_t width, float *s0,
                                              float *s1, float *s2)
 {
-    const int64_t n = compact_float_avx512(row, width, s0);
-    if (n == 0)
-        return NAN;
-    const int64_t k = (n - 1) / 2;
-    float a = 0, b = 0;
-    if (n >= 16 * SAMPLE) {
-        int64_t below;
-        float upper;
-        const int64_t kept = keep_middle_avx512(s0, n, s1, &below, &upper);
+    float a = 0, b = 0, low, high;
+    if (width <= DIRECT_MAX) {
+        /* short rows go straight into vectors, NaN as +inf: they sort last */
+        const __m512 inf = _mm512_set1_ps(INFINITY);
+        __m512 v[SORTED_MAX / 16];
+        int64_t n = 0;
+        for (int r = 0; r < SORTED_MAX / 16; r++) {
+            const __mmask16 in = first_lanes(width > 16 * r ? width - 16 * r : 0);
+            const __m512 x = _mm512_maskz_loadu_ps(in, row + 16 * r);
+            const __mmask16 number = _mm512_mask_cmp_ps_mask(in, x, x, _CMP_ORD_Q);
+            v[r] = _mm512_mask_mov_ps(inf, number, x);
+            n += __builtin_popcount(number);
+        }
+        if (n == 0)
+            return NAN;
+        pick_from_vectors(v, width, (n - 1) / 2, INFINITY, &a, &b);
+        return ((double)a + (double)(n % 2 ? a : b)) * 0.5;
+    }
+    const int sample_vectors = width >= 1024 ? 4 : (width >= SAMPLE_32 ? 2 : 1);
+    if (sample_pivots(row, width, sample_vectors, &low, &high)) {
+        int64_t n, below;
+        const int64_t kept = keep_between(row, width, low, high, s1, &n, &below);
+        const int64_t k = (n - 1) / 2;
         if (below <= k && k < below + kept) {
-            /* k + 1 < n here: the (k+1)-th is kept, or the smallest above */
-            select_float_avx512(s1, s0, s2, kept, k - below, upper, &a, &b);
+            /* when n is even the (k+1)-th is kept too, or else it is the smallest number
+             * above: NaN stands for it until it is needed (rarely) */
+            select_float_avx512(s1, s0, s2, kept, k - below, NAN, &a, &b);
+            if (n % 2 == 0 && b != b)
+                b = smallest_above(row, width, high);
             return ((double)a + (double)(n % 2 ? a : b)) * 0.5;
         }
     }
-    select_float_avx512(s0, s1, s2, n, k, INFINITY, &a, &b);
+    /* the pivots missed (or most of the sample was NaN): select among all the numbers */
+    const int64_t n = compact_float_avx512(row, width, s0);
+    if (n == 0)
+        return NAN;
+    select_float_avx512(s0, s1, s2, n, (n - 1) / 2, INFINITY, &a, &b);
     return ((double)a + (double)(n % 2 ? a : b)) * 0.5;
 }
 
+/* STREAMDET_KERNELS_NO_AVX512 (set, to anything) takes the plain C path: for the tests */
 static int has_avx512(void)
 {
     static int known = -1;
     if (known < 0) {
         __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") ? 1 : 0;
+        known = __builtin_cpu_supports("avx512f") && !getenv("STREAMDET_KERNELS_NO_AVX512");
     }
     return known;
 }
