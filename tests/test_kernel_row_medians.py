@@ -97,23 +97,25 @@ def test_many_rows_each_way_the_middle_can_fall(width):
 
 
 def test_the_plain_c_path_gives_the_same_medians(tmp_path):
-    """Without AVX-512 (forced here) the float rows take the plain C quickselect."""
+    """Without AVX-512 (forced here) the rows take the plain C quickselect."""
     script = tmp_path / "plain.py"
     script.write_text(
         "import numpy as np\n"
         "from streamdet._ckernels import row_medians\n"
         "rng = np.random.default_rng(3)\n"
         "for width in (1, 2, 9, 16, 17, 64, 100, 2900):\n"
-        "    v = rng.normal(0, 1, (200, width)).astype(np.float32)\n"
-        "    v[:70] = np.round(v[:70] * 3)\n"
-        "    v[rng.random(v.shape) < 0.2] = np.nan\n"
-        "    np.save(f'{width}_in.npy', v)\n"
-        "    np.save(f'{width}_out.npy', row_medians(v))\n")
+        "    for dtype in (np.float32, np.float64):\n"
+        "        v = rng.normal(0, 1, (200, width)).astype(dtype)\n"
+        "        v[:70] = np.round(v[:70] * 3)\n"
+        "        v[rng.random(v.shape) < 0.2] = np.nan\n"
+        "        np.save(f'{width}_{v.itemsize}_in.npy', v)\n"
+        "        np.save(f'{width}_{v.itemsize}_out.npy', row_medians(v))\n")
     env = dict(os.environ, STREAMDET_KERNELS_NO_AVX512="1")
     subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True)
     for width in (1, 2, 9, 16, 17, 64, 100, 2900):
-        values = np.load(tmp_path / f"{width}_in.npy")
-        assert_same(np.load(tmp_path / f"{width}_out.npy"), sorted_median(values))
+        for size in (4, 8):
+            values = np.load(tmp_path / f"{width}_{size}_in.npy")
+            assert_same(np.load(tmp_path / f"{width}_{size}_out.npy"), sorted_median(values))
 
 
 def test_empty_inputs():
