@@ -4,7 +4,7 @@
  * series; sorting them (numpy's AVX-512 sort) was the step's largest cost after the
  * sigma clip, and a median needs only the one or two middle values.  With AVX-512 a
  * float row is searched in three moves, each branch-free over 16 values at a time:
- *   1. two pivots from a small sample (16 to 64 values), just below and above its
+ *   1. two pivots from a small sample (32 or 64 values), just below and above its
  *      middle, and one pass that keeps the values between them (a quarter to a half
  *      of the row; the few rows whose middle is not between them are searched whole);
  *   2. a three-way quickselect on what was kept, partitioning with the compress
@@ -214,9 +214,8 @@ AVX512 static void partition_float_avx512(const float *restrict src, int64_t m, 
 #define DIRECT_MAX 64
 /* the quickselect sorts ranges this short */
 #define PICK_MAX 32
-/* rows this long take their pivots from a sample of 32 values, longer ones from 64 (at
- * 1024), shorter ones from 16 */
-#define SAMPLE_32 256
+/* rows this long take their pivots from a sample of 64 values, shorter ones from 32 */
+#define SAMPLE_64 1024
 
 /* One compare-exchange step within a vector: lane i meets lane i ^ j and keeps the
  * larger value where `larger` has its bit. */
@@ -378,23 +377,22 @@ SELECT(select_float_avx512, float, partition_float_avx512, small_select_float_av
        PICK_MAX, AVX512)
 
 /* Two pivots, just below and just above the middle of a sample of 16 * nvec values
- * spread over the row (NaN counted as +inf and left out of the ranks), for a first
- * pass that keeps only the values between them: the row's middle values lie there but
- * for a few percent of rows, and there are a quarter to a third as many.  Returns 0
- * when the sample is mostly NaN (no pivots taken). */
+ * (nvec 2 or 4) spread over the row (NaN counted as +inf and left out of the ranks),
+ * for a first pass that keeps only the values between them: the row's middle values
+ * lie there but for 5-10 % of rows, and there are a quarter to a third as many.
+ * Returns 0 when the sample is mostly NaN (no pivots taken). */
 AVX512 static int sample_pivots(const float *row, int64_t width, int nvec, float *low,
                                 float *high)
 {
-    const int size = 16 * nvec, shift = 3 + nvec - (nvec == 4); /* size = 1 << shift */
+    const int size = 16 * nvec, shift = nvec == 2 ? 5 : 6; /* size = 1 << shift */
     float sample[64];
     for (int j = 0; j < size; j++)
         sample[j] = row[((int64_t)j * width) >> shift];
     __m512 v[4];
     __m512i lt[2];
     int numbers;
-    if (nvec <= 2) {
-        numbers = (int)(nvec == 1 ? rank_values(sample, 1, size, v, lt)
-                                  : rank_values(sample, 2, size, v, lt));
+    if (nvec == 2) {
+        numbers = (int)rank_values(sample, 2, size, v, lt);
     } else {
         const __m512 inf = _mm512_set1_ps(INFINITY);
         numbers = 0;
@@ -407,14 +405,15 @@ AVX512 static int sample_pivots(const float *row, int64_t width, int nvec, float
     }
     if (2 * numbers < size)
         return 0;
-    /* about one standard deviation of the sample rank of the row's median each way */
-    const int spread = (int)sqrtf((float)numbers);
+    /* about one standard deviation of the sample rank of the row's median each way
+     * (less for the short rows: then the kept values mostly fit the final ranking) */
+    const int spread = (int)((nvec == 2 ? 0.75f : 1.0f) * sqrtf((float)numbers));
     int lo = (numbers - 1) / 2 - spread, hi = numbers / 2 + spread;
     lo = lo < 0 ? 0 : lo;
     hi = hi > numbers - 1 ? numbers - 1 : hi;
-    if (nvec <= 2) {
-        *low = value_at_rank(v, lt, nvec == 1 ? 1 : 2, lo);
-        *high = value_at_rank(v, lt, nvec == 1 ? 1 : 2, hi);
+    if (nvec == 2) {
+        *low = value_at_rank(v, lt, 2, lo);
+        *high = value_at_rank(v, lt, 2, hi);
         return 1;
     }
     sort_vectors(v, 4);
@@ -497,7 +496,7 @@ AVX512 static double row_median_float_avx512(const float *row, int64_t width, fl
         pick_sorted(v, 4, width, (n - 1) / 2, INFINITY, &a, &b);
         return ((double)a + (double)(n % 2 ? a : b)) * 0.5;
     }
-    const int sample_vectors = width >= 1024 ? 4 : (width >= SAMPLE_32 ? 2 : 1);
+    const int sample_vectors = width >= SAMPLE_64 ? 4 : 2;
     if (sample_pivots(row, width, sample_vectors, &low, &high)) {
         int64_t n, below;
         const int64_t kept = keep_between(row, width, low, high, s1, &n, &below);
