@@ -82,9 +82,10 @@ def group_planes(*arrays: np.ndarray, modified: tuple[int, ...] | None = None):
 
 def row_medians(values: np.ndarray) -> np.ndarray:
     """Median (float64) of the numbers of each row of ``values`` ``[rows, width]``
-    (float32 or float64, NaN left out; NaN for a row with none), bit for bit what
-    numpy's median gives, by selection in C (``row_medians.c``); ``values`` is only read.
-    The two middle values of an even count are averaged in float64, as numpy does."""
+    (float32 or float64, NaN left out; NaN for a row with none): the mean, in float64,
+    of the two middle values (one for an odd count) of the row as numpy's sort orders
+    it, bit for bit, found by selection in C (``row_medians.c``); ``values`` is only
+    read."""
     if values.ndim != 2:
         raise ValueError(f"row_medians takes a 2-D array, not {values.ndim}-D")
     if values.dtype not in (np.float32, np.float64):
@@ -95,7 +96,7 @@ def row_medians(values: np.ndarray) -> np.ndarray:
     from ._row_medians import ffi, lib
     medians = (lib.streamdet_row_medians_f32 if values.dtype == np.float32
                else lib.streamdet_row_medians_f64)
-    if medians(pointer(ffi, values), strides(values)[0] if values.shape[0] > 1 else 0,
-               values.shape[1], values.shape[0], pointer(ffi, out)):
+    if medians(pointer(ffi, values), strides(values)[0], values.shape[1], values.shape[0],
+               pointer(ffi, out)):
         raise MemoryError("no scratch memory for the row medians")
     return out
