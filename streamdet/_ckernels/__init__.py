@@ -80,24 +80,23 @@ def group_planes(*arrays: np.ndarray, modified: tuple[int, ...] | None = None):
         arrays[k][...] = copies[k]
 
 
-def sorted_row_medians(ordered: np.ndarray, counts) -> np.ndarray:
-    """Median (float64) of the first ``counts`` values of each row of ``ordered``
-    ``[rows, width]``, sorted with NaN last (numpy's sort: the one the steps use); NaN
-    for a row with none. ``counts`` is one count per row, or one for every row. The two
-    middle values are averaged in float64, as numpy's median does."""
-    if ordered.dtype not in (np.float32, np.float64):
-        ordered = ordered.astype(np.float64)
-    if ordered.strides[1] != ordered.itemsize:
-        ordered = np.ascontiguousarray(ordered)
-    counts = np.asarray(counts, dtype=np.int64)
-    count_stride = 1 if counts.ndim else 0
-    counts = np.ascontiguousarray(counts.reshape(-1))
-    if counts.size != (ordered.shape[0] if count_stride else 1):
-        raise ValueError(f"{counts.size} counts for {ordered.shape[0]} rows")
-    out = np.empty(ordered.shape[0])
-    from ._sorted_rows import ffi, lib
-    medians = (lib.streamdet_sorted_row_medians_f32 if ordered.dtype == np.float32
-               else lib.streamdet_sorted_row_medians_f64)
-    medians(pointer(ffi, ordered), strides(ordered)[0], ordered.shape[1],
-            pointer(ffi, counts), count_stride, ordered.shape[0], pointer(ffi, out))
+def row_medians(values: np.ndarray) -> np.ndarray:
+    """Median (float64) of the numbers of each row of ``values`` ``[rows, width]``
+    (float32 or float64, NaN left out; NaN for a row with none): the mean, in float64,
+    of the two middle values (one for an odd count) of the row as numpy's sort orders
+    it, bit for bit, found by selection in C (``row_medians.c``); ``values`` is only
+    read."""
+    if values.ndim != 2:
+        raise ValueError(f"row_medians takes a 2-D array, not {values.ndim}-D")
+    if values.dtype not in (np.float32, np.float64):
+        raise TypeError(f"row_medians takes float32 or float64 values, not {values.dtype}")
+    if values.shape[1] > 1 and values.strides[1] != values.itemsize:
+        values = np.ascontiguousarray(values)
+    out = np.empty(values.shape[0])
+    from ._row_medians import ffi, lib
+    medians = (lib.streamdet_row_medians_f32 if values.dtype == np.float32
+               else lib.streamdet_row_medians_f64)
+    if medians(pointer(ffi, values), strides(values)[0], values.shape[1], values.shape[0],
+               pointer(ffi, out)):
+        raise MemoryError("no scratch memory for the row medians")
     return out

@@ -56,14 +56,6 @@ static inline float electrons(float data, uint8_t dq, float gain)
     return e;
 }
 
-/* 1 when x is a number (also infinite), 0 when NaN; on the bits, for vectorisation. */
-static inline int32_t is_number(float x)
-{
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    return (bits & 0x7fffffffu) <= 0x7f800000u;
-}
-
 /* The last word on a run of groups' JUMP_DET bits before the neighbour flagging: they
  * are counted (when count), then removed from groups that are unusable.  Returns the
  * count.  Such groups are rare: one branch-free pass counts and looks for them (it
@@ -103,17 +95,14 @@ static ALWAYS_INLINE void pixel_major_diffs(
     const uint8_t *restrict dq, int64_t qs0, int64_t qs1, int64_t qs2,
     const float *restrict gain, int64_t gs0,
     int64_t nints, int64_t ngroups, int64_t nrows, int64_t ncols,
-    float *restrict out, int64_t *restrict n_valid, float *restrict buf, const int64_t stride)
+    float *restrict out, float *restrict buf, const int64_t stride)
 {
     const int64_t ndiffs = ngroups - 1, width = nints * ndiffs;
     float prev[TILE];
-    int32_t nv[TILE];
     for (int64_t r = 0; r < nrows; r++) {
         for (int64_t c0 = 0; c0 < ncols; c0 += TILE) {
             const int64_t n = min64(TILE, ncols - c0);
             const float *g = gain + r * gs0 + c0;
-            for (int64_t c = 0; c < n; c++)
-                nv[c] = 0;
             for (int64_t i = 0; i < nints; i++) {
                 const float *x = data + i * ds0 + r * ds2 + c0;
                 const uint8_t *q = dq + i * qs0 + r * qs2 + c0;
@@ -130,7 +119,6 @@ static ALWAYS_INLINE void pixel_major_diffs(
                         const float d = e - prev[c];
                         prev[c] = e;
                         row[c] = d;
-                        nv[c] += is_number(d);
                     }
                 }
             }
@@ -138,15 +126,13 @@ static ALWAYS_INLINE void pixel_major_diffs(
             for (int64_t c = 0; c < n; c++)
                 for (int64_t j = 0; j < width; j++)
                     o[c * width + j] = buf[j * stride + c];
-            for (int64_t c = 0; c < n; c++)
-                n_valid[r * ncols + c0 + c] = nv[c];
         }
     }
 }
 
 /* (jump.h) A tile's differences are made plane by plane into a scratch buffer and then
  * transposed, so that both the reads and the writes of the arrays run along memory. */
-HOT int64_t jump_pixel_major_diffs(const jump_block *block, float *out, int64_t *n_valid)
+HOT int64_t jump_pixel_major_diffs(const jump_block *block, float *out)
 {
     /* the scratch buffer's rows are padded by a cache line: the transpose reads down its
      * columns, which at a power-of-two row length would crowd a few cache sets (measured:
@@ -167,10 +153,10 @@ HOT int64_t jump_pixel_major_diffs(const jump_block *block, float *out, int64_t 
         return -1;
     if (ncols >= TILE)
         pixel_major_diffs(data, ds0, ds1, ds2, dq, qs0, qs1, qs2, gain, gs0,
-                          nints, ngroups, nrows, ncols, out, n_valid, buf, TILE + pad);
+                          nints, ngroups, nrows, ncols, out, buf, TILE + pad);
     else
         pixel_major_diffs(data, ds0, ds1, ds2, dq, qs0, qs1, qs2, gain, gs0,
-                          nints, ngroups, nrows, ncols, out, n_valid, buf, stride);
+                          nints, ngroups, nrows, ncols, out, buf, stride);
     free(buf);
     return 0;
 }

@@ -1,5 +1,5 @@
 /* Per-pixel loops of the jump step's two-point search (streamdet/algorithms/jump.py holds
- * the algorithm's description and the numpy parts: the sort, the rarely-run searches).
+ * the algorithm's description and the numpy parts: the rarely-run iterative search).
  *
  * Layouts: every ramp-shaped array is [nints, ngroups, nrows, ncols], given as a pointer
  * to its first element and the element strides of its first three axes, so the engine's
@@ -47,9 +47,8 @@ typedef struct {
 
 /* First differences in electrons of a block, pixel-major: out[p * nints*ndiffs +
  * i*ndiffs + d] for pixel p = row*ncols + col, NaN where either group is SATURATED or
- * DO_NOT_USE, and per pixel the count of non-NaN differences (n_valid).  Returns 0, or
- * -1 when its scratch buffer cannot be had. */
-int64_t jump_pixel_major_diffs(const jump_block *block, float *out, int64_t *n_valid);
+ * DO_NOT_USE.  Returns 0, or -1 when its scratch buffer cannot be had. */
+int64_t jump_pixel_major_diffs(const jump_block *block, float *out);
 
 /* One pass over a block's differences, each pixel's median (double, pixel-major) and
  * noise floor (rn_e**2 / nframes, [nrows, ncols] with row stride noise_stride) known:

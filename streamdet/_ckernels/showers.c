@@ -23,8 +23,7 @@ static inline float shower_electrons(float data, uint8_t dq, float gain)
 }
 
 /* (showers.h) */
-void showers_pixel_major_diffs(const showers_block *block, float *restrict out,
-                               int64_t *restrict n_valid)
+void showers_pixel_major_diffs(const showers_block *block, float *restrict out)
 {
     const float *restrict data = block->data, *restrict gain = block->gain;
     const uint8_t *restrict dq = block->groupdq;
@@ -40,7 +39,6 @@ void showers_pixel_major_diffs(const showers_block *block, float *restrict out,
         const float *g = gain + r * gs0;
         for (int64_t c = 0; c < ncols; c++) {
             float *o = out + (r * ncols + c) * width;
-            int64_t nv = 0;
             for (int64_t i = 0; i < nints; i++) {
                 const float *x = data + i * ds0 + r * ds2 + c;
                 const uint8_t *q = dq + i * qs0 + r * qs2 + c;
@@ -50,10 +48,8 @@ void showers_pixel_major_diffs(const showers_block *block, float *restrict out,
                     const float d = e - prev;
                     prev = e;
                     o[i * ndiffs + k - 1] = d;
-                    nv += !isnan(d);
                 }
             }
-            n_valid[r * ncols + c] = nv;
         }
     }
 }

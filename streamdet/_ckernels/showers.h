@@ -23,9 +23,8 @@ typedef struct {
 } showers_block;
 
 /* First differences in electrons of a band, pixel-major: out[p * nints*ndiffs + i*ndiffs
- * + d] for pixel p = row*ncols + col (NaN where a group is excluded), and per pixel the
- * count of differences that are not NaN (n_valid). */
-void showers_pixel_major_diffs(const showers_block *block, float *out, int64_t *n_valid);
+ * + d] for pixel p = row*ncols + col (NaN where a group is excluded). */
+void showers_pixel_major_diffs(const showers_block *block, float *out);
 
 /* One integration's groups g-1 (prev) and g (cur) over a band's rows, with the pixel
  * flags, the gain and the per-pixel median and sigma of the differences: every plane is

@@ -62,12 +62,11 @@ significances float64, the iterative search's deviations rounded to float32.
 
 The per-pixel loops of the common path are C (``streamdet/_ckernels/jump.c``), so that a
 band's thread holds the GIL only between a few calls per block of rows: the differences
-(step 1, laid out pixel by pixel for the median), the median of the sorted differences
-and the significance scan (step 2), the single-pass flags (3), the count (4), the
-neighbour sources and flags (5), the after-jump candidates (6) and step 7.  The sort
-itself stays numpy's (its SIMD sort beats a C selection), as do the rarely run iterative
-search and the after-jump spreading; the sigma-clip search is C too
-(``streamdet/_ckernels/jump_sigclip.c``).
+(step 1, laid out pixel by pixel for the median), the median (step 2, by selection:
+``streamdet/_ckernels/row_medians.c``) and the significance scan, the single-pass flags
+(3), the count (4), the neighbour sources and flags (5), the after-jump candidates (6)
+and step 7.  The rarely run iterative search and the after-jump spreading stay numpy;
+the sigma-clip search is C too (``streamdet/_ckernels/jump_sigclip.c``).
 
 Banding
 -------
@@ -94,7 +93,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from streamdet._ckernels import pointer, sorted_row_medians, strides
+from streamdet._ckernels import pointer, row_medians, strides
 from streamdet._ckernels._jump import ffi, lib
 from streamdet._ckernels._jump_sigclip import ffi as sigclip_ffi
 from streamdet._ckernels._jump_sigclip import lib as sigclip_lib
@@ -322,7 +321,7 @@ def detect_jumps(
         rows = slice(start, min(nrows, start + step))
         cols = slice(c0, min(ncols, c0 + col_step))
         block = (data[:, :, rows, cols], groupdq[:, :, rows, cols], gain[rows, cols])
-        diffs, n_valid = _pixel_major_differences(*block, scratch)
+        diffs = _pixel_major_differences(*block, scratch)
         if mode != "single":
             if mode == "iterative":
                 hits = _iterative_search(diffs, block[0].shape, noise_floor[rows, cols], thresholds)
@@ -331,8 +330,7 @@ def detect_jumps(
                 del hits
             else:
                 _sigma_clip_flag(diffs, block[1], float(p.rejection_threshold), p.only_use_ints)
-        diffs.sort(axis=1)
-        median = sorted_row_medians(diffs, n_valid)
+        median = row_medians(diffs)
         del diffs
         after = [big[:, :, rows, cols] for big in after_big] if after_on else None
         n_sources, n_jumps = _scan(*block, median, noise_floor[rows, cols], counted[rows],
@@ -405,20 +403,17 @@ def _row_strides(array):
 
 def _pixel_major_differences(data, groupdq, gain, scratch=None):
     """First differences in electrons of a block, pixel-major: float32 [rows*cols,
-    nints*ndiffs] (NaN where unusable; the caller sorts it in place) and the count of
-    usable ones per pixel (int64).  The differences are written to the start of
-    ``scratch`` (flat float32) when it is given."""
+    nints*ndiffs], NaN where unusable.  They are written to the start of ``scratch``
+    (flat float32) when it is given."""
     nints, ngroups, nrows, ncols = data.shape
     shape = (nrows * ncols, nints * (ngroups - 1))
     if scratch is None:
         out = np.empty(shape, np.float32)
     else:
         out = scratch[:shape[0] * shape[1]].reshape(shape)
-    n_valid = np.empty(nrows * ncols, np.int64)
-    if lib.jump_pixel_major_diffs(_block(data, groupdq, gain), pointer(ffi, out),
-                                  pointer(ffi, n_valid)):
+    if lib.jump_pixel_major_diffs(_block(data, groupdq, gain), pointer(ffi, out)):
         raise MemoryError("no scratch memory for the jump step's differences")
-    return out, n_valid
+    return out
 
 
 def _block(data, groupdq, gain=None):
@@ -474,15 +469,12 @@ def _trimmed_abs_median(work):
     With 4+ usable values every value equal to the largest is left out first; 3 give the
     plain median and 2 the smaller one; fewer give NaN.
     """
-    ordered = np.sort(work, axis=1)
-    n_valid = ordered.shape[1] - np.count_nonzero(np.isnan(ordered), axis=1)
-    rows = np.arange(ordered.shape[0])
-    largest = ordered[rows, np.maximum(n_valid - 1, 0)]
-    ties = np.count_nonzero(ordered == largest[:, None], axis=1)
-    n_kept = np.where(n_valid >= 4, n_valid - ties, n_valid)
-    median = sorted_row_medians(ordered, n_kept)
+    n_valid = work.shape[1] - np.count_nonzero(np.isnan(work), axis=1)
+    largest = np.fmax.reduce(work, axis=1)
+    trimmed = np.where((n_valid >= 4)[:, None] & (work == largest[:, None]), np.nan, work)
+    median = row_medians(trimmed)
     pairs = n_valid == 2
-    median[pairs] = ordered[pairs, 0]
+    median[pairs] = np.fmin.reduce(work[pairs], axis=1)
     median[n_valid < 2] = np.nan
     return median
 

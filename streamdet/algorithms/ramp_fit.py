@@ -68,9 +68,10 @@ The per-pixel loops (flags, differences, medians, segments, fits, products) are 
 chunk, so that band threads do not queue for the GIL.  The template ramps' median
 rates come from a median network run over a block of pixels at once (vector loops: a
 row-by-row sort of a few dozen differences was a third of the step on time series);
-numpy's sort orders the few general ramps' differences.  This module prepares the buffers and keeps the per-chunk
-bookkeeping.  The optional results (``save_opt``) are :mod:`.ramp_fit_opt`'s; the step
-that reads the references and calls :func:`fit_ramps` is ``streamdet/plugins/ramp_fit.py``.
+the few general ramps' medians are selected row by row (``row_medians.c``).  This
+module prepares the buffers and keeps the per-chunk bookkeeping.  The optional results
+(``save_opt``) are :mod:`.ramp_fit_opt`'s; the step that reads the references and calls
+:func:`fit_ramps` is ``streamdet/plugins/ramp_fit.py``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from streamdet._ckernels import pointer, sorted_row_medians, strides
+from streamdet._ckernels import pointer, row_medians, strides
 from streamdet._ckernels._ramp_fit import ffi, lib
 from streamdet.core.dqflags import (
     DO_NOT_USE,
@@ -615,23 +616,21 @@ def _median_general(ramp, gdq, picked, setup):
     lib.rf_general_diffs(pointer(ffi, ramp), gs, ps, pointer(ffi, gdq), fgs, fps,
                          pointer(ffi, picked), picked.size, ngroups, pointer(ffi, diffs),
                          pointer(ffi, n_valid), pointer(ffi, first))
-    diffs.sort(axis=1)  # NaNs last
     return _middle(diffs, n_valid, first, setup.group_time)
 
 
-def _middle(ordered, n_valid, first, gtime):
-    """Median of the first ``n_valid`` (per row, or one count for all) sorted
-    differences of each row of ``ordered``, in DN/s.
+def _middle(diffs, n_valid, first, gtime):
+    """Median of the usable (not NaN; ``n_valid`` per row) differences of each row of
+    ``diffs``, in DN/s.
 
     The differences are exact (float32 only where that is guaranteed), so both paths
     pick the same values; stcal divides by group_time before subtracting, a difference
     of rounding only.  With no usable difference stcal falls back on ``first`` (the
     first sample) over group_time.
     """
-    median = sorted_row_medians(ordered, n_valid)
+    median = row_medians(diffs)
     median /= gtime
-    if first is not None:
-        np.divide(first, gtime, out=median, where=np.asarray(n_valid) == 0)
+    np.divide(first, gtime, out=median, where=n_valid == 0)
     return median
 
 

@@ -54,7 +54,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from streamdet._ckernels import pointer, sorted_row_medians, strides
+from streamdet._ckernels import pointer, row_medians, strides
 from streamdet._ckernels._showers import ffi, lib
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, REFERENCE_PIXEL, SATURATED
 
@@ -179,17 +179,15 @@ def median_and_sigma(data, groupdq, gain, readnoise, nframes):
         block_d, block_q, block_g = data[:, :, rows], groupdq[:, :, rows], gain[rows]
         n = block_d.shape[2] * ncols
         diffs = np.empty((n, nints * (ngroups - 1)), np.float32)
-        n_valid = np.empty(n, np.int64)
         block = ffi.new("showers_block *", {
             "data": pointer(ffi, block_d), "data_strides": _row_strides(block_d),
             "groupdq": pointer(ffi, block_q), "dq_strides": _row_strides(block_q),
             "gain": pointer(ffi, block_g), "gain_stride": strides(block_g)[0],
             "nints": nints, "ngroups": ngroups, "nrows": block_d.shape[2], "ncols": ncols})
-        lib.showers_pixel_major_diffs(block, pointer(ffi, diffs), pointer(ffi, n_valid))
-        diffs.sort(axis=1)
+        lib.showers_pixel_major_diffs(block, pointer(ffi, diffs))
         # the mean of the two middle values rounds the same in double then float as in
         # numpy's float32 median
-        median[rows] = sorted_row_medians(diffs, n_valid).reshape(-1, ncols)
+        median[rows] = row_medians(diffs).reshape(-1, ncols)
     rn = np.multiply(readnoise, gain, dtype=np.float32)
     sigma = np.sqrt(np.abs(median) + (rn * rn) / np.float32(nframes))
     return median, sigma.astype(np.float32, copy=False)
