@@ -288,11 +288,15 @@ def test_bands_sigma_clip_group_reset_needs_frame_wide_verdict():
     assert total.primary_crs == whole.primary_crs
 
 
-def test_internal_chunking_is_invisible(monkeypatch):
-    for shape in ((2, 20, 40, 30), (3, 5, 40, 30), (100, 4, 12, 10)):
+@pytest.mark.parametrize("min_columns", [1, None])
+def test_internal_chunking_is_invisible(monkeypatch, min_columns):
+    # None: the module's minimum block width, which splits the 150 columns 64, 64, 22
+    for shape in ((2, 20, 40, 30), (3, 5, 40, 30), (100, 4, 12, 10), (100, 4, 3, 150)):
         exposure = simulate(21, *shape, cr_fraction=0.03)
         reference = ours(*exposure)
         monkeypatch.setattr(jump, "_SAMPLES_PER_CHUNK", 1)
+        if min_columns is not None:
+            monkeypatch.setattr(jump, "_MIN_BLOCK_COLUMNS", min_columns)
         small = ours(*exposure)
         monkeypatch.undo()
         assert np.array_equal(small[0], reference[0])
