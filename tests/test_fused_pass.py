@@ -105,3 +105,12 @@ def test_full_frame_surveys_first_then_recomputes(tmp_path_factory, tmp_path, la
     if large_events:
         with fits.open(kept.products["rate"]) as hdul:
             assert hdul[0].header["EXTNCRS"] > 0  # the searches found events
+
+
+def test_thick_exposures_keep_the_copy(sim, tmp_path):
+    """Bands of a row or two would read and recompute mostly halo rows (60 groups x 500
+    integrations: 5 rows for each of its own): such an exposure keeps the two passes."""
+    thin, _ = run(sim, sim.uncal, tmp_path / "thin", band_bytes=40_000)
+    fused, _ = run(sim, sim.uncal, tmp_path / "fused")
+    assert "scratch" in thin.timings and "scratch" not in fused.timings
+    assert_same_products(thin, fused)

@@ -632,10 +632,12 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                                     extensions=(("SCI", np.float32), ("GROUPDQ", np.uint8)))
         capture = _capture_plan(passes, captures or {}, saved)
         run.prepass(active)
-        fusion = _fusion(passes, capture, run.scratch_fits_in_memory())
+        fusion = _fusion(passes, capture, run.scratch_fits_in_memory(),
+                         run.fused_rows(passes))
         if fusion:
             if fusion == "survey first":  # a first pass for the surveys only
                 run.first_pass(passes[0][1], passes[1][1], None, {})
+                exposure.drop_buffers()  # its read buffers: the band pass reads its own way
             rate, rateints = _allocate_products(meta, config)
             run.fused_pass(passes[0][1], passes[1][1], rate, rateints, capture[1],
                            surveyed=fusion == "survey first")
@@ -657,7 +659,7 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
 
 
 def _fusion(passes: list[tuple[str, list[Step]]], capture: list[dict[int, list[CubeStore]]],
-            scratch_in_memory: bool) -> str | None:
+            scratch_in_memory: bool, rows: tuple[int, int] = (1, 0)) -> str | None:
     """Whether the band pass reads its bands from the input and runs the first pass's
     steps on them itself, with no copy of the first pass's output kept (see
     ``Step.recomputable`` and ``Step.survey_with_bands``): two passes, the first all
@@ -665,8 +667,12 @@ def _fusion(passes: list[tuple[str, list[Step]]], capture: list[dict[int, list[C
     every surveyor of the second pass can survey band by band; "survey first" when one
     cannot (refpix) and the copy would go to a file: a first pass then runs for the
     surveys alone, and the band pass computes its output again, which costs less than
-    writing it out and reading it back; None: the two passes, with the copy."""
-    if len(passes) != 2 or capture[0]:
+    writing it out and reading it back; None: the two passes, with the copy. ``rows``:
+    a fused band's own rows and the halo rows it reads on each side; when the halos
+    would be most of what is read and recomputed (thick exposures, whose bands are a
+    row or two: 60 groups x 500 integrations read 5 rows for 1), the copy costs less."""
+    band, margin = rows
+    if len(passes) != 2 or capture[0] or band < 2 * margin:
         return None
     (_, lead), (_, steps) = passes
     if not all(s.granularity == Granularity.GROUP and s.recomputable for s in lead):
@@ -726,6 +732,16 @@ class _Passes:
         # in memory only when no bigger than what one band of the band pass may hold anyway
         self.scratch_in_memory = min(config.scratch_in_memory_bytes, config.band_bytes)
         self.scratches: list[_Scratch] = []
+
+    def fused_rows(self, passes: list[tuple[str, list[Step]]]) -> tuple[int, int]:
+        """A fused pass's band rows and the halo rows read on each side (the band pass's
+        halo, its steps' extra passes' included, and the first pass's steps' margins)."""
+        (_, lead), (_, steps) = passes[0], passes[-1]
+        margin = max([s.halo for s in steps] + [s.halo + max(0, int(s.gather_halo(j)))
+                                               for s in steps for j in range(s.frame_passes())]
+                     ) + sum(max(0, int(s.halo or 0)) for s in lead)
+        band, _ = _band_rows(self.meta, self.config.band_bytes, self.pool.threads, margin)
+        return band, margin
 
     def scratch_fits_in_memory(self) -> bool:
         meta = self.meta
