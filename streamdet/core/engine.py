@@ -659,7 +659,7 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
 
 
 def _fusion(passes: list[tuple[str, list[Step]]], capture: list[dict[int, list[CubeStore]]],
-            scratch_in_memory: bool, rows: tuple[int, int] = (1, 0)) -> str | None:
+            scratch_in_memory: bool, rows: tuple[int, int]) -> str | None:
     """Whether the band pass reads its bands from the input and runs the first pass's
     steps on them itself, with no copy of the first pass's output kept (see
     ``Step.recomputable`` and ``Step.survey_with_bands``): two passes, the first all
@@ -734,12 +734,9 @@ class _Passes:
         self.scratches: list[_Scratch] = []
 
     def fused_rows(self, passes: list[tuple[str, list[Step]]]) -> tuple[int, int]:
-        """A fused pass's band rows and the halo rows read on each side (the band pass's
-        halo, its steps' extra passes' included, and the first pass's steps' margins)."""
+        """A fused pass's band rows and the halo rows read on each side."""
         (_, lead), (_, steps) = passes[0], passes[-1]
-        margin = max([s.halo for s in steps] + [s.halo + max(0, int(s.gather_halo(j)))
-                                               for s in steps for j in range(s.frame_passes())]
-                     ) + sum(max(0, int(s.halo or 0)) for s in lead)
+        margin = _sizing_halo(steps, _frame_stages(steps)) + _lead_margins(lead)[0]
         band, _ = _band_rows(self.meta, self.config.band_bytes, self.pool.threads, margin)
         return band, margin
 
@@ -792,7 +789,7 @@ class _Passes:
         """The fused band pass (see :func:`_fusion`): bands of rows of every integration,
         read from the input, through the first pass's steps (``lead``), surveyed (unless
         ``surveyed`` already), then through ``steps``."""
-        _BandPass(self, steps, _InputBands(self.exposure), None,
+        _BandPass(self, steps, None, None,
                   self.threads_for(lead + steps), rate, rateints, captures, "",
                   lead=lead, surveyed=surveyed).run()
 
@@ -836,10 +833,7 @@ class _FirstPass:
         self.run_, self.steps, self.surveyors = run, steps, surveyors
         self.scratch, self.captures = scratch, captures
         self.threads = run.threads_for(steps + surveyors)  # the next pass's steps survey here
-        # margins[k]: rows beyond the core that step k's chunk must cover so that the
-        # halos of it and of every later step are correct
-        halos = [max(0, int(s.halo or 0)) for s in steps]
-        self.margins = [sum(halos[k:]) for k in range(len(steps))] + [0]
+        self.margins = _lead_margins(steps)
         if all(s.granularity == Granularity.GROUP for s in steps):
             row_bytes = meta.ngroups * meta.nx * 5
             rows = max(1, int(config.pass1_band_bytes // (row_bytes * self.threads))
@@ -893,7 +887,8 @@ class _FirstPass:
 
 
 class _BandPass:
-    """Bands of rows spanning every integration, read from ``source``, through ``steps``.
+    """Bands of rows spanning every integration, read from ``source`` (None: from the input,
+    in a fused pass, through the first pass's steps ``lead``), through ``steps``.
     The last band pass ends with the rate producer, whose results land in ``rate`` and
     ``rateints``; an earlier one writes its bands' core rows to ``target`` (``source``
     stays as it was, so that the bands a step asks to re-run start from the same data).
@@ -901,7 +896,7 @@ class _BandPass:
     before that step runs. The steps' extra passes (``frame_passes``) and re-runs
     (``rerun_rows``) happen here (see core/step.py)."""
 
-    def __init__(self, run: _Passes, steps: list[Step], source: "_Scratch | _InputBands",
+    def __init__(self, run: _Passes, steps: list[Step], source: _Scratch | None,
                  target: _Scratch | None, threads: int, rate: RateArrays, rateints,
                  captures: dict[int, list[CubeStore]], label: str, lead: list[Step] = (),
                  surveyed: bool = False):
@@ -909,22 +904,19 @@ class _BandPass:
         self.run_, self.steps, self.source, self.target = run, steps, source, target
         self.rate, self.rateints, self.captures, self.label = rate, rateints, captures, label
         self.halo = max((s.halo for s in steps), default=0)
-        # a fused pass (see _fusion): the first pass's steps run on each band first, each
-        # on the rows the band needs plus the halos of it and of the lead steps after it
+        # a fused pass (``source`` None, see _fusion): the bands are read from the input
+        # and the first pass's steps run on them first, each on the rows the band needs
+        # plus the halos of it and of the lead steps after it
         self.lead = list(lead)
-        self.fused = isinstance(source, _InputBands)  # reads the input (maybe no lead)
-        lead_halos = [max(0, int(s.halo or 0)) for s in self.lead]
-        self.lead_margins = [sum(lead_halos[k:]) for k in range(len(self.lead))] + [0]
+        self.fused = source is None
+        self.lead_margins = _lead_margins(self.lead)
         # the steps surveying as the bands go (none when a first pass made the survey)
         self.surveyors = ([s for s in steps if type(s).survey is not Step.survey]
                           if self.fused and not surveyed else [])
         # extra band passes before this one, for steps that need frame-wide work on their
-        # band results (jump's snowball and shower searches): (index in steps, step, stage,
-        # halo of that pass); none by default
-        self.frame_stages = [(k, step, j, max(max(s.halo for s in steps[:k + 1]),
-                                              step.halo + max(0, int(step.gather_halo(j)))))
-                             for k, step in enumerate(steps) for j in range(step.frame_passes())]
-        sizing_halo = max([self.halo] + [h for *_, h in self.frame_stages]) + self.lead_margins[0]
+        # band results (jump's snowball and shower searches); none by default
+        self.frame_stages = _frame_stages(steps)
+        sizing_halo = _sizing_halo(steps, self.frame_stages) + self.lead_margins[0]
         band, self.sharing = _band_rows(meta, run.config.band_bytes, threads, sizing_halo)
         if any(s.needs_whole_exposure for s in steps):
             # a step that asked for the whole exposure at once (at that memory cost)
@@ -1045,7 +1037,7 @@ class _BandPass:
         for i in range(0, meta.nints, at_once):
             plane = np.s_[i:i + at_once]
             t0 = time.perf_counter()
-            self.source.read(rows, plane, data, groupdq)
+            run.exposure.read_into(plane, rows, data[plane], groupdq[plane])
             pool.add("read", time.perf_counter() - t0)
             for k, step in enumerate(self.lead):
                 reach = band_halo + self.lead_margins[k]
@@ -1065,15 +1057,25 @@ class _BandPass:
         return data[part], groupdq[part], a
 
 
-class _InputBands:
-    """A fused pass's source: bands of rows, read from the input one integration at a
-    time (through the exposure's per-thread read buffers)."""
+def _frame_stages(steps: list[Step]) -> list[tuple[int, Step, int, int]]:
+    """The extra band passes ``steps`` ask for (``frame_passes``): (index in steps, step,
+    stage, halo of that pass)."""
+    return [(k, step, j, max(max(s.halo for s in steps[:k + 1]),
+                             step.halo + max(0, int(step.gather_halo(j)))))
+            for k, step in enumerate(steps) for j in range(step.frame_passes())]
 
-    def __init__(self, exposure: Exposure):
-        self.exposure = exposure
 
-    def read(self, rows: slice, plane: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
-        self.exposure.read_into(plane, rows, data[plane], groupdq[plane])
+def _sizing_halo(steps: list[Step], frame_stages: list[tuple]) -> int:
+    """The halo a band pass's bands are sized for: its steps', its extra passes'."""
+    return max([max((s.halo for s in steps), default=0)] + [h for *_, h in frame_stages])
+
+
+def _lead_margins(steps: list[Step]) -> list[int]:
+    """margins[k]: rows beyond a piece's core that step k of an integration pass (or of a
+    fused pass's lead) must cover so that the halos of it and of every later one are
+    correct (and 0 after the last)."""
+    halos = [max(0, int(s.halo or 0)) for s in steps]
+    return [sum(halos[k:]) for k in range(len(steps))] + [0]
 
 
 def _band_rows(meta: ExposureMeta, band_bytes: int, threads: int, halo: int

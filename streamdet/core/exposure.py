@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from streamdet._ckernels import pointer, ptr
+from streamdet._ckernels import pointer
 from streamdet._ckernels._convert import ffi as _convert_ffi, lib as _convert
 from streamdet._ckernels._scratch import ffi as _io_ffi, lib as _io
 
@@ -521,8 +521,8 @@ class Exposure:
             # the band's rows of each group plane: one C call per integration (no
             # Python between the reads, and no GIL held)
             at = self._sci_offset + i * ngroups * plane_bytes + r0 * nx * item
-            done = _io.streamdet_read_spans(self._fd, _io_ffi.cast("void *", ptr(out[k])), at,
-                                             plane_bytes, ngroups, out[k, 0].nbytes)
+            done = _io.streamdet_read_spans(self._fd, pointer(_io_ffi, out[k].view(np.uint16)),
+                                             at, plane_bytes, ngroups, out[k, 0].nbytes)
             if done < 0:
                 raise OSError(-done, os.strerror(-done), str(self.path))
             if done != ngroups:
