@@ -183,7 +183,7 @@ class JumpStep(Step):
     def gather(self, chunk, stage, context):
         # the searches skip the planes unusable everywhere: what they gathered stands
         # only if the survey they saw was the whole one
-        all_dnu = self._surveyed(lambda now: now.tobytes())
+        all_dnu = self._surveyed(chunk, lambda dnu: dnu.tobytes())
         self.searches[stage].gather(chunk, self.dnu_after_searches(all_dnu),
                                     self.gain[chunk.rows], self.readnoise[chunk.rows], context)
 
@@ -213,15 +213,19 @@ class JumpStep(Step):
         with self.lock:
             self.all_dnu[local] &= piece
 
-    def _surveyed(self, what_counts):
-        """The survey as far as it has got; ``what_counts(survey)``, what a band's
-        results depend on, is noted for survey_complete."""
-        with self.lock:
-            now = self.all_dnu.copy()
-        depends_on = what_counts(now)
+    def _surveyed(self, chunk, what_counts):
+        """The survey as far as it has got, for ``chunk`` (a band of every integration).
+        Noted for survey_complete: ``what_counts`` (what a band's results depend on) of
+        the band's own survey. The survey the band uses lies between its own and the
+        whole one, and what counts only grows with the groups unusable everywhere, so
+        when the band's own agrees with the whole survey so does the one it used; noting
+        its own rather than the one used makes the verdict the data's, not the threads'
+        timing's."""
+        own = unusable_groups(chunk.groupdq[:, :, chunk.core])
+        depends_on = what_counts(own)
         with self.lock:
             self.used_surveys.add(depends_on)
-        return now
+            return self.all_dnu.copy()
 
     def _mode(self, all_dnu):
         return search_mode(all_dnu, self.two_point)
@@ -239,7 +243,7 @@ class JumpStep(Step):
             gain=self.gain[rows], readnoise=self.readnoise[rows],
             nframes=self.meta.nframes, group_time=self.meta.group_time,
             # the two-point search uses the survey only to choose its mode
-            parameters=self.two_point, all_dnu_groups=self._surveyed(self._mode),
+            parameters=self.two_point, all_dnu_groups=self._surveyed(chunk, self._mode),
             median_gain=self.median_gain, all_flagged_groups=self.global_flagged,
             count_rows=chunk.core)
         for search in self.searches:

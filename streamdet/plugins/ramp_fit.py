@@ -112,13 +112,15 @@ class RampFitStep(RateProducer):
         with self.lock:
             self.common &= piece
 
-    def _plan(self) -> GroupDiscard:
+    def _plan(self, common=None) -> GroupDiscard:
+        """The group discard from ``common`` (the survey's, by default)."""
         # jump's large-event searches may take DO_NOT_USE off a group (a snowball core
         # flagged SATURATED to the last group): the discard follows what jump left
         after_jump = self.meta.state.jump_dnu_everywhere
         try:
             return plan_from_survey(
-                self.common, None if after_jump is None else np.asarray(after_jump).all(axis=0))
+                self.common if common is None else common,
+                None if after_jump is None else np.asarray(after_jump).all(axis=0))
         except UnusableExposureError as exc:
             raise BadInputError(f"{self.meta.path}: no rate can be made: {exc}") from None
 
@@ -130,16 +132,25 @@ class RampFitStep(RateProducer):
         # when bands were fitted: jump's searches may still change it before the fit
         return not used or used == {self._plan()}
 
-    def _discard_now(self):
+    def _discard_now(self, chunk):
         """The group discard from the survey as far as it has got; None when that part
-        leaves nothing to fit (the whole survey may not: see survey_complete)."""
+        leaves nothing to fit (the whole survey may not: see survey_complete). Noted for
+        survey_complete: the discard of the band's own survey, which settles it as the
+        data say, whatever the threads' timing (the survey used lies between the band's
+        own and the whole one, and the discard only grows with the flags set everywhere:
+        when the band's own agrees with the whole survey so does the one used)."""
+        own = survey_group_flags(chunk.groupdq[:, :, chunk.core])
+        if self.ignored is not None:
+            own = own | self.ignored
         with self.lock:
-            try:
-                discard = self._plan()
-            except BadInputError:
-                discard = None
-            self.used_discards.add(discard)
-        return discard
+            self.used_discards.add(self._try_plan(own))
+            return self._try_plan(self.common)
+
+    def _try_plan(self, common):
+        try:
+            return self._plan(common)
+        except BadInputError:
+            return None
 
     def process(self, chunk):
         if self.survey_whole:
@@ -149,7 +160,7 @@ class RampFitStep(RateProducer):
                         self.discard = self._plan()
             discard = self.discard
         else:
-            discard = self._discard_now()
+            discard = self._discard_now(chunk)
             if discard is None:  # a partial survey's verdict: the band is done again
                 return self._placeholder(chunk)
         core = chunk.core
