@@ -294,8 +294,8 @@ class Step:
     recomputable: ClassVar[bool] = False
     #: EXPOSURE steps that ``survey``: the survey may come band by band, each band just
     #: before ``process`` sees it (the fused pass); ``survey`` must then be idempotent
-    #: (seeing a piece again changes nothing) and ``process`` must record what survey it
-    #: used, for :meth:`survey_complete`.
+    #: (seeing a piece again changes nothing) and ``process`` must note what its band's
+    #: results depend on, for :meth:`survey_complete`.
     survey_with_bands: ClassVar[bool] = False
     #: :meth:`prepass` sees every integration of the input before the first pass (a fit
     #: over the whole exposure that the first integration's correction needs: emicorr).
