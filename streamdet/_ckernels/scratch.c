@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
+#include <stdlib.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -125,4 +126,56 @@ int64_t streamdet_read_spans(int64_t fd, void *dest, int64_t offset, int64_t str
         out += span_bytes;
     }
     return nspans;
+}
+
+/* one piece into FITS form: byte order reversed per element, top bit flipped */
+static void fits_form(char *out, const char *in, int64_t count, int64_t itemsize,
+                      int offset_sign)
+{
+    if (itemsize == 1) {
+        for (int64_t j = 0; j < count; j++)
+            out[j] = (char)(in[j] ^ (offset_sign ? 0x80 : 0));
+        return;
+    }
+    for (int64_t j = 0; j < count; j++) {
+        const char *a = in + j * itemsize;
+        char *b = out + j * itemsize;
+        for (int64_t k = 0; k < itemsize; k++)
+            b[k] = a[itemsize - 1 - k];
+        if (offset_sign)
+            b[0] = (char)(b[0] ^ 0x80);
+    }
+}
+
+/* the common 4-byte case in one pass the compiler vectorises */
+static void fits_form32(uint32_t *out, const uint32_t *in, int64_t count, uint32_t flip)
+{
+    for (int64_t j = 0; j < count; j++)
+        out[j] = __builtin_bswap32(in[j] ^ flip);
+}
+
+int64_t streamdet_write_pieces(int64_t fd, const void *src, int64_t src_stride,
+                               int64_t npieces, int64_t count, int64_t itemsize,
+                               int64_t offset_sign, int64_t offset, int64_t stride)
+{
+    size_t bytes = (size_t)(count * itemsize);
+    int plain = itemsize == 1 && !offset_sign;
+    char *piece = plain ? NULL : malloc(bytes ? bytes : 1);
+    if (!plain && piece == NULL)
+        return -ENOMEM;
+    int64_t status = 0;
+    for (int64_t k = 0; k < npieces && status == 0; k++) {
+        const char *from = (const char *)src + k * src_stride;
+        if (!plain) {
+            if (itemsize == 4)
+                fits_form32((uint32_t *)piece, (const uint32_t *)from, count,
+                            offset_sign ? 0x80000000u : 0u);
+            else
+                fits_form(piece, from, count, itemsize, (int)offset_sign);
+        }
+        struct iovec iov = {plain ? (void *)from : piece, bytes};
+        status = transfer((int)fd, &iov, 1, offset + k * stride, 1);
+    }
+    free(piece);
+    return status;
 }

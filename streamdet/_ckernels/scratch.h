@@ -35,3 +35,13 @@ int64_t streamdet_scratch_read_integration(int64_t fd, void *dest, int64_t i, in
  * the file ended in otherwise, or -errno on failure. */
 int64_t streamdet_read_spans(int64_t fd, void *dest, int64_t offset, int64_t stride,
                              int64_t nspans, int64_t span_bytes);
+
+/* Product stores (CubeStore, streamdet/core/products.py): `npieces` pieces of `count`
+ * elements of `itemsize` bytes (1, 2, 4 or 8), the k-th at src + k*src_stride (bytes),
+ * each written in its FITS form at file offset `offset + k*stride`: big-endian, and with
+ * `offset_sign` unsigned values as the signed ones FITS stores with BZERO (the top bit
+ * flipped), so that the product is written by copying the file's bytes. Returns 0, or
+ * -errno on failure (-ENOMEM: no memory for the converted piece). */
+int64_t streamdet_write_pieces(int64_t fd, const void *src, int64_t src_stride,
+                               int64_t npieces, int64_t count, int64_t itemsize,
+                               int64_t offset_sign, int64_t offset, int64_t stride);

@@ -10,7 +10,7 @@ headers alone, when the products are written (the schemas load then, once per pr
 Arrays that grow with the number of integrations (rateints, ramps) stay in scratch files
 (:class:`CubeStore`): stdatamodels writes every header and the ASDF extension while the
 model holds untouched zero pages of the right shape; the data of those extensions is
-streamed from the scratch files one integration at a time.
+then copied from the scratch files, which hold it in FITS form.
 
 Files are written to a hidden temporary name in the output directory and renamed into
 place, so a reader never sees a partial product.
@@ -19,6 +19,7 @@ place, so a reader never sees a partial product.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import io
@@ -99,9 +100,12 @@ class CubeStore:
     """Arrays with an integration axis first (rateints ``[nints, ny, nx]``, a saved ramp
     ``[nints, ngroups, ny, nx]``) kept in raw scratch files, so that memory does not grow
     with the number of integrations: bands are written with positioned writes (a band's
-    rows of one plane are one stretch of the file) and the product is streamed out one
-    integration at a time. (Memory maps would cost page faults and, when unmapped, TLB
-    shootdowns that stall the other band threads.)"""
+    rows of one plane are one stretch of the file) and, at the end, each file's bytes are
+    copied into the product by the kernel. The files hold the data in FITS form
+    (big-endian, unsigned integers offset to signed as BZERO says): the band threads
+    convert their own rows, in C without the GIL, so that writing the product is a copy
+    rather than a serial byte swap of every value. (Memory maps would cost page faults
+    and, when unmapped, TLB shootdowns that stall the other band threads.)"""
 
     def __init__(self, shape: tuple[int, ...], directory: Path | None,
                  extensions: tuple[tuple[str, type], ...] | None = None):
@@ -138,26 +142,89 @@ class CubeStore:
         r0, r1, step = rows.indices(ny)
         if step != 1:
             raise ValueError("CubeStore.put takes contiguous rows")
-        for (f, dtype), theirs in zip(self.files, arrays):
-            pieces = np.ascontiguousarray(theirs, dtype=dtype).reshape(-1, (r1 - r0) * nx)
+        from streamdet._ckernels import pointer  # noqa: PLC0415
+        from streamdet._ckernels._scratch import ffi, lib  # noqa: PLC0415
+
+        for (extname, _), (f, dtype), theirs in zip(self.extensions, self.files, arrays):
+            # one piece per plane, each contiguous (a band's rows of a plane); a view of
+            # the band's arrays when they allow it
+            pieces = np.asarray(theirs, dtype=dtype).reshape(-1, (r1 - r0) * nx)
+            if pieces.shape[1] > 1 and pieces.strides[1] != dtype.itemsize:
+                pieces = np.ascontiguousarray(pieces)
             plane_bytes = ny * nx * dtype.itemsize
-            for j, piece in enumerate(pieces):
-                write_at(f.fileno(), piece,
-                         (first_plane + j) * plane_bytes + r0 * nx * dtype.itemsize)
+            status = lib.streamdet_write_pieces(
+                f.fileno(), pointer(ffi, pieces), pieces.strides[0], pieces.shape[0],
+                pieces.shape[1], dtype.itemsize, int(_offset_sign(dtype)),
+                first_plane * plane_bytes + r0 * nx * dtype.itemsize, plane_bytes)
+            if status:
+                raise OSError(-status, f"scratch file of {extname}: {os.strerror(-status)}")
 
     def plane(self, k: int, i: int) -> np.ndarray:
         """Extension ``k``'s integration ``i`` (a fresh array)."""
         f, dtype = self.files[k]
-        out = np.empty(self.shape[1:], dtype)
-        if not read_at(f.fileno(), out, i * out.nbytes):
+        stored = np.empty(self.shape[1:], _fits_dtype(dtype))
+        if not read_at(f.fileno(), stored, i * stored.nbytes):
             raise OSError(f"scratch file of {self.extensions[k][0]} ends before integration {i}")
-        return out
+        if _offset_sign(dtype):
+            return (stored.view(dtype.newbyteorder(">")) ^ _top_bit(dtype)).astype(dtype)
+        return stored.astype(dtype)
 
     def write_plane(self, k: int, i: int, plane: np.ndarray) -> None:
         """Extension ``k``'s integration ``i`` replaced by ``plane``."""
         f, dtype = self.files[k]
         plane = np.ascontiguousarray(plane, dtype=dtype)
-        write_at(f.fileno(), plane, i * plane.nbytes)
+        if _offset_sign(dtype):
+            plane = plane ^ _top_bit(dtype)
+        write_at(f.fileno(), plane.astype(plane.dtype.newbyteorder(">")), i * plane.nbytes)
+
+    def copy_into(self, k: int, fd: int, offset: int) -> int:
+        """Extension ``k``'s data, as FITS stores it, copied to ``fd`` at byte ``offset``
+        by the kernel (copy_file_range; by reading and writing where the file systems
+        do not allow it); returns the bytes copied."""
+        f, dtype = self.files[k]
+        size = int(np.prod(self.shape)) * dtype.itemsize
+        done = 0
+        while done < size:
+            try:
+                n = os.copy_file_range(f.fileno(), fd, size - done, done, offset + done)
+            except OSError as error:
+                if error.errno not in _NO_KERNEL_COPY or done:
+                    raise
+                break
+            if n == 0:
+                raise OSError(f"scratch file of {self.extensions[k][0]} ends early")
+            done += n
+        chunk = np.empty(min(size - done, 16 * 1024**2), np.uint8)
+        while done < size:
+            piece = chunk[:min(chunk.size, size - done)]
+            if not read_at(f.fileno(), piece, done):
+                raise OSError(f"scratch file of {self.extensions[k][0]} ends early")
+            write_at(fd, piece, offset + done)
+            done += piece.size
+        return size
+
+
+#: why copy_file_range may refuse a copy the slow way can make (no such call, files on
+#: two file systems, a file system without it)
+_NO_KERNEL_COPY = {getattr(errno, name) for name in
+                   ("ENOSYS", "EXDEV", "EINVAL", "EOPNOTSUPP", "ENOTSUP", "EBADF")
+                   if hasattr(errno, name)}
+
+
+def _offset_sign(dtype: np.dtype) -> bool:
+    """Whether FITS stores ``dtype`` as signed with a BZERO offset (unsigned, wider than
+    a byte)."""
+    return dtype.kind == "u" and dtype.itemsize > 1
+
+
+def _top_bit(dtype: np.dtype):
+    return np.array(1 << (8 * dtype.itemsize - 1), dtype)
+
+
+def _fits_dtype(dtype: np.dtype) -> np.dtype:
+    """How FITS stores ``dtype``: big-endian, unsigned as signed."""
+    kind = "i" if _offset_sign(dtype) else dtype.kind
+    return np.dtype(f">{kind}{dtype.itemsize}")
 
 
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
@@ -854,7 +921,7 @@ _ATTRIBUTE = {"SCI": "data", "ERR": "err", "DQ": "dq", "VAR_POISSON": "var_poiss
 
 def _write_model(model, final: Path, tmp: Path, store: "CubeStore | None" = None) -> None:
     """Write ``model`` to ``tmp`` as stdatamodels would save it as ``final``; the
-    extensions of ``store`` are streamed from it (the model holds placeholders)."""
+    extensions of ``store`` are copied from it (the model holds placeholders)."""
     from stdatamodels import fits_support  # noqa: PLC0415
 
     with _asdf_scope():
@@ -890,21 +957,24 @@ def _write_model(model, final: Path, tmp: Path, store: "CubeStore | None" = None
 
 
 def _stream_extension(path: Path, header: fits.Header, store: "CubeStore", k: int) -> None:
-    """Append one image extension whose data is the store's extension ``k``, one
-    integration at a time."""
+    """Append one image extension whose data is the store's extension ``k`` (kept in
+    FITS form, see :class:`CubeStore`): the header as astropy streams it, then the
+    data copied from the store's file and the padding to a whole FITS block."""
     dtype = np.dtype(store.extensions[k][1])
     header = header.copy()
-    wide_unsigned = dtype.kind == "u" and dtype.itemsize > 1
-    if wide_unsigned:  # unsigned integers are stored signed with BZERO, as FITS requires
+    if _offset_sign(dtype):  # unsigned integers are stored signed with BZERO, as FITS requires
         header["BSCALE"] = 1
         header["BZERO"] = 2 ** (8 * dtype.itemsize - 1)
-    stream = fits.StreamingHDU(str(path), header)
-    for i in range(store.shape[0]):
-        plane = store.plane(k, i)
-        if wide_unsigned:
-            plane = (plane ^ np.array(header["BZERO"], dtype)).view(f"i{dtype.itemsize}")
-        stream.write(plane.astype(plane.dtype.newbyteorder(">")))
-    stream.close()
+    fits.StreamingHDU(str(path), header).close()  # writes the header alone
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        start = os.fstat(fd).st_size
+        size = store.copy_into(k, fd, start)
+        padding = -size % _BLOCK
+        if padding:
+            write_at(fd, np.zeros(padding, np.uint8), start + size)
+    finally:
+        os.close(fd)
 
 
 #: bytes a temporary name adds to its product's name (``.NAME.XXXXXXXX.tmp``: mkstemp's
