@@ -358,14 +358,7 @@ def test_inputs_left_untouched():
 
 def _all_general(monkeypatch, module):
     """Route every pixel through the per-pixel-flags path."""
-    real_layout = module._layout
-
-    def no_template(gdq, suppress):
-        layout = real_layout(gdq, suppress)
-        regular = np.zeros_like(layout.regular)
-        return layout._replace(regular=regular, irregular=np.arange(regular.size))
-
-    monkeypatch.setattr(module, "_layout", no_template)
+    monkeypatch.setattr(module, "_TEMPLATE_PATH", False)
 
 
 def _fit_both_paths(monkeypatch, data, gdq, pdq, **kw):

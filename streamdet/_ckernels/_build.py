@@ -41,13 +41,20 @@ def declarations(header: Path) -> str:
                      if not line.lstrip().startswith("#"))
 
 
+#: kernels that call another's C functions get its source compiled in too (one source,
+#: one implementation; its functions are not in the module's ``lib`` unless its header
+#: declares them)
+CALLS = {"ramp_fit": ("row_medians",)}
+
+
 def builder(name: str) -> FFI:
     header = HERE / f"{name}.h"
     relative = Path(os.path.relpath(HERE))  # setuptools wants sources relative to setup.py
     ffi = FFI()
     ffi.cdef(declarations(header))
+    sources = [str(relative / f"{source}.c") for source in (name, *CALLS.get(name, ()))]
     ffi.set_source(f"streamdet._ckernels._{name}", f'#include "{name}.h"',
-                   sources=[str(relative / f"{name}.c")], include_dirs=[str(relative)],
+                   sources=sources, include_dirs=[str(relative)],
                    define_macros=dq_macros(), extra_compile_args=FLAGS)
     return ffi
 

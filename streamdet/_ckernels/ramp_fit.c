@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include "ramp_fit.h"
+#include "row_medians.h"
 
 /* a segment is made of groups clean of everything but PERSISTENCE */
 #define IGNORED ((uint8_t)DQ_PERSISTENCE)
@@ -569,4 +570,254 @@ void rf_finish_exposure(int64_t npix, const rf_exposure_sums *exposure, double h
         var_poisson[p] = (float)vp;
         var_rnoise[p] = vr;
     }
+}
+
+void rf_only_first(const uint8_t *gdq, int64_t ngroups, int64_t npix, uint8_t *only_first)
+{
+    for (int64_t p = 0; p < npix; p++) {
+        int64_t clean = 0;
+        for (int64_t g = 0; g < ngroups; g++)
+            clean += gdq[g * npix + p] == 0;
+        only_first[p] = clean == 1 && gdq[p] == 0;
+    }
+}
+
+/* ramps taken together on the per-pixel paths of the drivers: their scratch (differences,
+ * segments) is sized by this, not by the chunk */
+#define GENERAL_BLOCK 256
+
+/* One integration's group DQ as fitted, its template and which ramps follow it (all
+ * the drivers' scratch: one integration at a time). */
+static void integration_layout(const rf_chunk *c, int64_t i, uint8_t *gdq,
+                               uint8_t *template_flags, uint8_t *regular, uint8_t *only_first)
+{
+    const int64_t ngroups = c->stop - c->first, npix = c->npix;
+    rf_usable_flags(c->flags + i * c->fis, c->fgs, c->fps, c->ngroups_in, npix, c->first,
+                    c->stop, c->suppress, gdq);
+    /* the sample that picks the template: see rf_layout */
+    rf_layout(gdq, ngroups, npix, npix / 4096 > 1 ? npix / 4096 : 1, template_flags, regular);
+    if (!c->template_path)
+        for (int64_t p = 0; p < npix; p++)
+            regular[p] = 0;
+    if (!c->suppress)
+        rf_only_first(gdq, ngroups, npix, only_first);
+}
+
+int64_t rf_chunk_median_rate(const rf_chunk *c, double group_time, double first_time,
+                             double *median_rate)
+{
+    const int64_t ngroups = c->stop - c->first, npix = c->npix, nd = ngroups - 1;
+    const int64_t wide = nd > 0 ? nd : 1;
+    uint8_t *gdq = malloc((size_t)(ngroups * npix));
+    uint8_t *template_flags = malloc((size_t)ngroups);
+    uint8_t *regular = malloc((size_t)npix + 1);
+    uint8_t *general = malloc((size_t)npix + 1);
+    uint8_t *only_first = malloc((size_t)npix + 1);
+    int64_t *usable = malloc(sizeof(int64_t) * (size_t)wide);
+    int64_t *picked = malloc(sizeof(int64_t) * (size_t)(npix + 1));
+    double *median = malloc(sizeof(double) * (size_t)(npix + 1));
+    double *diffs = malloc(sizeof(double) * (size_t)(GENERAL_BLOCK * wide));
+    int64_t *n_valid = malloc(sizeof(int64_t) * GENERAL_BLOCK);
+    double *first = malloc(sizeof(double) * GENERAL_BLOCK);
+    double *middle = malloc(sizeof(double) * GENERAL_BLOCK);
+    int64_t status = 0;
+    if (!gdq || !template_flags || !regular || !general || !only_first || !usable ||
+        !picked || !median || !diffs || !n_valid || !first || !middle) {
+        status = -1;
+        goto done;
+    }
+    double *total = median_rate;
+    for (int64_t p = 0; p < npix; p++)
+        total[p] = 0.0;
+    for (int64_t i = 0; i < c->nints; i++) {
+        const float *ramp = c->values + i * c->vis;
+        const int64_t gs = c->vgs, ps = c->vps;
+        integration_layout(c, i, gdq, template_flags, regular, only_first);
+        if (ngroups == 1) {
+            /* stcal's single-group branch: SATURATED read as NaN, nothing screened, NaN
+             * kept */
+            for (int64_t p = 0; p < npix; p++) {
+                const double v = gdq[p] & DQ_SATURATED ? NAN : (double)ramp[p * ps];
+                total[p] += v / first_time;
+            }
+            continue;
+        }
+        int64_t nregular = 0;
+        for (int64_t p = 0; p < npix; p++) {
+            general[p] = !regular[p];
+            nregular += regular[p];
+        }
+        if (nregular) {
+            const uint8_t *t = template_flags;
+            int64_t nu = 0;
+            for (int64_t k = 0; k < nd; k++)
+                if (!(((t[k + 1] | t[k]) & UNUSABLE) | (t[k + 1] & DQ_JUMP_DET)))
+                    usable[nu++] = k;
+            if (nu) {
+                /* the ramps whose float32 differences are not exact (see
+                 * rf_regular_medians) join the general ones */
+                if (rf_regular_medians(ramp, gs, ps, ngroups, npix, usable, nu, group_time,
+                                       median, general)) {
+                    status = -1;
+                    goto done;
+                }
+            } else {
+                const int unusable_first = (t[0] & UNUSABLE) != 0;
+                for (int64_t p = 0; p < npix; p++)
+                    median[p] = unusable_first ? NAN : (double)ramp[p * ps] / group_time;
+            }
+        }
+        int64_t m = 0;
+        for (int64_t p = 0; p < npix; p++)
+            if (general[p])
+                picked[m++] = p;
+        for (int64_t j0 = 0; j0 < m; j0 += GENERAL_BLOCK) {
+            const int64_t nb = m - j0 < GENERAL_BLOCK ? m - j0 : GENERAL_BLOCK;
+            rf_general_diffs(ramp, gs, ps, gdq, npix, 1, picked + j0, nb, ngroups, diffs,
+                             n_valid, first);
+            if (streamdet_row_medians_f64(diffs, nd, nd, nb, middle)) {
+                status = -1;
+                goto done;
+            }
+            /* with no usable difference stcal falls back on the first sample */
+            for (int64_t j = 0; j < nb; j++)
+                median[picked[j0 + j]] =
+                    n_valid[j] == 0 ? first[j] / group_time : middle[j] / group_time;
+        }
+        if (!c->suppress)
+            for (int64_t p = 0; p < npix; p++)
+                if (only_first[p])
+                    median[p] = (double)ramp[p * ps] / first_time;
+        for (int64_t p = 0; p < npix; p++)
+            total[p] += isnan(median[p]) ? 0.0 : median[p];
+    }
+    for (int64_t p = 0; p < npix; p++)
+        median_rate[p] = total[p] / (double)c->nints;
+done:
+    free(gdq);
+    free(template_flags);
+    free(regular);
+    free(general);
+    free(only_first);
+    free(usable);
+    free(picked);
+    free(median);
+    free(diffs);
+    free(n_valid);
+    free(first);
+    free(middle);
+    return status;
+}
+
+int64_t rf_chunk_fit(const rf_chunk *c, const rf_fit_setup *setup, const uint32_t *pdq,
+                     double huge, int64_t int_lo, int64_t int_hi,
+                     const rf_integration_products *out, const rf_exposure_sums *exposure,
+                     uint8_t *lossy, const rf_inspect *inspect)
+{
+    const int64_t ngroups = c->stop - c->first, npix = c->npix;
+    const int64_t bound = (ngroups + 1) / 2 > 1 ? (ngroups + 1) / 2 : 1;
+    const uint8_t chargeloss = (uint8_t)DQ_CHARGELOSS;
+    uint8_t *gdq = malloc((size_t)(ngroups * npix));
+    uint8_t *template_flags = malloc((size_t)ngroups);
+    uint8_t *regular = malloc((size_t)npix + 1);
+    uint8_t *only_first = malloc((size_t)npix + 1);
+    uint32_t *dq = malloc(sizeof(uint32_t) * (size_t)(npix + 1));
+    uint8_t *seen = malloc((size_t)npix + 1);
+    int64_t *regular_pix = malloc(sizeof(int64_t) * (size_t)(npix + 1));
+    int64_t *irregular_pix = malloc(sizeof(int64_t) * (size_t)(npix + 1));
+    uint8_t *fitted = malloc((size_t)npix + 1);
+    double *sums_at = malloc(sizeof(double) * 4 * (size_t)(npix + 1));
+    /* the template's segments, then a block of general ramps' */
+    int64_t *shapes = malloc(sizeof(int64_t) * 3 * (size_t)bound);
+    int64_t *segs = malloc(sizeof(int64_t) * 3 * (size_t)(GENERAL_BLOCK * bound));
+    int64_t status = 0;
+    if (!gdq || !template_flags || !regular || !only_first || !dq || !seen || !regular_pix ||
+        !irregular_pix || !fitted || !sums_at || !shapes || !segs) {
+        status = -1;
+        goto done;
+    }
+    const rf_segment_sums sums = {fitted, sums_at, sums_at + npix, sums_at + 2 * npix,
+                                  sums_at + 3 * npix};
+    const uint8_t *timed_first = c->suppress ? NULL : only_first;
+    int64_t nlossy = 0;
+    for (int64_t i = int_lo; i < int_hi; i++) {
+        const float *ramp = c->values + i * c->vis;
+        const int64_t gs = c->vgs, ps = c->vps;
+        integration_layout(c, i, gdq, template_flags, regular, only_first);
+        int64_t nregular = 0, nirregular = 0;
+        for (int64_t p = 0; p < npix; p++) {
+            dq[p] = pdq[p];
+            seen[p] = 0;
+            fitted[p] = 0;
+            if (regular[p])
+                regular_pix[nregular++] = p;
+            else
+                irregular_pix[nirregular++] = p;
+        }
+        for (int64_t k = 0; k < 4 * npix; k++)
+            sums_at[k] = 0.0;
+        /* per pixel the sums run over its segments in time order, as in stcal: the
+         * template's segments come in time order, each for all the template ramps */
+        if (nregular) {
+            const int64_t zero = 0;
+            uint8_t t_seen = 0;
+            uint32_t t_dq = 0;
+            const int64_t nshapes =
+                rf_segments(template_flags, 1, 1, &zero, 1, ngroups, 1, &t_seen, &t_dq,
+                            shapes, shapes + bound, shapes + 2 * bound);
+            for (int64_t k = 0; k < nregular; k++) {
+                seen[regular_pix[k]] = t_seen;
+                dq[regular_pix[k]] |= t_dq;
+            }
+            for (int64_t s = 0; s < nshapes; s++) {
+                /* one shape for all: start and length read with stride 0 */
+                const rf_segment_list list = {nregular, regular_pix, shapes + bound + s, 0,
+                                              shapes + 2 * bound + s, 0};
+                rf_fit_segments(setup, ramp, gs, ps, timed_first, &list, &sums);
+            }
+        }
+        for (int64_t j0 = 0; j0 < nirregular; j0 += GENERAL_BLOCK) {
+            const int64_t nb = nirregular - j0 < GENERAL_BLOCK ? nirregular - j0 : GENERAL_BLOCK;
+            int64_t *seg_pix = segs, *seg_start = segs + GENERAL_BLOCK * bound;
+            int64_t *seg_length = segs + 2 * GENERAL_BLOCK * bound;
+            const int64_t count = rf_segments(gdq, npix, 1, irregular_pix + j0, nb, ngroups, 1,
+                                              seen, dq, seg_pix, seg_start, seg_length);
+            const rf_segment_list list = {count, seg_pix, seg_start, 1, seg_length, 1};
+            rf_fit_segments(setup, ramp, gs, ps, timed_first, &list, &sums);
+        }
+        const rf_products products = {out->sci + i * out->stride, out->err + i * out->stride,
+                                      out->dq + i * out->stride,
+                                      out->var_poisson + i * out->stride,
+                                      out->var_rnoise + i * npix};
+        rf_finish_integration(npix, dq, seen, &sums, huge, &products, exposure);
+        uint8_t *lossy_row = lossy + i * npix;
+        for (int64_t p = 0; p < npix; p++) {
+            lossy_row[p] = (seen[p] & chargeloss) != 0;
+            nlossy += lossy_row[p];
+        }
+    }
+    if (inspect != NULL && int_hi > int_lo) {
+        for (int64_t k = 0; k < ngroups * npix; k++)
+            inspect->gdq[k] = gdq[k];
+        for (int64_t p = 0; p < npix; p++)
+            inspect->dq[p] = dq[p];
+        if (!c->suppress)
+            for (int64_t p = 0; p < npix; p++)
+                inspect->only_first[p] = only_first[p];
+    }
+    status = nlossy;
+done:
+    free(gdq);
+    free(template_flags);
+    free(regular);
+    free(only_first);
+    free(dq);
+    free(seen);
+    free(regular_pix);
+    free(irregular_pix);
+    free(fitted);
+    free(sums_at);
+    free(shapes);
+    free(segs);
+    return status;
 }

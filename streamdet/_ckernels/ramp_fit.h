@@ -144,3 +144,69 @@ void rf_finish_integration(int64_t npix, const uint32_t *dq, const uint8_t *seen
  * (rf_finish_integration); out->dq may be exposure->dq. */
 void rf_finish_exposure(int64_t npix, const rf_exposure_sums *exposure, double huge,
                         const rf_products *out);
+
+/* ---- drivers: every integration of a chunk of pixels in one call, so that a band
+ * thread holds the GIL only to set the chunk up (a Python loop over integrations made
+ * the band threads queue for it: ~30-50 short calls per integration). */
+
+/* A chunk of pixels over every integration.  Sample (i, g, p) of the fitted groups is
+ * values[i * vis + g * vgs + p * vps] (g from 0: the groups [first, stop) of the input),
+ * its group DQ as read flags[i * fis + (first + g) * fgs + p * fps] (all ngroups_in
+ * groups are there: suppression counts them).  ``template_path`` 0 sends every ramp
+ * down the per-pixel path (for the tests: both paths must agree). */
+typedef struct {
+    const float *values;
+    int64_t vis, vgs, vps;
+    const uint8_t *flags;
+    int64_t fis, fgs, fps;
+    int64_t nints, ngroups_in, first, stop, npix;
+    int64_t suppress;
+    int64_t template_path;
+} rf_chunk;
+
+/* Where rf_chunk_fit writes integration i's products: sci/err/dq/var_poisson at
+ * + i * stride, var_rnoise (double, see rf_products) at + i * npix. */
+typedef struct {
+    float *sci;
+    float *err;
+    uint32_t *dq;
+    float *var_poisson;
+    int64_t stride;
+    double *var_rnoise;
+} rf_integration_products;
+
+/* What the optional results (ramp_fit_opt) take of the integration just fitted: its
+ * group DQ as fitted [ngroups, npix] (rf_usable_flags), its DQ before partial saturation
+ * and, unless the chunk suppresses, only_first (rf_only_first). */
+typedef struct {
+    uint8_t *gdq;
+    uint32_t *dq;
+    uint8_t *only_first;
+} rf_inspect;
+
+/* only_first[p]: the fitted group DQ (contiguous gdq [ngroups, npix]) has exactly one
+ * group without any flag, and it is the first (its rate is then timed by the first
+ * read; only looked at when one-group suppression is off). */
+void rf_only_first(const uint8_t *gdq, int64_t ngroups, int64_t npix, uint8_t *only_first);
+
+/* The median rate of every pixel of the chunk (stcal's, for the Poisson variance): per
+ * integration the median of its usable differences over group_time (template ramps:
+ * rf_regular_medians; the others: rf_general_diffs and their row medians; the first
+ * sample over group_time where no difference is usable, over first_time for only_first
+ * ramps; with one group the first sample over first_time, NaN if SATURATED), NaN
+ * counted as 0 except with one group, summed over integrations in order, then divided
+ * by nints.  Returns 0, or -1 when scratch memory is not available. */
+int64_t rf_chunk_median_rate(const rf_chunk *chunk, double group_time, double first_time,
+                             double *median_rate);
+
+/* Fits integrations [int_lo, int_hi) of the chunk: per integration the segments
+ * (template ramps from the template's, the others from their own flags), their fit
+ * (rf_fit_segments, setup->median_rate from rf_chunk_median_rate) and the
+ * integration's products (rf_finish_integration into ``out`` and ``exposure``).
+ * lossy[i * npix + p] gets whether ramp p of integration i has a CHARGELOSS group.
+ * ``inspect`` (NULL: none) gets the last integration's rf_inspect.  Returns the number
+ * of ramps with CHARGELOSS, or -1 when scratch memory is not available. */
+int64_t rf_chunk_fit(const rf_chunk *chunk, const rf_fit_setup *setup, const uint32_t *pdq,
+                     double huge, int64_t int_lo, int64_t int_hi,
+                     const rf_integration_products *out, const rf_exposure_sums *exposure,
+                     uint8_t *lossy, const rf_inspect *inspect);

@@ -77,16 +77,15 @@ module prepares the buffers and keeps the per-chunk bookkeeping.  The optional r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import numpy as np
 
-from streamdet._ckernels import pointer, row_medians, strides
+from streamdet._ckernels import pointer, strides
 from streamdet._ckernels._ramp_fit import ffi, lib
 from streamdet.core.dqflags import (
     DO_NOT_USE,
-    JUMP_DET,
     NO_GAIN_VALUE,
     PIXEL,
     SATURATED,
@@ -102,7 +101,6 @@ _HUGE_VARIANCE = 1.0e6
 _SNR_EDGES = (5.0, 10.0, 20.0, 50.0, 100.0)
 _POWERS = (0.0, 0.4, 1.0, 3.0, 6.0, 10.0)
 
-_UNUSABLE = DO_NOT_USE | SATURATED
 _EDGES = np.array(_SNR_EDGES, dtype=np.float64)
 
 
@@ -432,34 +430,8 @@ def _fields(arrays: RateArrays):
     return (arrays.sci, arrays.err, arrays.dq, arrays.var_poisson, arrays.var_rnoise)
 
 
-class _Layout(NamedTuple):
-    """How the ramps of one integration in a chunk are flagged.
-
-    Most pixels carry exactly the same group flags (those of the upstream steps that
-    flag whole groups); for them segments, counts and usable differences are worked
-    out once from that ``template``.  ``regular`` marks them; everything else takes
-    the general per-pixel path.  Both paths do identical arithmetic per pixel.
-    """
-
-    template: np.ndarray     # [ngroups] uint8
-    regular: np.ndarray      # [npix] bool
-    irregular: np.ndarray    # indices of the other pixels
-    only_first: np.ndarray | None  # [npix] bool, single clean group is the first
-
-
-def _layout(gdq: np.ndarray, suppress: bool) -> _Layout:
-    ngroups, npix = gdq.shape
-    # the commonest flag value of each group, from a sample: it only picks the fast
-    # path for the pixels that match it, so an unlucky sample costs time, not accuracy
-    gdq = np.ascontiguousarray(gdq)
-    template = np.empty(ngroups, dtype=np.uint8)
-    regular = np.empty(npix, dtype=bool)
-    lib.rf_layout(pointer(ffi, gdq), ngroups, npix, max(1, npix // 4096),
-                  pointer(ffi, template), pointer(ffi, regular))
-    only_first = None
-    if not suppress:
-        only_first = (np.count_nonzero(gdq == 0, axis=0) == 1) & (gdq[0] == 0)
-    return _Layout(template, regular, np.flatnonzero(~regular), only_first)
+# False sends every ramp down the per-pixel path (the tests check both paths agree)
+_TEMPLATE_PATH = True
 
 
 def _usable_flags(flags: np.ndarray, setup: _Setup) -> np.ndarray:
@@ -476,16 +448,35 @@ def _usable_flags(flags: np.ndarray, setup: _Setup) -> np.ndarray:
     return gdq
 
 
+def _only_first(gdq: np.ndarray) -> np.ndarray:
+    """Per ramp of ``gdq`` (as fitted, ``[ngroups, npix]``): its one clean group is the
+    first (timed by the first read when suppression is off)."""
+    gdq = np.ascontiguousarray(gdq)
+    only_first = np.empty(gdq.shape[1], dtype=bool)
+    lib.rf_only_first(pointer(ffi, gdq), *gdq.shape, pointer(ffi, only_first))
+    return only_first
+
+
+def _chunk(setup: _Setup, values: np.ndarray, flags: np.ndarray):
+    """The drivers' view (rf_chunk) of a chunk's samples and group flags, every
+    integration."""
+    ramps = values[:, setup.n_leading:setup.stop]
+    return ffi.new("rf_chunk *", {
+        "values": pointer(ffi, ramps), **dict(zip(("vis", "vgs", "vps"), strides(ramps))),
+        "flags": pointer(ffi, flags), **dict(zip(("fis", "fgs", "fps"), strides(flags))),
+        "nints": values.shape[0], "ngroups_in": flags.shape[1], "first": setup.n_leading,
+        "stop": setup.stop, "npix": values.shape[2], "suppress": int(setup.suppress),
+        "template_path": int(_TEMPLATE_PATH)})
+
+
 def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, opt=None):
     """Fit one chunk of pixels (all integrations); writes into ``rate``/``rateints``
     (and, given ``opt`` = (sink, segment bound, jump bound, pedestal factor, first
     pixel), hands the optional results to the sink)."""
     nints = values.shape[0]
     npix = pdq.size
-    ramps = [values[integ, setup.n_leading:setup.stop] for integ in range(nints)]
-    gdqs = [_usable_flags(flags[integ], setup) for integ in range(nints)]
-    layouts = [_layout(gdq, setup.suppress) for gdq in gdqs]
-    median_rate = _median_rate(ramps, gdqs, layouts, setup)
+    chunk = _chunk(setup, values, flags)
+    median_rate = _median_rate(chunk, setup)
 
     # exposure sums and flags, filled integration by integration
     rate_dq = rate.dq
@@ -496,12 +487,9 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, op
     unusable_everywhere = np.ones(npix, dtype=bool)
     saturated_everywhere = np.ones(npix, dtype=bool)
     saturated_somewhere = np.zeros(npix, dtype=bool)
-    lossy = []
+    lossy = np.empty((nints, npix), dtype=bool)
     # read-noise variances stay double until the CHARGELOSS pass is done with them
     ints_vr = np.empty((nints, npix))
-    # what stays the same for every integration is given to the kernels once: with
-    # hundreds of integrations per chunk, taking addresses (which holds the GIL) was a
-    # tenth of the step
     table = setup.table
     fit_setup = ffi.new("rf_fit_setup *", {
         "rnoise": pointer(ffi, rnoise), "gain": pointer(ffi, gain),
@@ -515,34 +503,59 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, op
         "unusable_everywhere": pointer(ffi, unusable_everywhere),
         "saturated_everywhere": pointer(ffi, saturated_everywhere),
         "saturated_somewhere": pointer(ffi, saturated_somewhere)})
-    for integ in range(nints):
-        dq, seen, sums = _fit_integration(
-            fit_setup, ramps[integ], gdqs[integ], layouts[integ], pdq)
-        lib.rf_finish_integration(
-            npix, pointer(ffi, dq), pointer(ffi, seen), sums.struct, _HUGE_VARIANCE,
-            _products(rateints, integ, ints_vr[integ]), exposure_sums)
-        lossy.append((seen & np.uint8(_CHARGELOSS)) != 0)
-        if opt is not None:
-            from . import ramp_fit_opt  # only with save_opt (it imports this module)
-
-            sink, seg_bound, cr_bound, ped_factor, first = opt
-            arrays = ramp_fit_opt.empty_results(seg_bound, cr_bound, npix)
-            nsegs, ncrs = ramp_fit_opt.integration_results(
-                setup, ramps[integ], gdqs[integ], layouts[integ].only_first, rnoise, gain,
-                dark, median_rate, dq, rateints.sci[integ], ped_factor, arrays)
-            sink(integ, first, arrays, nsegs, ncrs)
+    if len({a.strides for a in _fields(rateints)[:4]}) != 1 or rateints.sci.strides[1] != 4:
+        raise ValueError("ramp_fit writes rateints rows of one layout")
+    products = ffi.new("rf_integration_products *", {
+        "sci": pointer(ffi, rateints.sci), "err": pointer(ffi, rateints.err),
+        "dq": pointer(ffi, rateints.dq), "var_poisson": pointer(ffi, rateints.var_poisson),
+        "stride": strides(rateints.sci)[0], "var_rnoise": pointer(ffi, ints_vr)})
+    fit = partial(lib.rf_chunk_fit, chunk, fit_setup, pointer(ffi, pdq), _HUGE_VARIANCE)
+    if opt is None:
+        nlossy = _checked(fit(0, nints, products, exposure_sums, pointer(ffi, lossy), ffi.NULL))
+    else:
+        nlossy = _fit_with_opt(setup, values, fit, products, exposure_sums, lossy, rnoise,
+                               gain, dark, median_rate, rateints, opt)
 
     vr = np.empty(npix)
     lib.rf_finish_exposure(npix, exposure_sums, _HUGE_VARIANCE, _products(rate, None, vr))
 
-    lossy = np.array(lossy)
-    if lossy.any():
+    if nlossy:
         # the rate SCI/ERR keep the variance used before; only VAR_RNOISE is redone
-        only_first = [layout.only_first for layout in layouts]
-        _redo_chargeloss_rnoise(flags[:, setup.n_leading:setup.stop], lossy, only_first,
-                                ints_vr, vr, rnoise, gain, setup)
+        _redo_chargeloss_rnoise(flags, lossy, ints_vr, vr, rnoise, gain, setup)
     rateints.var_rnoise[...] = ints_vr
     rate.var_rnoise[...] = vr
+
+
+def _checked(status: int) -> int:
+    if status < 0:
+        raise MemoryError("no scratch memory for ramp_fit")
+    return status
+
+
+def _fit_with_opt(setup, values, fit, products, exposure_sums, lossy, rnoise, gain, dark,
+                  median_rate, rateints, opt):
+    """The driver one integration at a time, handing each integration's optional results
+    to the sink as it goes (so that they take no memory in proportion to nints)."""
+    from . import ramp_fit_opt  # only with save_opt (it imports this module)
+
+    sink, seg_bound, cr_bound, ped_factor, first = opt
+    nints, _, npix = values.shape
+    gdq = np.empty((setup.ngroups, npix), dtype=np.uint8)
+    dq = np.empty(npix, dtype=np.uint32)
+    only_first = np.empty(npix, dtype=bool)
+    inspect = ffi.new("rf_inspect *", {"gdq": pointer(ffi, gdq), "dq": pointer(ffi, dq),
+                                       "only_first": pointer(ffi, only_first)})
+    nlossy = 0
+    for integ in range(nints):
+        nlossy += _checked(fit(integ, integ + 1, products, exposure_sums,
+                               pointer(ffi, lossy), inspect))
+        arrays = ramp_fit_opt.empty_results(seg_bound, cr_bound, npix)
+        nsegs, ncrs = ramp_fit_opt.integration_results(
+            setup, values[integ, setup.n_leading:setup.stop], gdq,
+            None if setup.suppress else only_first, rnoise, gain, dark, median_rate, dq,
+            rateints.sci[integ], ped_factor, arrays)
+        sink(integ, first, arrays, nsegs, ncrs)
+    return nlossy
 
 
 def _out(array: np.ndarray):
@@ -562,143 +575,22 @@ def _products(arrays: RateArrays, integ: int | None, var_rnoise: np.ndarray):
         "var_poisson": _out(arrays.var_poisson), "var_rnoise": _out(var_rnoise)})
 
 
-def _median_rate(ramps, gdqs, layouts, setup):
-    """Pixel rate estimate for the Poisson variance (stcal's median rate)."""
-    ngroups, npix = ramps[0].shape
-    total = np.zeros(npix, dtype=np.float64)
-    for ramp, gdq, layout in zip(ramps, gdqs, layouts):
-        if ngroups == 1:
-            # stcal's single-group branch: SATURATED read as NaN, nothing screened
-            first = np.where((gdq[0] & np.uint8(SATURATED)) != 0, np.nan,
-                             ramp[0].astype(np.float64))
-            total += first / setup.first_read_time
-            continue
-        median = np.empty(npix, dtype=np.float64)
-        general = ~layout.regular
-        regular = np.flatnonzero(layout.regular)
-        if regular.size:
-            t = layout.template
-            unusable = ((t[1:] | t[:-1]) & np.uint8(_UNUSABLE)) | (t[1:] & np.uint8(JUMP_DET))
-            usable = np.flatnonzero(unusable == 0)
-            if usable.size:
-                # medians of the float32 differences; the kernel sends the ramps where
-                # those are not the exact differences (and NaN ramps, whose count of
-                # valid differences is their own) to the general path
-                gs, ps = strides(ramp)
-                if lib.rf_regular_medians(pointer(ffi, ramp), gs, ps, ngroups, npix,
-                                          pointer(ffi, usable), usable.size, setup.group_time,
-                                          pointer(ffi, median), pointer(ffi, general)):
-                    raise MemoryError("no scratch memory for ramp_fit's median rates")
-            else:
-                first = ramp[0].astype(np.float64) / setup.group_time
-                if t[0] & _UNUSABLE:
-                    first[:] = np.nan
-                median[:] = first
-        picked = np.flatnonzero(general)
-        if picked.size:
-            median[picked] = _median_general(ramp, gdq, picked, setup)
-        if layout.only_first is not None and layout.only_first.any():
-            median = np.where(layout.only_first,
-                              ramp[0].astype(np.float64) / setup.first_read_time, median)
-        total += np.where(np.isnan(median), 0.0, median)
-    return total / len(ramps)
+def _median_rate(chunk, setup: _Setup) -> np.ndarray:
+    """Pixel rate estimate for the Poisson variance (stcal's median rate) of a chunk
+    (rf_chunk), over all its integrations."""
+    median_rate = np.empty(chunk.npix)
+    _checked(lib.rf_chunk_median_rate(chunk, setup.group_time, setup.first_read_time,
+                                      pointer(ffi, median_rate)))
+    return median_rate
 
 
-def _median_general(ramp, gdq, picked, setup):
-    """Median rate of the ramps ``picked`` of ``ramp`` (``[ngroups, npix]``), any flags."""
-    ngroups = ramp.shape[0]
-    picked = np.ascontiguousarray(picked, dtype=np.int64)
-    diffs = np.empty((picked.size, ngroups - 1))
-    n_valid = np.empty(picked.size, dtype=np.int64)
-    first = np.empty(picked.size)
-    gs, ps = strides(ramp)
-    fgs, fps = strides(gdq)
-    lib.rf_general_diffs(pointer(ffi, ramp), gs, ps, pointer(ffi, gdq), fgs, fps,
-                         pointer(ffi, picked), picked.size, ngroups, pointer(ffi, diffs),
-                         pointer(ffi, n_valid), pointer(ffi, first))
-    return _middle(diffs, n_valid, first, setup.group_time)
-
-
-def _middle(diffs, n_valid, first, gtime):
-    """Median of the usable (not NaN; ``n_valid`` per row) differences of each row of
-    ``diffs``, in DN/s.
-
-    The differences are exact (float32 only where that is guaranteed), so both paths
-    pick the same values; stcal divides by group_time before subtracting, a difference
-    of rounding only.  With no usable difference stcal falls back on ``first`` (the
-    first sample) over group_time.
-    """
-    median = row_medians(diffs)
-    median /= gtime
-    np.divide(first, gtime, out=median, where=n_valid == 0)
-    return median
-
-
-class _SegmentSums:
-    """One integration's per-pixel sums over its fitted segments, zeroed, and the
-    kernels' struct that points at them (rf_segment_sums)."""
-
-    def __init__(self, npix: int):
-        self.fitted = np.zeros(npix, dtype=bool)
-        self.inv_r = np.zeros(npix)
-        self.inv_p = np.zeros(npix)
-        self.inv_e = np.zeros(npix)
-        self.num = np.zeros(npix)
-        self.struct = ffi.new("rf_segment_sums *", {
-            name: pointer(ffi, getattr(self, name))
-            for name in ("fitted", "inv_r", "inv_p", "inv_e", "num")})
-
-
-def _fit_integration(fit_setup, ramp, gdq, layout, pdq):
-    """One integration's DQ, the OR of each ramp's group flags, and the per-pixel sums
-    over its fitted segments (:class:`_SegmentSums`).  ``fit_setup``: the chunk's
-    rf_fit_setup."""
-    npix = ramp.shape[1]
-    dq = pdq.copy()
-    seen = np.zeros(npix, dtype=np.uint8)
-    pieces = []
-
-    regular = np.flatnonzero(layout.regular)
-    if regular.size:
-        # the template stands for every regular ramp
-        t_seen = np.zeros(1, dtype=np.uint8)
-        t_dq = np.zeros(1, dtype=np.uint32)
-        shapes = _find_segments(layout.template[:, None], np.zeros(1, np.int64),
-                                seen=t_seen, dq=t_dq, fittable_only=True)
-        seen[regular] = t_seen[0]
-        dq[regular] |= t_dq[0]
-        for start, length in zip(shapes.start, shapes.length):
-            # one shape for all: the kernel reads start and length with stride 0
-            pieces.append(_Segments(regular, np.array([start], np.int64),
-                                    np.array([length], np.int64)))
-
-    if layout.irregular.size:
-        pieces.append(_find_segments(gdq, layout.irregular, seen=seen, dq=dq,
-                                     fittable_only=True))
-
-    sums = _SegmentSums(npix)
-    # per pixel the sums run over its segments in time order, as in stcal: the regular
-    # pieces come in time order, the others are ordered by pixel then time
-    gs, ps = strides(ramp)
-    only_first = ffi.NULL if layout.only_first is None else pointer(ffi, layout.only_first)
-    ramp_at = pointer(ffi, ramp)
-    for pix, start, length in pieces:
-        if pix.size == 0:
-            continue
-        segments = ffi.new("rf_segment_list *", {
-            "count": pix.size, "pix": pointer(ffi, pix),
-            "start": pointer(ffi, start), "start_stride": int(start.size > 1),
-            "length": pointer(ffi, length), "length_stride": int(length.size > 1)})
-        lib.rf_fit_segments(fit_setup, ramp_at, gs, ps, only_first, segments, sums.struct)
-
-    return dq, seen, sums
-
-
-def _redo_chargeloss_rnoise(flags, lossy, only_first, ints_vr, rate_vr, rnoise, gain, setup):
+def _redo_chargeloss_rnoise(flags, lossy, ints_vr, rate_vr, rnoise, gain, setup):
     """stcal's CHARGELOSS pass: read-noise variances as if those groups were usable.
 
-    Works on the group DQ as given (before suppression and JUMP_DET clearing); changes
-    VAR_RNOISE of the affected integrations and of the rate, nothing else.
+    Works on the group DQ as given (``flags``: the chunk's, all groups; used trimmed,
+    before suppression and JUMP_DET clearing); changes VAR_RNOISE of the affected
+    integrations and of the rate, nothing else.  Rare (not produced for MIRI), so the
+    little it needs of the fit is worked out again here.
     """
     nints = flags.shape[0]
     pixels = np.flatnonzero(lossy.any(axis=0))
@@ -710,15 +602,16 @@ def _redo_chargeloss_rnoise(flags, lossy, only_first, ints_vr, rate_vr, rnoise, 
         if not affected.any():
             continue
         sub = pixels[affected]
-        gdq = flags[integ][:, sub]
+        gdq = flags[integ, setup.n_leading:setup.stop][:, sub]
         hit = (gdq & np.uint8(_CHARGELOSS)) != 0
         gdq[hit] ^= np.uint8(DO_NOT_USE | _CHARGELOSS)
         segs = _find_segments(gdq, np.arange(sub.size))
         g = gain[sub][segs.pixel]
         rn = rnoise[sub][segs.pixel]
         timing = np.full(segs.pixel.size, setup.group_time)
-        if only_first[integ] is not None:
-            one_first = only_first[integ][sub][segs.pixel] & (segs.length == 1)
+        if not setup.suppress:
+            only_first = _only_first(_usable_flags(flags[integ], setup))
+            one_first = only_first[sub][segs.pixel] & (segs.length == 1)
             timing[one_first] = setup.first_read_time
         length = np.ascontiguousarray(segs.length, dtype=np.int64)
         var = np.empty(segs.pixel.size)
