@@ -586,21 +586,48 @@ void rf_only_first(const uint8_t *gdq, int64_t ngroups, int64_t npix, uint8_t *o
  * segments) is sized by this, not by the chunk */
 #define GENERAL_BLOCK 256
 
-/* One integration's group DQ as fitted, its template and which ramps follow it (all
- * the drivers' scratch: one integration at a time). */
-static void integration_layout(const rf_chunk *c, int64_t i, uint8_t *gdq,
-                               uint8_t *template_flags, uint8_t *regular, uint8_t *only_first)
+/* One integration's record in chunk->store: its group DQ as fitted [ngroups, npix]
+ * (rf_usable_flags), which ramps follow the template (regular), which are only_first,
+ * and the template itself. */
+typedef struct {
+    uint8_t *gdq, *regular, *only_first, *template_flags;
+} layout_record;
+
+static int64_t record_bytes(int64_t ngroups, int64_t npix)
+{
+    return (ngroups + 2) * npix + ngroups;
+}
+
+static layout_record record_of(const rf_chunk *c, int64_t i)
 {
     const int64_t ngroups = c->stop - c->first, npix = c->npix;
+    uint8_t *at = c->store + i * record_bytes(ngroups, npix);
+    const layout_record r = {at, at + ngroups * npix, at + (ngroups + 1) * npix,
+                             at + (ngroups + 2) * npix};
+    return r;
+}
+
+int64_t rf_chunk_store_bytes(const rf_chunk *c)
+{
+    return c->nints * record_bytes(c->stop - c->first, c->npix);
+}
+
+/* Fills integration i's record (rf_chunk_median_rate does, rf_chunk_fit reads it). */
+static layout_record integration_layout(const rf_chunk *c, int64_t i)
+{
+    const int64_t ngroups = c->stop - c->first, npix = c->npix;
+    const layout_record r = record_of(c, i);
     rf_usable_flags(c->flags + i * c->fis, c->fgs, c->fps, c->ngroups_in, npix, c->first,
-                    c->stop, c->suppress, gdq);
-    /* the sample that picks the template: see rf_layout */
-    rf_layout(gdq, ngroups, npix, npix / 4096 > 1 ? npix / 4096 : 1, template_flags, regular);
+                    c->stop, c->suppress, r.gdq);
+    /* the sample that picks the template: as rf_layout's Python callers chose it */
+    rf_layout(r.gdq, ngroups, npix, npix / 4096 > 1 ? npix / 4096 : 1, r.template_flags,
+              r.regular);
     if (!c->template_path)
         for (int64_t p = 0; p < npix; p++)
-            regular[p] = 0;
+            r.regular[p] = 0;
     if (!c->suppress)
-        rf_only_first(gdq, ngroups, npix, only_first);
+        rf_only_first(r.gdq, ngroups, npix, r.only_first);
+    return r;
 }
 
 int64_t rf_chunk_median_rate(const rf_chunk *c, double group_time, double first_time,
@@ -608,11 +635,7 @@ int64_t rf_chunk_median_rate(const rf_chunk *c, double group_time, double first_
 {
     const int64_t ngroups = c->stop - c->first, npix = c->npix, nd = ngroups - 1;
     const int64_t wide = nd > 0 ? nd : 1;
-    uint8_t *gdq = malloc((size_t)(ngroups * npix));
-    uint8_t *template_flags = malloc((size_t)ngroups);
-    uint8_t *regular = malloc((size_t)npix + 1);
     uint8_t *general = malloc((size_t)npix + 1);
-    uint8_t *only_first = malloc((size_t)npix + 1);
     int64_t *usable = malloc(sizeof(int64_t) * (size_t)wide);
     int64_t *picked = malloc(sizeof(int64_t) * (size_t)(npix + 1));
     double *median = malloc(sizeof(double) * (size_t)(npix + 1));
@@ -621,8 +644,7 @@ int64_t rf_chunk_median_rate(const rf_chunk *c, double group_time, double first_
     double *first = malloc(sizeof(double) * GENERAL_BLOCK);
     double *middle = malloc(sizeof(double) * GENERAL_BLOCK);
     int64_t status = 0;
-    if (!gdq || !template_flags || !regular || !general || !only_first || !usable ||
-        !picked || !median || !diffs || !n_valid || !first || !middle) {
+    if (!general || !usable || !picked || !median || !diffs || !n_valid || !first || !middle) {
         status = -1;
         goto done;
     }
@@ -632,7 +654,8 @@ int64_t rf_chunk_median_rate(const rf_chunk *c, double group_time, double first_
     for (int64_t i = 0; i < c->nints; i++) {
         const float *ramp = c->values + i * c->vis;
         const int64_t gs = c->vgs, ps = c->vps;
-        integration_layout(c, i, gdq, template_flags, regular, only_first);
+        const layout_record r = integration_layout(c, i);
+        const uint8_t *gdq = r.gdq, *regular = r.regular, *only_first = r.only_first;
         if (ngroups == 1) {
             /* stcal's single-group branch: SATURATED read as NaN, nothing screened, NaN
              * kept */
@@ -648,7 +671,7 @@ int64_t rf_chunk_median_rate(const rf_chunk *c, double group_time, double first_
             nregular += regular[p];
         }
         if (nregular) {
-            const uint8_t *t = template_flags;
+            const uint8_t *t = r.template_flags;
             int64_t nu = 0;
             for (int64_t k = 0; k < nd; k++)
                 if (!(((t[k + 1] | t[k]) & UNUSABLE) | (t[k + 1] & DQ_JUMP_DET)))
@@ -694,11 +717,7 @@ int64_t rf_chunk_median_rate(const rf_chunk *c, double group_time, double first_
     for (int64_t p = 0; p < npix; p++)
         median_rate[p] = total[p] / (double)c->nints;
 done:
-    free(gdq);
-    free(template_flags);
-    free(regular);
     free(general);
-    free(only_first);
     free(usable);
     free(picked);
     free(median);
@@ -717,10 +736,6 @@ int64_t rf_chunk_fit(const rf_chunk *c, const rf_fit_setup *setup, const uint32_
     const int64_t ngroups = c->stop - c->first, npix = c->npix;
     const int64_t bound = (ngroups + 1) / 2 > 1 ? (ngroups + 1) / 2 : 1;
     const uint8_t chargeloss = (uint8_t)DQ_CHARGELOSS;
-    uint8_t *gdq = malloc((size_t)(ngroups * npix));
-    uint8_t *template_flags = malloc((size_t)ngroups);
-    uint8_t *regular = malloc((size_t)npix + 1);
-    uint8_t *only_first = malloc((size_t)npix + 1);
     uint32_t *dq = malloc(sizeof(uint32_t) * (size_t)(npix + 1));
     uint8_t *seen = malloc((size_t)npix + 1);
     int64_t *regular_pix = malloc(sizeof(int64_t) * (size_t)(npix + 1));
@@ -731,25 +746,25 @@ int64_t rf_chunk_fit(const rf_chunk *c, const rf_fit_setup *setup, const uint32_
     int64_t *shapes = malloc(sizeof(int64_t) * 3 * (size_t)bound);
     int64_t *segs = malloc(sizeof(int64_t) * 3 * (size_t)(GENERAL_BLOCK * bound));
     int64_t status = 0;
-    if (!gdq || !template_flags || !regular || !only_first || !dq || !seen || !regular_pix ||
+    if (!dq || !seen || !regular_pix ||
         !irregular_pix || !fitted || !sums_at || !shapes || !segs) {
         status = -1;
         goto done;
     }
     const rf_segment_sums sums = {fitted, sums_at, sums_at + npix, sums_at + 2 * npix,
                                   sums_at + 3 * npix};
-    const uint8_t *timed_first = c->suppress ? NULL : only_first;
     int64_t nlossy = 0;
     for (int64_t i = int_lo; i < int_hi; i++) {
         const float *ramp = c->values + i * c->vis;
         const int64_t gs = c->vgs, ps = c->vps;
-        integration_layout(c, i, gdq, template_flags, regular, only_first);
+        const layout_record r = record_of(c, i);
+        const uint8_t *timed_first = c->suppress ? NULL : r.only_first;
         int64_t nregular = 0, nirregular = 0;
         for (int64_t p = 0; p < npix; p++) {
             dq[p] = pdq[p];
             seen[p] = 0;
             fitted[p] = 0;
-            if (regular[p])
+            if (r.regular[p])
                 regular_pix[nregular++] = p;
             else
                 irregular_pix[nirregular++] = p;
@@ -763,7 +778,7 @@ int64_t rf_chunk_fit(const rf_chunk *c, const rf_fit_setup *setup, const uint32_
             uint8_t t_seen = 0;
             uint32_t t_dq = 0;
             const int64_t nshapes =
-                rf_segments(template_flags, 1, 1, &zero, 1, ngroups, 1, &t_seen, &t_dq,
+                rf_segments(r.template_flags, 1, 1, &zero, 1, ngroups, 1, &t_seen, &t_dq,
                             shapes, shapes + bound, shapes + 2 * bound);
             for (int64_t k = 0; k < nregular; k++) {
                 seen[regular_pix[k]] = t_seen;
@@ -780,7 +795,7 @@ int64_t rf_chunk_fit(const rf_chunk *c, const rf_fit_setup *setup, const uint32_
             const int64_t nb = nirregular - j0 < GENERAL_BLOCK ? nirregular - j0 : GENERAL_BLOCK;
             int64_t *seg_pix = segs, *seg_start = segs + GENERAL_BLOCK * bound;
             int64_t *seg_length = segs + 2 * GENERAL_BLOCK * bound;
-            const int64_t count = rf_segments(gdq, npix, 1, irregular_pix + j0, nb, ngroups, 1,
+            const int64_t count = rf_segments(r.gdq, npix, 1, irregular_pix + j0, nb, ngroups, 1,
                                               seen, dq, seg_pix, seg_start, seg_length);
             const rf_segment_list list = {count, seg_pix, seg_start, 1, seg_length, 1};
             rf_fit_segments(setup, ramp, gs, ps, timed_first, &list, &sums);
@@ -797,20 +812,17 @@ int64_t rf_chunk_fit(const rf_chunk *c, const rf_fit_setup *setup, const uint32_
         }
     }
     if (inspect != NULL && int_hi > int_lo) {
+        const layout_record r = record_of(c, int_hi - 1);
         for (int64_t k = 0; k < ngroups * npix; k++)
-            inspect->gdq[k] = gdq[k];
+            inspect->gdq[k] = r.gdq[k];
         for (int64_t p = 0; p < npix; p++)
             inspect->dq[p] = dq[p];
         if (!c->suppress)
             for (int64_t p = 0; p < npix; p++)
-                inspect->only_first[p] = only_first[p];
+                inspect->only_first[p] = r.only_first[p];
     }
     status = nlossy;
 done:
-    free(gdq);
-    free(template_flags);
-    free(regular);
-    free(only_first);
     free(dq);
     free(seen);
     free(regular_pix);

@@ -153,7 +153,10 @@ void rf_finish_exposure(int64_t npix, const rf_exposure_sums *exposure, double h
  * values[i * vis + g * vgs + p * vps] (g from 0: the groups [first, stop) of the input),
  * its group DQ as read flags[i * fis + (first + g) * fgs + p * fps] (all ngroups_in
  * groups are there: suppression counts them).  ``template_path`` 0 sends every ramp
- * down the per-pixel path (for the tests: both paths must agree). */
+ * down the per-pixel path (for the tests: both paths must agree).  ``store``
+ * (rf_chunk_store_bytes) keeps what rf_chunk_median_rate works out of each
+ * integration's flags (its group DQ as fitted, template and layout) for rf_chunk_fit:
+ * working it out again was a fifth of the step on SUB256 bands of 100 integrations. */
 typedef struct {
     const float *values;
     int64_t vis, vgs, vps;
@@ -162,7 +165,11 @@ typedef struct {
     int64_t nints, ngroups_in, first, stop, npix;
     int64_t suppress;
     int64_t template_path;
+    uint8_t *store;
 } rf_chunk;
+
+/* Size of a chunk's ``store``: (ngroups + 2) * npix + ngroups bytes per integration. */
+int64_t rf_chunk_store_bytes(const rf_chunk *chunk);
 
 /* Where rf_chunk_fit writes integration i's products: sci/err/dq/var_poisson at
  * + i * stride, var_rnoise (double, see rf_products) at + i * npix. */
@@ -189,7 +196,8 @@ typedef struct {
  * read; only looked at when one-group suppression is off). */
 void rf_only_first(const uint8_t *gdq, int64_t ngroups, int64_t npix, uint8_t *only_first);
 
-/* The median rate of every pixel of the chunk (stcal's, for the Poisson variance): per
+/* Fills the chunk's store, and gives the median rate of every pixel of the chunk
+ * (stcal's, for the Poisson variance): per
  * integration the median of its usable differences over group_time (template ramps:
  * rf_regular_medians; the others: rf_general_diffs and their row medians; the first
  * sample over group_time where no difference is usable, over first_time for only_first
@@ -199,7 +207,8 @@ void rf_only_first(const uint8_t *gdq, int64_t ngroups, int64_t npix, uint8_t *o
 int64_t rf_chunk_median_rate(const rf_chunk *chunk, double group_time, double first_time,
                              double *median_rate);
 
-/* Fits integrations [int_lo, int_hi) of the chunk: per integration the segments
+/* Fits integrations [int_lo, int_hi) of the chunk (its store filled by
+ * rf_chunk_median_rate): per integration the segments
  * (template ramps from the template's, the others from their own flags), their fit
  * (rf_fit_segments, setup->median_rate from rf_chunk_median_rate) and the
  * integration's products (rf_finish_integration into ``out`` and ``exposure``).

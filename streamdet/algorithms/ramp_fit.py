@@ -459,14 +459,18 @@ def _only_first(gdq: np.ndarray) -> np.ndarray:
 
 def _chunk(setup: _Setup, values: np.ndarray, flags: np.ndarray):
     """The drivers' view (rf_chunk) of a chunk's samples and group flags, every
-    integration."""
+    integration, with its store; returns (the struct, the store that must outlive
+    it)."""
     ramps = values[:, setup.n_leading:setup.stop]
-    return ffi.new("rf_chunk *", {
+    chunk = ffi.new("rf_chunk *", {
         "values": pointer(ffi, ramps), **dict(zip(("vis", "vgs", "vps"), strides(ramps))),
         "flags": pointer(ffi, flags), **dict(zip(("fis", "fgs", "fps"), strides(flags))),
         "nints": values.shape[0], "ngroups_in": flags.shape[1], "first": setup.n_leading,
         "stop": setup.stop, "npix": values.shape[2], "suppress": int(setup.suppress),
         "template_path": int(_TEMPLATE_PATH)})
+    store = np.empty(lib.rf_chunk_store_bytes(chunk), dtype=np.uint8)
+    chunk.store = pointer(ffi, store)
+    return chunk, store
 
 
 def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, opt=None):
@@ -475,7 +479,7 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, op
     pixel), hands the optional results to the sink)."""
     nints = values.shape[0]
     npix = pdq.size
-    chunk = _chunk(setup, values, flags)
+    chunk, store = _chunk(setup, values, flags)
     median_rate = _median_rate(chunk, setup)
 
     # exposure sums and flags, filled integration by integration
