@@ -20,7 +20,7 @@ from streamdet.algorithms.ramp_fit import GroupDiscard, fit_ramps, plan_group_di
     survey_dnu_groups
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, NO_GAIN_VALUE, PIXEL, SATURATED
 
-from .test_kernel_ramp_fit import FRAME_TIME, PRODUCTS, miri_exposure
+from .test_kernel_ramp_fit import PRODUCTS, miri_exposure
 
 PERSISTENCE = PIXEL["PERSISTENCE"]
 CHARGELOSS = PIXEL["CHARGELOSS"]
