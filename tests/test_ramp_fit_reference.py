@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 
 from streamdet.algorithms import ramp_fit as module
-from streamdet.algorithms.ramp_fit import GroupDiscard, fit_ramps, plan_group_discard, \
-    survey_dnu_groups
+from streamdet.algorithms.ramp_fit import (
+    GroupDiscard,
+    fit_ramps,
+    plan_group_discard,
+    survey_dnu_groups,
+)
 from streamdet.core.dqflags import DO_NOT_USE, JUMP_DET, NO_GAIN_VALUE, PIXEL, SATURATED
 
 from .test_kernel_ramp_fit import PRODUCTS, miri_exposure

@@ -1,4 +1,5 @@
-/* Per-pixel loops of ramp fitting (streamdet/algorithms/ramp_fit.py holds the algorithm's
+/* Per-pixel loops of ramp fitting, and the drivers that run them over every integration
+ * of a chunk of pixels (streamdet/algorithms/ramp_fit.py holds the algorithm's
  * description and prepares the buffers).
  *
  * Layout: a ramp is addressed as base[g * gs + p * ps] (group g, pixel p; strides in

@@ -64,14 +64,20 @@ whatever path, chunk or band it falls in, so bands stitch bit-identically into t
 frame.  Arithmetic is double precision; results are rounded to float32 like stcal's.
 
 The per-pixel loops (flags, differences, medians, segments, fits, products) are C in
-``streamdet/_ckernels/ramp_fit.c`` (declared in ``ramp_fit.h``), one call each over a
-chunk, so that band threads do not queue for the GIL.  The template ramps' median
-rates come from a median network run over a block of pixels at once (vector loops: a
+``streamdet/_ckernels/ramp_fit.c`` (declared in ``ramp_fit.h``), and so are the loops
+over a chunk's integrations: two drivers, ``rf_chunk_median_rate`` (every integration's
+median rates, keeping each integration's fitted flags and template for the fit) and
+``rf_chunk_fit`` (every integration's segments, fits and products), call those kernels,
+so that a band thread holds the GIL only to set a chunk up (a Python loop over
+integrations made the band threads queue for it).  The template ramps' median rates
+come from a median network run over a block of pixels at once (vector loops: a
 row-by-row sort of a few dozen differences was a third of the step on time series);
-the few general ramps' medians are selected row by row (``row_medians.c``).  This
-module prepares the buffers and keeps the per-chunk bookkeeping.  The optional results
-(``save_opt``) are :mod:`.ramp_fit_opt`'s; the step that reads the references and calls
-:func:`fit_ramps` is ``streamdet/plugins/ramp_fit.py``.
+the few general ramps' medians are selected row by row (``row_medians.c``, compiled
+into the same module).  This module prepares the buffers and finishes the exposure;
+the CHARGELOSS redo (rare) stays in Python, from the driver's per-ramp CHARGELOSS mask.
+The optional results (``save_opt``) are :mod:`.ramp_fit_opt`'s: with them the fit
+driver runs one integration at a time and hands back what it fitted from.  The step
+that reads the references and calls :func:`fit_ramps` is ``streamdet/plugins/ramp_fit.py``.
 """
 
 from __future__ import annotations
