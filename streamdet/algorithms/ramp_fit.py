@@ -485,7 +485,7 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, op
     pixel), hands the optional results to the sink)."""
     nints = values.shape[0]
     npix = pdq.size
-    chunk, store = _chunk(setup, values, flags)
+    chunk, store = _chunk(setup, values, flags)  # (the store lives as long as the struct)
     median_rate = _median_rate(chunk, setup)
 
     # exposure sums and flags, filled integration by integration
@@ -514,6 +514,7 @@ def _fit_chunk(setup, values, flags, pdq, rnoise, gain, dark, rate, rateints, op
         "saturated_everywhere": pointer(ffi, saturated_everywhere),
         "saturated_somewhere": pointer(ffi, saturated_somewhere)})
     if len({a.strides for a in _fields(rateints)[:4]}) != 1 or rateints.sci.strides[1] != 4:
+        # the driver addresses the four float32/uint32 products with one stride
         raise ValueError("ramp_fit writes rateints rows of one layout")
     products = ffi.new("rf_integration_products *", {
         "sci": pointer(ffi, rateints.sci), "err": pointer(ffi, rateints.err),
