@@ -7,6 +7,7 @@ after dark_current, which the first pass must then hand over)."""
 from __future__ import annotations
 
 import shutil
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from astropy.io import fits
 
 from streamdet.core.dqflags import DO_NOT_USE
 from streamdet.core.engine import RunConfig, process_file
+from streamdet.core.plugins import build_registry, hookimpl
 from streamdet.simulate import simulate
 from streamdet.testing import crds_environment
 
@@ -25,7 +27,7 @@ def sim(tmp_path_factory):
     return simulate(tmp_path_factory.mktemp("sim"), subarray="SUB64", ngroups=8, nints=6, seed=5)
 
 
-def run(sim, uncal, out, two_pass=False, **config):
+def run(sim, uncal, out, two_pass=False, registry=None, **config):
     bands = []
 
     def progress(kind, done, total):
@@ -35,7 +37,7 @@ def run(sim, uncal, out, two_pass=False, **config):
     extra = {"save_after": ("dark_current",)} if two_pass else {}
     with crds_environment(sim):
         result = process_file(uncal, RunConfig(output_dir=out, **extra, **config),
-                              on_progress=progress)
+                              registry=registry, on_progress=progress)
     return result, bands
 
 
@@ -89,13 +91,30 @@ def test_full_frame_surveys_first_then_recomputes(tmp_path_factory, tmp_path, la
     """refpix needs every row of an integration before it corrects any: a full frame
     whose copy of the ramp would go to a file gets a first pass for the surveys alone,
     then the fused band pass (and jump's extra passes for its large-event searches),
-    with the two-pass products."""
+    with the two-pass products. The surveys read the data of refpix's reference columns
+    alone (jump's and ramp_fit's read flags), so in the first pass the steps that change
+    only the data run on those eight columns."""
     full = simulate(tmp_path_factory.mktemp("full"), subarray="FULL", ngroups=10, nints=2,
                     seed=22 if large_events else 9, large_events=large_events)
     params = ({"jump": {"find_showers": True, "expand_large_events": True}}
               if large_events else {})
+    widths = defaultdict(set)  # step -> the column sets its chunks held
+
+    class Widths:
+        @hookimpl
+        def streamdet_step_finished(self, step, chunk):
+            columns = None if chunk.columns is None else tuple(chunk.columns.tolist())
+            assert chunk.data.shape[-1] == (1032 if columns is None else len(columns))
+            widths[step.name].add(columns)
+
+    registry = build_registry((Widths(),), only_builtin=True)
     kept, bands = run(full, full.uncal, tmp_path / "recomputed", scratch_in_memory_bytes=0,
-                      params=params)
+                      params=params, registry=registry)
+    reference_columns = (0, 1, 2, 3, 1028, 1029, 1030, 1031)
+    data_only = ("reset", "linearity", "dark_current")
+    assert set(data_only) | {"dq_init", "saturation", "rscd", "jump", "ramp_fit"} <= set(widths)
+    for name, seen in widths.items():  # survey pass and band pass, or every column
+        assert seen == ({None, reference_columns} if name in data_only else {None}), name
     two_pass, _ = run(full, full.uncal, tmp_path / "two", two_pass=True,
                       scratch_in_memory_bytes=0, params=params)
     assert "scratch" not in kept.timings and "scratch" in two_pass.timings
@@ -114,3 +133,30 @@ def test_thick_exposures_keep_the_copy(sim, tmp_path):
     fused, _ = run(sim, sim.uncal, tmp_path / "fused")
     assert "scratch" in thin.timings and "scratch" not in fused.timings
     assert_same_products(thin, fused)
+
+
+def test_the_survey_pass_narrows_only_when_every_rule_allows():
+    """The columns a pass for the surveys alone computes (engine ``_surveyed_columns``):
+    the surveyors' own, when every surveyor names them and no step after a data_only
+    one reads the data; every column (None) otherwise."""
+    from streamdet.core.engine import _surveyed_columns
+    from streamdet.core.step import Step
+
+    def step(data_only=False, reads_data=True, columns="all"):
+        attrs = {"name": "s", "data_only": data_only, "reads_data": reads_data}
+        if not isinstance(columns, str):
+            attrs["survey_columns"] = lambda self, nx: columns
+        return type("S", (Step,), attrs)()
+
+    flags = step(reads_data=False)
+    reader = step()  # reads the data (saturation)
+    data = step(data_only=True)
+    edges, flags_only, everything = (step(columns=np.array([0, 9])),
+                                     step(columns=np.zeros(0, np.int64)), step())
+    narrowed = _surveyed_columns([reader, data, flags, data], [edges, flags_only], 10)
+    assert narrowed.tolist() == [0, 9]
+    assert _surveyed_columns([reader, data], [flags_only], 10).size == 0
+    assert _surveyed_columns([reader, data, reader], [edges], 10) is None  # reads after
+    assert _surveyed_columns([reader, data], [edges, everything], 10) is None  # unnamed
+    assert _surveyed_columns([reader, flags], [edges], 10) is None  # nothing to narrow
+    assert _surveyed_columns([data], [step(columns=np.arange(10))], 10) is None  # all

@@ -844,6 +844,9 @@ class _FirstPass:
         self.tall = min(meta.ny, rows + 2 * self.margins[0])
         self.plane = meta.ngroups * meta.nx
         self.buffers = ThreadBuffers()
+        # a pass for the surveys alone computes the data of the surveyed columns only
+        self.columns = None if scratch is not None else _surveyed_columns(steps, surveyors,
+                                                                           meta.nx)
 
     def run(self) -> None:
         meta, pool, on_progress = self.run_.meta, self.run_.pool, self.run_.on_progress
@@ -876,7 +879,11 @@ class _FirstPass:
             for store in self.captures.get(k, ()):
                 local = slice(core.start - r0, core.stop - r0)
                 store.put(np.s_[i, :, core], (data[0, :, local], groupdq[0, :, local]))
-            if step is not None:
+            if step is None:
+                continue
+            if step.data_only and self.columns is not None:
+                self.on_columns(step, chunk)
+            else:
                 pool.step(step, chunk)
         for step in self.surveyors:  # chunk now covers the core rows only
             pool.step(step, chunk, survey=True)
@@ -884,6 +891,36 @@ class _FirstPass:
         if self.scratch is not None:  # None: a pass for the surveys alone
             self.scratch.write(i, core, chunk.data[0], chunk.groupdq[0])
             pool.add("scratch", time.perf_counter() - t0)
+
+
+    def on_columns(self, step: Step, chunk: Chunk) -> None:
+        """A ``data_only`` step on the surveyed columns of ``chunk`` alone."""
+        columns = self.columns
+        if columns.size == 0:
+            return
+        part = Chunk(np.ascontiguousarray(chunk.data[..., columns]),
+                     np.ascontiguousarray(chunk.groupdq[..., columns]),
+                     chunk.pixeldq[:, columns], chunk.int_index, chunk.rows,
+                     core=chunk.core, columns=columns)
+        self.run_.pool.step(step, part)
+        chunk.data[..., columns] = part.data
+
+
+def _surveyed_columns(steps: list[Step], surveyors: list[Step], nx: int) -> np.ndarray | None:
+    """The columns whose data a pass for the surveys alone must compute (see
+    ``Step.data_only``): those the surveyors read, when each names them and no step after
+    a ``data_only`` one reads the data; None: every column."""
+    named = [s.survey_columns(nx) for s in surveyors]
+    if any(c is None for c in named) or not any(s.data_only for s in steps):
+        return None
+    after_data_only = False
+    for step in steps:
+        if after_data_only and not step.data_only and step.reads_data:
+            return None
+        after_data_only = after_data_only or step.data_only
+    columns = np.unique(np.concatenate([np.asarray(c, np.int64) for c in named]
+                                       or [np.zeros(0, np.int64)]))
+    return columns if columns.size < nx else None
 
 
 class _BandPass:

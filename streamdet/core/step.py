@@ -64,6 +64,12 @@ Lifecycle of one exposure
    which then work with the survey as far as it has got; after every band has been
    seen once, ``survey_complete()`` says whether what the step did so far stands. If
    a step says no, every band is done again, with the survey whole.
+   When a surveyor cannot survey band by band (refpix needs every row of an
+   integration) and the copy would go to a file, a pass for the surveys alone comes
+   first; if every surveyor names the columns whose data it reads
+   (``survey_columns``), that pass runs the ``data_only`` steps on those columns only
+   (refpix's eight reference columns), provided no step after one of them reads the
+   data (``reads_data``).
 8. **Products.** ``on_products`` steps (after the rate producer) get
    ``process_products(rate, rateints)``; then ``finish()`` of every step that ran gives
    its header keywords, and ``extra_products()`` writers run once rate and rateints are
@@ -181,6 +187,9 @@ class Chunk:
     ``int_index`` holds the absolute (INTSTART-aware, 0-based) integration number of each
     plane of axis 0. ``rows`` are the exposure rows covered, ``core`` the part of the
     chunk the step's results are kept for (the rest is halo: neighbours lent for context).
+    ``columns``: None (every column), or the exposure columns the last axis holds, in
+    order; only ``data_only`` steps get such a chunk (see ``Step.data_only``), and must
+    then take their references' values of those columns.
     """
 
     data: np.ndarray
@@ -189,6 +198,7 @@ class Chunk:
     int_index: np.ndarray
     rows: slice
     core: slice = field(default_factory=lambda: slice(None))
+    columns: np.ndarray | None = None
 
     @property
     def nrows(self) -> int:
@@ -297,6 +307,15 @@ class Step:
     #: (seeing a piece again changes nothing) and ``process`` must note what its band's
     #: results depend on, for :meth:`survey_complete`.
     survey_with_bands: ClassVar[bool] = False
+    #: GROUP steps whose ``process`` changes ``chunk.data`` only, each pixel from its own
+    #: samples, flags and references: in a pass made for the surveys alone whose
+    #: surveyors read the data of a few columns (``survey_columns``), the engine runs the
+    #: step on those columns only (``chunk.columns``).
+    data_only: ClassVar[bool] = False
+    #: False when ``process``'s outcome does not depend on ``chunk.data`` (flags from
+    #: flags and references): such a step may follow a ``data_only`` step run on some
+    #: columns only.
+    reads_data: ClassVar[bool] = True
     #: :meth:`prepass` sees every integration of the input before the first pass (a fit
     #: over the whole exposure that the first integration's correction needs: emicorr).
     prepass_exposure: ClassVar[bool] = False
@@ -362,6 +381,11 @@ class Step:
         A piece is one integration, whole or a band of its rows (``chunk.core`` are the
         rows that belong to it); accumulate over pieces, do not assign. With threads,
         pieces may arrive concurrently (see ``thread_safe``)."""
+
+    def survey_columns(self, nx: int) -> np.ndarray | None:
+        """The exposure columns whose ``chunk.data`` :meth:`survey` reads (of ``nx``):
+        None, every column; an empty array, none (a survey of the flags)."""
+        return None
 
     def survey_complete(self) -> bool:
         """``survey_with_bands`` steps, in a fused pass, once every band has been

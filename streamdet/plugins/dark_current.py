@@ -39,6 +39,7 @@ class DarkCurrentStep(Step):
     status_keyword = "S_DARK"
     thread_safe = True
     recomputable = True
+    data_only = True
 
     def prepare(self, meta, refs, pixeldq):
         shape = refs.shape("dark", "SCI", SCI_LAYOUT)
@@ -88,6 +89,8 @@ class DarkCurrentStep(Step):
     def process(self, chunk):
         for k, int_index in enumerate(chunk.int_index):
             dark = self._dark_for(int(int_index), chunk.rows)
+            if dark is not None and chunk.columns is not None:
+                dark = dark[..., chunk.columns]
             subtract_dark(chunk.data[k:k + 1], chunk.pixeldq, dark, None,
                           nframes=self.meta.nframes, groupgap=self.meta.groupgap,
                           dark_nframes=self.dark_nframes, dark_groupgap=self.dark_groupgap,

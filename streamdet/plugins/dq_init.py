@@ -20,6 +20,7 @@ class DQInitStep(Step):
     status_keyword = "S_DQINIT"
     thread_safe = True
     recomputable = True
+    reads_data = False  # flags from flags and references
 
     def prepare(self, meta, refs, pixeldq):
         self.mask_dq = refs.dq("mask", layout=IMAGE)

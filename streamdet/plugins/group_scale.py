@@ -49,6 +49,7 @@ class GroupScaleStep(Step):
     status_keyword = "S_GRPSCL"
     thread_safe = True
     recomputable = True
+    data_only = True  # one factor for every pixel: any columns
 
     def prepare(self, meta, refs, pixeldq):
         self.factor = group_scale_factor(meta)

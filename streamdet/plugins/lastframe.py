@@ -18,6 +18,7 @@ class LastFrameStep(Step):
     status_keyword = "S_LASTFR"
     thread_safe = True
     recomputable = True
+    reads_data = False  # flags from flags and references
 
     def prepare(self, meta, refs, pixeldq):
         if meta.ngroups <= MIN_GROUPS_EXCLUSIVE:

@@ -25,6 +25,7 @@ class LinearityStep(Step):
     status_keyword = "S_LINEAR"
     thread_safe = True
     recomputable = True
+    data_only = True
 
     def prepare(self, meta, refs, pixeldq):
         if meta.nframes > 1:
@@ -37,7 +38,10 @@ class LinearityStep(Step):
         return None
 
     def process(self, chunk):
-        apply_linearity_polynomial(chunk.data, chunk.groupdq, self.usable[:, chunk.rows])
+        usable = self.usable[:, chunk.rows]
+        if chunk.columns is not None:
+            usable = usable[..., chunk.columns]
+        apply_linearity_polynomial(chunk.data, chunk.groupdq, usable)
 
 
 @hookimpl

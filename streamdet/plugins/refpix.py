@@ -48,6 +48,9 @@ class RefpixStep(Step):
         self.lock = threading.Lock()
         return None
 
+    def survey_columns(self, nx):
+        return reference_columns(nx)
+
     def survey(self, chunk):
         rows = chunk.rows
         nrows = chunk.nrows

@@ -26,6 +26,7 @@ class ResetStep(Step):
     status_keyword = "S_RESET"
     thread_safe = True
     recomputable = True
+    data_only = True
 
     def prepare(self, meta, refs, pixeldq):
         shape = refs.shape("reset", "SCI", ("nints?", "ngroups", "ny", "nx"))
@@ -51,8 +52,11 @@ class ResetStep(Step):
 
     def process(self, chunk):
         for k, i in enumerate(chunk.int_index):
-            subtract_reset(chunk.data[k:k + 1], chunk.pixeldq, self._planes(int(i), chunk.rows),
-                           None, reset_ngroups=self.n_corrected, nan_zeroed=True)
+            planes = self._planes(int(i), chunk.rows)
+            if chunk.columns is not None:
+                planes = planes[..., chunk.columns]
+            subtract_reset(chunk.data[k:k + 1], chunk.pixeldq, planes, None,
+                           reset_ngroups=self.n_corrected, nan_zeroed=True)
 
 
 @hookimpl

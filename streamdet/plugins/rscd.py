@@ -23,6 +23,7 @@ class RscdStep(Step):
     granularity = Granularity.GROUP
     thread_safe = True
     recomputable = True
+    reads_data = False  # flags from flags and references
     status_keyword = "S_RSCD"
 
     def prepare(self, meta, refs, pixeldq):
