@@ -185,13 +185,13 @@ class References:
         if stored is not None:
             if bzero == 0.0 and bscale == 1.0:
                 return stored.astype(dtype, copy=False)
-            return (stored.astype(np.float64) * bscale + bzero).astype(dtype)
+            return _scaled(stored, bscale, bzero, dtype)
         if bzero == 0.0 and bscale == 1.0:
             return np.array(hdu.data[(*index, rows, cols)], dtype=dtype)
         # scaled integers (uint32 DQ stored as int32 + BZERO) cannot be memory-mapped
         # scaled: map the stored integers and apply the scaling to the part read
         stored = self._unscaled(reftype)[extname].data[(*index, rows, cols)]
-        return (stored.astype(np.float64) * bscale + bzero).astype(dtype)
+        return _scaled(stored, bscale, bzero, dtype)
 
     def shared(self, reftype: str, extname: str, *,
                layout: tuple[str, ...] | None = None) -> np.ndarray:
@@ -358,6 +358,21 @@ class References:
             os.close(fd)
         self._fds.clear()
         self._cache.clear()
+
+
+def _scaled(stored: np.ndarray, bscale: float, bzero: float, dtype) -> np.ndarray:
+    """FITS scaling of stored values (``stored * BSCALE + BZERO``) as ``dtype``. Unsigned
+    integers stored signed with the offset BZERO (every DQ array) only have their top
+    bit flipped: the same numbers as the float64 route, in one pass instead of four
+    (0.02 s of a full frame's start)."""
+    dtype = np.dtype(dtype)
+    if (bscale == 1.0 and stored.dtype.kind == "i" and dtype.kind == "u"
+            and dtype.itemsize == stored.dtype.itemsize
+            and bzero == 2.0 ** (8 * dtype.itemsize - 1)):
+        unsigned = stored.view(stored.dtype.str.replace("i", "u"))  # same byte order
+        return (unsigned ^ np.array(1 << (8 * dtype.itemsize - 1), unsigned.dtype)).astype(
+            dtype, copy=False)
+    return (stored.astype(np.float64) * bscale + bzero).astype(dtype)
 
 
 #: the image axes every reference array ends with
