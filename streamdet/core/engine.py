@@ -336,7 +336,7 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
         outputs = output_paths(meta.path, config.output_dir, config.save_ramp, config.save_after)
         check_writable(outputs.values(), config.overwrite, meta.path)
         resumed = _resume(chain, meta)
-        source = InputMetadata(meta)  # loads the schemas in the background
+        source = InputMetadata(meta)  # copies of the headers; the model is built at writing
         resolved, refs = _resolve_references(meta, chain, config, timings)
         pixeldq = exposure.initial_pixeldq()
         try:
