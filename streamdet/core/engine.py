@@ -892,14 +892,13 @@ class _FirstPass:
             self.scratch.write(i, core, chunk.data[0], chunk.groupdq[0])
             pool.add("scratch", time.perf_counter() - t0)
 
-
     def on_columns(self, step: Step, chunk: Chunk) -> None:
-        """A ``data_only`` step on the surveyed columns of ``chunk`` alone."""
+        """A ``data_only`` step on the surveyed columns of ``chunk`` alone (copies, by
+        numpy's indexing; the data come back into ``chunk``)."""
         columns = self.columns
         if columns.size == 0:
             return
-        part = Chunk(np.ascontiguousarray(chunk.data[..., columns]),
-                     np.ascontiguousarray(chunk.groupdq[..., columns]),
+        part = Chunk(chunk.data[..., columns], chunk.groupdq[..., columns],
                      chunk.pixeldq[:, columns], chunk.int_index, chunk.rows,
                      core=chunk.core, columns=columns)
         self.run_.pool.step(step, part)
