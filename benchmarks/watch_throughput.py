@@ -1,5 +1,6 @@
 """Throughput of ``streamdet watch``: files per minute for the local process pool at 1 and
-2 workers, and for a Dask LocalCluster with 2 worker processes.
+2 workers (and 1 worker on one band thread: the default gives a lone worker every core),
+and for a Dask LocalCluster with 2 worker processes.
 
 One exposure is simulated (default SUB256, 10 groups, 2 integrations) with its CRDS
 cache; for each executor a fresh daemon (a real ``streamdet watch`` subprocess) is
@@ -129,6 +130,12 @@ def main(argv=None) -> int:
             results.append(run_case(f"local-{workers}", sim.uncal, args.files, work, env,
                                     ["--workers", str(workers)]))
             print(f"  done: {results[-1]['label']}", flush=True)
+        # the default single worker runs each file on both cores' band threads, so the
+        # ratio above also holds what threads gain on one file; this row keeps one
+        # thread per worker, for what the workers alone gain
+        results.append(run_case("local-1-one-thread", sim.uncal, args.files, work,
+                                {**env, "STREAMDET_THREADS": "1"}, ["--workers", "1"]))
+        print(f"  done: {results[-1]['label']}", flush=True)
         if not args.no_dask:
             results.append(run_dask(sim, args.files, work, env))
             print(f"  done: {results[-1]['label']}", flush=True)
@@ -139,6 +146,10 @@ def main(argv=None) -> int:
         for r in results:
             print(f"{r['label']:<22} {r['files']:>5} {r['startup_s']:>10.1f} {r['span_s']:>8.1f} "
                   f"{r['files_per_min']:>9.1f} {r['mean_file_s']:>15.2f} {r['settle_s']:>12.1f}")
+        rate = {r["label"]: r["files_per_min"] for r in results}
+        print(f"2 workers: {rate['local-2'] / rate['local-1']:.2f}x of 1 worker with its default "
+              f"threads, {rate['local-2'] / rate['local-1-one-thread']:.2f}x of 1 worker on one "
+              "thread")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
