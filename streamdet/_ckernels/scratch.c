@@ -132,11 +132,6 @@ int64_t streamdet_read_spans(int64_t fd, void *dest, int64_t offset, int64_t str
 static void fits_form(char *out, const char *in, int64_t count, int64_t itemsize,
                       int offset_sign)
 {
-    if (itemsize == 1) {
-        for (int64_t j = 0; j < count; j++)
-            out[j] = (char)(in[j] ^ (offset_sign ? 0x80 : 0));
-        return;
-    }
     for (int64_t j = 0; j < count; j++) {
         const char *a = in + j * itemsize;
         char *b = out + j * itemsize;

@@ -44,6 +44,7 @@ from .buffers import read_at, write_at
 from .caches import cache_file
 from .errors import BadInputError
 from .exposure import ExposureMeta, product_base_name
+from .fits_unsigned import bzero, from_stored, offset_signed, stored_dtype, to_stored
 from .jwstparams import plain
 
 #: the products every run writes (a saved ramp and a step's extra products come on top)
@@ -154,7 +155,7 @@ class CubeStore:
             plane_bytes = ny * nx * dtype.itemsize
             status = lib.streamdet_write_pieces(
                 f.fileno(), pointer(ffi, pieces), pieces.strides[0], pieces.shape[0],
-                pieces.shape[1], dtype.itemsize, int(_offset_sign(dtype)),
+                pieces.shape[1], dtype.itemsize, int(offset_signed(dtype)),
                 first_plane * plane_bytes + r0 * nx * dtype.itemsize, plane_bytes)
             if status:
                 raise OSError(-status, f"scratch file of {extname}: {os.strerror(-status)}")
@@ -162,20 +163,16 @@ class CubeStore:
     def plane(self, k: int, i: int) -> np.ndarray:
         """Extension ``k``'s integration ``i`` (a fresh array)."""
         f, dtype = self.files[k]
-        stored = np.empty(self.shape[1:], _fits_dtype(dtype))
+        stored = np.empty(self.shape[1:], stored_dtype(dtype))
         if not read_at(f.fileno(), stored, i * stored.nbytes):
             raise OSError(f"scratch file of {self.extensions[k][0]} ends before integration {i}")
-        if _offset_sign(dtype):
-            return (stored.view(dtype.newbyteorder(">")) ^ _top_bit(dtype)).astype(dtype)
-        return stored.astype(dtype)
+        return from_stored(stored, dtype) if offset_signed(dtype) else stored.astype(dtype)
 
     def write_plane(self, k: int, i: int, plane: np.ndarray) -> None:
         """Extension ``k``'s integration ``i`` replaced by ``plane``."""
         f, dtype = self.files[k]
-        plane = np.ascontiguousarray(plane, dtype=dtype)
-        if _offset_sign(dtype):
-            plane = plane ^ _top_bit(dtype)
-        write_at(f.fileno(), plane.astype(plane.dtype.newbyteorder(">")), i * plane.nbytes)
+        stored = to_stored(plane, dtype)
+        write_at(f.fileno(), stored, i * stored.nbytes)
 
     def copy_into(self, k: int, fd: int, offset: int) -> int:
         """Extension ``k``'s data, as FITS stores it, copied to ``fd`` at byte ``offset``
@@ -209,22 +206,6 @@ class CubeStore:
 _NO_KERNEL_COPY = {getattr(errno, name) for name in
                    ("ENOSYS", "EXDEV", "EINVAL", "EOPNOTSUPP", "ENOTSUP", "EBADF")
                    if hasattr(errno, name)}
-
-
-def _offset_sign(dtype: np.dtype) -> bool:
-    """Whether FITS stores ``dtype`` as signed with a BZERO offset (unsigned, wider than
-    a byte)."""
-    return dtype.kind == "u" and dtype.itemsize > 1
-
-
-def _top_bit(dtype: np.dtype):
-    return np.array(1 << (8 * dtype.itemsize - 1), dtype)
-
-
-def _fits_dtype(dtype: np.dtype) -> np.dtype:
-    """How FITS stores ``dtype``: big-endian, unsigned as signed."""
-    kind = "i" if _offset_sign(dtype) else dtype.kind
-    return np.dtype(f">{kind}{dtype.itemsize}")
 
 
 RATE_DTYPES = (np.float32, np.float32, np.uint32, np.float32, np.float32)
@@ -962,9 +943,9 @@ def _stream_extension(path: Path, header: fits.Header, store: "CubeStore", k: in
     data copied from the store's file and the padding to a whole FITS block."""
     dtype = np.dtype(store.extensions[k][1])
     header = header.copy()
-    if _offset_sign(dtype):  # unsigned integers are stored signed with BZERO, as FITS requires
+    if offset_signed(dtype):  # unsigned integers are stored signed with BZERO, as FITS requires
         header["BSCALE"] = 1
-        header["BZERO"] = 2 ** (8 * dtype.itemsize - 1)
+        header["BZERO"] = bzero(dtype)
     fits.StreamingHDU(str(path), header).close()  # writes the header alone
     fd = os.open(path, os.O_WRONLY)
     try:
