@@ -80,10 +80,6 @@ def process(
     """Turn Level 1B exposures into _rate.fits and _rateints.fits."""
     global _one_shot
     _one_shot = True
-    # Python's cyclic collector would sweep the freshly imported modules several times
-    # over while the run starts (~0.09 s on a small file) and find nothing to free; a
-    # batch turns it back on from its second file (the engine pauses it inside each file)
-    gc.disable()
 
     from rich.console import Console
 
@@ -542,12 +538,21 @@ def main() -> None:
     # spin beside them after the odd small BLAS call a library makes: 2-4 % of a full
     # frame's CPU. Before numpy is imported, and only when the user has not chosen.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    argv = _jwst_spelling(sys.argv[1:])
+    if argv[:1] == ["process"]:
+        # Python's cyclic collector would sweep the freshly imported modules several
+        # times over while the run starts (~0.09 s on a small file) and find nothing to
+        # free; a batch turns it back on from its second file (the engine pauses it
+        # inside each file). Here, not in the command: this process ends with the
+        # command, while the command called from Python (CliRunner, a user's script)
+        # must leave the caller's collector as it found it.
+        gc.disable()
 
     from .core.errors import EXIT_OK, Interrupted
 
     try:
         # without standalone mode click returns a command's exit code instead of exiting
-        code = app(args=_jwst_spelling(sys.argv[1:]), standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
         _leave(code if isinstance(code, int) else EXIT_OK)
     except typer.Exit as exc:
         _leave(exc.exit_code)
