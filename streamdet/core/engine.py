@@ -336,7 +336,7 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
         outputs = output_paths(meta.path, config.output_dir, config.save_ramp, config.save_after)
         check_writable(outputs.values(), config.overwrite, meta.path)
         resumed = _resume(chain, meta)
-        source = InputMetadata(meta)  # copies of the headers; the model is built at writing
+        source = InputMetadata.beside(meta)  # header copies; the model is built at writing
         resolved, refs = _resolve_references(meta, chain, config, timings)
         pixeldq = exposure.initial_pixeldq()
         try:
@@ -350,7 +350,7 @@ def _process_file(path, config, registry, on_progress, source_fd=None) -> Result
             record = partial(product_record, chain, resolved, resumed=resumed,
                              parameters=parameters)
             _finish_and_write(meta, chain, on_products, rate, rateints, saved, extra,
-                              outputs, pixeldq, source, record, timings)
+                              outputs, pixeldq, source.result(), record, timings)
         finally:
             refs.close()
     observers.notify("streamdet_exposure_finished", exposure=exposure, products=outputs,

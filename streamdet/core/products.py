@@ -32,7 +32,7 @@ import tempfile
 import threading
 import warnings
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -700,6 +700,20 @@ class InputMetadata:
         self._model = None
         self.rejected: list[str] = []
         self._asdf = meta.extra.get("asdf")
+
+    @classmethod
+    def beside(cls, meta: ExposureMeta) -> Future:
+        """The :class:`InputMetadata` of ``meta``, built on a thread of its own (a future
+        to take it from at writing). A table HDU's constructor imports astropy.table
+        (~0.08 s, once per process; stdatamodels needs it at writing anyway), which then
+        overlaps the run's set-up: reading references is mostly file reads and C outside
+        the GIL. The thread does not read the input: opening it read and checked the
+        tables (:class:`~.exposure.Exposure`)."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="streamdet-metadata")
+        try:
+            return pool.submit(cls, meta)
+        finally:
+            pool.shutdown(wait=False)
 
     def earlier_provenance(self) -> Any:
         """The ``streamdet`` section of a saved ramp's metadata tree (the run that made
