@@ -137,6 +137,34 @@ def test_emission_of_bands_with_halo_equals_whole_plane():
     assert np.array_equal(np.concatenate(pieces), whole)
 
 
+def _ellipses_of_whole_frame(plane, min_area):
+    """find_ellipses as the whole labelled frame's regionprops give it."""
+    from skimage.measure import label, regionprops
+
+    return [((float(r.centroid[1]), float(r.centroid[0])),
+             (r.axis_minor_length - 1, r.axis_major_length - 1), np.degrees(r.orientation))
+            for r in regionprops(label(plane)) if r.area_filled >= min_area]
+
+
+def test_ellipses_measured_patch_by_patch_equal_the_whole_frames():
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[:150, :170]
+    kept = 0
+    for trial in range(120):
+        plane = (rng.random((150, 170)) < rng.uniform(0.002, 0.4)).astype(np.uint8)
+        for _ in range(trial % 4):  # showers: discs with holes, some cut by the edges
+            cy, cx, r = rng.uniform(-10, 160), rng.uniform(-10, 180), rng.uniform(2, 30)
+            plane[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
+            plane[(yy - cy) ** 2 + (xx - cx) ** 2 < (r / 3) ** 2] = 0
+        min_area = float(rng.choice([1, 6, 40, 90, 400]))
+        expected = _ellipses_of_whole_frame(plane, min_area)
+        got = jump_showers.find_ellipses(plane, min_area)
+        # repr: every float bit for bit, and the order
+        assert repr(got) == repr(expected), (trial, min_area)
+        kept += len(got)
+    assert kept > 200
+
+
 @pytest.mark.parity
 def test_regions_flag_as_stcal_extend_ellipses():
     from stcal.jump.jump import extend_ellipses
