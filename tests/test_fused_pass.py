@@ -91,9 +91,10 @@ def test_full_frame_surveys_first_then_recomputes(tmp_path_factory, tmp_path, la
     """refpix needs every row of an integration before it corrects any: a full frame
     whose copy of the ramp would go to a file gets a first pass for the surveys alone,
     then the fused band pass (and jump's extra passes for its large-event searches),
-    with the two-pass products. The surveys read the data of refpix's reference columns
-    alone (jump's and ramp_fit's read flags), so in the first pass the steps that change
-    only the data run on those eight columns."""
+    with the two-pass products. That first pass is for refpix's survey alone (jump and
+    ramp_fit survey with the bands), which reads the data of the eight reference
+    columns: every step of it is column-local, so each runs on those columns and the
+    neighbours saturation's flag growth reaches, one column on each side."""
     full = simulate(tmp_path_factory.mktemp("full"), subarray="FULL", ngroups=10, nints=2,
                     seed=22 if large_events else 9, large_events=large_events)
     params = ({"jump": {"find_showers": True, "expand_large_events": True}}
@@ -110,11 +111,12 @@ def test_full_frame_surveys_first_then_recomputes(tmp_path_factory, tmp_path, la
     registry = build_registry((Widths(),), only_builtin=True)
     kept, bands = run(full, full.uncal, tmp_path / "recomputed", scratch_in_memory_bytes=0,
                       params=params, registry=registry)
-    reference_columns = (0, 1, 2, 3, 1028, 1029, 1030, 1031)
-    data_only = ("reset", "linearity", "dark_current")
-    assert set(data_only) | {"dq_init", "saturation", "rscd", "jump", "ramp_fit"} <= set(widths)
+    narrowed = (0, 1, 2, 3, 4, 1027, 1028, 1029, 1030, 1031)
+    first_pass = ("dq_init", "saturation", "lastframe", "reset", "linearity", "rscd",
+                  "dark_current")
+    assert set(first_pass) | {"refpix", "jump", "ramp_fit"} <= set(widths)
     for name, seen in widths.items():  # survey pass and band pass, or every column
-        assert seen == ({None, reference_columns} if name in data_only else {None}), name
+        assert seen == ({None, narrowed} if name in first_pass else {None}), name
     two_pass, _ = run(full, full.uncal, tmp_path / "two", two_pass=True,
                       scratch_in_memory_bytes=0, params=params)
     assert "scratch" not in kept.timings and "scratch" in two_pass.timings
@@ -136,14 +138,17 @@ def test_thick_exposures_keep_the_copy(sim, tmp_path):
 
 
 def test_the_survey_pass_narrows_only_when_every_rule_allows():
-    """The columns a pass for the surveys alone computes (engine ``_surveyed_columns``):
-    the surveyors' own, when every surveyor names them and no step after a data_only
-    one reads the data; every column (None) otherwise."""
-    from streamdet.core.engine import _surveyed_columns
+    """The columns a pass for the surveys alone computes. Every step on the surveyors'
+    columns and the neighbours the steps' halos reach (engine ``_narrowed_columns``),
+    when every step is column_local and every surveyor names its columns; otherwise the
+    data_only steps on the surveyors' columns (``_surveyed_columns``), when no step
+    after one of them reads the data; every column (None) otherwise."""
+    from streamdet.core.engine import _narrowed_columns, _surveyed_columns
     from streamdet.core.step import Step
 
-    def step(data_only=False, reads_data=True, columns="all"):
-        attrs = {"name": "s", "data_only": data_only, "reads_data": reads_data}
+    def step(data_only=False, reads_data=True, columns="all", column_local=False):
+        attrs = {"name": "s", "data_only": data_only, "reads_data": reads_data,
+                 "column_local": column_local}
         if not isinstance(columns, str):
             attrs["survey_columns"] = lambda self, nx: columns
         return type("S", (Step,), attrs)()
@@ -160,3 +165,14 @@ def test_the_survey_pass_narrows_only_when_every_rule_allows():
     assert _surveyed_columns([reader, data], [edges, everything], 10) is None  # unnamed
     assert _surveyed_columns([reader, flags], [edges], 10) is None  # nothing to narrow
     assert _surveyed_columns([data], [step(columns=np.arange(10))], 10) is None  # all
+
+    local, local_flags = step(column_local=True), step(column_local=True, reads_data=False)
+    assert _narrowed_columns([local, data, local_flags], [edges, flags_only], 10, 0
+                             ).tolist() == [0, 9]
+    assert _narrowed_columns([local, data], [step(columns=np.array([4]))], 10, 2
+                             ).tolist() == [2, 3, 4, 5, 6]
+    assert _narrowed_columns([local], [edges], 10, 1).tolist() == [0, 1, 8, 9]  # clipped
+    assert _narrowed_columns([local, flags], [edges], 10, 0) is None  # not column_local
+    assert _narrowed_columns([local], [edges, everything], 10, 0) is None  # unnamed
+    assert _narrowed_columns([local], [flags_only], 10, 0) is None  # no data read
+    assert _narrowed_columns([local], [edges], 10, 4) is None  # reaches every column

@@ -636,7 +636,10 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
                          run.fused_rows(passes))
         if fusion:
             if fusion == "survey first":  # a first pass for the surveys only
-                run.first_pass(passes[0][1], passes[1][1], None, {})
+                # of the steps that cannot survey band by band; the others do
+                run.first_pass(passes[0][1], [s for s in passes[1][1]
+                                              if type(s).survey is not Step.survey
+                                              and not s.survey_with_bands], None, {})
                 exposure.drop_buffers()  # its read buffers: the band pass reads its own way
             rate, rateints = _allocate_products(meta, config)
             run.fused_pass(passes[0][1], passes[1][1], rate, rateints, capture[1],
@@ -787,8 +790,9 @@ class _Passes:
     def fused_pass(self, lead: list[Step], steps: list[Step], rate: RateArrays, rateints,
                    captures: dict[int, list[CubeStore]], surveyed: bool) -> None:
         """The fused band pass (see :func:`_fusion`): bands of rows of every integration,
-        read from the input, through the first pass's steps (``lead``), surveyed (unless
-        ``surveyed`` already), then through ``steps``."""
+        read from the input, through the first pass's steps (``lead``), surveyed by the
+        steps that survey band by band (by every surveyor, unless ``surveyed``: a first
+        pass surveyed for the others), then through ``steps``."""
         _BandPass(self, steps, None, None,
                   self.threads_for(lead + steps), rate, rateints, captures, "",
                   lead=lead, surveyed=surveyed).run()
@@ -844,9 +848,16 @@ class _FirstPass:
         self.tall = min(meta.ny, rows + 2 * self.margins[0])
         self.plane = meta.ngroups * meta.nx
         self.buffers = ThreadBuffers()
-        # a pass for the surveys alone computes the data of the surveyed columns only
-        self.columns = None if scratch is not None else _surveyed_columns(steps, surveyors,
-                                                                           meta.nx)
+        # a pass for the surveys alone computes the surveyed columns only: all of the
+        # pass on them and their neighbours (``narrow``), or its data_only steps
+        self.narrow = self.columns = None
+        if scratch is None:
+            self.narrow = _narrowed_columns(steps, surveyors, meta.nx, self.margins[0])
+            if self.narrow is None:
+                self.columns = _surveyed_columns(steps, surveyors, meta.nx)
+            else:  # the surveyed columns, and where they are among the narrowed
+                self.surveyed = _named_columns(surveyors, meta.nx)
+                self.surveyed_at = np.searchsorted(self.narrow, self.surveyed)
 
     def run(self) -> None:
         meta, pool, on_progress = self.run_.meta, self.run_.pool, self.run_.on_progress
@@ -871,11 +882,16 @@ class _FirstPass:
         run.exposure.read_into(slice(i, i + 1), slice(r0, r1), data, groupdq)
         pool.add("read", time.perf_counter() - t0)
         int_index = meta.int_index
+        narrow = self.narrow
+        if narrow is not None:  # copies of those columns (numpy's indexing)
+            data, groupdq = data[..., narrow], groupdq[..., narrow]
+            pixeldq = pixeldq[r0:r1, narrow]
         for k, step in enumerate(self.steps + [None]):
             a, b = max(0, core.start - margins[k]), min(ny, core.stop + margins[k])
+            p0 = a - r0 if narrow is not None else a
             chunk = Chunk(data[:, :, a - r0:b - r0], groupdq[:, :, a - r0:b - r0],
-                          pixeldq[a:b], int_index[i:i + 1], slice(a, b),
-                          core=slice(core.start - a, core.stop - a))
+                          pixeldq[p0:p0 + b - a], int_index[i:i + 1], slice(a, b),
+                          core=slice(core.start - a, core.stop - a), columns=narrow)
             for store in self.captures.get(k, ()):
                 local = slice(core.start - r0, core.stop - r0)
                 store.put(np.s_[i, :, core], (data[0, :, local], groupdq[0, :, local]))
@@ -885,6 +901,11 @@ class _FirstPass:
                 self.on_columns(step, chunk)
             else:
                 pool.step(step, chunk)
+        if narrow is not None:
+            # the pixel flags the steps set on the surveyed columns, for the surveyors
+            # (refpix measures with the exposure-wide flags as they stand)
+            own = slice(core.start - r0, core.stop - r0)
+            run.pixeldq[core, self.surveyed] = pixeldq[own, self.surveyed_at]
         for step in self.surveyors:  # chunk now covers the core rows only
             pool.step(step, chunk, survey=True)
         t0 = time.perf_counter()
@@ -905,20 +926,44 @@ class _FirstPass:
         chunk.data[..., columns] = part.data
 
 
+def _named_columns(surveyors: list[Step], nx: int) -> np.ndarray | None:
+    """The columns whose data ``surveyors`` read (``survey_columns``), in order; None
+    when one of them does not name its columns."""
+    named = [s.survey_columns(nx) for s in surveyors]
+    if any(c is None for c in named):
+        return None
+    return np.unique(np.concatenate([np.asarray(c, np.int64) for c in named]
+                                    or [np.zeros(0, np.int64)]))
+
+
+def _narrowed_columns(steps: list[Step], surveyors: list[Step], nx: int, margin: int
+                      ) -> np.ndarray | None:
+    """The columns every step of a pass for the surveys alone runs on, when each step
+    is ``column_local`` (or ``data_only``): those the surveyors read, and ``margin``
+    columns (the steps' halos, as for rows) on each side of them; None: every column
+    (or the ``data_only`` steps alone narrowed, see :func:`_surveyed_columns`)."""
+    columns = _named_columns(surveyors, nx)
+    if columns is None or columns.size == 0 or not all(
+            s.column_local or s.data_only for s in steps):
+        return None
+    reach = np.arange(-margin, margin + 1)
+    columns = np.unique(np.clip((columns[:, None] + reach).ravel(), 0, nx - 1))
+    return columns if columns.size < nx else None
+
+
 def _surveyed_columns(steps: list[Step], surveyors: list[Step], nx: int) -> np.ndarray | None:
     """The columns whose data a pass for the surveys alone must compute (see
-    ``Step.data_only``): those the surveyors read, when each names them and no step after
-    a ``data_only`` one reads the data; None: every column."""
-    named = [s.survey_columns(nx) for s in surveyors]
-    if any(c is None for c in named) or not any(s.data_only for s in steps):
+    ``Step.data_only``) when not every step is ``column_local``: those the surveyors
+    read, when each names them and no step after a ``data_only`` one reads the data;
+    None: every column."""
+    columns = _named_columns(surveyors, nx)
+    if columns is None or not any(s.data_only for s in steps):
         return None
     after_data_only = False
     for step in steps:
         if after_data_only and not step.data_only and step.reads_data:
             return None
         after_data_only = after_data_only or step.data_only
-    columns = np.unique(np.concatenate([np.asarray(c, np.int64) for c in named]
-                                       or [np.zeros(0, np.int64)]))
     return columns if columns.size < nx else None
 
 
@@ -946,9 +991,10 @@ class _BandPass:
         self.lead = list(lead)
         self.fused = source is None
         self.lead_margins = _lead_margins(self.lead)
-        # the steps surveying as the bands go (none when a first pass made the survey)
-        self.surveyors = ([s for s in steps if type(s).survey is not Step.survey]
-                          if self.fused and not surveyed else [])
+        # the steps surveying as the bands go (when a first pass surveyed, the others)
+        self.surveyors = ([s for s in steps if type(s).survey is not Step.survey
+                           and (s.survey_with_bands or not surveyed)]
+                          if self.fused else [])
         # extra band passes before this one, for steps that need frame-wide work on their
         # band results (jump's snowball and shower searches); none by default
         self.frame_stages = _frame_stages(steps)

@@ -66,10 +66,12 @@ Lifecycle of one exposure
    a step says no, every band is done again, with the survey whole.
    When a surveyor cannot survey band by band (refpix needs every row of an
    integration) and the copy would go to a file, a pass for the surveys alone comes
-   first; if every surveyor names the columns whose data it reads
-   (``survey_columns``), that pass runs the ``data_only`` steps on those columns only
-   (refpix's eight reference columns), provided no step after one of them reads the
-   data (``reads_data``).
+   first, for those surveyors (the others survey with the bands, as above). If every
+   one of them names the columns whose data it reads (``survey_columns``), that pass
+   computes those columns only (refpix's eight reference columns): every step of the
+   pass runs on them and the neighbours its and the later steps' ``halo`` reach, when
+   every step is ``column_local``; otherwise the ``data_only`` steps run on those
+   columns alone, provided no step after one of them reads the data (``reads_data``).
 8. **Products.** ``on_products`` steps (after the rate producer) get
    ``process_products(rate, rateints)``; then ``finish()`` of every step that ran gives
    its header keywords, and ``extra_products()`` writers run once rate and rateints are
@@ -188,8 +190,9 @@ class Chunk:
     plane of axis 0. ``rows`` are the exposure rows covered, ``core`` the part of the
     chunk the step's results are kept for (the rest is halo: neighbours lent for context).
     ``columns``: None (every column), or the exposure columns the last axis holds, in
-    order; only ``data_only`` steps get such a chunk (see ``Step.data_only``), and must
-    then take their references' values of those columns.
+    order; only ``data_only`` and ``column_local`` steps get such a chunk (see
+    ``Step.column_local``), and must then take their references' values of those
+    columns.
     """
 
     data: np.ndarray
@@ -312,6 +315,14 @@ class Step:
     #: surveyors read the data of a few columns (``survey_columns``), the engine runs the
     #: step on those columns only (``chunk.columns``).
     data_only: ClassVar[bool] = False
+    #: GROUP steps whose ``process`` computes each pixel from its own samples, flags and
+    #: references and those of the pixels within ``halo`` rows and columns of it (a
+    #: ``data_only`` step is one): in a pass made for the surveys alone, whose surveyors
+    #: read the data of a few columns, the engine may run the step on those columns and
+    #: their neighbours only (``chunk.columns``); the band pass then runs it again on
+    #: every column. Such a step must take its references' values of those columns and
+    #: keep no statistics from a chunk with ``columns``.
+    column_local: ClassVar[bool] = False
     #: False when ``process``'s outcome does not depend on ``chunk.data`` (flags from
     #: flags and references): such a step may follow a ``data_only`` step run on some
     #: columns only.

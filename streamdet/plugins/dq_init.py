@@ -21,13 +21,16 @@ class DQInitStep(Step):
     thread_safe = True
     recomputable = True
     reads_data = False  # flags from flags and references
+    column_local = True
 
     def prepare(self, meta, refs, pixeldq):
         self.mask_dq = refs.dq("mask", layout=IMAGE)
         return None
 
     def process(self, chunk):
-        apply_mask(chunk.groupdq, chunk.pixeldq, self.mask_dq[chunk.rows])
+        mask = self.mask_dq[chunk.rows]
+        apply_mask(chunk.groupdq, chunk.pixeldq,
+                   mask if chunk.columns is None else mask[:, chunk.columns])
 
 
 @hookimpl

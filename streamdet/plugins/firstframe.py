@@ -22,6 +22,7 @@ class FirstFrameStep(Step):
     thread_safe = True
     recomputable = True
     reads_data = False  # flags from flags and references
+    column_local = True
     params_spec = {
         "bright_use_group1": Param(bool, FirstFrameParams.bright_use_group1,
                                    "keep group 1 for pixels saturated by group 3"),

@@ -19,6 +19,7 @@ class LastFrameStep(Step):
     thread_safe = True
     recomputable = True
     reads_data = False  # flags from flags and references
+    column_local = True
 
     def prepare(self, meta, refs, pixeldq):
         if meta.ngroups <= MIN_GROUPS_EXCLUSIVE:

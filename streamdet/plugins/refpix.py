@@ -54,7 +54,10 @@ class RefpixStep(Step):
     def survey(self, chunk):
         rows = chunk.rows
         nrows = chunk.nrows
-        picked = chunk.data[:, :, :, self.columns]
+        # a pass for the surveys alone may hold a few columns only, these among them
+        where = (self.columns if chunk.columns is None
+                 else np.searchsorted(chunk.columns, self.columns))
+        picked = chunk.data[:, :, :, where]
         for k, i in enumerate(chunk.int_index):
             i = int(i)
             with self.lock:

@@ -24,6 +24,7 @@ class RscdStep(Step):
     thread_safe = True
     recomputable = True
     reads_data = False  # flags from flags and references
+    column_local = True
     status_keyword = "S_RSCD"
 
     def prepare(self, meta, refs, pixeldq):
@@ -45,6 +46,8 @@ class RscdStep(Step):
         # a band's tally, added to the frame-wide one: only the chunk's core rows count
         band = flag_rscd_groups(chunk.groupdq, chunk.pixeldq, chunk.int_index,
                                 self.tally.skip_first_int, self.tally.skip_later_ints)
+        if chunk.columns is not None:  # a pass for surveys alone: the band pass tallies
+            return
         core = chunk.core
         rows = slice(chunk.rows.start + (core.start or 0),
                      chunk.rows.start + (chunk.nrows if core.stop is None else core.stop))

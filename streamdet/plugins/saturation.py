@@ -23,6 +23,7 @@ class SaturationStep(Step):
     status_keyword = "S_SATURA"
     thread_safe = True
     recomputable = True
+    column_local = True  # flags grow into neighbours within ``halo`` rows and columns
     params_spec = {
         "n_pix_grow_sat": Param(int, DEFAULTS.n_pix_grow_sat,
                                 "grow saturation flags into this many neighbouring pixels",
@@ -44,12 +45,13 @@ class SaturationStep(Step):
         return None
 
     def process(self, chunk):
-        limit, ref_pixeldq, unchecked = self.terms
-        rows = chunk.rows
+        rows, columns = chunk.rows, chunk.columns
+        terms = [term[rows] if columns is None else term[rows][:, columns]
+                 for term in self.terms]
         flag_saturation(chunk.data, chunk.groupdq, chunk.pixeldq, None, None,
                         n_pix_grow_sat=self.params["n_pix_grow_sat"], nframes=self.nframes,
                         use_read_pattern=self.params["use_readpatt"],
-                        reference_terms=(limit[rows], ref_pixeldq[rows], unchecked[rows]))
+                        reference_terms=tuple(terms))
 
 
 @hookimpl
