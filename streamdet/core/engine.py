@@ -838,16 +838,6 @@ class _FirstPass:
         self.scratch, self.captures = scratch, captures
         self.threads = run.threads_for(steps + surveyors)  # the next pass's steps survey here
         self.margins = _lead_margins(steps)
-        if all(s.granularity == Granularity.GROUP for s in steps):
-            row_bytes = meta.ngroups * meta.nx * 5
-            rows = max(1, int(config.pass1_band_bytes // (row_bytes * self.threads))
-                       - 2 * self.margins[0])
-        else:
-            rows = meta.ny
-        self.bands = _bands(meta.ny, rows)
-        self.tall = min(meta.ny, rows + 2 * self.margins[0])
-        self.plane = meta.ngroups * meta.nx
-        self.buffers = ThreadBuffers()
         # a pass for the surveys alone computes the surveyed columns only: all of the
         # pass on them and their neighbours (``narrow``), or its data_only steps
         self.narrow = self.columns = None
@@ -858,6 +848,17 @@ class _FirstPass:
             else:  # the surveyed columns, and where they are among the narrowed
                 self.surveyed = _named_columns(surveyors, meta.nx)
                 self.surveyed_at = np.searchsorted(self.narrow, self.surveyed)
+        if all(s.granularity == Granularity.GROUP for s in steps):
+            # a row takes 5 bytes a sample as data and flags, or, narrowed, the 2 of the
+            # input's row as read
+            row_bytes = meta.ngroups * meta.nx * (5 if self.narrow is None else 2)
+            rows = max(1, int(config.pass1_band_bytes // (row_bytes * self.threads))
+                       - 2 * self.margins[0])
+        else:
+            rows = meta.ny
+        self.bands = _bands(meta.ny, rows)
+        self.tall = min(meta.ny, rows + 2 * self.margins[0])
+        self.buffers = ThreadBuffers()
 
     def run(self) -> None:
         meta, pool, on_progress = self.run_.meta, self.run_.pool, self.run_.on_progress
@@ -874,17 +875,17 @@ class _FirstPass:
         ny, pool, pixeldq = meta.ny, run.pool, run.pixeldq
         r0, r1 = max(0, core.start - margins[0]), min(ny, core.stop + margins[0])
         t0 = time.perf_counter()
-        shape = (1, meta.ngroups, r1 - r0, meta.nx)
-        size = self.plane * (r1 - r0)
+        narrow = self.narrow
+        shape = (1, meta.ngroups, r1 - r0, meta.nx if narrow is None else narrow.size)
+        plane = meta.ngroups * shape[-1]
         # sized for the tallest piece, so that a buffer is never grown
-        data = self.buffers.get("data", (self.plane * self.tall,), np.float32)[:size].reshape(shape)
-        groupdq = self.buffers.get("groupdq", (self.plane * self.tall,), np.uint8)[:size].reshape(shape)
-        run.exposure.read_into(slice(i, i + 1), slice(r0, r1), data, groupdq)
+        data = self.buffers.get("data", (plane * self.tall,), np.float32)[:plane * (r1 - r0)]
+        groupdq = self.buffers.get("groupdq", (plane * self.tall,), np.uint8)[:data.size]
+        data, groupdq = data.reshape(shape), groupdq.reshape(shape)
+        run.exposure.read_into(slice(i, i + 1), slice(r0, r1), data, groupdq, columns=narrow)
         pool.add("read", time.perf_counter() - t0)
         int_index = meta.int_index
-        narrow = self.narrow
-        if narrow is not None:  # copies of those columns (numpy's indexing)
-            data, groupdq = data[..., narrow], groupdq[..., narrow]
+        if narrow is not None:  # the pixel flags of those columns: a copy
             pixeldq = pixeldq[r0:r1, narrow]
         for k, step in enumerate(self.steps + [None]):
             a, b = max(0, core.start - margins[k]), min(ny, core.stop + margins[k])

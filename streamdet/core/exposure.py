@@ -539,12 +539,16 @@ class Exposure:
         self.read_into(ints, rows, data, groupdq)
         return data, groupdq
 
-    def read_into(self, ints: slice, rows: slice, data: np.ndarray, groupdq: np.ndarray) -> None:
+    def read_into(self, ints: slice, rows: slice, data: np.ndarray, groupdq: np.ndarray,
+                  columns: np.ndarray | None = None) -> None:
         """:meth:`read` into the caller's contiguous arrays (reused buffers spare the page
-        faults of fresh memory)."""
-        self._to_float(self._read_sci(ints, rows), data)
+        faults of fresh memory); ``columns``: those columns only (the rows are read
+        whole, only those columns converted)."""
+        raw = self._read_sci(ints, rows)
+        self._to_float(raw if columns is None else raw[..., columns], data)
         if self._groupdq is not None:
-            groupdq[...] = self._groupdq[ints, :, rows, :]
+            stored = self._groupdq[ints, :, rows, :]
+            groupdq[...] = stored if columns is None else stored[..., columns]
         else:
             groupdq.fill(0)
 

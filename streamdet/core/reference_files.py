@@ -210,8 +210,8 @@ class References:
         return hit
 
     def block(self, reftype: str, extname: str, index: tuple = (), rows: slice = slice(None), *,
-              nan_to_zero: bool = False, cache: bool = False, transient: bool = False
-              ) -> np.ndarray:
+              nan_to_zero: bool = False, cache: bool = False, transient: bool = False,
+              columns: np.ndarray | None = None) -> np.ndarray:
         """Like :meth:`array` (float32, cut to the exposure, ``index`` selecting along the
         leading axes) restricted to the exposure's rows ``rows``, read with positioned
         reads rather than through a memory map, so that reading a large reference (a 4-D
@@ -224,10 +224,11 @@ class References:
         ``transient`` (without ``cache``) returns this thread's reusable block buffer,
         valid until the thread's next transient block: for a block used at once and
         dropped, which then costs no fresh memory (and its page faults) per call.
-        Thread-safe."""
+        ``columns``: those exposure columns only (a chunk's ``columns``), read a plane at
+        a time so that the rows' other columns take no memory. Thread-safe."""
         rows = slice(*rows.indices(self.meta.ny))
         key = (reftype, extname, tuple(_index_key(i) for i in index), rows.start, rows.stop,
-               nan_to_zero)
+               nan_to_zero, None if columns is None else tuple(columns.tolist()))
         if cache:
             with self._lock:
                 hit = self._cache.get(key)
@@ -238,9 +239,12 @@ class References:
                   or float(hdu.header.get("BSCALE", 1.0)) != 1.0)
         out = None if scaled else self._positioned(reftype, extname, tuple(index), rows,
                                                    nan_to_zero=nan_to_zero,
-                                                   transient=transient and not cache)
+                                                   transient=transient and not cache,
+                                                   columns=columns)
         if out is None:
             out = self.array(reftype, extname, index=tuple(index))[..., rows, :]
+            if columns is not None:
+                out = out[..., columns]
             if nan_to_zero:
                 out = np.where(np.isnan(out), 0, out)
         out = out.astype(np.float32, copy=False)
@@ -253,12 +257,14 @@ class References:
         return out
 
     def _positioned(self, reftype: str, extname: str, index: tuple, rows: slice, *,
-                    nan_to_zero: bool = False, transient: bool = False) -> np.ndarray | None:
+                    nan_to_zero: bool = False, transient: bool = False,
+                    columns: np.ndarray | None = None) -> np.ndarray | None:
         """The stored values (native byte order, not scaled) of an uncompressed image
-        extension, cut to the exposure's rows ``rows`` and columns, ``index`` selecting
-        along the leading axes (ints drop an axis, slices keep it); read with positioned
-        reads. None when the extension is not a plain image or ``index`` holds other
-        selections. ``nan_to_zero`` replaces NaN by 0 on the way."""
+        extension, cut to the exposure's rows ``rows`` and columns (``columns`` of them,
+        if given), ``index`` selecting along the leading axes (ints drop an axis, slices
+        keep it); read with positioned reads. None when the extension is not a plain
+        image or ``index`` holds other selections. ``nan_to_zero`` replaces NaN by 0 on
+        the way."""
         shape = self.shape(reftype, extname)
         hdu = self.hdul(reftype)[extname]
         nlead = len(shape) - 2
@@ -291,6 +297,21 @@ class References:
         for axis, picked in enumerate(axes):
             planes = [p * shape[axis] + k for p in planes for k in picked]
         itemsize = np.dtype(native).itemsize
+        fd = self._fd(reftype)
+        start = hdu.fileinfo()["datLoc"]
+        if columns is not None:
+            # a plane's rows at a time into the read buffer, those columns kept
+            picked = np.arange(nx_ref)[ref_cols][columns]
+            out = np.empty((len(planes), nrows, picked.size), native)
+            raw = self._buffers.get("read", (nrows, nx_ref), np.dtype(native).newbyteorder(">"))
+            for j, plane in enumerate(planes):
+                if not read_at(fd, raw, start + ((plane * ny_ref + y0) * nx_ref) * itemsize):
+                    raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is "
+                                          "truncated")
+                out[j] = raw[:, picked]
+            if nan_to_zero and out.dtype.kind == "f":
+                np.copyto(out, 0, where=np.isnan(out))
+            return out.reshape(*out_lead, nrows, picked.size)
         whole_rows = ref_cols == slice(None) or (ref_cols.start, ref_cols.stop) == (0, nx_ref)
         block = (len(planes), nrows, nx_ref)
         # float32 over whole rows, the common case, is read straight into the array it
@@ -303,8 +324,6 @@ class References:
             raw = out.view(">f4")
         else:
             raw = self._buffers.get("read", block, np.dtype(native).newbyteorder(">"))
-        fd = self._fd(reftype)
-        start = hdu.fileinfo()["datLoc"]
         for j, plane in enumerate(planes):
             if not read_at(fd, raw[j], start + ((plane * ny_ref + y0) * nx_ref) * itemsize):
                 raise ReferenceError_(f"{self.path(reftype)}: {reftype} {extname} is truncated")

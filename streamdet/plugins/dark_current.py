@@ -77,20 +77,18 @@ class DarkCurrentStep(Step):
         return dark_int_for(int_index, self.dark_nints, intstart=self.meta.intstart,
                             file_nints=self.meta.nints, frames_averaged=self.averaging)
 
-    def _dark_for(self, int_index: int, rows: slice):
+    def _dark_for(self, int_index: int, rows: slice, columns=None):
         chosen = self._chosen(int_index)
         if chosen is None:
             return None
         groups = slice(None) if self.raw else slice(0, self.meta.ngroups)
         index = (chosen, groups) if self.ndim == 4 else (groups,)
         return self.refs.block("dark", "SCI", index=index, rows=rows, nan_to_zero=not self.raw,
-                               cache=chosen in self.reused, transient=True)
+                               cache=chosen in self.reused, transient=True, columns=columns)
 
     def process(self, chunk):
         for k, int_index in enumerate(chunk.int_index):
-            dark = self._dark_for(int(int_index), chunk.rows)
-            if dark is not None and chunk.columns is not None:
-                dark = dark[..., chunk.columns]
+            dark = self._dark_for(int(int_index), chunk.rows, chunk.columns)
             subtract_dark(chunk.data[k:k + 1], chunk.pixeldq, dark, None,
                           nframes=self.meta.nframes, groupgap=self.meta.groupgap,
                           dark_nframes=self.dark_nframes, dark_groupgap=self.dark_groupgap,

@@ -43,18 +43,16 @@ class ResetStep(Step):
         self.reused = {k for k in chosen if chosen.count(k) > 1 or self.ndim == 3}
         return None
 
-    def _planes(self, int_index: int, rows: slice) -> np.ndarray:
+    def _planes(self, int_index: int, rows: slice, columns=None) -> np.ndarray:
         k = reset_int_for(int_index, self.ref_nints)
         index = (k, slice(0, self.n_corrected))
         return self.refs.block("reset", "SCI", index=index if self.ndim == 4 else index[1:],
                                rows=rows, nan_to_zero=True, cache=k in self.reused,
-                               transient=True)
+                               transient=True, columns=columns)
 
     def process(self, chunk):
         for k, i in enumerate(chunk.int_index):
-            planes = self._planes(int(i), chunk.rows)
-            if chunk.columns is not None:
-                planes = planes[..., chunk.columns]
+            planes = self._planes(int(i), chunk.rows, chunk.columns)
             subtract_reset(chunk.data[k:k + 1], chunk.pixeldq, planes, None,
                            reset_ngroups=self.n_corrected, nan_zeroed=True)
 
