@@ -79,13 +79,18 @@ def decode_with_dq_def(dq: np.ndarray, dq_def) -> np.ndarray:
     if dq_def is None or len(dq_def) == 0:
         return dq.astype(np.uint32, copy=False)
     dq_u = dq.astype(np.uint32, copy=False)
-    out = np.zeros(dq.shape, dtype=np.uint32)
+    # the bits a file numbers as JWST does (the usual case) are kept in one pass
+    same, moved = 0, []
     for row in dq_def:
-        name = str(row["NAME"]).strip().upper()
-        bit = int(row["BIT"])
-        value = PIXEL.get(name)
-        if value is None:
+        bit, value = int(row["BIT"]), PIXEL.get(str(row["NAME"]).strip().upper())
+        if not value:  # not a JWST flag, or GOOD (no bit)
             continue
+        if value == 1 << bit:
+            same |= value
+        else:
+            moved.append((bit, value))
+    out = np.bitwise_and(dq_u, np.uint32(same))
+    for bit, value in moved:
         out[(dq_u & np.uint32(1 << bit)) != 0] |= np.uint32(value)
     return out
 
