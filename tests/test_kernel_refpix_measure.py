@@ -170,6 +170,45 @@ def test_clip_limits(siglimit):
                                 odd_even_rows=odd_even_rows)
 
 
+def _samples_on_a_lower_bound(rng, count, size=16):
+    """Samples of ``size`` values whose lowest sits on the float32 lower clip bound at 3
+    sigma of the whole sample (the bound found by iterating it in numpy's float32)."""
+    samples = []
+    for _ in range(count):
+        base = rng.normal(0, 1, size - 1).astype(np.float32)
+        low = np.float32(-4)
+        for _ in range(30):
+            sample = np.append(base, low)
+            bound = np.mean(sample) - np.std(sample) * 3.0
+            if bound == low:
+                break
+            low = bound
+        samples.append(np.append(base, low))
+    return np.array(samples)
+
+
+def test_float32_and_float64_clip_bounds_keep_different_values():
+    """On samples whose lowest value sits on the float32 bound, float32 and float64
+    bounds keep different values; the kernel follows each."""
+    samples = _samples_on_a_lower_bound(np.random.default_rng(21), 64)
+    kept_f32 = [_numpy_sigmaclip(s, 3.0, 3.0).size for s in samples]
+    kept_f64 = [_numpy_sigmaclip(s, np.float64(3.0), np.float64(3.0)).size for s in samples]
+    assert kept_f32 != kept_f64
+    # differences from a zero group 0: column c of group g holds sample 8 * g + c
+    size = samples.shape[1]
+    columns = np.zeros((1 + len(samples) // 8, size, 8), np.float32)
+    columns[1:] = samples.reshape(-1, 8, size).transpose(0, 2, 1)
+    for siglimit in (3.0, np.float64(3.0), np.float32(3.0)):
+        assert_same_measurement(columns, np.zeros((size, 8), np.uint32), siglimit=siglimit,
+                                odd_even_rows=False)
+    # the same samples on even rows, noise on odd ones
+    doubled = np.repeat(columns, 2, axis=1)
+    doubled[1:, 1::2] = np.random.default_rng(22).normal(0, 1, (len(columns) - 1, size, 8))
+    assert_same_measurement(doubled, np.zeros((2 * size, 8), np.uint32))
+    assert_same_measurement(doubled, np.zeros((2 * size, 8), np.uint32),
+                            siglimit=np.float64(3.0))
+
+
 def test_an_unsupported_limit_type_is_refused():
     columns = drifting_columns(np.random.default_rng(1), 2, 8)
     with pytest.raises(TypeError, match="siglimit"):
@@ -188,7 +227,9 @@ def test_constant_samples_take_the_float64_mean():
     columns[3, :, 5] = columns[0, :, 5]         # amplifier B right, group 3: difference 0
     columns[4, ::2, 0] = -0.0                   # amplifier A left, even rows of group 4: -0
     columns[0, ::2, 0] = 0.0
-    columns[2, 1::2, 4] = columns[0, 1::2, 4] + 1e-3   # a constant nonzero difference
+    # a constant nonzero difference (exact: 1024 is a multiple of these values' ulp),
+    # averaged in float64 with a float32 clipped mean that float32 would round
+    columns[2, 1::2, 4] = columns[0, 1::2, 4] + 1024
     got, _ = measure_reference_drift(columns, np.zeros((64, 8), np.uint32), NCOLS)
     assert got.dtype == np.float64
     assert_same_measurement(columns, np.zeros((64, 8), np.uint32))
@@ -196,12 +237,15 @@ def test_constant_samples_take_the_float64_mean():
 
 
 def test_signed_zeros():
+    """numpy's float32 sums start from +0.0: a clip that keeps only -0.0 has mean +0.0."""
     nrows = 40
-    columns = np.zeros((3, nrows, 8), np.float32)
+    columns = np.zeros((4, nrows, 8), np.float32)
     columns[1] = -0.0                           # (-0) - (+0) = -0 everywhere
     columns[2, ::3] = -0.0
     columns[2, 5, 3] = 1.0
     columns[2, 8, 7] = -2.0
+    columns[3] = -0.0
+    columns[3, 4, [2, 6]] = 5.0                 # clipped away from 19 values of -0.0
     assert_same_measurement(columns, np.zeros((nrows, 8), np.uint32))
     assert_same_measurement(columns, np.zeros((nrows, 8), np.uint32), odd_even_rows=False)
 
