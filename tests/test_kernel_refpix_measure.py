@@ -158,6 +158,7 @@ def test_odd_and_long_row_counts(nrows):
 
 
 @pytest.mark.parametrize("siglimit", [3.0, 2.5, 2.7, 1.0, 0.5, 0.0, -1.0, 10.0, 2, 1e-30,
+                                      1e39, float("nan"),
                                       np.float32(2.7), np.float64(2.7), np.float64(1.3),
                                       np.int64(2), np.float16(2.7)])
 def test_clip_limits(siglimit):

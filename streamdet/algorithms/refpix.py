@@ -37,7 +37,11 @@ parameters, only ``odd_even_rows`` and ``siglimit`` act on MIRI data;
 Arithmetic order follows jwst so the result is bit-identical: every step rounds to
 float32 (jwst keeps group 0 in float64, but a float32 sum or difference computed in
 float64 and rounded once is the same number).  A reference value that came from the
-float64 fallback mean is applied in float64 and rounded once, as jwst does.
+float64 fallback mean is applied in float64 and rounded once, as jwst does.  The
+measurement is one C call per integration (``streamdet_refpix_measure``, refpix.h) that
+reproduces numpy's arithmetic for jwst's clipped means bit for bit: float32 pairwise
+sums, float32 clip bounds for a Python-number ``siglimit`` (float64 for a NumPy float64
+one), the float64 fallback for samples of equal finite values.
 """
 
 from __future__ import annotations
