@@ -210,6 +210,12 @@ def test_float32_and_float64_clip_bounds_keep_different_values():
                             siglimit=np.float64(3.0))
 
 
+def test_float64_columns_are_refused():
+    columns = drifting_columns(np.random.default_rng(1), 2, 8).astype(np.float64)
+    with pytest.raises(TypeError, match="float32"):
+        measure_reference_drift(columns, np.zeros((8, 8), np.uint32), NCOLS)
+
+
 def test_an_unsupported_limit_type_is_refused():
     columns = drifting_columns(np.random.default_rng(1), 2, 8)
     with pytest.raises(TypeError, match="siglimit"):

@@ -88,12 +88,12 @@ HOT static int64_t keep_within_f64(float *a, int64_t n, double lo, double hi)
     return m;
 }
 
-/* jwst's level of one sample a[0..n) (n >= 1, destroyed): the float64 mean of a sample
+/* jwst's level of one sample a[0..n) (destroyed): the float64 mean of a sample
  * of equal finite values (*wide set), else the float32 mean of what the sigma clip keeps */
 static double reference_level(float *a, int64_t n, double siglimit, int wide_limit,
                               float *sq, int *wide)
 {
-    int constant = isfinite(a[0]);
+    int constant = n > 0 && isfinite(a[0]);   /* (no sample: NaN, never asked) */
     for (int64_t i = 1; i < n; i++)
         constant &= a[i] == a[0];
     if (constant) {
