@@ -37,7 +37,11 @@ parameters, only ``odd_even_rows`` and ``siglimit`` act on MIRI data;
 Arithmetic order follows jwst so the result is bit-identical: every step rounds to
 float32 (jwst keeps group 0 in float64, but a float32 sum or difference computed in
 float64 and rounded once is the same number).  A reference value that came from the
-float64 fallback mean is applied in float64 and rounded once, as jwst does.
+float64 fallback mean is applied in float64 and rounded once, as jwst does.  The
+measurement is one C call per integration (``streamdet_refpix_measure``, refpix.h) that
+reproduces numpy's arithmetic for jwst's clipped means bit for bit: float32 pairwise
+sums, float32 clip bounds for a Python-number ``siglimit`` (float64 for a NumPy float64
+one), the float64 fallback for samples of equal finite values.
 """
 
 from __future__ import annotations
@@ -107,32 +111,6 @@ class RefpixOutcome:
     warnings: tuple[str, ...] = ()
 
 
-def _clipped_mean(sample_source: np.ndarray, good: np.ndarray, limit: float):
-    """jwst's reference-level estimator; None when there is no usable pixel."""
-    if good.size == 0:
-        return None
-    sample = sample_source[good]
-    if np.std(sample, dtype=np.float64) != 0.0:
-        kept = _sigmaclip(sample, limit, limit)
-        return kept.mean()
-    # a constant sample would stall scipy's clip; its float64 mean keeps that dtype
-    return sample.mean(dtype=np.float64)
-
-
-def _sigmaclip(sample: np.ndarray, low: float, high: float) -> np.ndarray:
-    """The values ``scipy.stats.sigmaclip(sample, low, high)`` keeps, with the same numpy
-    operations in the same dtype (so the same numbers), without importing scipy: drop
-    values outside ``mean - low*std .. mean + high*std`` until none is dropped."""
-    kept = np.ravel(sample)
-    while True:
-        spread = np.std(kept)
-        centre = np.mean(kept)
-        size = kept.size
-        kept = kept[(kept >= centre - spread * low) & (kept <= centre + spread * high)]
-        if kept.size == size:
-            return kept
-
-
 def _parity_rows(nrows: int, odd_even_rows: bool) -> list[slice]:
     return [slice(0, nrows, 2), slice(1, nrows, 2)] if odd_even_rows else [slice(0, nrows)]
 
@@ -142,56 +120,31 @@ def reference_columns(ncols: int) -> np.ndarray:
     return np.r_[0:N_SIDE_REFERENCE_COLUMNS, ncols - N_SIDE_REFERENCE_COLUMNS:ncols]
 
 
-def _usable_positions(pixeldq: np.ndarray, row_sets: list[slice]) -> list[list[np.ndarray]]:
-    """For each row set and each of the 8 reference columns (``pixeldq`` [nrows, 8] holds
-    their pixel DQ: left 0-3, right 0-3), the positions (within the row set) of pixels
-    without DO_NOT_USE."""
-    out = []
-    for rows in row_sets:
-        out.append([np.flatnonzero((pixeldq[rows, c] & _DO_NOT_USE) == 0)
-                    for c in range(pixeldq.shape[1])])
-    return out
-
-
-def _missing_reference_warnings(usable: list[list[np.ndarray]], odd_even_rows: bool
-                                ) -> list[str]:
+def _missing_reference_warnings(usable_counts: np.ndarray, odd_even_rows: bool) -> list[str]:
+    """``usable_counts`` [row sets, 8]: usable pixels of each reference column per set."""
     notes = []
     for amp in range(N_AMPLIFIERS):
         name = "ABCD"[amp]
         for side in (amp, amp + N_SIDE_REFERENCE_COLUMNS):
             if odd_even_rows:
-                if usable[0][side].size == 0:
+                if usable_counts[0, side] == 0:
                     notes.append(f"Odd rows for amplifier {name} have no good reference pixels")
-                elif usable[1][side].size == 0:
+                elif usable_counts[1, side] == 0:
                     notes.append(f"Even rows for amplifier {name} have no good reference pixels")
-            elif usable[0][side].size == 0:
+            elif usable_counts[0, side] == 0:
                 notes.append(f"Amplifier {name} has no good reference pixels")
     return notes
 
 
-def _row_corrections(reference: np.ndarray, usable: list[list[np.ndarray]],
-                     row_sets: list[slice], limit: float, ncols: int) -> np.ndarray:
-    """One correction row (length ``ncols``) per row set, from the reference columns
-    (``reference``: [nrows, 8] with group 0 already subtracted)."""
-    signals = []
-    for k, rows in enumerate(row_sets):
-        per_amp = []
-        for amp in range(N_AMPLIFIERS):
-            left = _clipped_mean(reference[rows, amp], usable[k][amp], limit)
-            right = _clipped_mean(reference[rows, amp + N_SIDE_REFERENCE_COLUMNS],
-                                  usable[k][amp + N_SIDE_REFERENCE_COLUMNS], limit)
-            # numpy scalar promotion decides float32 vs float64, exactly as in jwst
-            per_amp.append(0.5 * (left + right))
-        signals.append(per_amp)
-    # float32 signals subtracted in float64 and rounded once give the float32 result,
-    # so one float64 row serves whenever any signal came from the float64 fallback
-    wide = any(np.asarray(s).dtype != np.float32 for per_amp in signals for s in per_amp)
-    dtype = np.float64 if wide else np.float32
-    rows_out = np.empty((len(row_sets), ncols), dtype=dtype)
-    for k, per_amp in enumerate(signals):
-        for amp in range(N_AMPLIFIERS):
-            rows_out[k, amp::N_AMPLIFIERS] = per_amp[amp]
-    return rows_out
+def _clip_limit_in_float64(siglimit) -> bool:
+    """Whether the clip bounds ``centre - spread * siglimit`` (float32 centre and spread)
+    come out float64: a Python number is weak under NumPy 2's promotion (float32
+    bounds), a NumPy float64 or integer scalar is not."""
+    bound = np.result_type(np.float32, siglimit)
+    if bound not in (np.float32, np.float64):
+        raise TypeError(f"refpix: siglimit {siglimit!r} makes {bound} clip bounds; "
+                        "a float32 or float64 limit is supported")
+    return bound == np.float64
 
 
 def measure_reference_drift(columns: np.ndarray, pixeldq: np.ndarray, ncols: int, *,
@@ -208,20 +161,37 @@ def measure_reference_drift(columns: np.ndarray, pixeldq: np.ndarray, ncols: int
     (float32, or float64 when a fallback mean came out float64: applying float32 values
     in float64 and rounding once gives the same numbers); None when there is nothing to
     correct (one group, or reference pixels missing: ``warnings`` says which).
+
+    The clipped means are one C call (``streamdet_refpix_measure``, refpix.h), bit for
+    bit numpy's arithmetic for jwst's formulation, without the GIL.
     """
-    ngroups, nrows = columns.shape[:2]
+    if columns.dtype != np.float32:
+        raise TypeError(f"refpix: reference columns must be float32, got {columns.dtype}")
+    ngroups, nrows, width = columns.shape
+    if width < 2 * N_SIDE_REFERENCE_COLUMNS:
+        raise ValueError(f"refpix: {width} reference columns, expected 8")
     row_sets = _parity_rows(nrows, odd_even_rows)
-    usable = _usable_positions(pixeldq, row_sets)
-    warnings = _missing_reference_warnings(usable, odd_even_rows) if ngroups > 1 else []
+    usable = np.ascontiguousarray(
+        (pixeldq[:, :2 * N_SIDE_REFERENCE_COLUMNS] & _DO_NOT_USE) == 0)
+    counts = np.array([usable[rows].sum(axis=0) for rows in row_sets])
+    warnings = _missing_reference_warnings(counts, odd_even_rows) if ngroups > 1 else []
     if warnings:
         warnings.append("Group 1 has no reference pixels")
     if warnings or ngroups < 2:
         return None, tuple(warnings)
-    first = columns[0]
-    rows = [_row_corrections(columns[g] - first, usable, row_sets, siglimit, ncols)
-            for g in range(1, ngroups)]
-    dtype = np.float64 if any(r.dtype == np.float64 for r in rows) else np.float32
-    return np.stack([r.astype(dtype, copy=False) for r in rows]), tuple(warnings)
+    if columns.strides[2] != columns.itemsize:
+        columns = np.ascontiguousarray(columns)
+    corrections = np.empty((ngroups - 1, len(row_sets), ncols))
+    group_stride, row_stride = strides(columns)[:2]
+    wide = lib.streamdet_refpix_measure(
+        pointer(ffi, columns), ngroups, nrows, group_stride, row_stride,
+        pointer(ffi, usable), len(row_sets), float(siglimit),
+        _clip_limit_in_float64(siglimit), ncols, pointer(ffi, corrections))
+    if wide < 0:
+        raise MemoryError("refpix: no scratch memory for the reference levels")
+    if not wide:
+        corrections = corrections.astype(np.float32)
+    return corrections, tuple(warnings)
 
 
 def apply_reference_drift(data: np.ndarray, corrections: np.ndarray | None, first_row: int = 0,
