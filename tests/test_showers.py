@@ -137,6 +137,23 @@ def test_emission_of_bands_with_halo_equals_whole_plane():
     assert np.array_equal(np.concatenate(pieces), whole)
 
 
+def test_ring_kernel_is_astropys():
+    """stcal convolves with astropy's Ring2DKernel; streamdet builds the same array
+    itself (importing astropy.convolution costs ~0.3 s), float for float."""
+    from astropy.convolution import Ring2DKernel
+
+    rng = np.random.default_rng(2)
+    radii = [(1.0, 2.6), (1, 2), (2.6, 1.0), (0, 1), (0.5, 0.5), (3, 1e-4)]
+    radii += [tuple(r) for r in rng.uniform(0, 8, (100, 2))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # astropy's, for the rings holding no pixel centre
+        for inner, width in radii:
+            expected = Ring2DKernel(inner, width).array
+            got = jump_showers.ring_kernel(inner, width)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert np.array_equal(got.view(np.uint64), expected.view(np.uint64)), (inner, width)
+
+
 def _ellipses_of_whole_frame(plane, min_area):
     """find_ellipses as the whole labelled frame's regionprops give it."""
     from skimage.measure import label, regionprops
