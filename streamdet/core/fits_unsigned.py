@@ -41,4 +41,7 @@ def from_stored(stored: np.ndarray, dtype) -> np.ndarray:
     either byte order, offset by :func:`bzero` (``stored + BZERO`` exactly)."""
     dtype = np.dtype(dtype)
     unsigned = stored.view(stored.dtype.str.replace("i", "u"))  # same byte order
-    return (unsigned ^ np.array(bzero(dtype), unsigned.dtype)).astype(dtype, copy=False)
+    # to native order first: numpy's bitwise ops on swapped arrays go through buffers
+    out = unsigned.astype(dtype)
+    np.bitwise_xor(out, np.array(bzero(dtype), dtype), out=out)
+    return out
