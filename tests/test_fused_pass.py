@@ -176,3 +176,21 @@ def test_the_survey_pass_narrows_only_when_every_rule_allows():
     assert _narrowed_columns([local], [edges, everything], 10, 0) is None  # unnamed
     assert _narrowed_columns([local], [flags_only], 10, 0) is None  # no data read
     assert _narrowed_columns([local], [edges], 10, 4) is None  # reaches every column
+
+
+def test_bands_grow_with_deep_halos_within_the_memory_budget():
+    """Band rows (engine ``_band_rows``): at most 48 rows in flight together, or 16 rows
+    per halo row read on each side when the halos are deep (jump's shower search reads
+    5), so the halos stay a small part of what is read; the memory budget comes first."""
+    from types import SimpleNamespace
+
+    from streamdet.core.engine import DEFAULT_BAND_BYTES, _band_rows
+
+    full = SimpleNamespace(nints=2, ngroups=50, ny=1024, nx=1032)
+    assert _band_rows(full, DEFAULT_BAND_BYTES, 2, 2) == (24, 2)
+    assert _band_rows(full, DEFAULT_BAND_BYTES, 1, 2) == (48, 1)
+    assert _band_rows(full, DEFAULT_BAND_BYTES, 2, 5) == (40, 2)
+    # 16 MB hold 32 rows: two bands of 16 would be mostly halo, so one band at a time
+    assert _band_rows(full, 16 * 1024**2, 2, 5) == (22, 1)
+    series = SimpleNamespace(nints=100, ngroups=30, ny=256, nx=256)
+    assert _band_rows(series, DEFAULT_BAND_BYTES, 2, 2) == (13, 2)

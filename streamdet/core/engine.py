@@ -79,6 +79,10 @@ DEFAULT_BAND_BYTES = 128 * 1024**2
 #: bands use the caches better and share out better between threads; thick exposures
 #: reach the memory bound first)
 MAX_BAND_ROWS = 48
+#: ... unless their halos are deep: then up to this many times the halo rows each band
+#: reads on each side, so that the halo rows stay a small part of what is read and
+#: recomputed (jump's shower search reads 5 on each side: 80 rows, not 48)
+BAND_ROWS_PER_HALO_ROW = 16
 #: default memory for one band of the integration pass (data + groupdq, one integration)
 DEFAULT_PASS1_BAND_BYTES = 16 * 1024**2
 #: a fused pass runs the first pass's steps on this much of a band at a time (whole
@@ -1176,7 +1180,8 @@ def _band_rows(meta: ExposureMeta, band_bytes: int, threads: int, halo: int
     sharing = threads
     while sharing > 1 and rows_each(sharing) < max(2, 2 * halo):
         sharing -= 1
-    return max(1, min(max(1, MAX_BAND_ROWS // sharing), rows_each(sharing))), sharing
+    tallest = max(MAX_BAND_ROWS, BAND_ROWS_PER_HALO_ROW * halo)
+    return max(1, min(max(1, tallest // sharing), rows_each(sharing))), sharing
 
 
 class _LaterIntegrationPass:
