@@ -54,6 +54,34 @@ def test_second_lookup_skips_crds_and_agrees(sim, tmp_path):
     assert off["asked_crds"] and off["paths"] == first["paths"]
 
 
+# two lookups in one process, as a run makes them (step parameters, then references)
+TWO_LOOKUPS = """
+import json, sys
+from streamdet.core.exposure import Exposure
+from streamdet.core import references
+with Exposure(sys.argv[1]) as exposure:
+    first = references.resolve(exposure.meta, ["gain"], {})
+    second = references.resolve(exposure.meta, ["mask", "readnoise"], {})
+print(json.dumps({"asked_crds": "crds" in sys.modules}))
+"""
+
+
+def test_one_run_remembers_every_lookup_it_made(sim, tmp_path):
+    """Importing crds exports its whole configuration as CRDS_* variables: a lookup made
+    after that in the same process must still be remembered under the key a fresh
+    process computes, or each run would ask crds again for it."""
+    memo = tmp_path / "memo.json"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CRDS_")}
+    env = {**clean, **sim.env, "STREAMDET_CRDS_MEMO": str(memo)}
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", TWO_LOOKUPS, str(sim.uncal)], env=env,
+                              capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])["asked_crds"]
+
+    assert run() and not run()
+
+
 def test_crds_verbosity_does_not_change_the_answer(sim, tmp_path):
     """The command line quiets crds (CRDS_VERBOSITY=-3) unless -v; the Python API does
     not: both find what the other remembered."""

@@ -217,6 +217,11 @@ _QUOTED = re.compile(r"'([A-Za-z0-9_.-]+)'")
 #: layouts the file checks below cannot follow: crds alone is asked then
 _UNFOLLOWED_CRDS_VARIABLES = ("CRDS_MAPPATH", "CRDS_REFPATH", "CRDS_CFGPATH", "CRDS_CONFIG_URI")
 _memo_lock = threading.Lock()
+#: the CRDS_* variables crds set itself (importing it exports its whole configuration,
+#: a lookup a few paths more), with the values it gave them: not the user's choice, so
+#: left out of the memo's key while they keep those values, and a lookup made after
+#: crds's import finds what a fresh process remembers
+_crds_exports: dict[str, str] = {}
 
 
 def _memo_file() -> Path | None:
@@ -265,7 +270,8 @@ _NOT_IN_MEMO_KEY = ("CRDS_VERBOSITY",)
 def _memo_key(kind: str, params: dict, reftypes: list[str]) -> str | None:
     _apply_crds_defaults()  # as crds will see them
     crds_env = {k: v for k, v in os.environ.items()
-                if k.startswith("CRDS_") and k not in _NOT_IN_MEMO_KEY}
+                if k.startswith("CRDS_") and k not in _NOT_IN_MEMO_KEY
+                and _crds_exports.get(k) != v}
     if "CRDS_PATH" not in crds_env or any(crds_env.get(k, "None") not in ("", "None")
                                           for k in _UNFOLLOWED_CRDS_VARIABLES):
         return None
@@ -293,7 +299,10 @@ def _remembered(kind: str, params: dict, reftypes: list[str], ask):
     if (isinstance(entry, dict) and entry.get("files")
             and all(_file_state(Path(f)) == state for f, state in entry["files"].items())):
         return entry["answer"]
+    before = set(os.environ)
     answer = ask()
+    _crds_exports.update({k: v for k, v in os.environ.items()
+                          if k.startswith("CRDS_") and k not in before})
     context = answer if kind == "context" else crds_context()
     files = {f: _file_state(Path(f)) for f in _watched_files(context, answer)}
     with _memo_lock:
