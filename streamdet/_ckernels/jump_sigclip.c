@@ -12,37 +12,14 @@
 #include <stdlib.h>
 
 #include "jump_sigclip.h"
+#include "pairwise_sum.inc"
 
 /* the loops over the differences of a pixel side by side, in wider vectors where the
  * CPU has them */
 #define HOT __attribute__((target_clones("avx2", "default")))
 
 /* numpy's pairwise summation of n contiguous doubles */
-static double pairwise_sum(const double *a, int64_t n)
-{
-    if (n < 8) {
-        double res = 0.;
-        for (int64_t i = 0; i < n; i++)
-            res += a[i];
-        return res;
-    }
-    if (n <= 128) {
-        double r[8];
-        for (int k = 0; k < 8; k++)
-            r[k] = a[k];
-        int64_t i;
-        for (i = 8; i < n - (n % 8); i += 8)
-            for (int k = 0; k < 8; k++)
-                r[k] += a[i + k];
-        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; i++)
-            res += a[i];
-        return res;
-    }
-    int64_t n2 = n / 2;
-    n2 -= n2 % 8;
-    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
-}
+DEFINE_PAIRWISE_SUM(pairwise_sum, double)
 
 /* np.sum(x, where=keep) over one row: the pairwise sums of the kept runs, in order */
 static double masked_sum(const double *x, const unsigned char *keep, int64_t n)

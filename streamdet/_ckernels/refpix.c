@@ -15,37 +15,14 @@
 #include <stdlib.h>
 
 #include "refpix.h"
+#include "pairwise_sum.inc"
 
 #define HOT __attribute__((target_clones("avx2", "default")))
 #define N_REFERENCE_COLUMNS 8
 #define N_AMPLIFIERS 4
 
 /* numpy's pairwise summation of n contiguous floats, float32 accumulators */
-HOT static float pairwise_sum(const float *a, int64_t n)
-{
-    if (n < 8) {
-        float res = -0.0f;
-        for (int64_t i = 0; i < n; i++)
-            res += a[i];
-        return res;
-    }
-    if (n <= 128) {
-        float r[8];
-        for (int k = 0; k < 8; k++)
-            r[k] = a[k];
-        int64_t i;
-        for (i = 8; i < n - (n % 8); i += 8)
-            for (int k = 0; k < 8; k++)
-                r[k] += a[i + k];
-        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; i++)
-            res += a[i];
-        return res;
-    }
-    int64_t half = n / 2;
-    half -= half % 8;
-    return pairwise_sum(a, half) + pairwise_sum(a + half, n - half);
-}
+DEFINE_PAIRWISE_SUM(pairwise_sum, float)
 
 /* np.mean of n float32 values (NaN for none) */
 static float mean_f32(const float *a, int64_t n)
