@@ -207,9 +207,6 @@ class JumpStep(Step):
                 out[region.integration, region.group:] = False
         return out
 
-    def survey_columns(self, nx):
-        return np.zeros(0, np.int64)  # the survey reads the flags alone
-
     def survey(self, chunk):
         local = chunk.int_index - self.meta.int_index[0]
         piece = unusable_groups(chunk.groupdq)

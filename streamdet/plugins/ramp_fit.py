@@ -105,9 +105,6 @@ class RampFitStep(RateProducer):
 
         return {"fitopt": write}
 
-    def survey_columns(self, nx):
-        return np.zeros(0, np.int64)  # the survey reads the flags alone
-
     def survey(self, chunk):
         piece = survey_group_flags(chunk.groupdq)
         if self.ignored is not None:  # as if already flagged (see process)
