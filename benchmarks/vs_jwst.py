@@ -3,8 +3,12 @@ and parity, on the same simulated exposures with the same references.
 
 Every run is a fresh Python process (imports included), so the numbers are what a user
 waits for. Runs alternate (jwst, streamdet, jwst, ...) so that a slow spell of a shared
-machine hits both. Per run the parent takes the wall time, the child's user+system CPU
-time and its peak resident set (``os.wait4``). streamdet runs as the ``streamdet process``
+machine hits both; the cases that give the thread scaling lines also run streamdet on one
+thread, in rotation with the others (jwst, streamdet, streamdet on one thread; then
+streamdet, one thread, jwst; ...). Before each run the parent calls ``sync``: the
+previous run's products go to disk then, not during the next run. Per run the parent
+takes the wall time, the child's user+system CPU time and its peak resident set
+(``os.wait4``). streamdet runs as the ``streamdet process``
 command itself, with its **built-in steps only** (``STREAMDET_DISABLE_PLUGIN_AUTOLOAD=1``):
 installed third-party plugins (quicklook observers, alternative fits) are left out. jwst
 runs with the simulation's CRDS cache and its step-spec defaults, as in the parity tests.
@@ -52,6 +56,9 @@ class Case:
     jwst: bool = True
     #: streamdet threads (None: its default, every usable CPU)
     threads: int | None = None
+    #: also run streamdet on one thread, interleaved with the other runs of the case (the
+    #: thread scaling lines compare runs made in the same minutes)
+    one_thread: bool = False
     note: str = ""
     #: simulate MIRI showers and snowballs (``simulate(large_events=True)``)
     large_events: bool = False
@@ -61,17 +68,13 @@ class Case:
 
 CASES = {
     c.name: c for c in (
-        Case("full_50x2", "FULL", 50, 2),
+        Case("full_50x2", "FULL", 50, 2, one_thread=True),
         Case("full_10x1", "FULL", 10, 1),
-        Case("sub256_30x100", "SUB256", 30, 100),
+        Case("sub256_30x100", "SUB256", 30, 100, one_thread=True),
         Case("sub256_50x100", "SUB256", 50, 100),
         Case("sub64_5x2", "SUB64", 5, 2, note="fixed costs: imports, references"),
         Case("sub256_50x200", "SUB256", 50, 200, jwst=False,
              note="jwst not run by default (~15 GB, minutes; --jwst-all runs it)"),
-        Case("full_50x2_1thread", "FULL", 50, 2, threads=1, jwst=False,
-             note="streamdet on one thread, for the thread scaling line"),
-        Case("sub256_30x100_1thread", "SUB256", 30, 100, threads=1, jwst=False,
-             note="streamdet on one thread, for the engine's scaling line"),
         Case("sub256_60x500", "SUB256", 60, 500, jwst=False,
              note="jwst issue 5310's size (MemoryError at 7.2 GiB); jwst does not fit in 24 GB"),
         Case("full_250x5", "FULL", 250, 5, jwst=False,
@@ -82,6 +85,8 @@ CASES = {
     )
 }
 QUICK = Case("quick_sub256_10x2", "SUB256", 10, 2)
+#: the runs of streamdet on one thread (``Case.one_thread``)
+ONE_THREAD = "streamdet-1thread"
 
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
@@ -222,11 +227,15 @@ class Result:
 def run_case(case: Case, workdir: Path, repeat: int, with_jwst: bool, timeout: float) -> Result:
     uncal, env = simulation(workdir, case)
     result = Result(case)
-    tools = (["jwst"] if with_jwst else []) + ["streamdet"]
+    tools = ((["jwst"] if with_jwst else []) + ["streamdet"]
+             + ([ONE_THREAD] if case.one_thread else []))
     out_root = Path(tempfile.mkdtemp(prefix=f"bench-{case.name}-", dir=workdir))
     try:
         for k in range(repeat):
-            order = tools if k % 2 == 0 else tools[::-1]
+            # alternating (two tools) or rotating (three), so that no tool always runs
+            # after the same one
+            order = (tools if k % 2 == 0 else tools[::-1]) if len(tools) < 3 else \
+                tools[k % len(tools):] + tools[:k % len(tools)]
             for tool in order:
                 out = out_root / tool
                 shutil.rmtree(out, ignore_errors=True)
@@ -235,8 +244,12 @@ def run_case(case: Case, workdir: Path, repeat: int, with_jwst: bool, timeout: f
                     code = code_for(JWST_RUNNER, UNCAL=str(uncal), OUT=str(out), JUMP=dict(case.jump))
                 else:
                     code = code_for(STREAMDET_RUNNER, UNCAL=str(uncal), OUT=str(out),
-                                    THREADS=case.threads, JUMP=dict(case.jump))
+                                    THREADS=1 if tool == ONE_THREAD else case.threads,
+                                    JUMP=dict(case.jump))
                 run_env = env if tool == "jwst" else {**env, "STREAMDET_DISABLE_PLUGIN_AUTOLOAD": "1"}
+                # the previous run's products (jwst's: hundreds of MB) are written back
+                # to disk now, not during this run, which they would slow down
+                os.sync()
                 try:
                     run = run_child(code, run_env, out_root / f"{tool}-{k}.log", timeout)
                 except (TimeoutError, RuntimeError) as exc:
@@ -245,7 +258,7 @@ def run_case(case: Case, workdir: Path, repeat: int, with_jwst: bool, timeout: f
                         tools = [t for t in tools if t != "jwst"]
                     continue
                 result.runs.setdefault(tool, []).append(run)
-                print(f"  {case.name} {tool:<9} run {k + 1}: wall {run.wall:6.2f} s  "
+                print(f"  {case.name} {tool:<16} run {k + 1}: wall {run.wall:6.2f} s  "
                       f"cpu {run.cpu:6.2f} s  rss {run.rss / 2**20:7.0f} MB", flush=True)
         if "jwst" in result.runs and "streamdet" in result.runs:
             from streamdet.testing import compare_products
@@ -307,25 +320,32 @@ def report(results: list[Result], repeat: int, helps: dict[str, float] | None = 
             cols = (f"{'-':>9} {sd_wall:7.2f}s {'-':>6} {'-':>9} {sd_cpu:6.2f}s {'-':>9} "
                     f"{sd_rss / 2**20:6.0f}MB {'-':>6}")
         add(f"{res.case.name:<20} {cols}  {'; '.join([res.case.note] + res.notes).strip('; ')}")
+        if res.runs.get(ONE_THREAD):
+            one = res.runs[ONE_THREAD]
+            add(f"{res.case.name + '_1thread':<20} {'-':>9} {_median(one, 'wall'):7.2f}s {'-':>6} "
+                f"{'-':>9} {_median(one, 'cpu'):6.2f}s {'-':>9} "
+                f"{_median(one, 'rss') / 2**20:6.0f}MB {'-':>6}  streamdet on one thread, "
+                f"its runs interleaved with the case's")
     by_name = {r.case.name: r for r in results}
-    threaded, base = by_name.get("full_50x2"), by_name.get("full_50x2_1thread")
-    if base and threaded and base.runs.get("streamdet") and threaded.runs.get("streamdet"):
-        one, many = _median(base.runs["streamdet"], "wall"), _median(threaded.runs["streamdet"], "wall")
+    threaded = by_name.get("full_50x2")
+    if threaded and threaded.runs.get("streamdet") and threaded.runs.get(ONE_THREAD):
+        one = _median(threaded.runs[ONE_THREAD], "wall")
+        many = _median(threaded.runs["streamdet"], "wall")
         add(f"threads: full_50x2 streamdet 1 thread {one:.2f} s, {_usable_cpus()} threads "
             f"(default) {many:.2f} s: {one / many:.2f}x")
-    threaded, base = by_name.get("sub256_30x100"), by_name.get("sub256_30x100_1thread")
-    if base and threaded and base.runs.get("streamdet") and threaded.runs.get("streamdet"):
+    threaded = by_name.get("sub256_30x100")
+    if threaded and threaded.runs.get("streamdet") and threaded.runs.get(ONE_THREAD):
+        base, runs = threaded.runs[ONE_THREAD], threaded.runs["streamdet"]
         # inside the engine: streamdet's own run seconds (the file's processing, products
         # written), without the interpreter's start and the imports
-        one, many = (_median_report(base.runs["streamdet"], "run"),
-                     _median_report(threaded.runs["streamdet"], "run"))
+        one, many = _median_report(base, "run"), _median_report(runs, "run")
         add(f"threads inside the engine: sub256_30x100 run 1 thread {one:.2f} s, "
             f"{_usable_cpus()} threads {many:.2f} s: {one / many:.2f}x")
         # the same without the products' writing, which is serial (the run's own table
         # gives its seconds): the passes and their set-up
         one, many = (statistics.median(r.report["run"] - r.report["steps"].get("write", 0.0)
-                                       for r in runs)
-                     for runs in (base.runs["streamdet"], threaded.runs["streamdet"]))
+                                       for r in group)
+                     for group in (base, runs))
         add(f"threads inside the engine, products' writing left out: 1 thread {one:.2f} s, "
             f"{_usable_cpus()} threads {many:.2f} s: {one / many:.2f}x")
     small, large = by_name.get("sub256_50x100"), by_name.get("sub256_50x200")
@@ -403,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         print(f"{case.name}: {case.subarray} {case.ngroups} groups x {case.nints} ints, "
-              f"streamdet threads {case.threads or f'{_usable_cpus()} (default)'}", flush=True)
+              f"streamdet threads {case.threads or f'{_usable_cpus()} (default)'}"
+              + (", and 1" if case.one_thread else ""), flush=True)
         with_jwst = not args.no_jwst and (case.jwst or args.jwst_all)
         results.append(run_case(case, args.workdir, repeat, with_jwst, args.timeout))
     text = report(results, repeat, help_seconds())
