@@ -282,6 +282,38 @@ def _steps(runs: list[Run]) -> dict[str, float]:
     return {n: statistics.median(r.report["steps"].get(n, 0.0) for r in runs) for n in names}
 
 
+MACHINE_PROBE = r"""
+# what the machine itself gives two threads: two numpy streams over arrays far larger
+# than the caches against one, and the cost of memory the process touches first (on a
+# VM whose host takes back freed memory, every fresh page is a fault on the host too)
+import json, statistics, threading, time
+import numpy as np
+def stream(a, b, n=8):
+    for _ in range(n):
+        np.add(a, b, out=a)
+pairs = [(np.ones(32 * 2**20, np.float32), np.ones(32 * 2**20, np.float32)) for _ in range(2)]
+ratios = []
+for _ in range(5):
+    t = time.perf_counter(); stream(*pairs[0]); one = time.perf_counter() - t
+    threads = [threading.Thread(target=stream, args=pair) for pair in pairs]
+    t = time.perf_counter()
+    for th in threads: th.start()
+    for th in threads: th.join()
+    ratios.append(2 * one / (time.perf_counter() - t))
+t = time.perf_counter(); fresh = np.ones(256 * 2**20, np.uint8); touched = time.perf_counter() - t
+print("BENCH " + json.dumps({"streams": statistics.median(ratios),
+                              "fresh_ms_per_mb": 1000 * touched / 256}))
+"""
+
+
+def machine_probe() -> dict[str, float] | None:
+    """Two memory streams against one, and fresh memory's cost, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", MACHINE_PROBE], capture_output=True,
+                         text=True, timeout=300)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
+    return json.loads(line[len("BENCH "):]) if line else None
+
+
 def help_seconds(repeat: int = 7) -> dict[str, float]:
     """Median wall seconds of the ``--help`` commands, each in a fresh process."""
     out = {}
@@ -296,7 +328,8 @@ def help_seconds(repeat: int = 7) -> dict[str, float]:
     return out
 
 
-def report(results: list[Result], repeat: int, helps: dict[str, float] | None = None) -> str:
+def report(results: list[Result], repeat: int, helps: dict[str, float] | None = None,
+           probes: list[dict] = ()) -> str:
     lines = []
     add = lines.append
     add(f"streamdet (built-in steps only: installed third-party plugins not loaded) vs "
@@ -353,6 +386,11 @@ def report(results: list[Result], repeat: int, helps: dict[str, float] | None = 
         a, b = _median(small.runs["streamdet"], "rss"), _median(large.runs["streamdet"], "rss")
         add(f"memory vs nints: SUB256 50 groups, 100 ints {a / 2**20:.0f} MB, 200 ints "
             f"{b / 2**20:.0f} MB: {b / a:.2f}x")
+    probes = [p for p in probes if p]
+    if probes:
+        add("machine, before and after the cases: two memory streams "
+            + " and ".join(f"{p['streams']:.2f}x" for p in probes) + " one; fresh memory "
+            + " and ".join(f"{p['fresh_ms_per_mb']:.2f}" for p in probes) + " ms per MB")
     if helps:
         add("fixed cost: " + ", ".join(f"{k} {v:.2f} s" for k, v in helps.items())
             + " (medians of 7 fresh processes)")
@@ -420,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         cases, repeat = [QUICK], (args.repeat if "--repeat" in (argv or sys.argv) else 1)
     else:
         cases, repeat = [CASES[n] for n in (args.cases or CASES)], args.repeat
+    probes = [machine_probe()]
     results = []
     for case in cases:
         print(f"{case.name}: {case.subarray} {case.ngroups} groups x {case.nints} ints, "
@@ -427,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
               + (", and 1" if case.one_thread else ""), flush=True)
         with_jwst = not args.no_jwst and (case.jwst or args.jwst_all)
         results.append(run_case(case, args.workdir, repeat, with_jwst, args.timeout))
-    text = report(results, repeat, help_seconds())
+    probes.append(machine_probe())
+    text = report(results, repeat, help_seconds(), probes)
     print()
     print(text)
     if args.output:
