@@ -232,10 +232,9 @@ def run_case(case: Case, workdir: Path, repeat: int, with_jwst: bool, timeout: f
     out_root = Path(tempfile.mkdtemp(prefix=f"bench-{case.name}-", dir=workdir))
     try:
         for k in range(repeat):
-            # alternating (two tools) or rotating (three), so that no tool always runs
-            # after the same one
-            order = (tools if k % 2 == 0 else tools[::-1]) if len(tools) < 3 else \
-                tools[k % len(tools):] + tools[:k % len(tools)]
+            # in rotation (two tools: alternating), so that no tool always runs after
+            # the same one
+            order = tools[k % len(tools):] + tools[:k % len(tools)]
             for tool in order:
                 out = out_root / tool
                 shutil.rmtree(out, ignore_errors=True)

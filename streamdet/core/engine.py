@@ -641,9 +641,8 @@ def _run(exposure: Exposure, refs: refmod.References, active: list[Step], pixeld
         if fusion:
             if fusion == "survey first":  # a first pass for the surveys only
                 # of the steps that cannot survey band by band; the others do
-                run.first_pass(passes[0][1], [s for s in passes[1][1]
-                                              if type(s).survey is not Step.survey
-                                              and not s.survey_with_bands], None, {})
+                run.first_pass(passes[0][1], [s for s in passes[1][1] if _surveys_alone(s)],
+                               None, {})
                 exposure.drop_buffers()  # its read buffers: the band pass reads its own way
             rate, rateints = _allocate_products(meta, config)
             run.fused_pass(passes[0][1], passes[1][1], rate, rateints, capture[1],
@@ -684,9 +683,20 @@ def _fusion(passes: list[tuple[str, list[Step]]], capture: list[dict[int, list[C
     (_, lead), (_, steps) = passes
     if not all(s.granularity == Granularity.GROUP and s.recomputable for s in lead):
         return None
-    if all(s.survey_with_bands or type(s).survey is Step.survey for s in steps):
+    if not any(_surveys_alone(s) for s in steps):
         return "fused"
     return None if scratch_in_memory else "survey first"
+
+
+def _surveys(step: Step) -> bool:
+    """Whether ``step`` surveys (overrides ``Step.survey``)."""
+    return type(step).survey is not Step.survey
+
+
+def _surveys_alone(step: Step) -> bool:
+    """Whether ``step`` surveys and cannot do it band by band (refpix): before a fused
+    band pass, it needs a pass for its survey."""
+    return _surveys(step) and not step.survey_with_bands
 
 
 def _check_producer_placement(active: list[Step]) -> None:
@@ -997,8 +1007,8 @@ class _BandPass:
         self.fused = source is None
         self.lead_margins = _lead_margins(self.lead)
         # the steps surveying as the bands go (when a first pass surveyed, the others)
-        self.surveyors = ([s for s in steps if type(s).survey is not Step.survey
-                           and (s.survey_with_bands or not surveyed)]
+        self.surveyors = ([s for s in steps if _surveys(s)
+                           and not (surveyed and _surveys_alone(s))]
                           if self.fused else [])
         # extra band passes before this one, for steps that need frame-wide work on their
         # band results (jump's snowball and shower searches); none by default
